@@ -1,0 +1,226 @@
+"""The public entry points: ``search``, ``apply_plan``, ``evaluate``.
+
+The CLI is a thin layer over these; ``mpqkit search --method X`` and ``mpqkit.search(method="X")``
+are the same code path.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
+from .budget import Ledger, parse_budget
+from .errors import BudgetError, DataError, MpqkitError
+from .evaluation import evaluate_model
+from .graph import ModelGraph, discover
+from .plan import LayerQuant, Plan, provenance
+from .quant.apply import apply_plan as _apply_plan
+from .quant.config import QuantConfig
+from .sensitivity.base import METHODS, SearchContext, SensitivityTable
+from .solve import Allocation, Solution, solve_ilp, solve_uniform
+from .zoo.data import LabeledData, load_data
+from .zoo.models import ModelBundle, get_model
+
+log = logging.getLogger("mpqkit")
+
+DEFAULT_W_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_A_BITS = (4, 6, 8)
+FIXED_BITS = (8, 8)
+CALIB_SIZE = 1024
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    solution: Solution
+    table: SensitivityTable | None
+    graph: ModelGraph
+    ledger: Ledger
+    seconds: dict[str, float]
+    engine_stats: dict[str, Any] = field(default_factory=dict)
+    results_dir: Path | None = None
+
+
+# ---------------------------------------------------------------- resolving names to objects
+def load_model(model: str | nn.Module | ModelBundle, checkpoint: str | None = None, models_dir: str | None = None,
+               random_init: bool = False, input_shape: Sequence[int] | None = None) -> ModelBundle:
+    """A ModelBundle from a name (zoo), a bundle, or a bare module (needs ``input_shape``)."""
+    if isinstance(model, ModelBundle):
+        return model
+    if isinstance(model, nn.Module):
+        if input_shape is None:
+            raise MpqkitError("pass input_shape=(C, H, W) with a bare nn.Module")
+        from .zoo.models import state_dict_sha256
+
+        return ModelBundle(model.eval(), type(model).__name__, tuple(input_shape), -1, None, state_dict_sha256(model))
+    return get_model(model, checkpoint=checkpoint, models_dir=models_dir, random_init=random_init)
+
+
+def load_split(data: str | LabeledData, split: str = "test", data_root: str | None = None,
+               limit: int | None = None) -> LabeledData:
+    if isinstance(data, LabeledData):
+        return data if limit is None else data.head(limit)
+    return load_data(data, split, root=data_root, limit=limit)
+
+
+def calibration_set(data: str | LabeledData, n: int = CALIB_SIZE, seed: int = 0,
+                    data_root: str | None = None) -> LabeledData:
+    """The fixed-seed calibration/sensitivity subset of the train split (or of the given data)."""
+    if isinstance(data, LabeledData):
+        return data.sample(n, seed)
+    full = load_data(data, "train", root=data_root)
+    return full.sample(n, seed)
+
+
+def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
+    shape = tuple(data.images.shape[1:])
+    if len(shape) != len(bundle.input_shape) or shape[0] != bundle.input_shape[0]:
+        raise DataError(f"data {data.name}/{data.split} has images of shape {shape}, but model {bundle.name} "
+                        f"expects {bundle.input_shape}")
+    if bundle.name.startswith(("resnet", "digits")) and shape != tuple(bundle.input_shape):
+        raise DataError(f"data {data.name}/{data.split} has images of shape {shape}, but model {bundle.name} "
+                        f"expects {bundle.input_shape}")
+
+
+# ---------------------------------------------------------------- search
+def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
+           budget: str | None = None, method: str = "eval-delta", *,
+           w_bits: int | None = None, a_bits: int | None = None, search: str = "w",
+           w_candidates: Sequence[int] = DEFAULT_W_BITS, a_candidates: Sequence[int] = DEFAULT_A_BITS,
+           fixed: Sequence[str] | None = None, fixed_bits: tuple[int, int] = FIXED_BITS,
+           calib_size: int = CALIB_SIZE, seed: int = 0, qconfig: QuantConfig | None = None,
+           time_limit: float = 60.0, alpha: float = 1.0, out: str | Path | None = None,
+           checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
+           input_shape: Sequence[int] | None = None, engine_options: dict[str, Any] | None = None,
+           method_options: dict[str, Any] | None = None, progress: bool = True) -> SearchResult:
+    """Search a mixed-precision plan; writes a results directory when ``out`` is given.
+
+    search: "w" (weights searched, activations at ``a_bits``, default 8), "a" (activations
+    searched, weights at ``w_bits``, default 8) or "wa" (both, jointly).
+    """
+    t_start = time.perf_counter()
+    qconfig = qconfig or QuantConfig()
+    m = METHODS.get(method)
+    if search not in ("w", "a", "wa"):
+        raise MpqkitError(f"search must be 'w', 'a' or 'wa', got {search!r}")
+    for b in (*w_candidates, *a_candidates, *(x for x in (w_bits, a_bits) if x is not None), *fixed_bits):
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
+            raise MpqkitError(f"bits must be integers in 1..16, got {b!r}")
+    terms = parse_budget(budget)
+    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+    calib = calibration_set(data, calib_size, seed, data_root)
+    check_compatible(bundle, calib)
+    graph = discover(bundle.model, bundle.input_shape)
+    fixed_names = list(graph.default_fixed() if fixed is None else fixed)
+    graph.check_names(fixed_names)
+    searched = [n for n in graph.names if n not in fixed_names]
+    if not searched:
+        raise MpqkitError("no layer left to search: every quantizable layer is fixed")
+
+    if m.solver == "uniform":
+        w_cands = [w_bits] if w_bits is not None else list(w_candidates)
+        a_cands: list[int | None] = [a_bits] if a_bits is not None else (list(a_candidates) if "a" in search else [8])
+    else:
+        w_cands = list(w_candidates) if "w" in search else [w_bits or 8]
+        a_cands = list(a_candidates) if "a" in search else [a_bits or 8]
+    ledger = Ledger(graph, searched)
+    problem = Allocation(ledger=ledger, layers=searched, w_bits=w_cands, a_bits=a_cands,
+                         fixed={f: tuple(fixed_bits) for f in fixed_names}, constraints=ledger.resolve(terms),
+                         tie_groups=graph.tie_groups)
+    problem.check_feasible()
+
+    ctx = SearchContext(model=bundle.model, graph=graph, calib_images=calib.images, calib_labels=calib.labels,
+                        searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in search,
+                        search_a="a" in search, qconfig=qconfig, seed=seed, options=dict(method_options or {}),
+                        engine_kwargs={"progress": progress, **(engine_options or {})})
+    t_sens = time.perf_counter()
+    table = m.sensitivity(ctx) if m.sensitivity is not None else None
+    t_solve = time.perf_counter()
+    if m.solver == "uniform":
+        if w_bits is None and not terms:
+            raise BudgetError("uniform needs --w-bits (and optionally --a-bits) or a --budget")
+        solution = solve_uniform(problem, w_bits, a_bits if a_bits is not None else (8 if "a" not in search else None))
+    else:
+        if not terms:
+            raise BudgetError(f"method '{method}' needs a --budget (e.g. avg-bits=4)")
+        assert table is not None
+        solution = solve_ilp(problem, table.w if "w" in search else _zeros(problem),
+                             table.a if "a" in search else None, alpha=alpha, time_limit=time_limit)
+    t_end = time.perf_counter()
+
+    full = problem.full(solution.assignment)
+    layers = {f: LayerQuant(wb, ab, qconfig.w_granularity, qconfig.w_symmetric) for f, (wb, ab) in
+              ((n, full[n]) for n in graph.names)}
+    params = {"search": search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
+              "alpha": alpha, "time_limit": time_limit, "qconfig": qconfig.to_dict(), **(method_options or {})}
+    plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
+                method_params=params, budget=budget, costs=ledger.summary(full),
+                provenance={**provenance(seed, len(calib), calib.sha256()), "solver": solution.to_dict(),
+                            "data": calib.name})
+    engine_stats = dict(ctx._engine.stats) if ctx._engine is not None else {}
+    if ctx._engine is not None:
+        engine_stats["fp_calib_loss"] = ctx._engine.fp.loss
+        engine_stats["fp_calib_top1"] = ctx._engine.fp.top1
+    result = SearchResult(plan, solution, table, graph, ledger,
+                          {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve,
+                           "total": t_end - t_start}, engine_stats)
+    if out is not None:
+        from .report.results import write_results
+
+        result.results_dir = write_results(Path(out), result)
+    return result
+
+
+def _zeros(problem: Allocation) -> dict[str, dict[int, float]]:
+    return {f: {b: 0.0 for b in problem.w_bits} for f in problem.layers}
+
+
+# ---------------------------------------------------------------- apply / evaluate
+def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData | None = "cifar10",
+               *, calib_size: int | None = None, seed: int | None = None, qconfig: QuantConfig | None = None,
+               checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
+               input_shape: Sequence[int] | None = None, allow_other_model: bool = False) -> nn.Module:
+    """A quantized copy of the model following ``plan``. Activation ranges are calibrated on the
+    same fixed-seed train subset the search used (size and seed from the plan's provenance)."""
+    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    graph = discover(bundle.model, bundle.input_shape)
+    plan.validate(graph, None if allow_other_model else bundle.sha256)
+    if qconfig is None and isinstance(plan.method_params.get("qconfig"), dict):
+        qconfig = QuantConfig(**plan.method_params["qconfig"])
+    prov = plan.provenance or {}
+    calib_batches = None
+    if any(lq.a_bits is not None for lq in plan.layers.values()):
+        if data is None:
+            raise DataError("the plan quantizes activations: pass calibration data")
+        calib = calibration_set(data, calib_size or prov.get("calib", {}).get("n", CALIB_SIZE),
+                                seed if seed is not None else prov.get("seed", 0), data_root)
+        check_compatible(bundle, calib)
+        calib_batches = [x for x, _ in calib.batches(256)]
+    return _apply_plan(bundle.model, plan, calib_batches, qconfig)
+
+
+def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
+             split: str = "test", plan: Plan | str | Path | None = None, *, limit: int | None = None,
+             checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
+             input_shape: Sequence[int] | None = None, batch_size: int = 500, progress: bool = False,
+             **apply_kwargs: Any) -> dict[str, Any]:
+    """Top-1 / loss of the fp model, or of the model quantized by ``plan``, on a split."""
+    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+    ds = load_split(data, split, data_root, limit)
+    check_compatible(bundle, ds)
+    net = bundle.model
+    if plan is not None:
+        net = apply_plan(bundle, plan, data if not isinstance(data, LabeledData) else ds, data_root=data_root,
+                         **apply_kwargs)
+    with torch.inference_mode():
+        res = evaluate_model(net, ds, batch_size=batch_size, progress=progress)
+    return {"model": bundle.name, "data": ds.name, "split": ds.split, "plan": None if plan is None else str(
+        plan if not isinstance(plan, Plan) else plan.method), **res}

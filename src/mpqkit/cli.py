@@ -1,0 +1,226 @@
+"""The ``mpqkit`` command: demo | search | apply | eval | layers. A thin layer over ``mpqkit.api``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import MpqkitError
+
+
+def _bits_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", default="resnet20", help="resnet20/32/44/56, resnet20-orig, digits-cnn, or a torchvision name")
+    p.add_argument("--checkpoint", help="weights file (overrides the models directory)")
+    p.add_argument("--random-init", action="store_true", help="use random weights (explicit opt-in)")
+    p.add_argument("--models-dir", help="models directory (default $MPQKIT_MODELS, else ../shared/models)")
+    if data:
+        p.add_argument("--data", default="cifar10", help="cifar10, digits, or an ImageFolder directory")
+        p.add_argument("--data-root", help="data root (default $MPQKIT_DATA, else ../shared/data)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="digits CNN: search (eval-delta) → plan → quantize → eval → report, offline")
+    d.add_argument("--out", default="results/demo")
+    d.add_argument("--budget", default="avg-bits=3")
+    d.add_argument("-q", "--quiet", action="store_true")
+
+    s = sub.add_parser("search", help="search a mixed-precision plan under a budget")
+    _common(s)
+    s.add_argument("--method", default="eval-delta")
+    s.add_argument("--budget", help="e.g. avg-bits=3, size=0.2MB, cr=10, bitops=0.5G, act-mem=64KB (comma = all)")
+    s.add_argument("--w-bits", type=int, help="uniform: weight bits; search a: fixed weight bits")
+    s.add_argument("--a-bits", type=int, help="activation bits when activations are not searched (default 8)")
+    s.add_argument("--search", choices=["w", "a", "wa"], default="w", help="what to search (default weights)")
+    s.add_argument("--w-candidates", type=_bits_list, default=[2, 3, 4, 5, 6, 8])
+    s.add_argument("--a-candidates", type=_bits_list, default=[4, 6, 8])
+    s.add_argument("--fixed", help="comma-separated layers kept at --fixed-bits (default: first and last)")
+    s.add_argument("--fixed-bits", type=_bits_list, default=[8, 8], help="w,a bits of fixed layers (default 8,8)")
+    s.add_argument("--calib-size", type=int, default=1024)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
+    s.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP")
+    s.add_argument("--out", help="results directory, or a .json path for the plan (results beside it)")
+    s.add_argument("--cache-dir", help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)")
+    s.add_argument("--no-cache", action="store_true")
+    s.add_argument("--batch-size", type=int, default=256, help="probe batch size")
+    s.add_argument("--eval", dest="eval_split", choices=["test", "exact", "train"],
+                   help="evaluate the plan on this split after the search")
+
+    a = sub.add_parser("apply", help="quantize a model with a plan and save it")
+    _common(a)
+    a.add_argument("--plan", required=True)
+    a.add_argument("--out", required=True, help="output file (.pt): quantized state dict + plan")
+
+    e = sub.add_parser("eval", help="top-1 of the fp model or of a plan on a split")
+    _common(e)
+    e.add_argument("--split", default="test", help="test | exact | train (cifar10); train | test (digits)")
+    e.add_argument("--plan", help="plan.json to apply first")
+    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+
+    g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
+    _common(g, data=False)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s")
+    try:
+        return {"demo": cmd_demo, "search": cmd_search, "apply": cmd_apply, "eval": cmd_eval,
+                "layers": cmd_layers}[args.command](args)
+    except MpqkitError as e:
+        print(f"mpqkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpqkit: interrupted (cached probes are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
+    print(json.dumps(obj, indent=2, default=str) if as_json else text)
+
+
+def _out_paths(out: str | None) -> tuple[Path | None, Path | None]:
+    """(results dir, extra plan path): ``--out plan.json`` writes the plan there, results beside it."""
+    if out is None:
+        return None, None
+    p = Path(out)
+    if p.suffix == ".json":
+        return p.with_name(p.stem + "-results"), p
+    return p, None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from . import api
+    from .zoo.data import load_data
+
+    results_dir, plan_path = _out_paths(args.out)
+    fixed = None if args.fixed is None else [f for f in args.fixed.split(",") if f]
+    if len(args.fixed_bits) != 2:
+        raise MpqkitError("--fixed-bits takes two integers: w,a")
+    res = api.search(args.model, args.data, args.budget, args.method, w_bits=args.w_bits, a_bits=args.a_bits,
+                     search=args.search, w_candidates=args.w_candidates, a_candidates=args.a_candidates,
+                     fixed=fixed, fixed_bits=tuple(args.fixed_bits), calib_size=args.calib_size, seed=args.seed,
+                     time_limit=args.time_limit, alpha=args.alpha, out=results_dir, checkpoint=args.checkpoint,
+                     data_root=args.data_root, models_dir=args.models_dir,
+                     engine_options={"cache_dir": args.cache_dir, "use_cache": not args.no_cache,
+                                     "batch_size": args.batch_size},
+                     progress=not args.quiet)
+    if plan_path is not None:
+        res.plan.save(plan_path)
+    out: dict[str, Any] = {"plan": str(plan_path or (results_dir / "plan.json" if results_dir else "")),
+                           "results_dir": str(results_dir) if results_dir else None,
+                           "costs": res.plan.costs, "solver": res.solution.to_dict(), "seconds": res.seconds,
+                           "bits": {f: [lq.w_bits, lq.a_bits] for f, lq in res.plan.layers.items()}}
+    if args.eval_split:
+        ev = api.evaluate(args.model, args.data, args.eval_split, res.plan, checkpoint=args.checkpoint,
+                          data_root=args.data_root, models_dir=args.models_dir)
+        out["eval"] = ev
+    c = res.plan.costs
+    text = (f"method {args.method} · budget {args.budget} · {c['weight_mb']:.4f} MB (cr {c['compression']:.2f}) · "
+            f"avg w-bits {c['avg_w_bits_searched']:.3f} · {c['bitops'] / 1e9:.4f} GBitOps\n"
+            f"solver {res.solution.status} in {res.solution.seconds:.2f}s · search {res.seconds['total']:.1f}s\n"
+            + "bits (w/a): " + " ".join(f"{f}={lq.w_bits}/{lq.a_bits}" for f, lq in res.plan.layers.items()))
+    if "eval" in out:
+        text += f"\ntop-1 on {args.data}/{args.eval_split}: {100 * out['eval']['top1']:.2f} %"
+    if out["plan"]:
+        text += f"\nplan written to {out['plan']}"
+    _print(out, args.json, text)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import api
+    from .plan import Plan, atomic_write_text  # noqa: F401
+
+    plan = Plan.load(args.plan)
+    qmodel = api.apply_plan(args.model, plan, args.data, checkpoint=args.checkpoint, data_root=args.data_root,
+                            models_dir=args.models_dir)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({"plan": plan.to_dict(), "state_dict": qmodel.state_dict()}, tmp)
+    tmp.replace(out)
+    _print({"out": str(out)}, args.json, f"quantized model written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+
+    res = api.evaluate(args.model, args.data, args.split, args.plan, limit=args.limit, checkpoint=args.checkpoint,
+                       data_root=args.data_root, models_dir=args.models_dir, progress=not args.quiet)
+    _print(res, args.json, f"{res['model']} on {res['data']}/{res['split']} ({res['n']} images)"
+           + (f" with plan {args.plan}" if args.plan else " fp32")
+           + f": top-1 {100 * res['top1']:.2f} %, loss {res['loss']:.4f}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .api import load_model
+    from .budget import Ledger
+    from .graph import discover
+
+    bundle = load_model(args.model, args.checkpoint, args.models_dir, args.random_init)
+    graph = discover(bundle.model, bundle.input_shape)
+    rows = [{"layer": l.fqn, "kind": l.kind, "weight_numel": l.weight_numel, "macs": l.macs,
+             "in_shape": list(l.in_shape)} for l in graph.layers]
+    ledger = Ledger(graph)
+    text = "\n".join(f"{r['layer']:<28} {r['kind']:<6} {r['weight_numel']:>9} params {r['macs']:>12} MACs  in {r['in_shape']}"
+                     for r in rows)
+    text += f"\n{len(rows)} layers · fp32 size {ledger.fp32_bytes / 2**20:.4f} MB · tie groups: {graph.tie_groups or 'none'}"
+    _print({"layers": rows, "tie_groups": graph.tie_groups, "fp32_bytes": ledger.fp32_bytes}, args.json, text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded default: digits CNN, no downloads, no ../shared needed."""
+    from . import api
+    from .plan import atomic_write_text
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    model, data = "digits-cnn", "digits"
+    fp = api.evaluate(model, data, "test")
+    print(f"[demo] {model} fp32 top-1 on digits/test ({fp['n']} images): {100 * fp['top1']:.2f} %")
+    rows = [("fp32", "-", 32.0, fp["top1"], None)]
+    runs = [("eval-delta", "eval-delta", {}), ("uniform", "uniform", {})]
+    for label, method, kw in runs:
+        res = api.search(model, data, args.budget, method, calib_size=512, out=out / label,
+                         progress=not args.quiet, **kw)
+        ev = api.evaluate(model, data, "test", res.plan)
+        c = res.plan.costs
+        rows.append((label, args.budget, c["avg_w_bits_searched"], ev["top1"], c["weight_mb"] * 2**20 / 1024))
+        bits = " ".join(str(lq.w_bits) for lq in res.plan.layers.values())
+        print(f"[demo] {label:<10} {args.budget}: w-bits per layer [{bits}] · {c['weight_bytes'] / 1024:.2f} KB · "
+              f"top-1 {100 * ev['top1']:.2f} % · search {res.seconds['total']:.1f}s → {out / label}")
+    lines = ["| plan | budget | avg w-bits (searched) | weight KB | top-1 digits/test |", "|---|---|---:|---:|---:|"]
+    for label, budget, avg, top1, kb in rows:
+        lines.append(f"| {label} | {budget} | {avg:.3f} | {'' if kb is None else f'{kb:.2f}'} | {100 * top1:.2f} % |")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"[demo] done in {time.perf_counter() - t0:.1f}s; results in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

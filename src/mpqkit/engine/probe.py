@@ -1,0 +1,276 @@
+"""The probe engine: loss/accuracy of the fp model with per-layer quantization overrides.
+
+Every method's measurements go through ``ProbeEngine.run``. A *probe* maps layer names to
+``(w_bits, a_bits)`` overrides (None = that side stays fp32); all other layers stay fp32.
+
+Speed comes from three things:
+- prefix caching: the model is traced once with torch.fx; a probe starts at the first overridden
+  layer from the fp tensors that are live there (a residual block's skip branch included), not
+  from the input. Probes are run grouped by their start point, walking the network once, so only
+  one cut's live tensors are held at a time (for the whole calibration set);
+- quantized layers are built once per (layer, bits) and reused by every probe;
+- results are cached on disk by content, so a killed search resumes.
+Models that torch.fx cannot trace fall back to a full forward per probe (same results, slower).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from ..graph import ModelGraph
+from ..quant.apply import calibrate_activations, set_submodule
+from ..quant.config import QuantConfig
+from ..quant.modules import quantize_module
+from ..quant.observers import weight_qparams
+from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
+
+log = logging.getLogger("mpqkit")
+ENGINE_VERSION = 1
+Override = tuple[int | None, int | None]  # (w_bits, a_bits); None = fp32
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    loss: float  # mean cross-entropy over the set
+    top1: float  # fraction correct
+    n: int
+    batch_losses: tuple[float, ...]  # mean loss per batch, for variance estimates
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "top1": self.top1, "n": self.n, "batch_losses": list(self.batch_losses)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ProbeResult":
+        return cls(float(d["loss"]), float(d["top1"]), int(d["n"]), tuple(float(x) for x in d["batch_losses"]))
+
+
+def probe_spec(probe: Mapping[str, Override]) -> list[list[Any]]:
+    """Canonical, hashable form of a probe."""
+    return [[k, v[0], v[1]] for k, v in sorted(probe.items())]
+
+
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+
+
+def _trace(model: nn.Module) -> fx.GraphModule | None:
+    """Trace with torch.fx and rewrite in-place ops, which would corrupt cached tensors."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the fallback
+        log.warning("torch.fx could not trace the model (%s): probes run a full forward each", e)
+        return None
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+            node.target = _INPLACE_FUNCTIONS[node.target]
+        elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+                and not node.target.startswith("_") and hasattr(torch.Tensor, node.target[:-1]):
+            node.target = node.target[:-1]
+        if "inplace" in node.kwargs:
+            node.kwargs = {**node.kwargs, "inplace": False}
+    for m in gm.modules():
+        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
+            m.inplace = False
+    gm.recompile()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        log.warning("model takes %d inputs; the probe engine supports one: full forward per probe", len(placeholders))
+        return None
+    return gm
+
+
+class _Program:
+    """A traced model as a list of nodes that can be run from any cut point."""
+
+    def __init__(self, gm: fx.GraphModule, layer_names: Iterable[str]):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.modules = dict(gm.named_modules())
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in self.nodes}
+        self.frees: list[list[fx.Node]] = [[] for _ in self.nodes]  # nodes dead after node i ran
+        for n, last in self.last_use.items():
+            if n.op != "output":
+                self.frees[last].append(n)
+        self.cut: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module" and n.target in layer_names and n.target not in self.cut:
+                self.cut[n.target] = i
+
+    def initial_env(self, x: Tensor) -> dict[fx.Node, Tensor]:
+        return {self.nodes[0]: x}
+
+    def run(self, env: dict[fx.Node, Any], start: int, stop: int | None,
+            swaps: Mapping[str, nn.Module]) -> Any:
+        """Run nodes [start, stop) on a copy of ``env``; returns the env (or the output at the end)."""
+        env = dict(env)
+        stop = len(self.nodes) if stop is None else stop
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "call_module":
+                mod = swaps[node.target] if node.target in swaps else self.modules[node.target]
+                env[node] = mod(*args, **kwargs)
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "get_attr":
+                obj: Any = self.gm
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj
+            elif node.op == "output":
+                return args[0]
+            for dead in self.frees[i]:
+                env.pop(dead, None)
+        return env
+
+
+class ProbeEngine:
+    """Runs probes on a fixed labelled calibration set (images already normalized)."""
+
+    def __init__(self, model: nn.Module, graph: ModelGraph, images: Tensor, labels: Tensor,
+                 qconfig: QuantConfig | None = None, batch_size: int = 256, cache_dir: str | None = None,
+                 use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
+                 progress: bool = True, seed: int = 0):
+        if len(images) == 0:
+            raise DataError("the calibration/sensitivity set is empty")
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = copy.deepcopy(model).eval().to(self.device)  # private copy: the user's model is never touched
+        self.graph = graph
+        self.qconfig = qconfig or QuantConfig()
+        self.batch_size = batch_size
+        self.progress = progress
+        self.prefix = prefix
+        self.batches = [(images[i:i + batch_size].to(self.device), labels[i:i + batch_size].to(self.device))
+                        for i in range(0, len(images), batch_size)]
+        gm = _trace(self.model)
+        self.program = _Program(gm, graph.names) if gm is not None else None
+        if self.program is not None:
+            missing = [n for n in graph.names if n not in self.program.cut]
+            if missing:
+                log.warning("layers not found as modules in the traced graph (%s): full forward per probe", missing[:3])
+                self.program = None
+        context = {"engine": ENGINE_VERSION, "model": module_sha256(model), "data": tensor_sha256(images, labels),
+                   "qconfig": self.qconfig.to_dict(), "seed": seed}
+        self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
+        self._observers = None
+        self._seed = seed
+        self._wq: dict[tuple[str, int], tuple] = {}
+        self._layers: dict[tuple[str, int | None, int | None], nn.Module] = {}
+        self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
+        self.fp = self.run([{}], desc="fp reference", show=False)[0]
+
+    # ---- quantized layers, built once per (layer, bits) ----
+    def observers(self):
+        if self._observers is None:
+            self._observers = calibrate_activations(self.model, self.graph.names, (x for x, _ in self.batches),
+                                                    seed=self._seed)
+        return self._observers
+
+    def quant_layer(self, fqn: str, w_bits: int | None, a_bits: int | None) -> nn.Module:
+        key = (fqn, w_bits, a_bits)
+        if key not in self._layers:
+            module = self.model.get_submodule(fqn)
+            w_spec = self.qconfig.w_spec(w_bits) if w_bits is not None else None
+            a_spec = self.qconfig.a_spec(a_bits) if a_bits is not None else None
+            wq = None
+            if w_spec is not None:
+                if (fqn, w_bits) not in self._wq:
+                    self._wq[(fqn, w_bits)] = weight_qparams(module.weight.detach(), w_spec)
+                wq = self._wq[(fqn, w_bits)]
+            aq = self.observers()[fqn].qparams(a_spec) if a_spec is not None else None
+            q = quantize_module(module, w_spec, a_spec, w_qparams=wq, a_qparams=aq)
+            q.freeze_weight = True
+            self._layers[key] = q
+        return self._layers[key]
+
+    # ---- running probes ----
+    def _start(self, probe: Mapping[str, Override]) -> int:
+        if not probe or self.program is None or not self.prefix:
+            return 0
+        return min(self.program.cut[f] for f in probe)
+
+    def _evaluate(self, outputs: Iterable[tuple[Tensor, Tensor]]) -> ProbeResult:
+        total_loss, correct, n, batch_losses = 0.0, 0, 0, []
+        for logits, y in outputs:
+            loss = F.cross_entropy(logits.float(), y, reduction="sum").item()
+            total_loss += loss
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+            batch_losses.append(loss / len(y))
+        loss = total_loss / n
+        if not math.isfinite(loss):
+            log.warning("non-finite loss in a probe")
+        return ProbeResult(loss, correct / n, n, tuple(batch_losses))
+
+    def _run_fallback(self, swaps: Mapping[str, nn.Module]) -> list[tuple[Tensor, Tensor]]:
+        originals = {f: self.model.get_submodule(f) for f in swaps}
+        try:
+            for f, q in swaps.items():
+                set_submodule(self.model, f, q)
+            return [(self.model(x), y) for x, y in self.batches]
+        finally:
+            for f, m in originals.items():
+                set_submodule(self.model, f, m)
+
+    def run(self, probes: Sequence[Mapping[str, Override]], desc: str = "probes",
+            show: bool | None = None) -> list[ProbeResult]:
+        """Results for the given probes, in order; cached ones are read, the rest computed."""
+        for p in probes:
+            self.graph.check_names(p)
+        results: list[ProbeResult | None] = [None] * len(probes)
+        keys: list[str | None] = [None] * len(probes)
+        todo: list[int] = []
+        for i, p in enumerate(probes):
+            if self.cache is not None:
+                keys[i] = self.cache.key(probe_spec(p))
+                hit = self.cache.get(keys[i])
+                if hit is not None:
+                    results[i] = ProbeResult.from_dict(hit)
+                    self.stats["cache_hits"] += 1
+                    continue
+            todo.append(i)
+        todo.sort(key=lambda i: self._start(probes[i]))
+        show = self.progress if show is None else show
+        bar = tqdm(total=len(todo), desc=desc, disable=not show or not todo, unit="probe", leave=False)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            envs = [self.program.initial_env(x) for x, _ in self.batches] if self.program else None
+            cut = 0
+            for i in todo:
+                p = probes[i]
+                swaps = {f: self.quant_layer(f, wb, ab) for f, (wb, ab) in p.items() if (wb, ab) != (None, None)}
+                if self.program is None:
+                    outs = self._run_fallback(swaps)
+                else:
+                    start = self._start(p)
+                    if start > cut:  # advance the fp prefix once for every later probe
+                        envs = [self.program.run(env, cut, start, {}) for env in envs]
+                        cut = start
+                    outs = [(self.program.run(env, start, None, swaps), y) for env, (_, y) in zip(envs, self.batches)]
+                results[i] = self._evaluate(outs)
+                if self.cache is not None:
+                    self.cache.put(keys[i], results[i].to_dict())
+                bar.update(1)
+        bar.close()
+        self.stats["probes_run"] += len(todo)
+        self.stats["probe_seconds"] += time.perf_counter() - t0
+        return results  # type: ignore[return-value]

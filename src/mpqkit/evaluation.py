@@ -1,0 +1,39 @@
+"""The evaluation loop: top-1 and mean cross-entropy of a model on labelled data."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import DataError
+from .quant.apply import model_device
+from .zoo.data import LabeledData
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, data: LabeledData, batch_size: int = 500, progress: bool = False) -> dict[str, Any]:
+    """Returns {"top1", "loss", "n", "seconds", "images_per_s"}; top1 is a fraction."""
+    if len(data) == 0:
+        raise DataError(f"{data.name}/{data.split} is empty: nothing to evaluate")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    correct, loss, n = 0, 0.0, 0
+    t0 = time.perf_counter()
+    batches = data.batches(batch_size)
+    for x, y in tqdm(batches, total=(len(data) + batch_size - 1) // batch_size, desc=f"eval {data.split}",
+                     disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        if logits.ndim != 2 or logits.shape[0] != len(y):
+            raise DataError(f"model output has shape {tuple(logits.shape)}; expected (batch, classes)")
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    secs = time.perf_counter() - t0
+    return {"top1": correct / n, "loss": loss / n, "n": n, "seconds": secs, "images_per_s": n / secs}

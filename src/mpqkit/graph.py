@@ -1,0 +1,174 @@
+"""Model introspection: quantizable layers (Conv2d, Linear), their costs and tie groups.
+
+One forward pass at the model's input resolution records, for every quantizable layer, its input
+shape, output shape and MACs. Layers that consume the very same input tensor form a *tie group*
+(e.g. a ResNet block's conv1 and its 1x1 downsample conv): quantizing that tensor once means they
+must share activation bits, which the solver can enforce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import UnknownNameError
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer. Shapes exclude the batch dimension; MACs are per sample."""
+
+    fqn: str
+    kind: str  # "conv" | "linear"
+    index: int  # execution order in the discovery forward
+    weight_shape: tuple[int, ...]
+    weight_numel: int
+    bias_numel: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    macs: int
+
+    @property
+    def in_numel(self) -> int:
+        n = 1
+        for d in self.in_shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ModelGraph:
+    """Quantizable layers of a model in execution order, plus what the cost ledger needs."""
+
+    layers: list[LayerInfo]
+    tie_groups: list[tuple[str, ...]]
+    total_params: int
+    input_shape: tuple[int, ...]
+    _by_name: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {layer.fqn: layer for layer in self.layers}
+
+    def __getitem__(self, fqn: str) -> LayerInfo:
+        try:
+            return self._by_name[fqn]
+        except KeyError:
+            raise UnknownNameError(unknown_layer_message(fqn, self.names)) from None
+
+    def __contains__(self, fqn: object) -> bool:
+        return fqn in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.fqn for layer in self.layers]
+
+    @property
+    def quantizable_weight_numel(self) -> int:
+        return sum(layer.weight_numel for layer in self.layers)
+
+    @property
+    def other_params(self) -> int:
+        """Parameters that stay fp32 (biases, norms, embeddings): 32 bits each in the ledger."""
+        return self.total_params - self.quantizable_weight_numel
+
+    def default_fixed(self) -> list[str]:
+        """First and last quantizable layers: kept at 8/8 and excluded from the search by default."""
+        if len(self.layers) <= 2:
+            return []
+        return [self.layers[0].fqn, self.layers[-1].fqn]
+
+    def check_names(self, names: Iterable[str]) -> None:
+        for name in names:
+            self[name]
+
+
+def unknown_layer_message(fqn: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(fqn, known, n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    shown = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
+    return f"unknown layer '{fqn}'.{hint} The model's quantizable layers are: {shown}"
+
+
+def _macs(module: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return int(out[0].numel() * (module.in_channels // module.groups) * kh * kw)
+    if isinstance(module, nn.Linear):
+        return int(out[0].numel() * module.in_features)
+    raise TypeError(type(module))
+
+
+def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
+    """Run one forward pass (batch 1, zeros) and record every Conv2d/Linear in execution order."""
+    records: dict[str, dict] = {}
+    inputs: list[tuple[str, torch.Tensor]] = []  # keep inputs alive so tensor identity is meaningful
+    handles = []
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if name in records:  # module called twice (weight sharing): count its MACs each time
+                records[name]["macs"] += _macs(module, out)
+                return
+            x = args[0]
+            inputs.append((name, x))
+            records[name] = {
+                "module": module,
+                "index": len(records),
+                "in_shape": tuple(x.shape[1:]),
+                "out_shape": tuple(out.shape[1:]),
+                "macs": _macs(module, out),
+            }
+
+        return fn
+
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZABLE_TYPES):
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    layers = []
+    for name, rec in sorted(records.items(), key=lambda kv: kv[1]["index"]):
+        m = rec["module"]
+        layers.append(
+            LayerInfo(
+                fqn=name,
+                kind="conv" if isinstance(m, nn.Conv2d) else "linear",
+                index=rec["index"],
+                weight_shape=tuple(m.weight.shape),
+                weight_numel=m.weight.numel(),
+                bias_numel=m.bias.numel() if m.bias is not None else 0,
+                in_shape=rec["in_shape"],
+                out_shape=rec["out_shape"],
+                macs=rec["macs"],
+            )
+        )
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in inputs:
+        for gx, members in groups:
+            if gx is x:
+                members.append(name)
+                break
+        else:
+            groups.append((x, [name]))
+    tie_groups = [tuple(m) for _, m in groups if len(m) > 1]
+    total = sum(p.numel() for p in model.parameters())
+    return ModelGraph(layers=layers, tie_groups=tie_groups, total_params=total, input_shape=tuple(input_shape))

@@ -1,0 +1,152 @@
+"""The plan: a versioned JSON artifact saying how every layer is quantized.
+
+A plan is data: any method's plan can be applied, evaluated, exported and compared. Layers absent
+from ``layers`` stay fp32. ``validate`` checks it against a model's graph before anything is done.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+from .graph import ModelGraph, unknown_layer_message
+
+PLAN_VERSION = 1
+MIN_BITS, MAX_BITS = 1, 16
+GRANULARITIES = ("per_channel", "per_tensor")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Quantization of one layer: weight bits and input-activation bits (None = keep fp32)."""
+
+    w_bits: int | None
+    a_bits: int | None
+    w_granularity: str = "per_channel"
+    w_symmetric: bool = False
+
+    def validate(self, fqn: str) -> None:
+        for side, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
+            if bits is None:
+                continue
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise PlanError(f"layer '{fqn}': {side} must be an integer or null, got {bits!r}")
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise PlanError(f"layer '{fqn}': {side}={bits} is outside {MIN_BITS}..{MAX_BITS}")
+        if self.w_granularity not in GRANULARITIES:
+            raise PlanError(f"layer '{fqn}': w_granularity must be one of {GRANULARITIES}, got {self.w_granularity!r}")
+        if not isinstance(self.w_symmetric, bool):
+            raise PlanError(f"layer '{fqn}': w_symmetric must be true or false")
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerQuant]
+    model_name: str = ""
+    model_sha256: str = ""
+    method: str = ""
+    method_params: dict[str, Any] = field(default_factory=dict)
+    budget: str | None = None
+    costs: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def assignment(self) -> dict[str, tuple[int | None, int | None]]:
+        return {fqn: (lq.w_bits, lq.a_bits) for fqn, lq in self.layers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mpqkit_plan": PLAN_VERSION,
+            "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "method": {"name": self.method, "params": self.method_params},
+            "budget": self.budget,
+            "layers": {fqn: asdict(lq) for fqn, lq in self.layers.items()},
+            "costs": self.costs,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
+        if not isinstance(d, dict) or "mpqkit_plan" not in d:
+            raise PlanError(f"{source} is not an mpqkit plan (no 'mpqkit_plan' version field)")
+        if d["mpqkit_plan"] != PLAN_VERSION:
+            raise PlanError(f"{source} has plan version {d['mpqkit_plan']!r}; this mpqkit reads version {PLAN_VERSION}")
+        raw_layers = d.get("layers")
+        if not isinstance(raw_layers, dict):
+            raise PlanError(f"{source}: 'layers' must be an object mapping layer names to bits")
+        layers = {}
+        for fqn, spec in raw_layers.items():
+            if not isinstance(spec, dict):
+                raise PlanError(f"{source}: layer '{fqn}' must be an object with w_bits and a_bits")
+            unknown = set(spec) - {"w_bits", "a_bits", "w_granularity", "w_symmetric"}
+            if unknown:
+                raise PlanError(f"{source}: layer '{fqn}' has unknown fields {sorted(unknown)}")
+            lq = LayerQuant(
+                w_bits=spec.get("w_bits"), a_bits=spec.get("a_bits"),
+                w_granularity=spec.get("w_granularity", "per_channel"),
+                w_symmetric=spec.get("w_symmetric", False),
+            )
+            lq.validate(fqn)
+            layers[fqn] = lq
+        model = d.get("model") or {}
+        method = d.get("method") or {}
+        return cls(
+            layers=layers, model_name=model.get("name", ""), model_sha256=model.get("sha256", ""),
+            method=method.get("name", ""), method_params=method.get("params", {}) or {},
+            budget=d.get("budget"), costs=d.get("costs", {}) or {}, provenance=d.get("provenance", {}) or {},
+        )
+
+    def validate(self, graph: ModelGraph, model_sha256: str | None = None) -> None:
+        """Check layer names and bits against a model; a plan made for another model is refused."""
+        for fqn, lq in self.layers.items():
+            if fqn not in graph:
+                raise PlanError(unknown_layer_message(fqn, graph.names))
+            lq.validate(fqn)
+        if model_sha256 and self.model_sha256 and model_sha256 != self.model_sha256:
+            raise PlanError(
+                f"this plan was made for model '{self.model_name}' with weights sha256 {self.model_sha256[:12]}…, "
+                f"but the model given has sha256 {model_sha256[:12]}…"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PlanError(f"plan file {path} is not valid JSON ({e}); it may be truncated or corrupt") from None
+        return cls.from_dict(d, source=f"plan file {path}")
+
+
+def provenance(seed: int, calib_n: int, calib_sha256: str) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "mpqkit": __version__, "seed": seed,
+        "calib": {"n": calib_n, "sha256": calib_sha256},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Quantization: primitives, observers, fake-quant modules and plan application."""

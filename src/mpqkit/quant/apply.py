@@ -1,0 +1,88 @@
+"""Apply a plan to a *copy* of a model: swap layers for fake-quant modules and calibrate activations.
+
+Activation ranges are calibrated on the fp model's layer inputs (one pass over the calibration set),
+the same statistics the probe engine uses, so a plan evaluates the way it was searched.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import DataError, PlanError
+from ..plan import Plan
+from .config import QuantConfig
+from .modules import quantize_module
+from .observers import ActivationObserver
+
+
+def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, fqns: Iterable[str], batches: Iterable[torch.Tensor],
+                          seed: int = 0) -> dict[str, ActivationObserver]:
+    """Observe the input of each named layer of the (fp) model over the given input batches."""
+    fqns = list(fqns)
+    observers = {f: ActivationObserver(seed=seed) for f in fqns}
+    handles = [
+        model.get_submodule(f).register_forward_pre_hook(lambda m, args, f=f: observers[f].update(args[0]))
+        for f in fqns
+    ]
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    seen = 0
+    try:
+        for x in batches:
+            model(x.to(device))
+            seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise DataError("calibration data is empty: activation ranges cannot be calibrated")
+    return observers
+
+
+def apply_plan(model: nn.Module, plan: Plan, calib_batches: Iterable[torch.Tensor] | None = None,
+               qconfig: QuantConfig | None = None,
+               observers: dict[str, ActivationObserver] | None = None) -> nn.Module:
+    """Return a quantized copy of ``model`` following ``plan``; ``model`` itself is never changed.
+
+    ``calib_batches`` (input tensors) are needed when the plan quantizes any activation, unless
+    ready ``observers`` are given.
+    """
+    qconfig = qconfig or QuantConfig()
+    names = {n for n, m in model.named_modules()}
+    for fqn in plan.layers:
+        if fqn not in names:
+            raise PlanError(f"plan names layer '{fqn}', which the model does not have")
+    act_layers = [f for f, lq in plan.layers.items() if lq.a_bits is not None]
+    if act_layers and observers is None:
+        if calib_batches is None:
+            raise DataError("the plan quantizes activations: calibration data is required")
+        observers = calibrate_activations(model, act_layers, calib_batches)
+    qmodel = copy.deepcopy(model)
+    qmodel.eval()
+    for fqn, lq in plan.layers.items():
+        if lq.w_bits is None and lq.a_bits is None:
+            continue
+        module = qmodel.get_submodule(fqn)
+        w_spec = (qconfig.w_spec(lq.w_bits, per_channel=lq.w_granularity == "per_channel",
+                                 symmetric=lq.w_symmetric) if lq.w_bits is not None else None)
+        a_spec = qconfig.a_spec(lq.a_bits) if lq.a_bits is not None else None
+        a_qparams = observers[fqn].qparams(a_spec) if a_spec is not None else None
+        set_submodule(qmodel, fqn, quantize_module(module, w_spec, a_spec, a_qparams=a_qparams))
+    return qmodel

@@ -1,0 +1,247 @@
+"""Range estimation for weights and activations, and the :class:`QuantSpec` that selects it.
+
+Three range methods (``RANGE_METHODS``):
+
+* ``minmax``: the observed min/max (no clipping);
+* ``percentile``: the ``pct`` / ``100 - pct`` percentiles (clips rare outliers);
+* ``mse``: the shrunk min-max range ``(alpha * lo, alpha * hi)``, ``alpha`` on a grid in
+  ``(0, 1]``, that minimizes the Lp quantization error of the data itself. ``alpha = 1`` is on
+  the grid, so it is never worse than min-max on the data it was fitted to.
+
+Weights are quantized per output channel (axis 0 of Conv2d/Linear weights) or per tensor;
+activations per tensor, from an :class:`ActivationObserver` fed with calibration batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .primitives import channel_rows, channel_shape, fake_quant, qparams, qrange, quantize
+
+RANGE_METHODS = ("minmax", "percentile", "mse")
+
+# Elements processed per vectorized step of the MSE search (alphas x elements): keeps the
+# working set cache-sized and memory bounded for large tensors.
+_MSE_CHUNK_ELEMS = 1 << 18
+
+
+def _shape_like(lo: Tensor, hi: Tensor, x: Tensor, axis: int | None) -> tuple[Tensor, Tensor]:
+    shape = channel_shape(x, axis)
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+def _check_nonempty(x: Tensor) -> None:
+    if x.numel() == 0:
+        raise ValueError("cannot estimate the range of an empty tensor")
+
+
+def minmax_range(x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor]:
+    """Min and max of ``x`` per tensor (0-d) or per channel along ``axis`` (channel-shaped)."""
+    _check_nonempty(x)
+    lo, hi = torch.aminmax(channel_rows(x.detach(), axis), dim=1)
+    return _shape_like(lo, hi, x, axis)
+
+
+def _row_quantile(rows: Tensor, q: float) -> Tensor:
+    """Per-row quantile with linear interpolation (as ``torch.quantile``), via ``kthvalue``,
+    which has no input-size limit (``torch.quantile`` refuses more than 2**24 elements)."""
+    n = rows.shape[1]
+    pos = q * (n - 1)
+    k0 = int(pos)  # floor: pos >= 0
+    frac = pos - k0
+    v0 = rows.kthvalue(k0 + 1, dim=1).values
+    if frac == 0.0 or k0 + 1 >= n:
+        return v0
+    v1 = rows.kthvalue(k0 + 2, dim=1).values
+    return v0 + (v1 - v0) * frac
+
+
+def percentile_range(x: Tensor, pct: float = 99.99, axis: int | None = None) -> tuple[Tensor, Tensor]:
+    """The ``(100 - pct)``-th and ``pct``-th percentiles of ``x``, per tensor or per channel.
+
+    Exact (linear interpolation between order statistics, like ``torch.quantile``) at any size.
+    ``pct`` must be in ``[50, 100]``; 100 is the min-max range.
+    """
+    if not 50.0 <= pct <= 100.0:
+        raise ValueError(f"percentile must be in [50, 100], got {pct}")
+    _check_nonempty(x)
+    rows = channel_rows(x.detach(), axis)
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()
+    p = pct / 100.0
+    lo, hi = _row_quantile(rows, 1.0 - p), _row_quantile(rows, p)
+    return _shape_like(lo, hi, x, axis)
+
+
+def mse_range(x: Tensor, bits: int, symmetric: bool, axis: int | None = None, grid: int = 80,
+              p: float = 2.0, init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The range ``(alpha * lo, alpha * hi)`` minimizing ``sum |fake_quant(x) - x|**p``.
+
+    ``(lo, hi)`` is the min-max range of ``x`` (widened to contain 0), or ``init`` when given
+    (e.g. the exact running min/max of activations whose values ``x`` only samples; per-tensor
+    0-d or channel-shaped). ``alpha`` runs over ``linspace(1/grid, 1, grid)``, chosen per channel
+    independently; on ties the largest ``alpha`` (least clipping) wins. The search is vectorized
+    over channels and chunks of ``alpha``; cost is ``O(grid * numel)``.
+    """
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    if p <= 0:
+        raise ValueError(f"p must be > 0, got {p}")
+    _check_nonempty(x)
+    qmin, qmax = qrange(bits, symmetric)
+    rows = channel_rows(x.detach(), axis)
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()
+    n_ch, n = rows.shape
+    if init is None:
+        lo, hi = torch.aminmax(rows, dim=1)
+    else:
+        lo, hi = (torch.as_tensor(t).to(rows.dtype).reshape(-1).expand(n_ch) for t in init)
+    lo = lo.clamp(max=0.0).reshape(1, n_ch, 1)
+    hi = hi.clamp(min=0.0).reshape(1, n_ch, 1)
+    alphas = torch.linspace(1.0 / grid, 1.0, grid, dtype=rows.dtype)
+    alphas[-1] = 1.0  # exactly: alpha = 1 must reproduce min-max bit for bit
+    step = min(grid, max(1, _MSE_CHUNK_ELEMS // max(1, n_ch * n)))
+    buf = torch.empty(step, n_ch, n, dtype=rows.dtype)  # reused: avoids a large alloc per chunk
+    a = alphas.reshape(-1, 1, 1)
+    scales, zps = qparams(lo * a, hi * a, bits, symmetric)  # (grid, C, 1) each
+    errs = []
+    for start in range(0, grid, step):
+        scale, zp = scales[start:start + step], zps[start:start + step]
+        # quantize + dequantize in place: bit-identical to fake_quant(rows, scale, zp, ...)
+        d = quantize(rows, scale, zp, qmin, qmax, out=buf[: scale.shape[0]]).sub_(zp).mul_(scale).sub_(rows)
+        d = d.square_() if p == 2.0 else d.abs_().pow_(p)
+        errs.append(d.sum(dim=2))
+    err = torch.cat(errs)  # (grid, C)
+    best = grid - 1 - err.flip(0).argmin(dim=0)  # last (largest alpha) minimizer
+    a = alphas[best]
+    return _shape_like(lo.reshape(-1) * a, hi.reshape(-1) * a, x, axis)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: bit-width, grid type, granularity and range method."""
+
+    bits: int
+    symmetric: bool = False
+    per_channel: bool = True
+    range_method: str = "mse"
+
+    def __post_init__(self) -> None:
+        qrange(self.bits, self.symmetric)  # validates bits
+        if self.range_method not in RANGE_METHODS:
+            raise ValueError(f"unknown range method '{self.range_method}', expected one of {RANGE_METHODS}")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return qrange(self.bits, self.symmetric)
+
+    @property
+    def name(self) -> str:
+        """E.g. ``int4_per_channel_asym_mse``."""
+        gran = "per_channel" if self.per_channel else "per_tensor"
+        kind = "sym" if self.symmetric else "asym"
+        return f"int{self.bits}_{gran}_{kind}_{self.range_method}"
+
+
+def estimate_range(x: Tensor, spec: QuantSpec, axis: int | None,
+                   init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` of ``x`` by ``spec.range_method`` (``init`` only seeds the MSE search)."""
+    if spec.range_method == "minmax":
+        return minmax_range(x, axis)
+    if spec.range_method == "percentile":
+        return percentile_range(x, axis=axis)
+    return mse_range(x, spec.bits, spec.symmetric, axis=axis, init=init)
+
+
+def weight_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, int, int]:
+    """``(scale, zero_point, qmin, qmax)`` for weight ``w`` (per channel: axis 0, i.e. output
+    channels of Conv2d/Linear weights; params shaped ``(C, 1, ...)``; per tensor: 0-d)."""
+    w = w.detach()
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty weight tensor")
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"weight of shape {tuple(w.shape)} contains {bad} NaN/Inf value(s); cannot quantize")
+    axis = 0 if spec.per_channel and w.dim() > 0 else None
+    lo, hi = estimate_range(w, spec, axis)
+    scale, zp = qparams(lo, hi, spec.bits, spec.symmetric)
+    qmin, qmax = spec.qrange
+    return scale, zp, qmin, qmax
+
+
+def quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
+    """The fake-quantized (quantized then dequantized) weight, same shape and dtype as ``w``."""
+    return fake_quant(w, *weight_qparams(w, spec))
+
+
+class ActivationObserver:
+    """Statistics of a layer's input activations over calibration batches (per tensor).
+
+    Keeps the exact running min/max and a uniform random sample without replacement of all
+    values seen, of at most ``max_samples`` values: every value gets a random key and the sample
+    is the ``max_samples`` values with the smallest keys (reservoir sampling by random keys).
+    The keys come from a generator seeded with ``seed``, so the same batches give the same
+    sample. The sample feeds the percentile and MSE range methods; min-max uses the exact
+    running extremes, which also seed the MSE search.
+    """
+
+    def __init__(self, max_samples: int = 262_144, seed: int = 0) -> None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        self.max_samples = max_samples
+        self._gen = torch.Generator().manual_seed(seed)
+        self._min: Tensor | None = None
+        self._max: Tensor | None = None
+        self._sample = torch.empty(0)
+        self._keys = torch.empty(0)
+        self.num_seen = 0
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add one batch of activations (any shape; moved to CPU float32)."""
+        v = x.detach().reshape(-1).to("cpu", torch.float32)
+        if v.numel() == 0:
+            return
+        lo, hi = torch.aminmax(v)
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise ValueError("activations contain NaN/Inf values; cannot calibrate")
+        self._min = lo if self._min is None else torch.minimum(self._min, lo)
+        self._max = hi if self._max is None else torch.maximum(self._max, hi)
+        self.num_seen += v.numel()
+        keys = torch.rand(v.numel(), generator=self._gen)
+        if self._sample.numel() >= self.max_samples:  # full: only keys below the worst can enter
+            keep = keys < self._keys.max()
+            v, keys = v[keep], keys[keep]
+        vals = torch.cat([self._sample, v])
+        keys = torch.cat([self._keys, keys])
+        if keys.numel() > self.max_samples:
+            idx = torch.topk(keys, self.max_samples, largest=False, sorted=False).indices
+            vals, keys = vals[idx], keys[idx]
+        self._sample, self._keys = vals, keys
+
+    @property
+    def sample(self) -> Tensor:
+        """The current uniform sample of the values seen (1-d, at most ``max_samples``)."""
+        return self._sample
+
+    def _require_data(self) -> None:
+        if self._min is None:
+            raise ValueError("no calibration data seen")
+
+    def range(self, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+        """Per-tensor ``(lo, hi)`` (0-d) by ``spec.range_method``; ``spec.per_channel`` is ignored."""
+        self._require_data()
+        assert self._min is not None and self._max is not None
+        if spec.range_method == "minmax":
+            return self._min.clone(), self._max.clone()
+        return estimate_range(self._sample, spec, None, init=(self._min, self._max))
+
+    def qparams(self, spec: QuantSpec) -> tuple[Tensor, Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` for the activations seen so far."""
+        lo, hi = self.range(spec)
+        scale, zp = qparams(lo, hi, spec.bits, spec.symmetric)
+        qmin, qmax = spec.qrange
+        return scale, zp, qmin, qmax

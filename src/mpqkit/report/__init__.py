@@ -1,0 +1,1 @@
+"""Reports: results directories, per-layer tables, plots."""

@@ -1,0 +1,32 @@
+"""Plots written into results directories (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..plan import Plan  # noqa: E402
+
+
+def plot_bits(plan: Plan, path: Path, searched: set[str] | None = None, title: str | None = None) -> Path:
+    """Bar chart of weight bits (and activation bits, as markers) per layer, in execution order."""
+    names = list(plan.layers)
+    wb = [plan.layers[n].w_bits or 32 for n in names]
+    ab = [plan.layers[n].a_bits or 32 for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(names) + 2), 3.6))
+    colors = ["#4c72b0" if (searched is None or n in searched) else "#999999" for n in names]
+    ax.bar(range(len(names)), wb, color=colors, label="weight bits")
+    ax.plot(range(len(names)), ab, "o", color="#dd8452", markersize=4, label="activation bits")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, max(max(wb), max(ab)) + 1)
+    ax.set_title(title or f"{plan.model_name} · {plan.method} · {plan.budget or ''}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""A search's results directory: plan.json, per-layer table (CSV + Markdown), sensitivity, plot, summary."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..plan import atomic_write_text
+from .plots import plot_bits
+
+if TYPE_CHECKING:
+    from ..api import SearchResult
+
+
+def layer_rows(result: "SearchResult") -> list[dict]:
+    """One row per layer: bits, the ledger's costs, and the chosen sensitivity score."""
+    plan, ledger, table = result.plan, result.ledger, result.table
+    rows = []
+    for layer in result.graph.layers:
+        lq = plan.layers[layer.fqn]
+        w_score = table.w.get(layer.fqn, {}).get(lq.w_bits) if table else None
+        a_score = table.a.get(layer.fqn, {}).get(lq.a_bits) if table else None
+        rows.append({
+            "layer": layer.fqn, "kind": layer.kind, "searched": layer.fqn in ledger.searched,
+            "w_bits": lq.w_bits, "a_bits": lq.a_bits, "weight_numel": layer.weight_numel, "macs": layer.macs,
+            "weight_bytes": ledger.layer_cost("size", layer.fqn, lq.w_bits, lq.a_bits),
+            "bitops": ledger.layer_cost("bitops", layer.fqn, lq.w_bits, lq.a_bits),
+            "w_sensitivity": w_score, "a_sensitivity": a_score,
+        })
+    return rows
+
+
+def rows_to_markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+def write_results(out: Path, result: "SearchResult") -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    result.plan.save(out / "plan.json")
+    rows = layer_rows(result)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "layers.csv", buf.getvalue())
+    atomic_write_text(out / "layers.md", rows_to_markdown(rows))
+    if result.table is not None:
+        result.table.save(out / "sensitivity.json")
+    summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,
+               "costs": result.plan.costs, "solver": result.solution.to_dict(), "seconds": result.seconds,
+               "engine": result.engine_stats, "tie_groups": result.graph.tie_groups}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))
+    return out

@@ -1,0 +1,101 @@
+"""What every method shares: the search context, the sensitivity table, and the method registry.
+
+A method = a registered name → (sensitivity function, solver). Sensitivity functions receive a
+``SearchContext`` and must take all their measurements through ``ctx.engine`` (the one probe
+engine), never re-implementing quantization, layer discovery or evaluation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..engine.probe import ProbeEngine
+from ..errors import UnknownNameError
+from ..graph import ModelGraph
+from ..quant.config import QuantConfig
+
+
+@dataclass
+class SearchContext:
+    model: nn.Module
+    graph: ModelGraph
+    calib_images: torch.Tensor
+    calib_labels: torch.Tensor
+    searched: list[str]
+    w_bits: list[int]
+    a_bits: list[int | None]
+    search_w: bool = True
+    search_a: bool = False
+    qconfig: QuantConfig = field(default_factory=QuantConfig)
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    _engine: ProbeEngine | None = None
+
+    @property
+    def engine(self) -> ProbeEngine:
+        """The probe engine on the calibration set, built on first use (uniform never builds it)."""
+        if self._engine is None:
+            self._engine = ProbeEngine(self.model, self.graph, self.calib_images, self.calib_labels,
+                                       qconfig=self.qconfig, seed=self.seed, **self.engine_kwargs)
+        return self._engine
+
+
+@dataclass
+class SensitivityTable:
+    """Scores to minimise per (layer, bits): ``w`` for weight bits, ``a`` for activation bits."""
+
+    w: dict[str, dict[int, float]]
+    a: dict[str, dict[int, float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"w": self.w, "a": self.a, "meta": self.meta}
+
+    def save(self, path) -> None:
+        from ..plan import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    sensitivity: Callable[[SearchContext], SensitivityTable] | None
+    solver: str = "ilp"  # "ilp" | "uniform"
+
+
+class Registry:
+    """Name → Method. ``register`` is used as a decorator on sensitivity functions."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] = {}
+
+    def add(self, method: Method) -> None:
+        if method.name in self._methods:
+            raise ValueError(f"method '{method.name}' is already registered")
+        self._methods[method.name] = method
+
+    def register(self, name: str, description: str, solver: str = "ilp"):
+        def deco(fn: Callable[[SearchContext], SensitivityTable]):
+            self.add(Method(name, description, fn, solver))
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Method:
+        if name not in self._methods:
+            raise UnknownNameError(f"unknown method '{name}'. Available: {', '.join(self.names())}")
+        return self._methods[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._methods)
+
+
+METHODS = Registry()
+METHODS.add(Method("uniform", "every searched layer at the same bits (largest meeting the budget)", None, "uniform"))

@@ -1,0 +1,6 @@
+"""Solvers: choose bits per layer under a budget."""
+from .problem import Allocation, Solution
+from .ilp import solve_ilp
+from .uniform import solve_uniform
+
+__all__ = ["Allocation", "Solution", "solve_ilp", "solve_uniform"]

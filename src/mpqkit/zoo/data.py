@@ -1,0 +1,249 @@
+"""Labelled evaluation/calibration data, loaded eagerly into normalized tensors.
+
+Datasets: ``cifar10`` (the reconstructed torchvision-layout batches in ``<data_root>/cifar10``; splits
+``test``, ``exact``, ``train``), ``digits`` (scikit-learn's bundled 8x8 digits; splits ``train``, ``test``)
+and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing).
+Everything fits in memory, so a dataset is just two tensors plus metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mpqkit.errors import DataError, MissingResourceError, UnknownNameError
+from mpqkit.zoo.paths import data_root
+
+__all__ = ["LabeledData", "load_data", "NORMALIZATION", "DATASETS", "normalize"]
+
+log = logging.getLogger("mpqkit")
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+#: (mean, std) applied after scaling pixels to [0, 1], per dataset name.
+#: cifar10 uses ImageNet statistics because the checkpoints were trained that way (akamaster trainer.py).
+#: digits scales 0..16 to [0, 1] then maps to [-1, 1] (mean 0.5, std 0.5): symmetric, simple, and what
+#: scripts/train_digits.py trains with (it calls load_data, so the two cannot drift apart).
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": _IMAGENET,
+    "digits": ((0.5,), (0.5,)),
+    "imagefolder": _IMAGENET,
+}
+
+#: dataset name -> available splits
+DATASETS: dict[str, tuple[str, ...]] = {"cifar10": ("test", "exact", "train"), "digits": ("train", "test")}
+
+_CIFAR_DIR = "cifar10"
+_BATCHES = "cifar-10-batches-py"
+_DIGITS_TRAIN = 1297  # first 1,297 of the seeded permutation; the last 500 are the test split
+_DIGITS_SEED = 0
+
+
+@dataclass
+class LabeledData:
+    """Normalized images (float32, N x C x H x W) with int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    name: str
+    split: str
+    classes: int
+    _sha: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: Sequence[int] | torch.Tensor) -> LabeledData:
+        """The samples at ``indices`` (in that order)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return LabeledData(self.images[idx], self.labels[idx], self.name, self.split, self.classes)
+
+    def head(self, n: int) -> LabeledData:
+        """The first ``n`` samples."""
+        return LabeledData(self.images[:n], self.labels[:n], self.name, self.split, self.classes)
+
+    def sample(self, n: int, seed: int = 0) -> LabeledData:
+        """A fixed pseudo-random subset of ``min(n, len)`` samples (randperm order), reproducible from ``seed``."""
+        if len(self) == 0:
+            raise DataError(f"cannot sample from empty data {self.name}/{self.split}")
+        g = torch.Generator().manual_seed(seed)
+        return self.subset(torch.randperm(len(self), generator=g)[: max(0, min(n, len(self)))])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) batches in order; the last may be smaller."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for i in range(0, len(self), batch_size):
+            yield self.images[i : i + batch_size], self.labels[i : i + batch_size]
+
+    def sha256(self) -> str:
+        """Hash of the image and label bytes (cached): identifies the exact evaluation set in reports."""
+        if self._sha is None:
+            h = hashlib.sha256()
+            for t in (self.images, self.labels):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.numpy().tobytes())
+            self._sha = h.hexdigest()
+        return self._sha
+
+
+def normalize(pixels01: torch.Tensor, dataset: str) -> torch.Tensor:
+    """Apply the per-channel (mean, std) of ``dataset`` to images already scaled to [0, 1]."""
+    mean, std = NORMALIZATION[dataset]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels01 - m) / s
+
+
+def load_data(
+    name: str, split: str = "test", root: str | Path | None = None, limit: int | None = None
+) -> LabeledData:
+    """Load a dataset split. ``limit`` keeps the first N samples (a seeded subset for image folders)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if name == "cifar10":
+        data = _load_cifar(split, root, limit)
+    elif name == "digits":
+        data = _load_digits(split, limit)
+    elif Path(name).expanduser().is_dir():
+        return _load_image_folder(Path(name).expanduser(), limit)
+    else:
+        raise UnknownNameError(
+            f"unknown dataset {name!r}: use cifar10, digits, or the path of an existing image folder "
+            f"(ImageFolder layout: one sub-folder per class)"
+        )
+    if len(data) == 0:
+        raise DataError(f"dataset {name}/{split} is empty")
+    return data
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+def _check_split(name: str, split: str) -> None:
+    if split not in DATASETS[name]:
+        raise UnknownNameError(f"unknown split {split!r} for {name}: use one of {', '.join(DATASETS[name])}")
+
+
+def _missing(path: Path) -> MissingResourceError:
+    return MissingResourceError(
+        f"CIFAR-10 file {path} not found. Set --data-root or $MPQKIT_DATA to the folder that holds cifar10/"
+    )
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One torchvision-layout batch file -> (uint8 N x 3072, int64 N)."""
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        x = np.asarray(d["data"], dtype=np.uint8)
+        y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 - anything here means a damaged file
+        raise DataError(f"{path} is not a readable CIFAR-10 batch file: {type(e).__name__}: {e}") from e
+    return _check_rows(path, x, y)
+
+
+def _check_rows(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim != 2 or x.shape[1] != 3072 or y.shape != (x.shape[0],):
+        raise DataError(f"{path}: expected data N x 3072 and N labels, got {x.shape} and {y.shape}")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{path}: labels outside 0..9")
+    return x, y
+
+
+def _cifar_tensors(x: np.ndarray, y: np.ndarray, split: str) -> LabeledData:
+    imgs = torch.from_numpy(x.reshape(-1, 3, 32, 32)).float().div_(255.0)
+    return LabeledData(normalize(imgs, "cifar10"), torch.from_numpy(y), "cifar10", split, 10)
+
+
+def _load_cifar(split: str, root: str | Path | None, limit: int | None) -> LabeledData:
+    _check_split("cifar10", split)
+    base = data_root(root) / _CIFAR_DIR
+    batches = base / _BATCHES
+    if split == "test":
+        x, y = _read_batch(batches / "test_batch")
+    elif split == "exact":
+        path = base / "exact_prefix_test_batch.npz"
+        if not path.is_file():
+            raise _missing(path)
+        try:
+            with np.load(path) as z:
+                x, y = np.asarray(z["data"], dtype=np.uint8), np.asarray(z["labels"], dtype=np.int64)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path} is not a readable npz file: {type(e).__name__}: {e}") from e
+        x, y = _check_rows(path, x, y)
+    else:
+        files = sorted(batches.glob("data_batch_*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        if not files:
+            raise _missing(batches / "data_batch_1")
+        xs, ys, n = [], [], 0
+        for f in files:
+            if limit is not None and n >= limit:
+                break
+            bx, by = _read_batch(f)
+            xs.append(bx), ys.append(by)
+            n += len(by)
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        log.info("cifar10 train: %d data_batch files found in %s (%s); using %d images",
+                 len(files), batches, ", ".join(f.name for f in files), len(y))
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return _cifar_tensors(x, y, split)
+
+
+# --------------------------------------------------------------------------- digits
+def _load_digits(split: str, limit: int | None) -> LabeledData:
+    if split == "exact":
+        raise DataError("split 'exact' is CIFAR-10 only (digits has train and test)")
+    _check_split("digits", split)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = np.random.RandomState(_DIGITS_SEED).permutation(len(d.target))
+    idx = perm[:_DIGITS_TRAIN] if split == "train" else perm[_DIGITS_TRAIN:]
+    if limit is not None:
+        idx = idx[:limit]
+    imgs = torch.from_numpy(d.images[idx].astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(d.target[idx].astype(np.int64))
+    return LabeledData(normalize(imgs, "digits"), labels, "digits", split, 10)
+
+
+# --------------------------------------------------------------------------- image folders
+def _load_image_folder(path: Path, limit: int | None) -> LabeledData:
+    """Eagerly load an ImageFolder tree (resize 256, center-crop 224, ImageNet normalization)."""
+    from torchvision import datasets, transforms
+
+    mean, std = NORMALIZATION["imagefolder"]
+    tf = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    try:
+        ds = datasets.ImageFolder(str(path), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"image folder {path} holds no images in class sub-folders: {e}") from e
+    n = len(ds)
+    if n == 0:
+        raise DataError(f"image folder {path} is empty")
+    idx = list(range(n))
+    if limit is not None and limit < n:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].tolist()
+    try:
+        pairs = [ds[i] for i in idx]
+    except Exception as e:  # noqa: BLE001 - unreadable image file
+        raise DataError(f"image folder {path}: cannot read an image: {type(e).__name__}: {e}") from e
+    if not pairs:
+        raise DataError(f"image folder {path}: limit={limit} leaves no images")
+    images = torch.stack([p[0] for p in pairs])
+    labels = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    return LabeledData(images, labels, str(path), "folder", len(ds.classes))

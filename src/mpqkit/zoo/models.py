@@ -1,0 +1,254 @@
+"""Model zoo: CIFAR ResNets (akamaster layout), a tiny digits CNN, and torchvision classifiers.
+
+Every model is built in eval mode, is ``torch.fx.symbolic_trace``-able, and comes wrapped in a
+:class:`ModelBundle` recording its input shape and a hash of its weights (for reproducible reports).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mpqkit.errors import CheckpointError, MissingResourceError, UnknownNameError
+from mpqkit.zoo.paths import models_dir as _models_dir
+
+__all__ = [
+    "CIFAR_MODELS", "CifarResNet", "DigitsCNN", "ModelBundle", "get_model", "load_checkpoint",
+    "state_dict_sha256", "DIGITS_WEIGHTS",
+]
+
+#: name -> (depth, checkpoint path relative to the models folder)
+CIFAR_MODELS: dict[str, tuple[int, str]] = {
+    "resnet20": (20, "cifar10_resnet20_jpegft/resnet20_jpegft.th"),
+    "resnet20-orig": (20, "cifar10_resnet_akamaster/resnet20-12fca82f.th"),
+    "resnet32": (32, "cifar10_resnet_akamaster/resnet32-d509ac18.th"),
+    "resnet44": (44, "cifar10_resnet_akamaster/resnet44-014dd654.th"),
+    "resnet56": (56, "cifar10_resnet_akamaster/resnet56-4bfd9763.th"),
+}
+
+#: committed digits-cnn checkpoint (package data)
+DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_cnn.pt"
+
+
+# --------------------------------------------------------------------------- architectures
+class PadShortcut(nn.Module):
+    """Parameter-free "option A" shortcut: stride-2 subsample and zero-pad channels by planes//4 each side."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+    def extra_repr(self) -> str:
+        return f"pad={self.pad}"
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn + shortcut, relu (He et al. 2016, CIFAR variant)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = (
+            PadShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-(6n+2) with module names matching the akamaster checkpoints."""
+
+    def __init__(self, depth: int, num_classes: int = 10) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, 16, n, 1)
+        self.layer2 = self._make_layer(16, 32, n, 2)
+        self.layer3 = self._make_layer(32, 64, n, 2)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    @staticmethod
+    def _make_layer(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
+        blocks = [BasicBlock(in_planes, planes, stride)]
+        blocks += [BasicBlock(planes, planes, 1) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+class DigitsCNN(nn.Module):
+    """Tiny CNN for scikit-learn's 8x8 digits, input (N, 1, 8, 8)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+# --------------------------------------------------------------------------- bundle
+@dataclass
+class ModelBundle:
+    """A ready-to-evaluate model plus what reports need to describe it."""
+
+    model: nn.Module
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    checkpoint: Path | None
+    sha256: str
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Deterministic hash of the state-dict: key names, dtypes, shapes and tensor bytes, in key order."""
+    h = hashlib.sha256()
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path: str | Path, setting: str = "--checkpoint") -> Mapping[str, torch.Tensor]:
+    """Read a checkpoint file and return its state dict (unwrapping ``state_dict``/``model``, stripping ``module.``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingResourceError(f"checkpoint file {path} not found. Check {setting}")
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not contain a state dict of tensors (got {type(obj).__name__})")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _apply_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Strictly load ``sd`` into ``model``; raise CheckpointError on any key/shape mismatch or NaN/Inf."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
+            if items:
+                more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+                parts.append(f"{label}: {', '.join(items[:4])}{more}")
+        hint = " (wrong model name or number of classes?)" if shape and not (missing or unexpected) else ""
+        raise CheckpointError(
+            f"checkpoint {path} does not match architecture {arch}{hint}: " + "; ".join(parts)
+        )
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"checkpoint {path}: tensor {k} contains NaN or Inf")
+    model.load_state_dict(sd, strict=False)  # strictness checked above; num_batches_tracked may be absent
+
+
+# --------------------------------------------------------------------------- factory
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def get_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    models_dir: str | Path | None = None,
+    random_init: bool = False,
+    num_classes: int | None = None,
+) -> ModelBundle:
+    """Build a named model in eval mode with its weights.
+
+    ``checkpoint`` overrides the default file. ``random_init`` (explicit opt-in, never a silent fallback)
+    skips the default checkpoint and keeps the freshly initialised weights; torchvision models need either it
+    or ``checkpoint`` because no torchvision weights are bundled. ``num_classes`` changes the classifier width.
+    """
+    ckpt: Path | None = Path(checkpoint) if checkpoint is not None else None
+    setting = "--checkpoint"
+    if name in CIFAR_MODELS:
+        depth, rel = CIFAR_MODELS[name]
+        n_cls = num_classes or 10
+        model: nn.Module = CifarResNet(depth, n_cls)
+        shape: tuple[int, ...] = (3, 32, 32)
+        if ckpt is None and not random_init:
+            ckpt = _models_dir(models_dir) / rel
+            setting = "--models-dir or $MPQKIT_MODELS"
+        arch = f"CifarResNet({depth})"
+    elif name == "digits-cnn":
+        n_cls = num_classes or 10
+        model = DigitsCNN(n_cls)
+        shape = (1, 8, 8)
+        if ckpt is None and not random_init:
+            ckpt = DIGITS_WEIGHTS
+            setting = "the mpqkit installation (run scripts/train_digits.py) or --checkpoint"
+        arch = "DigitsCNN"
+    elif name in _torchvision_names():
+        import torchvision
+
+        if ckpt is None and not random_init:
+            raise MissingResourceError(
+                f"torchvision model {name!r} has no bundled weights here: pass --checkpoint FILE "
+                f"(a state dict) or --random-init to use explicitly random weights"
+            )
+        n_cls = num_classes or 1000
+        kwargs: dict[str, Any] = {"num_classes": n_cls}
+        if name in ("inception_v3", "googlenet") and ckpt is not None:
+            kwargs["init_weights"] = False  # skip the slow truncated-normal init; the checkpoint overwrites it
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        shape = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+        arch = f"{name} (num_classes={n_cls})"
+    else:
+        raise UnknownNameError(
+            f"unknown model {name!r}: use one of {', '.join([*CIFAR_MODELS, 'digits-cnn'])}, "
+            f"or any torchvision classification model name (e.g. resnet18, mobilenet_v2)"
+        )
+    if ckpt is not None:
+        _apply_state_dict(model, load_checkpoint(ckpt, setting), ckpt, arch)
+    model.eval()
+    return ModelBundle(model, name, shape, n_cls, ckpt, state_dict_sha256(model))
