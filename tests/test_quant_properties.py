@@ -377,6 +377,13 @@ def test_observer_sample_is_bounded_deterministic_and_uniform() -> None:
     assert torch.equal(a._keys, b._keys) and not torch.equal(a._keys, c._keys)
     frac_ones = float(a.sample.mean())
     assert 0.73 < frac_ones < 0.77  # uniform over all values seen (std ~0.004), not first-come
+    # a uniform sample *without replacement* over positions: distinct values, mean ~ N/2
+    ramp = ActivationObserver(max_samples=10_000, seed=5)
+    for chunk in torch.arange(1_000_000, dtype=torch.float32).split(100_000):
+        ramp.update(chunk)
+    assert ramp.sample.unique().numel() == 10_000
+    assert abs(float(ramp.sample.double().mean()) / 1e6 - 0.5) < 0.015  # std ~0.003
+    assert abs(float((ramp.sample < 250_000).double().mean()) - 0.25) < 0.025  # std ~0.0043
     x = torch.randn(300_000, generator=torch.Generator().manual_seed(3))
     obs = ActivationObserver(max_samples=20_000)
     for chunk in x.split(70_000):

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny traceable models for unit tests, and real-data fixtures that skip cleanly."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own probe cache, so no test sees another's results."""
+    monkeypatch.setenv("MPQKIT_CACHE", str(tmp_path / "cache"))
+
+
+class TinyNet(nn.Module):
+    """conv1 → relu → {conv2, conv3} (a tie group: same input) → add (+ skip) → relu → pool → fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.conv4 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv1(x))
+        y = self.conv2(x)
+        y += self.conv3(x)  # in-place add on purpose: the engine must not corrupt cached tensors
+        y = self.relu(y + x)
+        y = F.relu(self.conv4(y))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class UntraceableNet(TinyNet):
+    """Same computation, but data-dependent control flow defeats torch.fx: the engine falls back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e30:  # always true, but not traceable
+            return super().forward(x)
+        return x
+
+
+def make_tiny(seed: int = 0, cls=TinyNet) -> nn.Module:
+    torch.manual_seed(seed)
+    return cls().eval()
+
+
+def tiny_data(model: nn.Module, n: int = 96, seed: int = 1):
+    """Random images labelled by the fp model itself (so fp top-1 is 100 %, quantization lowers it)."""
+    from mpqkit.zoo.data import LabeledData
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        logits = model(x)
+    return LabeledData(images=x, labels=logits.argmax(1), name="tiny", split="train", classes=4)
+
+
+@pytest.fixture
+def tiny():
+    return make_tiny()
+
+
+def shared_available() -> bool:
+    from mpqkit.errors import MissingResourceError
+    from mpqkit.zoo.paths import data_root, models_dir
+
+    try:
+        data_root()
+        models_dir()
+        return True
+    except MissingResourceError:
+        return False
+
+
+requires_shared = pytest.mark.skipif(not shared_available(), reason="../shared data/models not found "
+                                     "(set MPQKIT_DATA / MPQKIT_MODELS)")

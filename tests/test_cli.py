@@ -1,0 +1,96 @@
+"""The command line: the documented flows work, and every bad input is one clear message, exit 2,
+nothing written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpqkit.cli import main
+from mpqkit.zoo.paths import data_root
+
+from conftest import requires_shared
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_search_apply_eval_digits(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    code, out, _ = run(capsys, "search", "--model", "digits-cnn", "--data", "digits", "--method", "eval-delta",
+                       "--budget", "avg-bits=4", "--out", str(plan), "--calib-size", "256", "-q", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["costs"]["avg_w_bits_searched"] <= 4
+    assert plan.is_file() and (tmp_path / "plan-results" / "bits.png").is_file()
+    code, out, _ = run(capsys, "apply", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan),
+                       "--out", str(tmp_path / "q.pt"))
+    assert code == 0 and (tmp_path / "q.pt").stat().st_size > 0
+    code, out, _ = run(capsys, "eval", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan), "--json", "-q")
+    assert code == 0 and 0.5 < json.loads(out)["top1"] <= 1.0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--model", "resnet99"], "unknown model 'resnet99'"),
+    (["eval", "--model", "digits-cnn", "--data", "mnist"], "mnist"),
+    (["eval", "--model", "digits-cnn", "--data", "digits", "--split", "exact"], "exact"),
+    (["search", "--model", "digits-cnn", "--data", "digits", "--budget", "avg-bits=1"], "smallest feasible value"),
+    (["search", "--model", "digits-cnn", "--data", "digits", "--budget", "avg-bits=lots"], "malformed budget"),
+    (["search", "--model", "digits-cnn", "--data", "digits", "--budget", "avg-bits=3", "--method", "magic"],
+     "unknown method"),
+    (["search", "--model", "digits-cnn", "--data", "digits", "--method", "uniform", "--w-bits", "17"], "1..16"),
+    (["layers", "--model", "mobilenet_v2"], "--random-init"),
+    (["eval", "--model", "resnet20", "--data", "digits"], "shape"),
+])
+def test_bad_input_one_clear_message(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    if argv[2] == "resnet20":
+        try:
+            data_root()
+        except Exception:
+            pytest.skip("needs ../shared models")
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path / "o")) if argv[0] == "search" else run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("mpqkit: error:") and match in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", "digits-cnn", "--data", "cifar10", "--data-root", str(tmp_path / "nope"))
+    assert code == 2 and "--data-root" in err and "MPQKIT_DATA" in err
+
+
+def test_corrupt_plan_and_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"mpqkit_plan": 1, "layers": {"conv2": {"w_bits": 4')
+    code, _, err = run(capsys, "eval", "--model", "digits-cnn", "--data", "digits", "--plan", str(bad))
+    assert code == 2 and "not valid JSON" in err
+    ck = tmp_path / "w.pt"
+    ck.write_bytes(b"\x00garbage" * 100)
+    code, _, err = run(capsys, "eval", "--model", "digits-cnn", "--data", "digits", "--checkpoint", str(ck))
+    assert code == 2 and "not a readable PyTorch checkpoint" in err
+
+
+def test_plan_for_another_model_is_refused(capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert run(capsys, "search", "--model", "digits-cnn", "--data", "digits", "--method", "uniform", "--w-bits", "4",
+               "--out", str(plan), "-q")[0] == 0
+    d = json.loads(plan.read_text())
+    d["model"]["sha256"] = "0" * 64
+    plan.write_text(json.dumps(d))
+    code, _, err = run(capsys, "eval", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan))
+    assert code == 2 and "made for model" in err
+
+
+@requires_shared
+def test_resnet20_cli_flow(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    code, out, _ = run(capsys, "search", "--model", "resnet20", "--data", "cifar10", "--method", "uniform",
+                       "--w-bits", "4", "--a-bits", "8", "--out", str(plan), "--calib-size", "256", "-q")
+    assert code == 0
+    code, out, _ = run(capsys, "eval", "--model", "resnet20", "--plan", str(plan), "--split", "exact", "--json", "-q")
+    assert code == 0 and json.loads(out)["top1"] > 0.85

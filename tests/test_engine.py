@@ -1,0 +1,120 @@
+"""The probe engine: prefix caching gives the same numbers as a full forward, the fallback and the
+applied plan; the on-disk cache makes a rerun compute nothing; corrupt entries are recomputed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mpqkit.engine.probe import ProbeEngine
+from mpqkit.evaluation import evaluate_model
+from mpqkit.graph import discover
+from mpqkit.plan import LayerQuant, Plan
+from mpqkit.quant.apply import apply_plan
+
+from conftest import UntraceableNet, make_tiny, tiny_data
+
+PROBES = [
+    {},
+    {"conv2": (2, None)},
+    {"conv3": (3, None), "conv4": (2, 4)},
+    {"conv1": (None, 3)},
+    {"fc": (2, 2)},
+    {"conv4": (None, 2)},
+    {"conv2": (4, 4), "fc": (3, None)},
+]
+
+
+def _engine(model, data, **kw):
+    graph = discover(model, (3, 8, 8))
+    return ProbeEngine(model, graph, data.images, data.labels, batch_size=32, progress=False, **kw)
+
+
+def _close(a, b):
+    assert a.n == b.n
+    assert a.loss == pytest.approx(b.loss, rel=1e-5, abs=1e-6)
+    assert a.top1 == pytest.approx(b.top1)
+
+
+def test_prefix_equals_full_forward_and_fallback(tmp_path):
+    model = make_tiny()
+    data = tiny_data(model)
+    fast = _engine(model, data, use_cache=False)
+    slow = _engine(model, data, use_cache=False, prefix=False)
+    fallback = _engine(make_tiny(cls=UntraceableNet), data, use_cache=False)
+    assert fast.program is not None and fallback.program is None
+    for a, b, c in zip(fast.run(PROBES), slow.run(PROBES), fallback.run(PROBES)):
+        _close(a, b)
+        _close(a, c)
+    # the in-place `+=` and ReLU(inplace=True) must not have corrupted the cached prefix tensors:
+    _close(fast.run([{"conv4": (2, None)}])[0], slow.run([{"conv4": (2, None)}])[0])
+
+
+def test_probe_matches_applied_plan():
+    """A probe is exactly 'apply this partial plan and evaluate on the calibration set'."""
+    model = make_tiny()
+    data = tiny_data(model)
+    engine = _engine(model, data, use_cache=False)
+    probe = {"conv2": (3, 4), "conv4": (2, None), "fc": (None, 6)}
+    got = engine.run([probe])[0]
+    plan = Plan(layers={f: LayerQuant(w, a) for f, (w, a) in probe.items()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel = apply_plan(model, plan, [x for x, _ in data.batches(32)])
+    ref = evaluate_model(qmodel, data, batch_size=32)
+    assert got.loss == pytest.approx(ref["loss"], rel=1e-5)
+    assert got.top1 == pytest.approx(ref["top1"])
+    assert got.loss > engine.fp.loss  # this much quantization must hurt
+    # the fp model is never changed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert type(model.conv2).__name__ == "Conv2d"
+
+
+def test_cache_resumes_and_detects_corruption(tmp_path):
+    model = make_tiny()
+    data = tiny_data(model)
+    first = _engine(model, data, cache_dir=str(tmp_path))
+    r1 = first.run(PROBES)
+    assert first.stats["probes_run"] == len(PROBES)  # {} is the fp reference: run once, at init
+    second = _engine(model, data, cache_dir=str(tmp_path))
+    r2 = second.run(PROBES)
+    assert second.stats["probes_run"] == 0, "a rerun must recompute no cached probe"
+    assert r1 == r2
+    # corrupt one entry and truncate another: both detected, recomputed, identical again
+    files = sorted(tmp_path.rglob("*.json"))
+    files[0].write_text(files[0].read_text().replace('"loss": ', '"loss": 1'))
+    files[1].write_text(files[1].read_text()[:10])
+    third = _engine(model, data, cache_dir=str(tmp_path))
+    r3 = third.run(PROBES)
+    assert third.cache.corrupt == 2
+    assert third.stats["probes_run"] == 2
+    assert r3 == r1
+
+
+def test_cache_key_depends_on_data_and_weights(tmp_path):
+    model = make_tiny()
+    data = tiny_data(model)
+    _engine(model, data, cache_dir=str(tmp_path)).run(PROBES)
+    other = make_tiny(seed=5)
+    e = _engine(other, data, cache_dir=str(tmp_path))
+    e.run(PROBES)
+    # nothing is shared with the other model's entries; the only hit is its own fp reference from init
+    assert e.stats["probes_run"] == len(PROBES) and e.stats["cache_hits"] == 1
+
+
+def test_prefix_runs_less_work(tmp_path):
+    """Probes on late layers start late: counting executed nodes shows the prefix is skipped."""
+    model = make_tiny()
+    data = tiny_data(model)
+    engine = _engine(model, data, use_cache=False)
+    prog = engine.program
+    assert prog.cut["fc"] > prog.cut["conv4"] > prog.cut["conv2"] > prog.cut["conv1"]
+    assert engine._start({"fc": (2, None), "conv4": (2, None)}) == prog.cut["conv4"]
+
+
+def test_empty_data_is_an_error():
+    from mpqkit.errors import DataError
+
+    model = make_tiny()
+    with pytest.raises(DataError, match="empty"):
+        ProbeEngine(model, discover(model, (3, 8, 8)), torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long))

@@ -1,0 +1,83 @@
+"""Method behaviour on the embedded digits CNN (real trained model, no ../shared needed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mpqkit
+from mpqkit.budget import Ledger, parse_budget
+from mpqkit.errors import BudgetError, InfeasibleBudgetError, UnknownNameError
+from mpqkit.sensitivity import METHODS
+
+
+def test_registry_lists_methods():
+    assert {"uniform", "eval-delta"} <= set(METHODS.names())
+    with pytest.raises(UnknownNameError, match="eval-delta"):
+        METHODS.get("nope")
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    ed = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", calib_size=512, out=out / "ed",
+                       progress=False, engine_options={"cache_dir": str(out / "cache")})
+    un = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "uniform", calib_size=512, progress=False)
+    return ed, un, out
+
+
+def test_eval_delta_scores_are_measured_loss_increases(digits_runs):
+    ed, _, _ = digits_runs
+    table = ed.table
+    # ΔL is a measured loss difference: at 2 bits every searched layer loses much more than at 8
+    for f, scores in table.w.items():
+        assert scores[2] > scores[8]
+        assert abs(scores[8]) < 0.05
+    assert table.meta["probes"] == len(ed.ledger.searched) * 6
+
+
+def test_eval_delta_gives_bits_where_loss_says_and_beats_uniform(digits_runs):
+    ed, un, _ = digits_runs
+    # same budget, both met exactly as the ledger counts it
+    for r in (ed, un):
+        assert r.plan.costs["avg_w_bits_searched"] <= 3.0 + 1e-9
+    # the ILP's plan minimises the sum of measured ΔL: it is no worse than uniform's sum
+    t = ed.table
+    ed_sum = sum(t.w[f][ed.plan.layers[f].w_bits] for f in ed.ledger.searched)
+    un_sum = sum(t.w[f][un.plan.layers[f].w_bits] for f in un.ledger.searched)
+    assert ed_sum <= un_sum + 1e-12
+    ev_ed = mpqkit.evaluate("digits-cnn", "digits", "train", ed.plan)
+    ev_un = mpqkit.evaluate("digits-cnn", "digits", "train", un.plan)
+    assert ev_ed["loss"] < ev_un["loss"]
+
+
+def test_results_directory(digits_runs):
+    _, _, out = digits_runs
+    for name in ("plan.json", "layers.csv", "layers.md", "sensitivity.json", "summary.json", "bits.png"):
+        assert (out / "ed" / name).stat().st_size > 0
+    plan = mpqkit.Plan.load(out / "ed" / "plan.json")
+    assert plan.method == "eval-delta" and plan.provenance["calib"]["n"] == 512
+    assert plan.layers["conv1"].w_bits == 8 and plan.layers["fc"].a_bits == 8  # first/last fixed at 8/8
+    summary = json.loads((out / "ed" / "summary.json").read_text())
+    assert summary["costs"] == plan.costs
+
+
+def test_joint_wa_search_under_bitops():
+    graph_costs = mpqkit.search("digits-cnn", "digits", "avg-bits=8", "uniform", w_bits=8, a_bits=8,
+                                calib_size=256, progress=False).plan.costs
+    budget = f"bitops={graph_costs['bitops'] * 0.5 / 1e9}G"
+    r = mpqkit.search("digits-cnn", "digits", budget, "eval-delta", search="wa", calib_size=256, progress=False)
+    assert r.plan.costs["bitops"] <= graph_costs["bitops"] * 0.5
+    assert r.table.a and all(set(v) == {4, 6, 8} for v in r.table.a.values())
+    assert any(lq.a_bits != 8 or lq.w_bits != 8 for lq in r.plan.layers.values())
+
+
+def test_uniform_and_errors():
+    r = mpqkit.search("digits-cnn", "digits", None, "uniform", w_bits=4, a_bits=8, calib_size=128, progress=False)
+    assert {(lq.w_bits, lq.a_bits) for f, lq in r.plan.layers.items() if f in r.ledger.searched} == {(4, 8)}
+    with pytest.raises(BudgetError, match="needs a --budget"):
+        mpqkit.search("digits-cnn", "digits", None, "eval-delta", calib_size=128, progress=False)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible value is avg-bits=2"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=1", "eval-delta", calib_size=128, progress=False)
+    with pytest.raises(UnknownNameError, match="unknown layer"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", fixed=["conv7"], progress=False)
