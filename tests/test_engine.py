@@ -110,6 +110,15 @@ def test_prefix_runs_less_work(tmp_path):
     prog = engine.program
     assert prog.cut["fc"] > prog.cut["conv4"] > prog.cut["conv2"] > prog.cut["conv1"]
     assert engine._start({"fc": (2, None), "conv4": (2, None)}) == prog.cut["conv4"]
+    engine.run(PROBES)
+    # the fp tensors live at every start point visited are kept for later calls
+    assert set(engine._snapshots) == {engine._start(p) for p in PROBES if p}
+    late = {"fc": (3, None)}
+    calls = []
+    orig = prog.run
+    prog.run = lambda env, start, stop, swaps: calls.append((start, stop)) or orig(env, start, stop, swaps)
+    engine.run([late])
+    assert all(start >= prog.cut["fc"] for start, _ in calls), "a later probe must not re-run the prefix"
 
 
 def test_empty_data_is_an_error():

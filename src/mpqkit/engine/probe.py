@@ -6,8 +6,9 @@ Every method's measurements go through ``ProbeEngine.run``. A *probe* maps layer
 Speed comes from three things:
 - prefix caching: the model is traced once with torch.fx; a probe starts at the first overridden
   layer from the fp tensors that are live there (a residual block's skip branch included), not
-  from the input. Probes are run grouped by their start point, walking the network once, so only
-  one cut's live tensors are held at a time (for the whole calibration set);
+  from the input. Probes are run grouped by their start point, walking the network once; the fp
+  live tensors at each visited cut are kept in memory (``prefix_cache_mb``, LRU) so later calls
+  start from the nearest kept cut instead of the input;
 - quantized layers are built once per (layer, bits) and reused by every probe;
 - results are cached on disk by content, so a killed search resumes.
 Models that torch.fx cannot trace fall back to a full forward per probe (same results, slower).
@@ -15,6 +16,7 @@ Models that torch.fx cannot trace fall back to a full forward per probe (same re
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import logging
 import math
 import operator
@@ -147,7 +149,7 @@ class ProbeEngine:
     def __init__(self, model: nn.Module, graph: ModelGraph, images: Tensor, labels: Tensor,
                  qconfig: QuantConfig | None = None, batch_size: int = 256, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
-                 progress: bool = True, seed: int = 0):
+                 progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048):
         if len(images) == 0:
             raise DataError("the calibration/sensitivity set is empty")
         if len(images) != len(labels):
@@ -171,6 +173,9 @@ class ProbeEngine:
         context = {"engine": ENGINE_VERSION, "model": module_sha256(model), "data": tensor_sha256(images, labels),
                    "qconfig": self.qconfig.to_dict(), "seed": seed}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
+        self._snapshots: OrderedDict[int, list[dict]] = OrderedDict()  # cut -> fp env per batch
+        self._snapshot_bytes: dict[int, int] = {}
+        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._observers = None
         self._seed = seed
         self._wq: dict[tuple[str, int], tuple] = {}
@@ -221,6 +226,28 @@ class ProbeEngine:
             log.warning("non-finite loss in a probe")
         return ProbeResult(loss, correct / n, n, tuple(batch_losses))
 
+    def _fp_envs(self, cut: int) -> list[dict]:
+        """fp live tensors at ``cut`` for every batch, from the nearest kept snapshot at or before it."""
+        assert self.program is not None
+        if cut in self._snapshots:
+            self._snapshots.move_to_end(cut)
+            return self._snapshots[cut]
+        base = max((c for c in self._snapshots if c <= cut), default=None)
+        envs = self._snapshots[base] if base is not None else [self.program.initial_env(x) for x, _ in self.batches]
+        envs = [self.program.run(env, base or 0, cut, {}) for env in envs]
+        self._keep(cut, envs)
+        return envs
+
+    def _keep(self, cut: int, envs: list[dict]) -> None:
+        size = sum(t.numel() * t.element_size() for env in envs for t in env.values() if isinstance(t, Tensor))
+        if size > self.prefix_cache_bytes:
+            return
+        while self._snapshots and sum(self._snapshot_bytes.values()) + size > self.prefix_cache_bytes:
+            old, _ = self._snapshots.popitem(last=False)
+            del self._snapshot_bytes[old]
+        self._snapshots[cut] = envs
+        self._snapshot_bytes[cut] = size
+
     def _run_fallback(self, swaps: Mapping[str, nn.Module]) -> list[tuple[Tensor, Tensor]]:
         originals = {f: self.model.get_submodule(f) for f in swaps}
         try:
@@ -253,8 +280,7 @@ class ProbeEngine:
         bar = tqdm(total=len(todo), desc=desc, disable=not show or not todo, unit="probe", leave=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            envs = [self.program.initial_env(x) for x, _ in self.batches] if self.program else None
-            cut = 0
+            envs, cut = None, -1
             for i in todo:
                 p = probes[i]
                 swaps = {f: self.quant_layer(f, wb, ab) for f, (wb, ab) in p.items() if (wb, ab) != (None, None)}
@@ -262,9 +288,8 @@ class ProbeEngine:
                     outs = self._run_fallback(swaps)
                 else:
                     start = self._start(p)
-                    if start > cut:  # advance the fp prefix once for every later probe
-                        envs = [self.program.run(env, cut, start, {}) for env in envs]
-                        cut = start
+                    if start != cut:  # probes are sorted by start: the prefix is walked once
+                        envs, cut = self._fp_envs(start), start
                     outs = [(self.program.run(env, start, None, swaps), y) for env, (_, y) in zip(envs, self.batches)]
                 results[i] = self._evaluate(outs)
                 if self.cache is not None:
