@@ -29,6 +29,21 @@ def test_search_apply_eval_digits(tmp_path, capsys):
     code, out, _ = run(capsys, "apply", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan),
                        "--out", str(tmp_path / "q.pt"))
     assert code == 0 and (tmp_path / "q.pt").stat().st_size > 0
+    # the saved file rebuilds the same quantized model without calibration data
+    import torch
+
+    import mpqkit
+    from mpqkit.api import load_quantized
+    from mpqkit.zoo import load_data
+
+    x = load_data("digits", "test", limit=64).images
+    ref = mpqkit.apply_plan("digits-cnn", str(plan), "digits")
+    again = load_quantized("digits-cnn", tmp_path / "q.pt")
+    with torch.no_grad():
+        assert torch.equal(ref(x), again(x))
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(Exception, match="not an mpqkit quantized model file|not a readable"):
+        load_quantized("digits-cnn", tmp_path / "bad.pt")
     code, out, _ = run(capsys, "eval", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan), "--json", "-q")
     assert code == 0 and 0.5 < json.loads(out)["top1"] <= 1.0
 

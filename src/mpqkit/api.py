@@ -207,6 +207,35 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
     return _apply_plan(bundle.model, plan, calib_batches, qconfig)
 
 
+def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
+    """Write a quantized model (plan + state dict with every quantizer's parameters), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"mpqkit_quantized": 1, "plan": plan.to_dict(), "state_dict": qmodel.state_dict()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_quantized(model: str | nn.Module | ModelBundle, path: str | Path, *, checkpoint: str | None = None,
+                   models_dir: str | None = None, input_shape: Sequence[int] | None = None) -> nn.Module:
+    """Rebuild a model saved by ``mpqkit apply --out`` (no calibration data needed)."""
+    from .errors import CheckpointError
+
+    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+    if not Path(path).is_file():
+        raise MpqkitError(f"quantized model file not found: {path}")
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        plan = Plan.from_dict(obj["plan"], source=str(path))
+        state = obj["state_dict"]
+    except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
+        raise CheckpointError(f"{path} is not an mpqkit quantized model file: {str(e).splitlines()[0]}") from None
+    plan.validate(discover(bundle.model, bundle.input_shape))
+    qconfig = QuantConfig(**plan.method_params["qconfig"]) if isinstance(plan.method_params.get("qconfig"), dict) else None
+    return _apply_plan(bundle.model, plan, qconfig=qconfig, state_dict=state)
+
+
 def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
              split: str = "test", plan: Plan | str | Path | None = None, *, limit: int | None = None,
              checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,

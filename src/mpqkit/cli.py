@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--a-candidates", type=_bits_list, default=[4, 6, 8])
     s.add_argument("--fixed", help="comma-separated layers kept at --fixed-bits (default: first and last)")
     s.add_argument("--fixed-bits", type=_bits_list, default=[8, 8], help="w,a bits of fixed layers (default 8,8)")
+    s.add_argument("--w-per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
+    s.add_argument("--w-symmetric", action="store_true", help="symmetric weights (default asymmetric)")
+    s.add_argument("--w-range", choices=["mse", "minmax", "percentile"], default="mse")
+    s.add_argument("--a-symmetric", action="store_true", help="symmetric activations (default asymmetric)")
+    s.add_argument("--a-range", choices=["mse", "minmax", "percentile"], default="mse")
     s.add_argument("--calib-size", type=int, default=1024)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
@@ -109,15 +114,17 @@ def _out_paths(out: str | None) -> tuple[Path | None, Path | None]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from . import api
-    from .zoo.data import load_data
+    from .quant.config import QuantConfig
 
+    qconfig = QuantConfig(w_per_channel=not args.w_per_tensor, w_symmetric=args.w_symmetric, w_range=args.w_range,
+                          a_symmetric=args.a_symmetric, a_range=args.a_range)
     results_dir, plan_path = _out_paths(args.out)
     fixed = None if args.fixed is None else [f for f in args.fixed.split(",") if f]
     if len(args.fixed_bits) != 2:
         raise MpqkitError("--fixed-bits takes two integers: w,a")
     res = api.search(args.model, args.data, args.budget, args.method, w_bits=args.w_bits, a_bits=args.a_bits,
                      search=args.search, w_candidates=args.w_candidates, a_candidates=args.a_candidates,
-                     fixed=fixed, fixed_bits=tuple(args.fixed_bits), calib_size=args.calib_size, seed=args.seed,
+                     fixed=fixed, fixed_bits=tuple(args.fixed_bits), calib_size=args.calib_size, seed=args.seed, qconfig=qconfig,
                      time_limit=args.time_limit, alpha=args.alpha, out=results_dir, checkpoint=args.checkpoint,
                      data_root=args.data_root, models_dir=args.models_dir,
                      engine_options={"cache_dir": args.cache_dir, "use_cache": not args.no_cache,
@@ -147,19 +154,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    import torch
-
     from . import api
-    from .plan import Plan, atomic_write_text  # noqa: F401
+    from .plan import Plan
 
     plan = Plan.load(args.plan)
     qmodel = api.apply_plan(args.model, plan, args.data, checkpoint=args.checkpoint, data_root=args.data_root,
                             models_dir=args.models_dir)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({"plan": plan.to_dict(), "state_dict": qmodel.state_dict()}, tmp)
-    tmp.replace(out)
+    out = api.save_quantized(qmodel, plan, args.out)
     _print({"out": str(out)}, args.json, f"quantized model written to {out}")
     return 0
 

@@ -58,11 +58,13 @@ def calibrate_activations(model: nn.Module, fqns: Iterable[str], batches: Iterab
 
 def apply_plan(model: nn.Module, plan: Plan, calib_batches: Iterable[torch.Tensor] | None = None,
                qconfig: QuantConfig | None = None,
-               observers: dict[str, ActivationObserver] | None = None) -> nn.Module:
+               observers: dict[str, ActivationObserver] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` following ``plan``; ``model`` itself is never changed.
 
     ``calib_batches`` (input tensors) are needed when the plan quantizes any activation, unless
-    ready ``observers`` are given.
+    ready ``observers`` are given, or a saved quantized ``state_dict`` supplies every quantizer's
+    parameters (``mpqkit apply --out`` files).
     """
     qconfig = qconfig or QuantConfig()
     names = {n for n, m in model.named_modules()}
@@ -70,7 +72,7 @@ def apply_plan(model: nn.Module, plan: Plan, calib_batches: Iterable[torch.Tenso
         if fqn not in names:
             raise PlanError(f"plan names layer '{fqn}', which the model does not have")
     act_layers = [f for f, lq in plan.layers.items() if lq.a_bits is not None]
-    if act_layers and observers is None:
+    if act_layers and observers is None and state_dict is None:
         if calib_batches is None:
             raise DataError("the plan quantizes activations: calibration data is required")
         observers = calibrate_activations(model, act_layers, calib_batches)
@@ -83,6 +85,14 @@ def apply_plan(model: nn.Module, plan: Plan, calib_batches: Iterable[torch.Tenso
         w_spec = (qconfig.w_spec(lq.w_bits, per_channel=lq.w_granularity == "per_channel",
                                  symmetric=lq.w_symmetric) if lq.w_bits is not None else None)
         a_spec = qconfig.a_spec(lq.a_bits) if lq.a_bits is not None else None
-        a_qparams = observers[fqn].qparams(a_spec) if a_spec is not None else None
+        a_qparams = None
+        if a_spec is not None:
+            a_qparams = observers[fqn].qparams(a_spec) if observers is not None else \
+                (torch.ones(()), torch.zeros(()), *a_spec.qrange)  # placeholder: overwritten by state_dict
         set_submodule(qmodel, fqn, quantize_module(module, w_spec, a_spec, a_qparams=a_qparams))
+    if state_dict is not None:
+        try:
+            qmodel.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise PlanError(f"the saved quantized weights do not match this model and plan: {e}") from None
     return qmodel
