@@ -81,3 +81,16 @@ def test_uniform_and_errors():
         mpqkit.search("digits-cnn", "digits", "avg-bits=1", "eval-delta", calib_size=128, progress=False)
     with pytest.raises(UnknownNameError, match="unknown layer"):
         mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", fixed=["conv7"], progress=False)
+
+
+def test_nan_weights_are_refused():
+    import torch
+
+    from mpqkit.errors import CheckpointError
+    from mpqkit.zoo import get_model
+
+    m = get_model("digits-cnn").model
+    with torch.no_grad():
+        m.conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="conv2.weight.*NaN"):
+        mpqkit.search(m, "digits", "avg-bits=3", input_shape=(1, 8, 8), progress=False)

@@ -56,8 +56,12 @@ def load_model(model: str | nn.Module | ModelBundle, checkpoint: str | None = No
     if isinstance(model, nn.Module):
         if input_shape is None:
             raise MpqkitError("pass input_shape=(C, H, W) with a bare nn.Module")
+        from .errors import CheckpointError
         from .zoo.models import state_dict_sha256
 
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise CheckpointError(f"model tensor '{name}' contains NaN or Inf")
         return ModelBundle(model.eval(), type(model).__name__, tuple(input_shape), -1, None, state_dict_sha256(model))
     return get_model(model, checkpoint=checkpoint, models_dir=models_dir, random_init=random_init)
 

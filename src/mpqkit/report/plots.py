@@ -23,9 +23,9 @@ def plot_bits(plan: Plan, path: Path, searched: set[str] | None = None, title: s
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     ax.set_ylabel("bits")
-    ax.set_ylim(0, max(max(wb), max(ab)) + 1)
+    ax.set_ylim(0, max(max(wb), max(ab)) * 1.3 + 1)  # headroom for the legend
     ax.set_title(title or f"{plan.model_name} · {plan.method} · {plan.budget or ''}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
