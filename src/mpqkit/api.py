@@ -5,7 +5,9 @@ are the same code path.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +80,13 @@ def calibration_set(data: str | LabeledData, n: int = CALIB_SIZE, seed: int = 0,
     """The fixed-seed calibration/sensitivity subset of the train split (or of the given data)."""
     if isinstance(data, LabeledData):
         return data.sample(n, seed)
-    full = load_data(data, "train", root=data_root)
-    return full.sample(n, seed)
+    return _named_calibration_set(data, n, seed, str(data_root) if data_root else None, os.environ.get("MPQKIT_DATA"))
+
+
+@functools.lru_cache(maxsize=8)
+def _named_calibration_set(data: str, n: int, seed: int, data_root: str | None, _env: str | None) -> LabeledData:
+    """Kept per process: the subset is small, the train split it is drawn from is not."""
+    return load_data(data, "train", root=data_root).sample(n, seed)
 
 
 def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
