@@ -112,11 +112,11 @@ def test_prefix_runs_less_work(tmp_path):
     assert engine._start({"fc": (2, None), "conv4": (2, None)}) == prog.cut["conv4"]
     engine.run(PROBES)
     # the fp tensors live at every start point visited are kept for later calls
-    assert set(engine._snapshots) == {engine._start(p) for p in PROBES}  # {} starts at 0
+    assert {cut for _, cut in engine._snapshots} == {engine._start(p) for p in PROBES}  # {} starts at 0
     late = {"fc": (3, None)}
     calls = []
     orig = prog.run
-    prog.run = lambda env, start, stop, swaps: calls.append((start, stop)) or orig(env, start, stop, swaps)
+    prog.run = lambda env, start, stop, *rest: calls.append((start, stop)) or orig(env, start, stop, *rest)
     engine.run([late])
     assert all(start >= prog.cut["fc"] for start, _ in calls), "a later probe must not re-run the prefix"
 
@@ -127,3 +127,26 @@ def test_empty_data_is_an_error():
     model = make_tiny()
     with pytest.raises(DataError, match="empty"):
         ProbeEngine(model, discover(model, (3, 8, 8)), torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long))
+
+
+def test_base_configuration_and_recording():
+    """Probes on top of a reference configuration start late from the reference's own cached tensors,
+    give the same numbers as the full configuration run from scratch, and record later layers."""
+    model = make_tiny()
+    data = tiny_data(model)
+    base = {f: (8, 8) for f in ["conv1", "conv2", "conv3", "conv4", "fc"]}
+    fast = _engine(model, data, use_cache=False)
+    slow = _engine(model, data, use_cache=False, prefix=False)
+    probe = {"conv4": (2, 8)}
+    got = fast.run([probe], base=base, record=["conv4", "fc"])[0]
+    ref = slow.run([{**base, **probe}], record=["conv4", "fc"])[0]
+    _close(got, ref)
+    assert fast._start({**base, **probe}, base) == fast.program.cut["conv4"]
+    assert set(got.features) == {"conv4", "fc"}
+    assert got.features["conv4"].shape == (len(data), 8) and got.features["fc"].shape == (len(data), 4)
+    assert torch.allclose(got.features["fc"], ref.features["fc"], atol=1e-5)
+    fb = _engine(make_tiny(cls=UntraceableNet), data, use_cache=False).run([probe], base=base, record=["fc"])[0]
+    assert torch.allclose(got.features["fc"], fb.features["fc"], atol=1e-5)
+    # a fp entry in the probe removes the base's quantization of that layer
+    _close(fast.run([{"conv2": (None, None)}], base=base)[0],
+           slow.run([{f: b for f, b in base.items() if f != "conv2"}])[0])

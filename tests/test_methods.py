@@ -94,3 +94,39 @@ def test_nan_weights_are_refused():
         m.conv2.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="conv2.weight.*NaN"):
         mpqkit.search(m, "digits", "avg-bits=3", input_shape=(1, 8, 8), progress=False)
+
+
+def test_infoq_scores_follow_information_loss_and_target():
+    """InfoQ: scores fall with bits; the input-relevant variant never looks at the labels (shuffling
+    them leaves it unchanged) while the label variant does change."""
+    import torch
+
+    from mpqkit.zoo import load_data
+
+    data = load_data("digits", "train")
+    kw = dict(calib_size=384, progress=False, method_options={"projections": 32})
+    lab = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq", **kw)
+    for scores in lab.table.w.values():
+        assert scores[2] > scores[4] > 0 and scores[8] == 0.0  # the 8-bit probe *is* the reference
+    assert lab.plan.costs["avg_w_bits_searched"] <= 3
+    shuffled = type(data)(data.images, data.labels[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))],
+                          data.name, data.split, data.classes)
+    kw_in = dict(kw, method_options={"projections": 32, "target": "input"})
+    inp = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq", **kw_in).table.w
+    inp_shuf = mpqkit.search("digits-cnn", shuffled, "avg-bits=3", "infoq", **kw_in).table.w
+    lab_shuf = mpqkit.search("digits-cnn", shuffled, "avg-bits=3", "infoq", **kw).table.w
+    assert inp == inp_shuf
+    assert lab_shuf != lab.table.w
+    # 1-D projections of the logits keep a good part of log(10) ≈ 2.3 nats about the label
+    assert 0.5 < lab.table.meta["smi_ref"]["fc"] < 2.31
+
+
+def test_infoq_observer_choice_and_resume(tmp_path):
+    cache = {"cache_dir": str(tmp_path)}
+    kw = dict(calib_size=256, progress=False, engine_options=cache)
+    last = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq",
+                         method_options={"projections": 16, "observers": "last-1"}, **kw)
+    assert set(last.table.meta["smi_ref"]) == {"fc"}
+    again = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq",
+                          method_options={"projections": 16, "observers": "last-1"}, **kw)
+    assert again.engine_stats["probes_run"] == 0 and again.table.w == last.table.w  # all memoised

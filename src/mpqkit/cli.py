@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
     s.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP")
     s.add_argument("--out", help="results directory, or a .json path for the plan (results beside it)")
+    iq = s.add_argument_group("infoq")
+    iq.add_argument("--infoq-target", choices=["labels", "input"], help="SMI against labels or input embedding")
+    iq.add_argument("--observers", help="'all' later layers (default) or 'last-K'")
+    iq.add_argument("--projections", type=int, help="random projections K for sliced MI (default 128)")
+    iq.add_argument("--mi-estimator", choices=["knn", "binned"], help="1-D MI estimator for labels (default knn)")
     s.add_argument("--cache-dir", help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)")
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--batch-size", type=int, default=256, help="probe batch size")
@@ -129,7 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                      data_root=args.data_root, models_dir=args.models_dir,
                      engine_options={"cache_dir": args.cache_dir, "use_cache": not args.no_cache,
                                      "batch_size": args.batch_size},
-                     progress=not args.quiet)
+                     method_options=_method_options(args), progress=not args.quiet)
     if plan_path is not None:
         res.plan.save(plan_path)
     out: dict[str, Any] = {"plan": str(plan_path or (results_dir / "plan.json" if results_dir else "")),
@@ -151,6 +156,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         text += f"\nplan written to {out['plan']}"
     _print(out, args.json, text)
     return 0
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Method-specific flags that were given (methods ignore the options that are not theirs)."""
+    given = {"target": args.infoq_target, "observers": args.observers, "projections": args.projections,
+             "estimator": args.mi_estimator}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_apply(args: argparse.Namespace) -> int:

@@ -16,13 +16,14 @@ Models that torch.fx cannot trace fall back to a full forward per probe (same re
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import OrderedDict
 import logging
 import math
 import operator
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ class ProbeResult:
     top1: float  # fraction correct
     n: int
     batch_losses: tuple[float, ...]  # mean loss per batch, for variance estimates
+    features: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)  # recorded outputs
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "top1": self.top1, "n": self.n, "batch_losses": list(self.batch_losses)}
@@ -114,8 +116,9 @@ class _Program:
         return {self.nodes[0]: x}
 
     def run(self, env: dict[fx.Node, Any], start: int, stop: int | None,
-            swaps: Mapping[str, nn.Module]) -> Any:
-        """Run nodes [start, stop) on a copy of ``env``; returns the env (or the output at the end)."""
+            swaps: Mapping[str, nn.Module], taps: Mapping[str, Callable[[Tensor], None]] | None = None) -> Any:
+        """Run nodes [start, stop) on a copy of ``env``; returns the env (or the output at the end).
+        ``taps`` receive the output of the named modules as they run."""
         env = dict(env)
         stop = len(self.nodes) if stop is None else stop
         for i in range(start, stop):
@@ -127,6 +130,8 @@ class _Program:
             if node.op == "call_module":
                 mod = swaps[node.target] if node.target in swaps else self.modules[node.target]
                 env[node] = mod(*args, **kwargs)
+                if taps and node.target in taps:
+                    taps[node.target](env[node])
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)
             elif node.op == "call_method":
@@ -173,8 +178,8 @@ class ProbeEngine:
         context = {"engine": ENGINE_VERSION, "model": module_sha256(model), "data": tensor_sha256(images, labels),
                    "qconfig": self.qconfig.to_dict(), "seed": seed}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
-        self._snapshots: OrderedDict[int, list[dict]] = OrderedDict()  # cut -> fp env per batch
-        self._snapshot_bytes: dict[int, int] = {}
+        self._snapshots: OrderedDict[tuple, list[dict]] = OrderedDict()  # (base, cut) -> live tensors per batch
+        self._snapshot_bytes: dict[tuple, int] = {}
         self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._observers = None
         self._seed = seed
@@ -207,11 +212,47 @@ class ProbeEngine:
             self._layers[key] = q
         return self._layers[key]
 
+    # ---- derived measurements a method computes from probes (cached like probes) ----
+    def memo(self, spec: Mapping[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A method's own measurement keyed by ``spec`` in this engine's cache context: read when
+        cached, otherwise computed and stored (so a killed search resumes)."""
+        if self.cache is None:
+            return compute()
+        key = self.cache.key({"memo": dict(spec)})
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats["cache_hits"] += 1
+            return hit
+        value = compute()
+        self.cache.put(key, value)
+        return value
+
+    def is_memoized(self, spec: Mapping[str, Any]) -> bool:
+        return self.cache is not None and self.cache.get(self.cache.key({"memo": dict(spec)})) is not None
+
+    @torch.inference_mode()
+    def fp_layer_input(self, fqn: str) -> Tensor:
+        """The fp model's input to a layer on the calibration set, pooled to N×C (e.g. the
+        penultimate features when ``fqn`` is the classifier)."""
+        self.graph.check_names([fqn])
+        chunks: list[Tensor] = []
+        h = self.model.get_submodule(fqn).register_forward_pre_hook(lambda m, a: chunks.append(pool_features(a[0])))
+        try:
+            for x, _ in self.batches:
+                self.model(x)
+        finally:
+            h.remove()
+        return torch.cat(chunks)
+
     # ---- running probes ----
-    def _start(self, probe: Mapping[str, Override]) -> int:
-        if not probe or self.program is None or not self.prefix:
+    def _start(self, probe: Mapping[str, Override], base: Mapping[str, Override] | None = None,
+               record: Sequence[str] = ()) -> int:
+        """First node whose computation differs from the base configuration (or is recorded)."""
+        if self.program is None or not self.prefix:
             return 0
-        return min(self.program.cut[f] for f in probe)
+        base = base or {}
+        changed = [f for f in {*probe, *base} if _norm(probe.get(f, (None, None))) != _norm(base.get(f, (None, None)))]
+        return min((self.program.cut[f] for f in (*changed, *record)), default=0)
 
     def _evaluate(self, outputs: Iterable[tuple[Tensor, Tensor]]) -> ProbeResult:
         total_loss, correct, n, batch_losses = 0.0, 0, 0, []
@@ -226,76 +267,125 @@ class ProbeEngine:
             log.warning("non-finite loss in a probe")
         return ProbeResult(loss, correct / n, n, tuple(batch_losses))
 
-    def _fp_envs(self, cut: int) -> list[dict]:
-        """fp live tensors at ``cut`` for every batch, from the nearest kept snapshot at or before it."""
+    def _swaps(self, config: Mapping[str, Override]) -> dict[str, nn.Module]:
+        return {f: self.quant_layer(f, *ov) for f, ov in config.items() if _norm(ov) != (None, None)}
+
+    def _base_envs(self, base: Mapping[str, Override], cut: int) -> list[dict]:
+        """Live tensors of the *base* configuration at ``cut`` for every batch, from the nearest kept
+        snapshot at or before it (the base is fp32 unless a method sets a reference configuration)."""
         assert self.program is not None
-        if cut in self._snapshots:
-            self._snapshots.move_to_end(cut)
-            return self._snapshots[cut]
-        base = max((c for c in self._snapshots if c <= cut), default=None)
-        envs = self._snapshots[base] if base is not None else [self.program.initial_env(x) for x, _ in self.batches]
-        envs = [self.program.run(env, base or 0, cut, {}) for env in envs]
-        self._keep(cut, envs)
+        bkey = tuple(tuple(e) for e in probe_spec({f: ov for f, ov in base.items() if _norm(ov) != (None, None)}))
+        key = (bkey, cut)
+        if key in self._snapshots:
+            self._snapshots.move_to_end(key)
+            return self._snapshots[key]
+        prev = max((c for b, c in self._snapshots if b == bkey and c <= cut), default=None)
+        if prev is not None:
+            envs, frm = self._snapshots[(bkey, prev)], prev
+        else:
+            envs, frm = [self.program.initial_env(x) for x, _ in self.batches], 0
+        swaps = self._swaps(base)
+        envs = [self.program.run(env, frm, cut, swaps) for env in envs]
+        self._keep(key, envs)
         return envs
 
-    def _keep(self, cut: int, envs: list[dict]) -> None:
+    def _keep(self, key: tuple, envs: list[dict]) -> None:
         size = sum(t.numel() * t.element_size() for env in envs for t in env.values() if isinstance(t, Tensor))
         if size > self.prefix_cache_bytes:
             return
         while self._snapshots and sum(self._snapshot_bytes.values()) + size > self.prefix_cache_bytes:
             old, _ = self._snapshots.popitem(last=False)
             del self._snapshot_bytes[old]
-        self._snapshots[cut] = envs
-        self._snapshot_bytes[cut] = size
+        self._snapshots[key] = envs
+        self._snapshot_bytes[key] = size
 
-    def _run_fallback(self, swaps: Mapping[str, nn.Module]) -> list[tuple[Tensor, Tensor]]:
+    def _run_fallback(self, swaps: Mapping[str, nn.Module],
+                      taps: Mapping[str, Callable[[Tensor], None]]) -> list[tuple[Tensor, Tensor]]:
         originals = {f: self.model.get_submodule(f) for f in swaps}
+        handles = []
         try:
             for f, q in swaps.items():
                 set_submodule(self.model, f, q)
+            for f, tap in taps.items():
+                handles.append(self.model.get_submodule(f).register_forward_hook(
+                    lambda m, a, out, tap=tap: tap(out)))
             return [(self.model(x), y) for x, y in self.batches]
         finally:
+            for h in handles:
+                h.remove()
             for f, m in originals.items():
                 set_submodule(self.model, f, m)
 
-    def run(self, probes: Sequence[Mapping[str, Override]], desc: str = "probes",
-            show: bool | None = None) -> list[ProbeResult]:
-        """Results for the given probes, in order; cached ones are read, the rest computed."""
+    def run(self, probes: Sequence[Mapping[str, Override]], desc: str = "probes", show: bool | None = None,
+            base: Mapping[str, Override] | None = None, record: Sequence[str] = ()) -> list[ProbeResult]:
+        """Results for the given probes, in order; cached ones are read, the rest computed.
+
+        ``base``: a reference configuration every probe is applied on top of (a probe's entry
+        replaces the base's for that layer; ``(None, None)`` means fp32). Probes start where they
+        first differ from the base, from the base's cached live tensors.
+        ``record``: layers whose outputs (globally average-pooled to N×C) are returned in
+        ``ProbeResult.features``; such probes always run (features are not kept on disk).
+        """
+        base = dict(base or {})
+        record = list(record)
+        self.graph.check_names(base)
+        self.graph.check_names(record)
+        configs = []
         for p in probes:
             self.graph.check_names(p)
+            configs.append({f: ov for f, ov in {**base, **p}.items() if _norm(ov) != (None, None)})
         results: list[ProbeResult | None] = [None] * len(probes)
         keys: list[str | None] = [None] * len(probes)
         todo: list[int] = []
-        for i, p in enumerate(probes):
-            if self.cache is not None:
-                keys[i] = self.cache.key(probe_spec(p))
+        for i, cfg in enumerate(configs):
+            if self.cache is not None and not record:
+                keys[i] = self.cache.key(probe_spec(cfg))
                 hit = self.cache.get(keys[i])
                 if hit is not None:
                     results[i] = ProbeResult.from_dict(hit)
                     self.stats["cache_hits"] += 1
                     continue
             todo.append(i)
-        todo.sort(key=lambda i: self._start(probes[i]))
+        starts = {i: self._start(configs[i], base, record) for i in todo}
+        todo.sort(key=starts.__getitem__)
         show = self.progress if show is None else show
         bar = tqdm(total=len(todo), desc=desc, disable=not show or not todo, unit="probe", leave=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
             envs, cut = None, -1
             for i in todo:
-                p = probes[i]
-                swaps = {f: self.quant_layer(f, wb, ab) for f, (wb, ab) in p.items() if (wb, ab) != (None, None)}
+                swaps = self._swaps(configs[i])
+                feats: dict[str, list[Tensor]] = {f: [] for f in record}
+                taps = {f: (lambda out, f=f: feats[f].append(pool_features(out))) for f in record}
                 if self.program is None:
-                    outs = self._run_fallback(swaps)
+                    outs = self._run_fallback(swaps, taps)
                 else:
-                    start = self._start(p)
+                    start = starts[i]
                     if start != cut:  # probes are sorted by start: the prefix is walked once
-                        envs, cut = self._fp_envs(start), start
-                    outs = [(self.program.run(env, start, None, swaps), y) for env, (_, y) in zip(envs, self.batches)]
-                results[i] = self._evaluate(outs)
-                if self.cache is not None:
-                    self.cache.put(keys[i], results[i].to_dict())
+                        envs, cut = self._base_envs(base, start), start
+                    outs = [(self.program.run(env, start, None, swaps, taps), y)
+                            for env, (_, y) in zip(envs, self.batches)]
+                res = self._evaluate(outs)
+                if record:
+                    res = dataclasses.replace(res, features={f: torch.cat(v) for f, v in feats.items()})
+                elif self.cache is not None:
+                    self.cache.put(keys[i], res.to_dict())
+                results[i] = res
                 bar.update(1)
         bar.close()
         self.stats["probes_run"] += len(todo)
         self.stats["probe_seconds"] += time.perf_counter() - t0
         return results  # type: ignore[return-value]
+
+
+def _norm(ov: Override) -> Override:
+    return (ov[0], ov[1])
+
+
+def pool_features(t: Tensor) -> Tensor:
+    """Per-sample vector of a layer output: global average pool of conv maps, token mean of sequences."""
+    if t.ndim == 4:
+        return t.mean(dim=(2, 3)).float()
+    if t.ndim == 3:
+        return t.mean(dim=1).float()
+    return t.flatten(1).float()

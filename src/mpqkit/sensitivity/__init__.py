@@ -1,5 +1,5 @@
 """Sensitivity methods; importing this package registers every built-in method."""
-from . import evalbased  # noqa: F401  (registers eval-delta)
+from . import evalbased, infoflow  # noqa: F401  (register eval-delta, infoq)
 from .base import METHODS, Method, SearchContext, SensitivityTable
 
 __all__ = ["METHODS", "Method", "SearchContext", "SensitivityTable"]

@@ -1,0 +1,100 @@
+"""InfoQ: sensitivity as the loss of (sliced) mutual information in the layers after a quantized one.
+
+Reference: every layer at 8/8. For each searched layer ℓ and candidate b (weights, and separately
+input activations), one probe through the shared engine quantizes only ℓ to b on top of that
+reference (so it starts at ℓ from the reference's cached tensors) and records the pooled outputs
+of the observer layers j > ℓ. Score (METHODS.md, Eq. 4 as quoted):
+
+    S(ℓ, b) = (1/b) · mean_j |SMI_ref(j) − SMI(j | ℓ at b)| / mean_j SMI_ref(j)
+
+SMI is measured against the labels (``target="labels"``) or against an input embedding
+(``target="input"``: the fp model's penultimate features, or ``embedding=callable`` from Python).
+Per-probe SMI values are memoised in the engine's cache, so a killed search resumes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .base import METHODS, SearchContext, SensitivityTable
+from .mi import sliced_mi
+
+INFOQ_VERSION = 1
+DEFAULTS: dict[str, Any] = {"target": "labels", "observers": "all", "projections": 128, "estimator": "knn",
+                            "knn_k": 3, "bins": 16, "ref_bits": 8}
+
+
+def _observers(names: list[str], layer: str, spec: str) -> list[str]:
+    """Quantizable layers after ``layer``: all of them, or the last k (``last-k``)."""
+    later = names[names.index(layer) + 1:]
+    if spec == "all":
+        return later
+    if spec.startswith("last-"):
+        k = int(spec.split("-", 1)[1])
+        return [n for n in names[-k:] if n in later]
+    raise ValueError(f"observers must be 'all' or 'last-K', got {spec!r}")
+
+
+@METHODS.register("infoq", "sliced-MI loss in later layers per (layer, bits), from an all-8-bit reference + ILP")
+def infoq(ctx: SearchContext) -> SensitivityTable:
+    opts = {**DEFAULTS, **{k: v for k, v in ctx.options.items() if k in DEFAULTS or k == "embedding"}}
+    engine = ctx.engine
+    names = ctx.graph.names
+    ref_bits = int(opts["ref_bits"])
+    base = {f: (ref_bits, ref_bits) for f in names}
+    target = _target(ctx, opts)
+    smi_kw = {"k": int(opts["projections"]), "seed": ctx.seed, "estimator": opts["estimator"],
+              "knn_k": int(opts["knn_k"]), "bins": int(opts["bins"])}
+    spec_common = {"infoq": INFOQ_VERSION, "target": opts["target"], "ref_bits": ref_bits,
+                   "target_sha": _sha(target), **smi_kw}
+
+    def smi_of(features: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {j: sliced_mi(z, target, **smi_kw) for j, z in features.items()}
+
+    all_obs = sorted({j for f in ctx.searched for j in _observers(names, f, opts["observers"])}, key=names.index)
+    ref = engine.memo({**spec_common, "probe": "reference", "observers": all_obs},
+                      lambda: smi_of(engine.run([{}], base=base, record=all_obs, show=False)[0].features))
+
+    sides = ([("w", b) for b in ctx.w_bits] if ctx.search_w else []) + \
+            ([("a", b) for b in ctx.a_bits if b is not None] if ctx.search_a else [])
+    w: dict[str, dict[int, float]] = {}
+    a: dict[str, dict[int, float]] = {}
+    details: dict[str, dict[str, float]] = {}
+    from tqdm.auto import tqdm
+
+    for layer in tqdm(ctx.searched, desc="infoq layers", disable=not engine.progress, leave=False):
+        obs = _observers(names, layer, opts["observers"])
+        if not obs:
+            continue
+        probes = [{layer: (b, ref_bits) if side == "w" else (ref_bits, b)} for side, b in sides]
+        specs = [{**spec_common, "probe": [layer, side, b], "observers": obs} for side, b in sides]
+        todo = [i for i, sp in enumerate(specs) if not engine.is_memoized(sp)]
+        fresh = dict(zip(todo, engine.run([probes[i] for i in todo], base=base, record=obs, show=False))) if todo else {}
+        for i, (side, b) in enumerate(sides):
+            smi = engine.memo(specs[i], lambda i=i: smi_of(fresh[i].features))
+            ref_mean = sum(ref[j] for j in obs) / len(obs)
+            delta = sum(abs(ref[j] - smi[j]) for j in obs) / len(obs)
+            score = delta / max(ref_mean, 1e-12) / b
+            (w if side == "w" else a).setdefault(layer, {})[b] = score
+            details[f"{side}:{layer}@{b}"] = delta
+    return SensitivityTable(w=w, a=a, meta={"score": "InfoQ (1/b)·mean ΔSMI / mean SMI_ref", **{
+        k: v for k, v in opts.items() if k != "embedding"}, "smi_ref": ref, "delta_smi": details})
+
+
+def _target(ctx: SearchContext, opts: dict[str, Any]) -> torch.Tensor:
+    if opts["target"] == "labels":
+        return ctx.calib_labels
+    if opts["target"] == "input":
+        embed: Callable[[torch.Tensor], torch.Tensor] | None = opts.get("embedding")
+        if embed is not None:
+            with torch.inference_mode():
+                return torch.cat([embed(x) for x, _ in ctx.engine.batches]).float().reshape(len(ctx.calib_labels), -1)
+        return ctx.engine.fp_layer_input(ctx.graph.names[-1])  # penultimate features of the fp model
+    raise ValueError(f"infoq target must be 'labels' or 'input', got {opts['target']!r}")
+
+
+def _sha(t: torch.Tensor) -> str:
+    from ..engine.cache import tensor_sha256
+
+    return tensor_sha256(t)
