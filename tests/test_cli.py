@@ -109,3 +109,15 @@ def test_resnet20_cli_flow(tmp_path, capsys):
     assert code == 0
     code, out, _ = run(capsys, "eval", "--model", "resnet20", "--plan", str(plan), "--split", "exact", "--json", "-q")
     assert code == 0 and json.loads(out)["top1"] > 0.85
+
+
+def test_infoq_flags(tmp_path, capsys):
+    code, out, _ = run(capsys, "search", "--model", "digits-cnn", "--data", "digits", "--method", "infoq",
+                       "--budget", "avg-bits=3", "--infoq-target", "input", "--observers", "last-1",
+                       "--projections", "8", "--calib-size", "128", "--out", str(tmp_path / "r"), "-q")
+    assert code == 0
+    sens = json.loads((tmp_path / "r" / "sensitivity.json").read_text())
+    assert sens["meta"]["target"] == "input" and sens["meta"]["observers"] == "last-1"
+    assert sens["meta"]["projections"] == 8
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert plan["method"]["params"]["projections"] == 8

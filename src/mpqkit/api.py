@@ -169,7 +169,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     layers = {f: LayerQuant(wb, ab, qconfig.w_granularity, qconfig.w_symmetric) for f, (wb, ab) in
               ((n, full[n]) for n in graph.names)}
     params = {"search": search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
-              "alpha": alpha, "time_limit": time_limit, "qconfig": qconfig.to_dict(), **(method_options or {})}
+              "alpha": alpha, "time_limit": time_limit, "qconfig": qconfig.to_dict(),
+              **{k: v if isinstance(v, (str, int, float, bool, list, type(None))) else f"<{type(v).__name__}>"
+                 for k, v in (method_options or {}).items()}}
     plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
                 method_params=params, budget=budget, costs=ledger.summary(full),
                 provenance={**provenance(seed, len(calib), calib.sha256()), "solver": solution.to_dict(),
