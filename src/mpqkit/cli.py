@@ -148,12 +148,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     c = res.plan.costs
     text = (f"method {args.method} · budget {args.budget} · {c['weight_mb']:.4f} MB (cr {c['compression']:.2f}) · "
             f"avg w-bits {c['avg_w_bits_searched']:.3f} · {c['bitops'] / 1e9:.4f} GBitOps\n"
-            f"solver {res.solution.status} in {res.solution.seconds:.2f}s · search {res.seconds['total']:.1f}s\n"
+            f"solver {res.solution.solver}: {res.solution.status}"
+            + (f" (gap {res.solution.gap:.2e})" if res.solution.gap is not None else "")
+            + f" in {res.solution.seconds:.2f}s · search {res.seconds['total']:.1f}s\n"
             + "bits (w/a): " + " ".join(f"{f}={lq.w_bits}/{lq.a_bits}" for f, lq in res.plan.layers.items()))
     if "eval" in out:
         text += f"\ntop-1 on {args.data}/{args.eval_split}: {100 * out['eval']['top1']:.2f} %"
     if out["plan"]:
         text += f"\nplan written to {out['plan']}"
+    if results_dir:
+        text += f"; results (per-layer table, bits chart, sensitivities) in {results_dir}/"
     _print(out, args.json, text)
     return 0
 
