@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     iq.add_argument("--observers", help="'all' later layers (default) or 'last-K'")
     iq.add_argument("--projections", type=int, help="random projections K for sliced MI (default 128)")
     iq.add_argument("--mi-estimator", choices=["knn", "binned"], help="1-D MI estimator for labels (default knn)")
+    mq = s.add_argument_group("mixquant")
+    mq.add_argument("--qem", type=float, help="quantization error multiplier (default: bisected to the budget)")
+    mq.add_argument("--bref", type=int, help="reference bits of the QE rule (default 8)")
     s.add_argument("--cache-dir", help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)")
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--batch-size", type=int, default=256, help="probe batch size")
@@ -165,7 +168,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method-specific flags that were given (methods ignore the options that are not theirs)."""
     given = {"target": args.infoq_target, "observers": args.observers, "projections": args.projections,
-             "estimator": args.mi_estimator}
+             "estimator": args.mi_estimator, "qem": args.qem, "bref": args.bref}
     return {k: v for k, v in given.items() if v is not None}
 
 

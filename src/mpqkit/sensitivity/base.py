@@ -67,7 +67,7 @@ class Method:
     name: str
     description: str
     sensitivity: Callable[[SearchContext], SensitivityTable] | None
-    solver: str = "ilp"  # "ilp" | "uniform"
+    solver: str = "ilp"  # "ilp" | "uniform" | "threshold"
 
 
 class Registry:

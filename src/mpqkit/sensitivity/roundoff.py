@@ -1,0 +1,42 @@
+"""MixQuant: per-layer weight bits from the quantize–dequantize round-off error (no data needed).
+
+QE(ℓ, b) = ‖W_ℓ − deq(q(W_ℓ, b))‖² / numel with the weight quantizer the plan will use.
+``mixquant``: the smallest b with QE(ℓ, b) ≤ QEM · QE(ℓ, b_ref) per layer (``solve/threshold.py``;
+with a budget and no ``--qem``, QEM is bisected until the budget holds). The table stores the ratio
+QE(ℓ, b) / QE(ℓ, b_ref) that the rule compares with QEM.
+``mixquant-ilp``: the same round-off errors as a sensitivity for the shared ILP, as noise-to-signal
+ratios QE(ℓ, b) / mean(W_ℓ²) so layers of different weight scales are comparable [ours].
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.observers import quantize_weight
+from .base import METHODS, SearchContext, SensitivityTable
+
+
+def roundoff_errors(ctx: SearchContext, bits: list[int]) -> dict[str, dict[int, float]]:
+    """QE(ℓ, b) for every searched layer and bits, with the configured weight quantizer."""
+    out: dict[str, dict[int, float]] = {}
+    with torch.no_grad():
+        for f in ctx.searched:
+            w = ctx.model.get_submodule(f).weight.detach()
+            out[f] = {b: float((w - quantize_weight(w, ctx.qconfig.w_spec(b))).pow(2).mean()) for b in bits}
+    return out
+
+
+@METHODS.register("mixquant", "round-off error rule: smallest bits with QE ≤ QEM·QE(b_ref); QEM bisected to a budget",
+                  solver="threshold")
+def mixquant(ctx: SearchContext) -> SensitivityTable:
+    bref = int(ctx.options.get("bref", 8))
+    qe = roundoff_errors(ctx, sorted({*ctx.w_bits, bref}))
+    ratio = {f: {b: e[b] / max(e[bref], 1e-30) for b in ctx.w_bits} for f, e in qe.items()}
+    return SensitivityTable(w=ratio, meta={"score": "QE(b)/QE(b_ref)", "bref": bref, "qe": qe, "data_free": True})
+
+
+@METHODS.register("mixquant-ilp", "round-off noise-to-signal ratio per (layer, bits) + ILP")
+def mixquant_ilp(ctx: SearchContext) -> SensitivityTable:
+    qe = roundoff_errors(ctx, list(ctx.w_bits))
+    power = {f: float(ctx.model.get_submodule(f).weight.detach().pow(2).mean()) for f in ctx.searched}
+    nsr = {f: {b: e / max(power[f], 1e-30) for b, e in qe[f].items()} for f in ctx.searched}
+    return SensitivityTable(w=nsr, meta={"score": "QE(b)/mean(W²)", "qe": qe, "data_free": True})
