@@ -1,4 +1,4 @@
-"""The ``mpqkit`` command: demo | search | apply | eval | layers. A thin layer over ``mpqkit.api``."""
+"""The ``mpqkit`` command: demo | search | apply | eval | export | layers. A thin layer over ``mpqkit.api``."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
     _common(g, data=False)
+
+    from .export.cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return ap
 
 
@@ -95,9 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
+    from .export.cli import cmd_export
+
     try:
         return {"demo": cmd_demo, "search": cmd_search, "apply": cmd_apply, "eval": cmd_eval,
-                "layers": cmd_layers}[args.command](args)
+                "layers": cmd_layers, "export": cmd_export}[args.command](args)
     except MpqkitError as e:
         print(f"mpqkit: error: {e}", file=sys.stderr)
         return 2
