@@ -165,12 +165,15 @@ def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None,
     else:
         cheap = costs_a.sum(axis=0) if len(costs_a) else np.zeros((L, K))
         a0 = np.where(allowed, cheap, np.inf).argmin(axis=1)
-    heur_deadline = t0 + max(0.2, heuristic_share * time_limit) if exact else t0 + time_limit
-    a_h, v_h, restarts = _local_search(obj, costs_a, limits_a, allowed, a0, heur_deadline, seed)
-    heuristic = {f: model.choices[int(k)] for f, k in zip(model.layers, a_h)}
-    info = {"heuristic_objective": v_h, "heuristic_restarts": restarts, "layers": L, "choices": K}
-    if problem.violations(heuristic):
-        heuristic, v_h = None, np.inf
+    info: dict = {"layers": L, "choices": K}
+    heuristic, v_h = None, np.inf
+    if heuristic_share > 0 or not exact:
+        deadline = t0 + (max(0.2, heuristic_share * time_limit) if exact else time_limit)
+        a_h, v_h, restarts = _local_search(obj, costs_a, limits_a, allowed, a0, deadline, seed)
+        heuristic = {f: model.choices[int(k)] for f, k in zip(model.layers, a_h)}
+        info.update(heuristic_objective=v_h, heuristic_restarts=restarts)
+        if problem.violations(heuristic):
+            heuristic, v_h = None, np.inf
 
     best, best_val, status, gap, bound, solver = heuristic, v_h, "heuristic (no bound)", None, None, "iqp-local-search"
     if exact:
