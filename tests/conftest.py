@@ -18,7 +18,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 class TinyNet(nn.Module):
-    """conv1 → relu → {conv2, conv3} (a tie group: same input) → add (+ skip) → relu → pool → fc."""
+    """conv1 → relu → {conv2, conv3} (a tie group: same input) → add (+ skip) → relu → conv4 → BN → pool → fc."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -26,6 +26,7 @@ class TinyNet(nn.Module):
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv3 = nn.Conv2d(8, 8, 1)
         self.conv4 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(8)  # folded into conv4 by the probe engine
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(8, 4)
 
@@ -34,7 +35,7 @@ class TinyNet(nn.Module):
         y = self.conv2(x)
         y += self.conv3(x)  # in-place add on purpose: the engine must not corrupt cached tensors
         y = self.relu(y + x)
-        y = F.relu(self.conv4(y))
+        y = F.relu(self.bn4(self.conv4(y)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
@@ -49,7 +50,13 @@ class UntraceableNet(TinyNet):
 
 def make_tiny(seed: int = 0, cls=TinyNet) -> nn.Module:
     torch.manual_seed(seed)
-    return cls().eval()
+    model = cls()
+    with torch.no_grad():  # non-trivial BN statistics, so folding them is really exercised
+        model.bn4.running_mean.uniform_(-0.5, 0.5)
+        model.bn4.running_var.uniform_(0.5, 2.0)
+        model.bn4.weight.uniform_(0.5, 1.5)
+        model.bn4.bias.uniform_(-0.2, 0.2)
+    return model.eval()
 
 
 def tiny_data(model: nn.Module, n: int = 96, seed: int = 1):

@@ -64,7 +64,7 @@ def test_probe_matches_applied_plan():
     ref = evaluate_model(qmodel, data, batch_size=32)
     assert got.loss == pytest.approx(ref["loss"], rel=1e-5)
     assert got.top1 == pytest.approx(ref["top1"])
-    assert got.loss > engine.fp.loss  # this much quantization must hurt
+    assert abs(got.loss - engine.fp.loss) > 1e-4  # the probe really quantized something
     # the fp model is never changed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert type(model.conv2).__name__ == "Conv2d"

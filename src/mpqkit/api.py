@@ -25,7 +25,7 @@ from .plan import LayerQuant, Plan, provenance
 from .quant.apply import apply_plan as _apply_plan
 from .quant.config import QuantConfig
 from .sensitivity.base import METHODS, SearchContext, SensitivityTable
-from .solve import Allocation, Solution, solve_ilp, solve_threshold, solve_uniform
+from .solve import Allocation, Solution, solve_ilp, solve_iqp, solve_threshold, solve_uniform
 from .zoo.data import LabeledData, load_data
 from .zoo.models import ModelBundle, get_model
 
@@ -157,6 +157,15 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
         if w_bits is None and not terms:
             raise BudgetError("uniform needs --w-bits (and optionally --a-bits) or a --budget")
         solution = solve_uniform(problem, w_bits, a_bits if a_bits is not None else (8 if "a" not in search else None))
+    elif m.solver == "iqp":
+        from .sensitivity.crosslayer import quadratic_objective
+
+        if not terms:
+            raise BudgetError(f"method '{method}' needs a --budget (e.g. avg-bits=4)")
+        assert table is not None
+        g, lin, info = quadratic_objective(table, problem)
+        solution = solve_iqp(problem, g, lin, time_limit=time_limit, seed=seed)
+        solution.info.update(info)
     elif m.solver == "threshold":
         assert table is not None
         qem = (method_options or {}).get("qem")

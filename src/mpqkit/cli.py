@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--w-range", choices=["mse", "minmax", "percentile"], default="mse")
     s.add_argument("--a-symmetric", action="store_true", help="symmetric activations (default asymmetric)")
     s.add_argument("--a-range", choices=["mse", "minmax", "percentile"], default="mse")
-    s.add_argument("--calib-size", type=int, default=1024)
+    s.add_argument("--calib-size", "--sens-samples", dest="calib_size", type=int, default=1024,
+                   help="calibration / sensitivity set size (train images, fixed seed)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds")
     s.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP")
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     iq.add_argument("--observers", help="'all' later layers (default) or 'last-K'")
     iq.add_argument("--projections", type=int, help="random projections K for sliced MI (default 128)")
     iq.add_argument("--mi-estimator", choices=["knn", "binned"], help="1-D MI estimator for labels (default knn)")
+    cl = s.add_argument_group("clado")
+    cl.add_argument("--clado-act-bits", help="activation bits of every layer during CLADO probes (default 8; 'fp')")
+    cl.add_argument("--psd", choices=["project", "shift", "none"],
+                    help="G treatment: eigenvalue projection (default), exact diagonal shift, or none")
     mq = s.add_argument_group("mixquant")
     mq.add_argument("--qem", type=float, help="quantization error multiplier (default: bisected to the budget)")
     mq.add_argument("--bref", type=int, help="reference bits of the QE rule (default 8)")
@@ -174,7 +179,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method-specific flags that were given (methods ignore the options that are not theirs)."""
     given = {"target": args.infoq_target, "observers": args.observers, "projections": args.projections,
-             "estimator": args.mi_estimator, "qem": args.qem, "bref": args.bref}
+             "estimator": args.mi_estimator, "qem": args.qem, "bref": args.bref,
+             "act_bits": args.clado_act_bits, "psd": args.psd}
     return {k: v for k, v in given.items() if v is not None}
 
 

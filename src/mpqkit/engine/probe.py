@@ -97,8 +97,10 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
 class _Program:
     """A traced model as a list of nodes that can be run from any cut point."""
 
-    def __init__(self, gm: fx.GraphModule, layer_names: Iterable[str]):
+    def __init__(self, gm: fx.GraphModule, layer_names: Iterable[str], fold_bn: bool = True,
+                 channels_last: bool = False):
         self.gm = gm
+        self.channels_last = channels_last
         self.nodes = list(gm.graph.nodes)
         self.modules = dict(gm.named_modules())
         index = {n: i for i, n in enumerate(self.nodes)}
@@ -111,6 +113,37 @@ class _Program:
         for i, n in enumerate(self.nodes):
             if n.op == "call_module" and n.target in layer_names and n.target not in self.cut:
                 self.cut[n.target] = i
+        # conv → BatchNorm pairs (eval-mode BN, conv output used only by it): run as one fused conv
+        self.bn_after: dict[fx.Node, nn.BatchNorm2d] = {}
+        if fold_bn:
+            for n in self.nodes:
+                if n.op != "call_module" or not isinstance(self.modules[n.target], nn.Conv2d) or len(n.users) != 1:
+                    continue
+                (u,) = n.users
+                bn = self.modules.get(u.target) if u.op == "call_module" else None
+                if (isinstance(bn, nn.BatchNorm2d) and u.args == (n,) and not u.kwargs and not bn.training
+                        and bn.track_running_stats and self.modules[n.target].padding_mode == "zeros"):
+                    self.bn_after[n] = bn
+        self._fused: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+        """BN(conv(x)) as one conv with the BN folded into the (possibly quantized) weight and bias."""
+        key = (id(conv), id(bn))
+        if key not in self._fused:
+            w = conv.quantized_weight() if hasattr(conv, "quantized_weight") else conv.weight
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            shift = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0.0)
+            wf = (w * scale.reshape(-1, 1, 1, 1)).detach()
+            if self.channels_last:
+                wf = wf.contiguous(memory_format=torch.channels_last)
+            self._fused[key] = (wf, shift.detach())
+        wf, bf = self._fused[key]
+        if hasattr(conv, "quantize_input"):
+            x = conv.quantize_input(x)
+        return F.conv2d(x, wf, bf, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def initial_env(self, x: Tensor) -> dict[fx.Node, Tensor]:
         return {self.nodes[0]: x}
@@ -121,17 +154,31 @@ class _Program:
         ``taps`` receive the output of the named modules as they run."""
         env = dict(env)
         stop = len(self.nodes) if stop is None else stop
+        fused: set[fx.Node] = set()  # BN nodes already applied inside their conv in this run
         for i in range(start, stop):
             node = self.nodes[i]
             if node.op == "placeholder":
+                continue
+            if node in fused:
+                env[node] = env[node.args[0]]
+                for dead in self.frees[i]:
+                    env.pop(dead, None)
                 continue
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if node.op == "call_module":
                 mod = swaps[node.target] if node.target in swaps else self.modules[node.target]
-                env[node] = mod(*args, **kwargs)
-                if taps and node.target in taps:
-                    taps[node.target](env[node])
+                bn = self.bn_after.get(node)
+                tapped = bool(taps) and node.target in taps
+                if bn is not None and not kwargs and len(args) == 1:
+                    env[node] = self._conv_bn(mod, bn, args[0])
+                    fused.add(next(iter(node.users)))
+                    if tapped:  # the tap sees the conv's own output; the network goes on with the fused one
+                        taps[node.target](mod(*args))
+                else:
+                    env[node] = mod(*args, **kwargs)
+                    if tapped:
+                        taps[node.target](env[node])
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)
             elif node.op == "call_method":
@@ -154,7 +201,8 @@ class ProbeEngine:
     def __init__(self, model: nn.Module, graph: ModelGraph, images: Tensor, labels: Tensor,
                  qconfig: QuantConfig | None = None, batch_size: int = 256, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
-                 progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048):
+                 progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048, fold_bn: bool = True,
+                 channels_last: bool = True):
         if len(images) == 0:
             raise DataError("the calibration/sensitivity set is empty")
         if len(images) != len(labels):
@@ -166,17 +214,21 @@ class ProbeEngine:
         self.batch_size = batch_size
         self.progress = progress
         self.prefix = prefix
-        self.batches = [(images[i:i + batch_size].to(self.device), labels[i:i + batch_size].to(self.device))
-                        for i in range(0, len(images), batch_size)]
+        fmt = torch.channels_last if channels_last and images.ndim == 4 else torch.contiguous_format
+        if fmt is torch.channels_last:
+            self.model.to(memory_format=fmt)  # conv kernels run faster on NHWC on CPU (oneDNN)
+        self.batches = [(images[i:i + batch_size].to(self.device).contiguous(memory_format=fmt),
+                         labels[i:i + batch_size].to(self.device)) for i in range(0, len(images), batch_size)]
         gm = _trace(self.model)
-        self.program = _Program(gm, graph.names) if gm is not None else None
+        self.program = _Program(gm, graph.names, fold_bn, fmt is torch.channels_last) if gm is not None else None
         if self.program is not None:
             missing = [n for n in graph.names if n not in self.program.cut]
             if missing:
                 log.warning("layers not found as modules in the traced graph (%s): full forward per probe", missing[:3])
                 self.program = None
         context = {"engine": ENGINE_VERSION, "model": module_sha256(model), "data": tensor_sha256(images, labels),
-                   "qconfig": self.qconfig.to_dict(), "seed": seed}
+                   "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
+                   "kernels": {"fold_bn": fold_bn, "channels_last": channels_last, "batch_size": batch_size}}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
         self._snapshots: OrderedDict[tuple, list[dict]] = OrderedDict()  # (base, cut) -> live tensors per batch
         self._snapshot_bytes: dict[tuple, int] = {}
@@ -247,12 +299,13 @@ class ProbeEngine:
     # ---- running probes ----
     def _start(self, probe: Mapping[str, Override], base: Mapping[str, Override] | None = None,
                record: Sequence[str] = ()) -> int:
-        """First node whose computation differs from the base configuration (or is recorded)."""
+        """First node whose computation differs from the base configuration (or is recorded). A
+        probe identical to the base starts at the output node: it reads the base's own result."""
         if self.program is None or not self.prefix:
             return 0
         base = base or {}
         changed = [f for f in {*probe, *base} if _norm(probe.get(f, (None, None))) != _norm(base.get(f, (None, None)))]
-        return min((self.program.cut[f] for f in (*changed, *record)), default=0)
+        return min((self.program.cut[f] for f in (*changed, *record)), default=len(self.program.nodes) - 1)
 
     def _evaluate(self, outputs: Iterable[tuple[Tensor, Tensor]]) -> ProbeResult:
         total_loss, correct, n, batch_losses = 0.0, 0, 0, []
@@ -270,24 +323,37 @@ class ProbeEngine:
     def _swaps(self, config: Mapping[str, Override]) -> dict[str, nn.Module]:
         return {f: self.quant_layer(f, *ov) for f, ov in config.items() if _norm(ov) != (None, None)}
 
-    def _base_envs(self, base: Mapping[str, Override], cut: int) -> list[dict]:
-        """Live tensors of the *base* configuration at ``cut`` for every batch, from the nearest kept
-        snapshot at or before it (the base is fp32 unless a method sets a reference configuration)."""
+    def _prefix_key(self, config: Mapping[str, Override], cut: int) -> tuple:
+        """Live tensors at ``cut`` depend only on the overrides of layers before it: configurations
+        that agree there share snapshots (a pair probe's base starts from the single's)."""
         assert self.program is not None
-        bkey = tuple(tuple(e) for e in probe_spec({f: ov for f, ov in base.items() if _norm(ov) != (None, None)}))
-        key = (bkey, cut)
+        return (tuple(sorted((f, *_norm(ov)) for f, ov in config.items()
+                             if self.program.cut[f] < cut and _norm(ov) != (None, None))), cut)
+
+    def _base_envs(self, base: Mapping[str, Override], cut: int, remember: bool = True) -> list[dict]:
+        """Live tensors of the *base* configuration at ``cut`` for every batch, walked from the
+        nearest kept snapshot at or before it (the base is fp32 unless a method sets a reference)."""
+        assert self.program is not None
+        key = self._prefix_key(base, cut)
         if key in self._snapshots:
             self._snapshots.move_to_end(key)
             return self._snapshots[key]
-        prev = max((c for b, c in self._snapshots if b == bkey and c <= cut), default=None)
+        prev = max((c for k, c in self._snapshots if c <= cut and self._prefix_key(base, c) == (k, c)), default=None)
         if prev is not None:
-            envs, frm = self._snapshots[(bkey, prev)], prev
+            envs, frm = self._snapshots[self._prefix_key(base, prev)], prev
         else:
             envs, frm = [self.program.initial_env(x) for x, _ in self.batches], 0
         swaps = self._swaps(base)
         envs = [self.program.run(env, frm, cut, swaps) for env in envs]
-        self._keep(key, envs)
+        if remember:
+            self._keep(key, envs)
         return envs
+
+    def warm(self, base: Mapping[str, Override], fqn: str) -> None:
+        """Make sure the base configuration's live tensors at layer ``fqn`` are kept in memory."""
+        if self.program is not None and self.prefix:
+            with torch.inference_mode():
+                self._base_envs(dict(base), self.program.cut[fqn], remember=True)
 
     def _keep(self, key: tuple, envs: list[dict]) -> None:
         size = sum(t.numel() * t.element_size() for env in envs for t in env.values() if isinstance(t, Tensor))
@@ -317,7 +383,8 @@ class ProbeEngine:
                 set_submodule(self.model, f, m)
 
     def run(self, probes: Sequence[Mapping[str, Override]], desc: str = "probes", show: bool | None = None,
-            base: Mapping[str, Override] | None = None, record: Sequence[str] = ()) -> list[ProbeResult]:
+            base: Mapping[str, Override] | None = None, record: Sequence[str] = (),
+            remember: bool = True) -> list[ProbeResult]:
         """Results for the given probes, in order; cached ones are read, the rest computed.
 
         ``base``: a reference configuration every probe is applied on top of (a probe's entry
@@ -325,6 +392,8 @@ class ProbeEngine:
         first differ from the base, from the base's cached live tensors.
         ``record``: layers whose outputs (globally average-pooled to N×C) are returned in
         ``ProbeResult.features``; such probes always run (features are not kept on disk).
+        ``remember``: keep the base's live tensors at each start point for later calls (memory-bounded
+        LRU); switch off for a transient base (e.g. CLADO's per-(layer, bits) pair runs).
         """
         base = dict(base or {})
         record = list(record)
@@ -351,6 +420,7 @@ class ProbeEngine:
         show = self.progress if show is None else show
         bar = tqdm(total=len(todo), desc=desc, disable=not show or not todo, unit="probe", leave=False)
         t0 = time.perf_counter()
+        base_swaps = self._swaps(base)
         with torch.inference_mode():
             envs, cut = None, -1
             for i in todo:
@@ -361,8 +431,13 @@ class ProbeEngine:
                     outs = self._run_fallback(swaps, taps)
                 else:
                     start = starts[i]
-                    if start != cut:  # probes are sorted by start: the prefix is walked once
-                        envs, cut = self._base_envs(base, start), start
+                    if envs is None:
+                        envs, cut = self._base_envs(base, start, remember), start
+                    elif start > cut:  # probes are sorted by start: the base is walked once, forward
+                        envs = [self.program.run(env, cut, start, base_swaps) for env in envs]
+                        cut = start
+                        if remember:
+                            self._keep(self._prefix_key(base, cut), envs)
                     outs = [(self.program.run(env, start, None, swaps, taps), y)
                             for env, (_, y) in zip(envs, self.batches)]
                 res = self._evaluate(outs)

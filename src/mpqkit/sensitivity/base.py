@@ -47,14 +47,19 @@ class SearchContext:
 
 @dataclass
 class SensitivityTable:
-    """Scores to minimise per (layer, bits): ``w`` for weight bits, ``a`` for activation bits."""
+    """Scores to minimise per (layer, bits): ``w`` for weight bits, ``a`` for activation bits;
+    ``pairs`` (CLADO) holds the joint score of two layers' weight choices, keyed (ℓ, b, m, c)."""
 
     w: dict[str, dict[int, float]]
     a: dict[str, dict[int, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    pairs: dict[tuple[str, int, str, int], float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"w": self.w, "a": self.a, "meta": self.meta}
+        d: dict[str, Any] = {"w": self.w, "a": self.a, "meta": self.meta}
+        if self.pairs:
+            d["pairs"] = {f"{f}@{b}|{g}@{c}": v for (f, b, g, c), v in self.pairs.items()}
+        return d
 
     def save(self, path) -> None:
         from ..plan import atomic_write_text
@@ -67,7 +72,7 @@ class Method:
     name: str
     description: str
     sensitivity: Callable[[SearchContext], SensitivityTable] | None
-    solver: str = "ilp"  # "ilp" | "uniform" | "threshold"
+    solver: str = "ilp"  # "ilp" | "uniform" | "threshold" | "iqp"
 
 
 class Registry:

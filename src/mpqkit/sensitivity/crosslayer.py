@@ -1,0 +1,122 @@
+"""CLADO: cross-layer loss interactions from single and pair probes → a quadratic matrix G → IQP.
+
+Probes (all through the shared engine, on top of a reference with every activation at
+``act_bits``, weights fp32): ΔL(ℓ,b) for every (layer, bits) and ΔL(ℓ,b; m,c) for every pair of
+layers. Computation is reused as a tree: for each (ℓ,b) one walk from ℓ's cached reference input
+with only ℓ perturbed yields ΔL(ℓ,b) and, on the way, the inputs of every later layer m under that
+perturbation; each pair then runs only from m on. One (ℓ,b) is processed at a time, so memory is
+the reference snapshots plus one walk. Every probe is cached on disk: a killed search resumes.
+
+G (METHODS.md): G[ℓb,ℓb] = 2·ΔL(ℓ,b); G[ℓb,mc] = ΔL(ℓ,b;m,c) − ΔL(ℓ,b) − ΔL(m,c); 0 within a layer,
+so ½xᵀGx is the second-order estimate of the joint loss increase. ``clado-diag`` is the paper's
+ablation without cross terms (pairs are not even measured).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import MpqkitError
+from .base import METHODS, SearchContext, SensitivityTable
+
+DEFAULTS: dict[str, Any] = {"act_bits": 8, "psd": "project"}
+
+
+def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
+    if ctx.search_a:
+        raise MpqkitError("CLADO searches weight bits; activations stay at --clado-act-bits (use --search w)")
+    opts = {**DEFAULTS, **{k: v for k, v in ctx.options.items() if k in DEFAULTS}}
+    act = opts["act_bits"]
+    act = None if act in (None, "fp", 32) else int(act)
+    engine = ctx.engine
+    layers, bits = list(ctx.searched), sorted(ctx.w_bits)
+    base = {f: (None, act) for f in ctx.graph.names} if act is not None else {}
+    ref = engine.run([{}], base=base, show=False)[0]
+    singles: dict[str, dict[int, float]] = {f: {} for f in layers}
+    pairs: dict[tuple[str, int, str, int], float] = {}
+    batch_deltas: list[float] = []
+    n_pairs = sum(len(layers) - i - 1 for i in range(len(layers))) * len(bits) ** 2 if with_pairs else 0
+    bar = tqdm(total=len(layers) * len(bits) + n_pairs, desc="clado probes", unit="probe",
+               disable=not engine.progress, leave=False)
+    for i, f in enumerate(layers):
+        engine.warm(base, f)  # the reference's live tensors at ℓ: every (ℓ, b) walk starts there
+        later = [(g, c) for g in layers[i + 1:] for c in bits] if with_pairs else []
+        for b in bits:
+            tree_base = {**base, f: (b, act)}
+            res = engine.run([{}] + [{g: (c, act)} for g, c in later], base=tree_base, remember=False, show=False)
+            singles[f][b] = res[0].loss - ref.loss
+            batch_deltas.append(statistics.pstdev(x - y for x, y in zip(res[0].batch_losses, ref.batch_losses))
+                                if len(ref.batch_losses) > 1 else 0.0)
+            for (g, c), r in zip(later, res[1:]):
+                pairs[(f, b, g, c)] = r.loss - ref.loss
+            bar.update(1 + len(later))
+    bar.close()
+    nb = len(ref.batch_losses)
+    return SensitivityTable(w=singles, pairs=pairs, meta={
+        "score": "delta loss (single and pair probes)", "ref_loss": ref.loss, "ref_top1": ref.top1,
+        "act_bits": act, "psd": opts["psd"], "pairs_measured": len(pairs), "singles_measured": len(layers) * len(bits),
+        "sens_samples": ref.n, "batches": nb,
+        "median_batch_std_of_single_delta": float(np.median(batch_deltas)) if batch_deltas else 0.0,
+        "note": "batch std: spread of per-batch ΔL(ℓ,b); the standard error of ΔL is about std/sqrt(batches)",
+    })
+
+
+@METHODS.register("clado", "single + pair Δloss probes → quadratic G (PSD-projected) → IQP", solver="iqp")
+def clado(ctx: SearchContext) -> SensitivityTable:
+    return _measure(ctx, with_pairs=True)
+
+
+@METHODS.register("clado-diag", "CLADO without cross-layer terms (the paper's ablation): single Δloss → IQP/ILP",
+                  solver="iqp")
+def clado_diag(ctx: SearchContext) -> SensitivityTable:
+    return _measure(ctx, with_pairs=False)
+
+
+def build_g(table: SensitivityTable, layers: list[str], bits: list[int]) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """G over indices (ℓ, b) in layer-major order, as defined in METHODS.md."""
+    index = [(f, b) for f in layers for b in bits]
+    pos = {k: i for i, k in enumerate(index)}
+    g = np.zeros((len(index), len(index)))
+    for (f, b), i in pos.items():
+        g[i, i] = 2.0 * table.w[f][b]
+    for (f, b, h, c), v in table.pairs.items():
+        if (f, b) in pos and (h, c) in pos:
+            x = v - table.w[f][b] - table.w[h][c]
+            g[pos[(f, b)], pos[(h, c)]] = g[pos[(h, c)], pos[(f, b)]] = x
+    return g, index
+
+
+def make_psd(g: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Return (G', linear term, info). ``project``: eigenvalues < 0 set to 0 (the paper's step;
+    changes the problem). ``shift``: G + sI with a linear −s per variable, which is the same
+    objective on one-hot x (x² = x) but convex. ``none``: as measured."""
+    g = (g + g.T) / 2
+    lam_min = float(np.linalg.eigvalsh(g).min()) if len(g) else 0.0
+    lin = np.zeros(len(g))
+    if mode == "project":
+        w, v = np.linalg.eigh(g)
+        g = (v * np.clip(w, 0, None)) @ v.T
+        g = (g + g.T) / 2
+    elif mode == "shift":
+        s = max(0.0, -lam_min)
+        g = g + s * np.eye(len(g))
+        lin = -s * np.ones(len(g)) / 2  # objective ½xᵀGx: the shift adds s/2 per chosen variable
+    elif mode != "none":
+        raise MpqkitError(f"psd must be 'project', 'shift' or 'none', got {mode!r}")
+    return g, lin, {"lambda_min_before": lam_min}
+
+
+def quadratic_objective(table: SensitivityTable, problem) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """G (after the chosen PSD treatment) and the linear term for ``solve_iqp``, in the problem's
+    layer × choice order (weights searched, one activation setting)."""
+    if len(problem.a_bits) != 1:
+        raise MpqkitError("CLADO's IQP searches weight bits only")
+    bits = sorted(problem.w_bits)
+    g, _ = build_g(table, problem.layers, bits)
+    mode = table.meta.get("psd", "project")
+    g2, lin, info = make_psd(g, mode)
+    info = {**info, "psd": mode, "cross_terms": bool(table.pairs)}
+    return g2, lin, info

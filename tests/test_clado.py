@@ -1,0 +1,111 @@
+"""CLADO: tree-reused pair probes are exact, the quadratic model reproduces joint losses, cross terms
+change the plan's quality, G treatments behave as documented, and a killed search resumes."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import mpqkit
+from mpqkit.engine.probe import ProbeEngine
+from mpqkit.graph import discover
+from mpqkit.sensitivity.crosslayer import build_g, make_psd
+from mpqkit.solve.iqp import QuadraticObjective
+from mpqkit.zoo import get_model, load_data
+
+BITS = (2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def digits_clado(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
+                        progress=False, engine_options={"cache_dir": str(cache)}, method_options={"psd": "none"},
+                        time_limit=10)
+    return res, cache
+
+
+def _direct(config):
+    """The same probe without the tree: a full forward from the input, on the same data."""
+    bundle = get_model("digits-cnn")
+    calib = mpqkit.api.calibration_set("digits", 256, 0)
+    eng = ProbeEngine(bundle.model, discover(bundle.model, bundle.input_shape), calib.images, calib.labels,
+                      prefix=False, use_cache=False, progress=False)
+    base = {f: (None, 8) for f in ["conv1", "conv2", "conv3", "fc"]}
+    return eng.run([{}, config], base=base)
+
+
+def test_tree_pairs_equal_direct_probes(digits_clado):
+    res, _ = digits_clado
+    ref, joint = _direct({"conv2": (2, 8), "conv3": (4, 8)})
+    assert res.table.pairs[("conv2", 2, "conv3", 4)] == pytest.approx(joint.loss - ref.loss, abs=1e-6)
+    ref, single = _direct({"conv3": (2, 8)})
+    assert res.table.w["conv3"][2] == pytest.approx(single.loss - ref.loss, abs=1e-6)
+    assert len(res.table.pairs) == 9 and res.table.meta["singles_measured"] == 6
+
+
+def test_quadratic_model_reproduces_joint_loss_and_picks_the_best_plan(digits_clado):
+    """With two searched layers, ½xᵀGx of any plan is its measured joint ΔL, so CLADO's plan is the
+    feasible plan with the smallest measured loss: the cross terms carry the interaction."""
+    res, _ = digits_clado
+    layers = ["conv2", "conv3"]
+    g, index = build_g(res.table, layers, list(BITS))
+    obj = QuadraticObjective(g, None, 2, 3)
+    feasible = {}
+    for a in itertools.product(range(3), repeat=2):
+        joint = res.table.pairs[("conv2", BITS[a[0]], "conv3", BITS[a[1]])]
+        assert obj.value(np.array(a)) == pytest.approx(joint, abs=1e-9)
+        plan = {"conv2": (BITS[a[0]], 8), "conv3": (BITS[a[1]], 8)}
+        if res.plan.costs and not _violates(res, plan):
+            feasible[a] = joint
+    chosen = (BITS.index(res.plan.layers["conv2"].w_bits), BITS.index(res.plan.layers["conv3"].w_bits))
+    assert feasible[chosen] == pytest.approx(min(feasible.values()))
+    assert np.abs(g[np.triu_indices(6, 1)]).max() > 0  # real cross-layer terms were measured
+
+
+def _violates(res, plan):
+    from mpqkit.budget import parse_budget
+
+    full = {**{f: (8, 8) for f in ["conv1", "fc"]}, **plan}
+    return any(res.ledger.value(c.metric, full) > c.limit * (1 + 1e-9)
+               for c in res.ledger.resolve(parse_budget(res.plan.budget)))
+
+
+def test_psd_treatments():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    g = (a + a.T) / 2
+    proj, lin, info = make_psd(g, "project")
+    assert np.linalg.eigvalsh(proj).min() > -1e-9 and info["lambda_min_before"] < 0 and not lin.any()
+    shifted, lin, _ = make_psd(g, "shift")
+    assert np.linalg.eigvalsh(shifted).min() > -1e-9
+    raw = QuadraticObjective(g, None, 2, 3)
+    sh = QuadraticObjective(shifted, lin, 2, 3)
+    for a in itertools.product(range(3), repeat=2):  # the shift is exact on one-hot plans
+        assert sh.value(np.array(a)) == pytest.approx(raw.value(np.array(a)))
+
+
+def test_killed_search_resumes_without_recomputing(tmp_path, monkeypatch):
+    kw = dict(w_candidates=BITS, calib_size=128, progress=False, engine_options={"cache_dir": str(tmp_path)},
+              time_limit=5)
+    calls = {"n": 0}
+    real_run = ProbeEngine.run
+
+    def dying_run(self, probes, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the fp reference, the A8 reference, two trees done: then the "kill"
+            raise KeyboardInterrupt
+        return real_run(self, probes, *a, **k)
+
+    monkeypatch.setattr(ProbeEngine, "run", dying_run)
+    with pytest.raises(KeyboardInterrupt):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **kw)
+    monkeypatch.setattr(ProbeEngine, "run", real_run)
+    cached = len(list(tmp_path.rglob("*.json")))
+    assert cached > 0
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **kw)
+    total = 1 + 1 + 6 + 9  # fp reference, A8 reference, singles, pairs
+    assert res.engine_stats["probes_run"] == total - cached  # nothing that was cached ran again
+    full = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **{**kw, "engine_options": {"use_cache": False}})
+    assert res.table.pairs == full.table.pairs and res.table.w == full.table.w
