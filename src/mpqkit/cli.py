@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="digits CNN: search (eval-delta) → plan → quantize → eval → report, offline")
+    d = sub.add_parser("demo", help="digits CNN: search (each method) → plan → quantize → eval → report, offline")
     d.add_argument("--out", default="results/demo")
     d.add_argument("--budget", default="avg-bits=3")
     d.add_argument("-q", "--quiet", action="store_true")
@@ -235,7 +235,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fp = api.evaluate(model, data, "test")
     print(f"[demo] {model} fp32 top-1 on digits/test ({fp['n']} images): {100 * fp['top1']:.2f} %")
     rows = [("fp32", "-", 32.0, fp["top1"], None)]
-    runs = [("eval-delta", "eval-delta", {}), ("uniform", "uniform", {})]
+    runs = [("eval-delta", "eval-delta", {}), ("infoq", "infoq", {"method_options": {"projections": 32}}),
+            ("clado", "clado", {"w_candidates": (2, 4, 8), "time_limit": 10}),
+            ("mixquant", "mixquant", {}), ("uniform", "uniform", {})]
     for label, method, kw in runs:
         res = api.search(model, data, args.budget, method, calib_size=512, out=out / label,
                          progress=not args.quiet, **kw)
