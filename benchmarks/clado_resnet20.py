@@ -7,7 +7,8 @@
    and uniform (any bits in {2..8}) at equal weight size (avg-bits budgets);
 2. probe cost: wall time of the full CLADO sensitivity (cold cache), vs (a) the naive loop — every
    probe a plain full forward from the input, one probe at a time, no prefix reuse, no BN folding,
-   NCHW — timed on a random sample of the same probes in the same run and scaled to all probes;
+   NCHW, batches of 256 — timed on a random sample of the same probes in the same run and scaled to
+   all probes;
    (b) the FLOP floor — MACs of each (ℓ,b) walk from ℓ plus each pair's suffix from its later layer,
    turned into seconds with the engine's own measured full-forward time;
 3. the IQP on the measured G: solve time, objective, bound, gap, vs the diagonal-only plan and
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--sens-samples", type=int, default=1024)
     ap.add_argument("--budgets", default="2.5,3,3.5,4")
     ap.add_argument("--naive-sample", type=int, default=40)
+    ap.add_argument("--naive-batch", type=int, default=256, help="batch size of the naive loop (a typical eval batch)")
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -110,8 +112,9 @@ def main() -> None:
     probes = [{f: (b, 8)} for f in layers for b in BITS] + [
         {f: (b, 8), g: (c, 8)} for i, f in enumerate(layers) for g in layers[i + 1:] for b in BITS for c in BITS]
     naive = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False,
-                        prefix=False, fold_bn=False, channels_last=False)
+                        prefix=False, fold_bn=False, channels_last=False, batch_size=args.naive_batch)
     fast = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False, prefix=False)
+    cost_batch = fast.batch_size
     sample = random.Random(0).sample(probes, min(args.naive_sample, len(probes)))
     naive_t, full_t = [], []
     for p in sample:  # interleaved, so machine noise hits both alike
@@ -134,8 +137,8 @@ def main() -> None:
             "full_forward_optimised_median_s": statistics.median(full_t),
             "floor_fraction_of_naive_flops": floor_macs / (total_macs * len(probes)),
             "flop_floor_s": floor_s, "ratio_to_floor": sens_s / floor_s, "sens_samples": args.sens_samples,
-            "median_batch_std_of_single_delta": first.table.meta["median_batch_std_of_single_delta"],
-            "batches": first.table.meta["batches"]}
+            "median_chunk_std_of_single_delta": first.table.meta["median_chunk_std_of_single_delta"],
+            "stat_chunks_of_128": first.table.meta["stat_chunks"], "engine_batch_size": cost_batch, "naive_batch_size": args.naive_batch}
     print(json.dumps(cost), flush=True)
 
     lines = [f"# CLADO on {args.model} / CIFAR-10 (W{{2,4,8}}, A8; first/last 8/8)", "",

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--bits", default="2,4")
     ap.add_argument("--calib", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's automatic size")
     ap.add_argument("--out", default="benchmarks/results/engine_speedup.json")
     args = ap.parse_args()
     bundle = load_model(args.model)

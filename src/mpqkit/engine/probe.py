@@ -39,7 +39,8 @@ from ..quant.observers import weight_qparams
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
 
 log = logging.getLogger("mpqkit")
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
+STAT_CHUNK = 128  # samples per chunk of ProbeResult.batch_losses
 Override = tuple[int | None, int | None]  # (w_bits, a_bits); None = fp32
 
 
@@ -48,7 +49,7 @@ class ProbeResult:
     loss: float  # mean cross-entropy over the set
     top1: float  # fraction correct
     n: int
-    batch_losses: tuple[float, ...]  # mean loss per batch, for variance estimates
+    batch_losses: tuple[float, ...]  # mean loss of each STAT_CHUNK samples, for variance estimates
     features: dict[str, Tensor] | None = field(default=None, compare=False, repr=False)  # recorded outputs
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,7 +200,7 @@ class ProbeEngine:
     """Runs probes on a fixed labelled calibration set (images already normalized)."""
 
     def __init__(self, model: nn.Module, graph: ModelGraph, images: Tensor, labels: Tensor,
-                 qconfig: QuantConfig | None = None, batch_size: int = 256, cache_dir: str | None = None,
+                 qconfig: QuantConfig | None = None, batch_size: int | None = None, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
                  progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048, fold_bn: bool = True,
                  channels_last: bool = True):
@@ -211,6 +212,7 @@ class ProbeEngine:
         self.model = copy.deepcopy(model).eval().to(self.device)  # private copy: the user's model is never touched
         self.graph = graph
         self.qconfig = qconfig or QuantConfig()
+        batch_size = batch_size or auto_batch_size(graph)
         self.batch_size = batch_size
         self.progress = progress
         self.prefix = prefix
@@ -308,17 +310,19 @@ class ProbeEngine:
         return min((self.program.cut[f] for f in (*changed, *record)), default=len(self.program.nodes) - 1)
 
     def _evaluate(self, outputs: Iterable[tuple[Tensor, Tensor]]) -> ProbeResult:
-        total_loss, correct, n, batch_losses = 0.0, 0, 0, []
+        """Mean loss and top-1, plus the mean loss of every ``STAT_CHUNK`` consecutive samples (so
+        the spread of a measurement does not depend on the compute batch size)."""
+        losses, correct = [], 0
         for logits, y in outputs:
-            loss = F.cross_entropy(logits.float(), y, reduction="sum").item()
-            total_loss += loss
+            losses.append(F.cross_entropy(logits.float(), y, reduction="none").double())
             correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-            batch_losses.append(loss / len(y))
-        loss = total_loss / n
+        per_sample = torch.cat(losses)
+        n = len(per_sample)
+        loss = float(per_sample.sum()) / n
         if not math.isfinite(loss):
             log.warning("non-finite loss in a probe")
-        return ProbeResult(loss, correct / n, n, tuple(batch_losses))
+        chunks = tuple(float(c.mean()) for c in per_sample.split(STAT_CHUNK))
+        return ProbeResult(loss, correct / n, n, chunks)
 
     def _swaps(self, config: Mapping[str, Override]) -> dict[str, nn.Module]:
         return {f: self.quant_layer(f, *ov) for f, ov in config.items() if _norm(ov) != (None, None)}
@@ -451,6 +455,15 @@ class ProbeEngine:
         self.stats["probes_run"] += len(todo)
         self.stats["probe_seconds"] += time.perf_counter() - t0
         return results  # type: ignore[return-value]
+
+
+def auto_batch_size(graph: ModelGraph, target_bytes: int = 64 * 2**20, lo: int = 16, hi: int = 1024) -> int:
+    """Images per batch such that the largest layer input stays near ``target_bytes`` (fp32): large
+    batches run the conv kernels faster per image on CPU (``benchmarks/clado_resnet20.py`` measures
+    the naive loop at batch 256 against the engine at this size), while an ImageNet-size network
+    still gets batches that fit in memory."""
+    per_sample = 4 * max((layer.in_numel for layer in graph.layers), default=1)
+    return int(min(hi, max(lo, target_bytes // per_sample)))
 
 
 def _norm(ov: Override) -> Override:

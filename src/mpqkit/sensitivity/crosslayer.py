@@ -58,9 +58,10 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     return SensitivityTable(w=singles, pairs=pairs, meta={
         "score": "delta loss (single and pair probes)", "ref_loss": ref.loss, "ref_top1": ref.top1,
         "act_bits": act, "psd": opts["psd"], "pairs_measured": len(pairs), "singles_measured": len(layers) * len(bits),
-        "sens_samples": ref.n, "batches": nb,
-        "median_batch_std_of_single_delta": float(np.median(batch_deltas)) if batch_deltas else 0.0,
-        "note": "batch std: spread of per-batch ΔL(ℓ,b); the standard error of ΔL is about std/sqrt(batches)",
+        "sens_samples": ref.n, "stat_chunks": nb,
+        "median_chunk_std_of_single_delta": float(np.median(batch_deltas)) if batch_deltas else 0.0,
+        "note": "chunk std: spread of ΔL(ℓ,b) over chunks of 128 samples; the standard error of ΔL is "
+                "about std/sqrt(chunks)",
     })
 
 
