@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     mq.add_argument("--bref", type=int, help="reference bits of the QE rule (default 8)")
     s.add_argument("--cache-dir", help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)")
     s.add_argument("--no-cache", action="store_true")
-    s.add_argument("--batch-size", type=int, help="probe batch size (default: as large as fits ~64 MB per layer input)")
+    s.add_argument("--batch-size", type=int, help="probe batch size (default: ~16 MB for the largest layer input)")
     s.add_argument("--eval", dest="eval_split", choices=["test", "exact", "train"],
                    help="evaluate the plan on this split after the search")
 
