@@ -63,7 +63,7 @@ def main() -> None:
             per[mode].append(time.perf_counter() - t0)
     ratios = [f / q for f, q in zip(per["full"], per["prefix"])]
     summary = {
-        "model": args.model, "probes": len(probes), "calib": args.calib, "batch_size": args.batch_size,
+        "model": args.model, "probes": len(probes), "calib": args.calib, "batch_size": engines["prefix"].batch_size,
         "threads": torch.get_num_threads(),
         "batched_s": batched, "speedup_batched": batched["full"] / batched["prefix"],
         "per_probe_median_s": {m: statistics.median(v) for m, v in per.items()},
