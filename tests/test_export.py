@@ -126,11 +126,12 @@ def test_container_choice():
 # ------------------------------------------------------------------ packed file
 @pytest.mark.parametrize("which", ["searched", "odd"])
 def test_packed_round_trip_identical(digits, tmp_path, which):
+    """Unfolded (fold_bn=False): bit-identical logits; the bytes are the ledger plus qparams/stats/header."""
     plan, qmodel, data = digits
     if which == "odd":
         plan = odd_plan(plan)
         qmodel = mpqkit.apply_plan("digits-cnn", plan, "digits")
-    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk")
+    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk", fold_bn=False)
     assert rep.file_bytes == rep.weights + rep.params + rep.qparams + rep.buffers + rep.header
     bundle = load_model("digits-cnn")
     ledger = Ledger(discover(bundle.model, bundle.input_shape)).summary(plan.assignment())["weight_bytes"]
@@ -139,6 +140,28 @@ def test_packed_round_trip_identical(digits, tmp_path, which):
     again = load_packed(rep.path, "digits-cnn")
     with torch.inference_mode():
         assert torch.equal(again(data.images), qmodel(data.images))
+
+
+@pytest.mark.parametrize("which", ["searched", "odd"])
+def test_packed_bn_folded(digits, tmp_path, which):
+    """Folded (default): no BN left, integer codes unchanged, the same predictions, and the stored
+    parameters are the ledger's size (scale + bias replace BN weight + bias)."""
+    plan, qmodel, data = digits
+    if which == "odd":
+        plan = odd_plan(plan)
+        qmodel = mpqkit.apply_plan("digits-cnn", plan, "digits")
+    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk")
+    assert rep.folded_bn == 3 and rep.buffers == 0  # conv1/2/3 → bn1/2/3: no running statistics stored
+    again = load_packed(rep.path, "digits-cnn")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in again.modules())
+    with torch.inference_mode():
+        a, b = again(data.images), qmodel(data.images)
+    # BN inside the weights rounds differently; now and then that moves a downstream activation code
+    # by one step, so logits agree closely on average, not bit for bit
+    assert (a - b).abs().mean() < 1e-3
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+    w_scale_bytes = sum(m.w_scale.numel() * 4 for m in again.modules() if getattr(m, "w_spec", None) is not None)
+    assert rep.weights + rep.params + w_scale_bytes - rep.ledger_weight_bytes < 4 * 10 + len(plan.layers)
 
 
 def test_packed_rejects_corrupt_and_other_model(digits, tmp_path):
@@ -184,15 +207,19 @@ def test_cli_export_check(digits, tmp_path, capsys, fmt, suffix):
 
     plan_path = digits[0].save(tmp_path / "plan.json")
     out = tmp_path / f"m.{suffix}"
-    args = parse("--model", "digits-cnn", "--data", "digits", "--plan", str(plan_path), "--format", fmt,
-                 "--out", str(out), "--check", "--limit", "100", "--json")
-    assert cmd_export(args) == 0 and out.is_file()
+    def args_list(plan_path, out):
+        return ["--model", "digits-cnn", "--data", "digits", "--plan", str(plan_path), "--format", fmt,
+                "--out", str(out), "--check", "--limit", "100", "--json"]
+
+    assert cmd_export(parse(*args_list(plan_path, out))) == 0 and out.is_file()
     import json
 
     res = json.loads(capsys.readouterr().out)
     assert res["check"]["n"] == 100 and res["check"]["top1_diff_pt"] == 0.0
-    if fmt == "packed":
-        assert res["check"]["identical"]
+    if fmt == "packed":  # BN folded by default; --no-fold-bn reproduces the fake-quant logits exactly
+        assert res["export"]["folded_bn"] == 3
+        assert cmd_export(parse(*args_list(plan_path, out), "--no-fold-bn")) == 0
+        assert json.loads(capsys.readouterr().out)["check"]["identical"]
 
 
 def test_cli_export_missing_plan_is_one_clear_error(tmp_path):

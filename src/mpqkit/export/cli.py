@@ -20,6 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "packed"], default="onnx")
     x.add_argument("--out", required=True, help="output file (.onnx, or e.g. .mpqk for packed)")
     x.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: int4/uint4 types)")
+    x.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",
+                   help="packed: keep BatchNorm unfolded (bit-identical logits, larger file)")
     x.add_argument("--check", action="store_true",
                    help="compare the exported model with the PyTorch fake-quant model on --data/--split")
     x.add_argument("--split", default="test", help="split for --check (default test)")
@@ -49,7 +51,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .packed import save_packed
 
-        prep = save_packed(qmodel, plan, args.out)
+        prep = save_packed(qmodel, plan, args.out, fold_bn=args.fold_bn)
         out["export"] = prep.to_dict()
         text = (f"packed model ({prep.file_bytes} bytes; ledger weight size {prep.ledger_weight_bytes:.0f} bytes, "
                 f"{prep.gap_pct:+.2f} %) written to {prep.path}")
