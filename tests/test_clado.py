@@ -22,7 +22,8 @@ def digits_clado(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
                         progress=False, engine_options={"cache_dir": str(cache)}, method_options={"psd": "none"},
-                        time_limit=10)
+                        time_limit=10, out=cache / "results")
+    assert (cache / "results" / "clado_G.png").stat().st_size > 0  # the heatmap of G
     return res, cache
 
 

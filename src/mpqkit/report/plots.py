@@ -30,3 +30,25 @@ def plot_bits(plan: Plan, path: Path, searched: set[str] | None = None, title: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_matrix(g, labels: list[str], path: Path, title: str = "") -> Path:
+    """Heatmap of a square matrix (CLADO's G over (layer, bits)), symmetric colour scale around 0."""
+    import numpy as np
+
+    g = np.asarray(g)
+    lim = float(np.abs(g).max()) or 1.0
+    size = max(5.0, 0.12 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(g, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    step = max(1, len(labels) // 40)
+    ax.set_xticks(range(0, len(labels), step))
+    ax.set_yticks(range(0, len(labels), step))
+    ax.set_xticklabels(labels[::step], rotation=90, fontsize=5)
+    ax.set_yticklabels(labels[::step], fontsize=5)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..plan import atomic_write_text
-from .plots import plot_bits
+from .plots import plot_bits, plot_matrix
 
 if TYPE_CHECKING:
     from ..api import SearchResult
@@ -63,4 +63,11 @@ def write_results(out: Path, result: "SearchResult") -> Path:
                "engine": result.engine_stats, "tie_groups": result.graph.tie_groups}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))
+    if result.table is not None and result.table.pairs:  # CLADO: the measured G, before any PSD step
+        from ..sensitivity.crosslayer import build_g
+
+        bits = sorted({b for (_, b, _, _) in result.table.pairs})
+        g, index = build_g(result.table, list(result.ledger.searched), bits)
+        plot_matrix(g, [f"{f}@{b}" for f, b in index], out / "clado_G.png",
+                    f"{result.plan.model_name}: CLADO G (measured, before PSD)")
     return out
