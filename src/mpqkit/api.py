@@ -24,7 +24,7 @@ from .graph import ModelGraph, discover
 from .plan import LayerQuant, Plan, provenance
 from .quant.apply import apply_plan as _apply_plan
 from .quant.config import QuantConfig
-from .sensitivity.base import METHODS, SearchContext, SensitivityTable
+from .sensitivity.base import METHODS, Method, SearchContext, SensitivityTable
 from .solve import Allocation, Solution, solve_ilp, solve_iqp, solve_threshold, solve_uniform
 from .zoo.data import LabeledData, load_data
 from .zoo.models import ModelBundle, get_model
@@ -153,31 +153,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     t_sens = time.perf_counter()
     table = m.sensitivity(ctx) if m.sensitivity is not None else None
     t_solve = time.perf_counter()
-    if m.solver == "uniform":
-        if w_bits is None and not terms:
-            raise BudgetError("uniform needs --w-bits (and optionally --a-bits) or a --budget")
-        solution = solve_uniform(problem, w_bits, a_bits if a_bits is not None else (8 if "a" not in search else None))
-    elif m.solver == "iqp":
-        from .sensitivity.crosslayer import quadratic_objective
-
-        if not terms:
-            raise BudgetError(f"method '{method}' needs a --budget (e.g. avg-bits=4)")
-        assert table is not None
-        g, lin, info = quadratic_objective(table, problem)
-        solution = solve_iqp(problem, g, lin, time_limit=time_limit, seed=seed)
-        solution.info.update(info)
-    elif m.solver == "threshold":
-        assert table is not None
-        qem = (method_options or {}).get("qem")
-        if qem is None and not terms:
-            raise BudgetError(f"method '{method}' needs --qem or a --budget")
-        solution = solve_threshold(problem, table.w, None if qem is None else float(qem))
-    else:
-        if not terms:
-            raise BudgetError(f"method '{method}' needs a --budget (e.g. avg-bits=4)")
-        assert table is not None
-        solution = solve_ilp(problem, table.w if "w" in search else _zeros(problem),
-                             table.a if "a" in search else None, alpha=alpha, time_limit=time_limit)
+    solution = _solve(m, problem, table, bool(terms), w_bits=w_bits, a_bits=a_bits, search=search, alpha=alpha,
+                      time_limit=time_limit, seed=seed, options=method_options or {})
     t_end = time.perf_counter()
 
     full = problem.full(solution.assignment)
@@ -191,13 +168,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
                 method_params=params, budget=budget, costs=ledger.summary(full),
                 provenance={**provenance(seed, len(calib), calib.sha256()), "solver": solution.to_dict(),
                             "data": calib.name})
-    engine_stats = dict(ctx._engine.stats) if ctx._engine is not None else {}
-    if ctx._engine is not None:
-        engine_stats["fp_calib_loss"] = ctx._engine.fp.loss
-        engine_stats["fp_calib_top1"] = ctx._engine.fp.top1
     result = SearchResult(plan, solution, table, graph, ledger,
                           {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve,
-                           "total": t_end - t_start}, engine_stats)
+                           "total": t_end - t_start}, ctx.engine_stats())
     if out is not None:
         from .report.results import write_results
 
@@ -205,8 +178,32 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     return result
 
 
-def _zeros(problem: Allocation) -> dict[str, dict[int, float]]:
-    return {f: {b: 0.0 for b in problem.w_bits} for f in problem.layers}
+def _solve(m: Method, problem: Allocation, table: SensitivityTable | None, has_budget: bool, *,
+           w_bits: int | None, a_bits: int | None, search: str, alpha: float, time_limit: float, seed: int,
+           options: dict[str, Any]) -> Solution:
+    """The method's solver on the problem: uniform, the threshold rule, the IQP or the ILP."""
+    if m.solver == "uniform":
+        if w_bits is None and not has_budget:
+            raise BudgetError("uniform needs --w-bits (and optionally --a-bits) or a --budget")
+        return solve_uniform(problem, w_bits, a_bits if a_bits is not None else (8 if "a" not in search else None))
+    assert table is not None
+    if m.solver == "threshold":
+        qem = options.get("qem")
+        if qem is None and not has_budget:
+            raise BudgetError(f"method '{m.name}' needs --qem or a --budget")
+        return solve_threshold(problem, table.w, None if qem is None else float(qem))
+    if not has_budget:
+        raise BudgetError(f"method '{m.name}' needs a --budget (e.g. avg-bits=4)")
+    if m.solver == "iqp":
+        from .sensitivity.crosslayer import quadratic_objective
+
+        g, lin, info = quadratic_objective(table, problem)
+        solution = solve_iqp(problem, g, lin, time_limit=time_limit, seed=seed)
+        solution.info.update(info)
+        return solution
+    zeros = {f: {b: 0.0 for b in problem.w_bits} for f in problem.layers}
+    return solve_ilp(problem, table.w if "w" in search else zeros, table.a if "a" in search else None,
+                     alpha=alpha, time_limit=time_limit)
 
 
 # ---------------------------------------------------------------- apply / evaluate

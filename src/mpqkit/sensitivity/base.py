@@ -44,6 +44,12 @@ class SearchContext:
                                        qconfig=self.qconfig, seed=self.seed, **self.engine_kwargs)
         return self._engine
 
+    def engine_stats(self) -> dict[str, Any]:
+        """What the probe engine did (empty when the method needed none, e.g. data-free ones)."""
+        if self._engine is None:
+            return {}
+        return {**self._engine.stats, "fp_calib_loss": self._engine.fp.loss, "fp_calib_top1": self._engine.fp.top1}
+
 
 @dataclass
 class SensitivityTable:
