@@ -406,3 +406,20 @@ def test_empty_observer_raises() -> None:
         obs.qparams(QuantSpec(8))
     with pytest.raises(ValueError, match="NaN/Inf"):
         obs.update(torch.tensor([1.0, float("nan")]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-50, 50, allow_nan=False, width=32), min_size=1, max_size=64),
+    lo=st.floats(-20, 0, width=32), hi=st.floats(0.0625, 20, width=32),
+    bits=st.integers(1, 16), symmetric=st.booleans(),
+)
+def test_fused_per_tensor_path_is_bit_identical(values, lo, hi, bits, symmetric):
+    """fake_quant's fast path (torch's fused per-tensor kernel) equals dequantize(quantize(x)) exactly."""
+    from mpqkit.quant.primitives import dequantize, fake_quant, qparams, qrange, quantize
+
+    x = torch.tensor(values, dtype=torch.float32)
+    qmin, qmax = qrange(bits, symmetric)
+    scale, zp = qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
+    ref = dequantize(quantize(x, scale, zp, qmin, qmax), scale, zp).to(x.dtype)
+    assert torch.equal(fake_quant(x, scale, zp, qmin, qmax), ref)
