@@ -27,7 +27,7 @@ from .quant.config import QuantConfig
 from .sensitivity.base import METHODS, Method, SearchContext, SensitivityTable
 from .solve import Allocation, Solution, solve_ilp, solve_iqp, solve_threshold, solve_uniform
 from .zoo.data import LabeledData, load_data
-from .zoo.models import ModelBundle, get_model
+from .zoo.models import CIFAR_MODELS, ModelBundle, get_model
 
 log = logging.getLogger("mpqkit")
 
@@ -94,7 +94,8 @@ def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
     if len(shape) != len(bundle.input_shape) or shape[0] != bundle.input_shape[0]:
         raise DataError(f"data {data.name}/{data.split} has images of shape {shape}, but model {bundle.name} "
                         f"expects {bundle.input_shape}")
-    if bundle.name.startswith(("resnet", "digits")) and shape != tuple(bundle.input_shape):
+    fixed_resolution = bundle.name in CIFAR_MODELS or bundle.name == "digits-cnn"  # trained at one input size
+    if fixed_resolution and shape != tuple(bundle.input_shape):
         raise DataError(f"data {data.name}/{data.split} has images of shape {shape}, but model {bundle.name} "
                         f"expects {bundle.input_shape}")
 
