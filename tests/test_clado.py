@@ -110,3 +110,18 @@ def test_killed_search_resumes_without_recomputing(tmp_path, monkeypatch):
     assert res.engine_stats["probes_run"] == total - cached  # nothing that was cached ran again
     full = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **{**kw, "engine_options": {"use_cache": False}})
     assert res.table.pairs == full.table.pairs and res.table.w == full.table.w
+
+
+def test_workers_compute_the_same_tables(tmp_path):
+    """--workers 2: the trees run in two spawned processes into the shared cache; the tables equal
+    the serial ones and the main process ran only the two reference probes itself."""
+    kw = dict(w_candidates=BITS, calib_size=128, progress=False, time_limit=5)
+    serial = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado",
+                           engine_options={"cache_dir": str(tmp_path / "a")}, **kw)
+    par = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", method_options={"workers": 2},
+                        engine_options={"cache_dir": str(tmp_path / "b")}, **kw)
+    assert par.table.pairs == serial.table.pairs and par.table.w == serial.table.w
+    assert par.engine_stats["probes_run"] == 2  # fp and A8 references; every tree came from the workers
+    with pytest.raises(mpqkit.errors.MpqkitError, match="needs the probe cache"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", method_options={"workers": 2},
+                      engine_options={"use_cache": False}, **kw)

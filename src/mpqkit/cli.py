@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     iq.add_argument("--mi-estimator", choices=["knn", "binned"], help="1-D MI estimator for labels (default knn)")
     cl = s.add_argument_group("clado")
     cl.add_argument("--clado-act-bits", help="activation bits of every layer during CLADO probes (default 8; 'fp')")
+    cl.add_argument("--workers", type=int, help="CLADO: run the probe trees in N processes (shared disk cache)")
     cl.add_argument("--psd", choices=["project", "shift", "none"],
                     help="G treatment: eigenvalue projection (default), exact diagonal shift, or none")
     mq = s.add_argument_group("mixquant")
@@ -180,7 +181,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method-specific flags that were given (methods ignore the options that are not theirs)."""
     given = {"target": args.infoq_target, "observers": args.observers, "projections": args.projections,
              "estimator": args.mi_estimator, "qem": args.qem, "bref": args.bref,
-             "act_bits": args.clado_act_bits, "psd": args.psd}
+             "act_bits": args.clado_act_bits, "psd": args.psd, "workers": args.workers}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -208,6 +208,11 @@ class ProbeEngine:
             raise DataError("the calibration/sensitivity set is empty")
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
+        # everything needed to build the same engine in another process (engine/runners.py)
+        self.spec: dict[str, Any] = dict(model=model, graph=graph, images=images, labels=labels, qconfig=qconfig,
+                                         batch_size=batch_size, use_cache=use_cache, prefix=prefix, device=device,
+                                         seed=seed, prefix_cache_mb=prefix_cache_mb, fold_bn=fold_bn,
+                                         channels_last=channels_last)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = copy.deepcopy(model).eval().to(self.device)  # private copy: the user's model is never touched
         self.graph = graph
@@ -232,6 +237,7 @@ class ProbeEngine:
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
                    "kernels": {"fold_bn": fold_bn, "channels_last": channels_last, "batch_size": batch_size}}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
+        self.spec["cache_dir"] = str(cache_dir or default_cache_dir())
         self._snapshots: OrderedDict[tuple, list[dict]] = OrderedDict()  # (base, cut) -> live tensors per batch
         self._snapshot_bytes: dict[tuple, int] = {}
         self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
