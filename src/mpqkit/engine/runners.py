@@ -49,5 +49,13 @@ def run_in_workers(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int) 
         return 0
     threads = max(1, (os.cpu_count() or 1) // workers)
     chunks = [list(jobs[i::workers]) for i in range(workers)]
-    with mp.get_context("spawn").Pool(workers) as pool:
-        return sum(pool.map(_worker, [(engine.spec, c, threads) for c in chunks if c]))
+    pool = mp.get_context("spawn").Pool(workers)
+    try:
+        done = sum(pool.map(_worker, [(engine.spec, c, threads) for c in chunks if c]))
+        pool.close()  # a graceful exit lets the workers release their locks (terminate() leaks them)
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return done
