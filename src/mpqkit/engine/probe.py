@@ -34,6 +34,7 @@ from ..errors import DataError
 from ..graph import ModelGraph
 from ..quant.apply import calibrate_activations, set_submodule
 from ..quant.config import QuantConfig
+from ..quant.fold import bn_affine, conv_bn_nodes
 from ..quant.modules import quantize_module
 from ..quant.observers import weight_qparams
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
@@ -117,14 +118,9 @@ class _Program:
         # conv → BatchNorm pairs (eval-mode BN, conv output used only by it): run as one fused conv
         self.bn_after: dict[fx.Node, nn.BatchNorm2d] = {}
         if fold_bn:
-            for n in self.nodes:
-                if n.op != "call_module" or not isinstance(self.modules[n.target], nn.Conv2d) or len(n.users) != 1:
-                    continue
-                (u,) = n.users
-                bn = self.modules.get(u.target) if u.op == "call_module" else None
-                if (isinstance(bn, nn.BatchNorm2d) and u.args == (n,) and not u.kwargs and not bn.training
-                        and bn.track_running_stats and self.modules[n.target].padding_mode == "zeros"):
-                    self.bn_after[n] = bn
+            for conv, bn in conv_bn_nodes(self.nodes, self.modules):
+                if self.modules[conv.target].padding_mode == "zeros":
+                    self.bn_after[conv] = self.modules[bn.target]
         self._fused: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -132,15 +128,11 @@ class _Program:
         key = (id(conv), id(bn))
         if key not in self._fused:
             w = conv.quantized_weight() if hasattr(conv, "quantized_weight") else conv.weight
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            shift = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0.0)
+            scale, shift = bn_affine(bn, conv.bias)
             wf = (w * scale.reshape(-1, 1, 1, 1)).detach()
             if self.channels_last:
                 wf = wf.contiguous(memory_format=torch.channels_last)
-            self._fused[key] = (wf, shift.detach())
+            self._fused[key] = (wf, shift)
         wf, bf = self._fused[key]
         if hasattr(conv, "quantize_input"):
             x = conv.quantize_input(x)
