@@ -48,7 +48,30 @@ def test_search_apply_eval_digits(tmp_path, capsys):
     assert code == 0 and 0.5 < json.loads(out)["top1"] <= 1.0
 
 
+def test_eval_and_apply_with_a_ptq_backend(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert run(capsys, "search", "--model", "digits-cnn", "--data", "digits", "--method", "uniform", "--w-bits", "2",
+               "--out", str(plan), "-q")[0] == 0
+    base = ["--model", "digits-cnn", "--data", "digits", "--plan", str(plan), "-q", "--json"]
+    code, out, _ = run(capsys, "eval", *base)
+    plain = json.loads(out)
+    code, out, _ = run(capsys, "eval", *base, "--ptq", "brecq", "--recon-iters", "150")
+    rec = json.loads(out)
+    assert code == 0 and rec["ptq"] == "brecq" and rec["top1"] != plain["top1"]
+    assert run(capsys, "apply", *base[:-1], "--ptq", "adaround", "--recon-iters", "20", "--out", str(tmp_path / "q.pt"))[0] == 0
+    from mpqkit.quant.brecq import PTQ_BACKENDS
+    from mpqkit.cli import build_parser
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions if a.dest == "ptq")
+    assert sorted(action.choices) == sorted(PTQ_BACKENDS)
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["eval", "--model", "digits-cnn", "--data", "digits", "--ptq", "brecq"], "--ptq needs --plan"),
+    (["search", "--model", "digits-cnn", "--data", "digits", "--method", "uniform", "--w-bits", "4", "--ptq", "brecq"],
+     "add --eval"),
+    (["search", "--model", "digits-cnn", "--data", "digits", "--method", "uniform", "--w-bits", "4", "--eval", "test",
+      "--recon-iters", "5"], "need --ptq"),
     (["eval", "--model", "resnet99"], "unknown model 'resnet99'"),
     (["eval", "--model", "digits-cnn", "--data", "mnist"], "mnist"),
     (["eval", "--model", "digits-cnn", "--data", "digits", "--split", "exact"], "exact"),

@@ -25,7 +25,7 @@ from .plan import LayerQuant, Plan, provenance
 from .quant.apply import apply_plan as _apply_plan
 from .quant.config import QuantConfig
 from .sensitivity.base import METHODS, Method, SearchContext, SensitivityTable
-from .solve import Allocation, Solution, solve_ilp, solve_iqp, solve_threshold, solve_uniform
+from .solve import Allocation, Solution, solve_greedy, solve_ilp, solve_iqp, solve_threshold, solve_uniform
 from .zoo.data import LabeledData, load_data
 from .zoo.models import CIFAR_MODELS, ModelBundle, get_model
 
@@ -193,6 +193,8 @@ def _solve(m: Method, problem: Allocation, table: SensitivityTable | None, has_b
         if qem is None and not has_budget:
             raise BudgetError(f"method '{m.name}' needs --qem or a --budget")
         return solve_threshold(problem, table.w, None if qem is None else float(qem))
+    if m.solver == "greedy":
+        return solve_greedy(problem, table.meta["pareto"], float(options.get("max_drop", 1.0)))
     if not has_budget:
         raise BudgetError(f"method '{m.name}' needs a --budget (e.g. avg-bits=4)")
     if m.solver == "iqp":
@@ -209,11 +211,25 @@ def _solve(m: Method, problem: Allocation, table: SensitivityTable | None, has_b
 
 # ---------------------------------------------------------------- apply / evaluate
 def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData | None = "cifar10",
-               *, calib_size: int | None = None, seed: int | None = None, qconfig: QuantConfig | None = None,
+               *, ptq: str | None = None, recon_options: dict[str, Any] | None = None,
+               calib_size: int | None = None, seed: int | None = None, qconfig: QuantConfig | None = None,
                checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
-               input_shape: Sequence[int] | None = None, allow_other_model: bool = False) -> nn.Module:
+               input_shape: Sequence[int] | None = None, allow_other_model: bool = False,
+               progress: bool = False) -> nn.Module:
     """A quantized copy of the model following ``plan``. Activation ranges are calibrated on the
-    same fixed-seed train subset the search used (size and seed from the plan's provenance)."""
+    same fixed-seed train subset the search used (size and seed from the plan's provenance).
+
+    ``ptq`` picks the post-training quantizer: None keeps the plan's quantizer config (default:
+    MSE ranges); "minmax" / "mse" set the range estimator of weights and activations; "adaround"
+    (layer-wise), "brecq" (block-wise, LSQ activation steps) and "qdrop" (BRECQ + QDrop) then
+    reconstruct on the calibration set; ``recon_options`` override :class:`ReconConfig` fields
+    (e.g. ``{"iters": 2000}``).
+    """
+    from dataclasses import replace
+
+    from .quant.brecq import reconstruct, recon_config
+
+    recon = recon_config(ptq, **(recon_options or {})) if ptq is not None else None
     bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
@@ -221,16 +237,22 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
     plan.validate(graph, None if allow_other_model else bundle.sha256)
     if qconfig is None and isinstance(plan.method_params.get("qconfig"), dict):
         qconfig = QuantConfig(**plan.method_params["qconfig"])
+    if ptq in ("minmax", "mse"):
+        qconfig = replace(qconfig or QuantConfig(), w_range=ptq, a_range=ptq)
     prov = plan.provenance or {}
     calib_batches = None
-    if any(lq.a_bits is not None for lq in plan.layers.values()):
+    if recon is not None or any(lq.a_bits is not None for lq in plan.layers.values()):
         if data is None:
-            raise DataError("the plan quantizes activations: pass calibration data")
+            raise DataError("the plan quantizes activations (or PTQ reconstruction was asked for): pass calibration data")
         calib = calibration_set(data, calib_size or prov.get("calib", {}).get("n", CALIB_SIZE),
                                 seed if seed is not None else prov.get("seed", 0), data_root)
         check_compatible(bundle, calib)
         calib_batches = [x for x, _ in calib.batches(256)]
-    return _apply_plan(bundle.model, plan, calib_batches, qconfig)
+    qmodel = _apply_plan(bundle.model, plan, calib_batches, qconfig)
+    if recon is not None:
+        assert calib_batches is not None
+        reconstruct(qmodel, bundle.model, calib_batches, recon, progress=progress)
+    return qmodel
 
 
 def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
@@ -274,8 +296,8 @@ def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labe
     net = bundle.model
     if plan is not None:
         net = apply_plan(bundle, plan, data if not isinstance(data, LabeledData) else ds, data_root=data_root,
-                         **apply_kwargs)
+                         progress=progress, **apply_kwargs)
     with torch.inference_mode():
         res = evaluate_model(net, ds, batch_size=batch_size, progress=progress)
     return {"model": bundle.name, "data": ds.name, "split": ds.split, "plan": None if plan is None else str(
-        plan if not isinstance(plan, Plan) else plan.method), **res}
+        plan if not isinstance(plan, Plan) else plan.method), "ptq": apply_kwargs.get("ptq"), **res}

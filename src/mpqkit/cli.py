@@ -31,6 +31,25 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _ptq(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("post-training quantizer")
+    g.add_argument("--ptq", choices=["minmax", "mse", "adaround", "brecq", "qdrop"],
+                   help="minmax/mse: range estimator of weights and activations; adaround (layer-wise), brecq "
+                        "(block-wise + LSQ activation steps), qdrop (brecq + QDrop): reconstruct on the "
+                        "calibration set (default: the plan's quantizer, MSE ranges, no reconstruction)")
+    g.add_argument("--recon-iters", type=int, help="reconstruction iterations per block/layer (default 500)")
+    g.add_argument("--recon-batch", type=int, help="reconstruction batch size (default 32)")
+    g.add_argument("--qdrop", type=float, help="QDrop probability of keeping an activation fp (qdrop: 0.5)")
+
+
+def _ptq_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {"iters": args.recon_iters, "batch_size": args.recon_batch, "drop": args.qdrop}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if opts and args.ptq is None:
+        raise MpqkitError("--recon-iters/--recon-batch/--qdrop need --ptq adaround|brecq|qdrop")
+    return {"ptq": args.ptq, "recon_options": opts or None, "progress": not args.quiet}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -75,22 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     mq = s.add_argument_group("mixquant")
     mq.add_argument("--qem", type=float, help="quantization error multiplier (default: bisected to the budget)")
     mq.add_argument("--bref", type=int, help="reference bits of the QE rule (default 8)")
+    bl = s.add_argument_group("baselines")
+    bl.add_argument("--max-drop", type=float, help="greedy: accuracy drop target, points on the calibration set (default 1.0)")
+    bl.add_argument("--hawq-samples", type=int, help="hawq: calibration images in the Hessian products (default 256)")
+    bl.add_argument("--hawq-iters", type=int, help="hawq: maximum Hutchinson iterations (default 200)")
+    bl.add_argument("--hawq-tol", type=float, help="hawq: stop when the running means change by less (default 1e-2)")
     s.add_argument("--cache-dir", help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)")
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--batch-size", type=int, help="probe batch size (default: ~16 MB for the largest layer input)")
     s.add_argument("--eval", dest="eval_split", choices=["test", "exact", "train"],
                    help="evaluate the plan on this split after the search")
+    _ptq(s)
 
     a = sub.add_parser("apply", help="quantize a model with a plan and save it")
     _common(a)
     a.add_argument("--plan", required=True)
     a.add_argument("--out", required=True, help="output file (.pt): quantized state dict + plan")
+    _ptq(a)
 
     e = sub.add_parser("eval", help="top-1 of the fp model or of a plan on a split")
     _common(e)
     e.add_argument("--split", default="test", help="test | exact | train (cifar10); train | test (digits)")
     e.add_argument("--plan", help="plan.json to apply first")
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    _ptq(e)
 
     g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
     _common(g, data=False)
@@ -139,6 +166,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     qconfig = QuantConfig(w_per_channel=not args.w_per_tensor, w_symmetric=args.w_symmetric, w_range=args.w_range,
                           a_symmetric=args.a_symmetric, a_range=args.a_range)
     results_dir, plan_path = _out_paths(args.out)
+    ptq_kw = _ptq_kwargs(args)  # checked before any work
+    if not args.eval_split and ptq_kw["ptq"] is not None:
+        raise MpqkitError("--ptq applies to the evaluation: add --eval test (or use mpqkit apply/eval --plan)")
     fixed = None if args.fixed is None else [f for f in args.fixed.split(",") if f]
     if len(args.fixed_bits) != 2:
         raise MpqkitError("--fixed-bits takes two integers: w,a")
@@ -158,7 +188,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                            "bits": {f: [lq.w_bits, lq.a_bits] for f, lq in res.plan.layers.items()}}
     if args.eval_split:
         ev = api.evaluate(args.model, args.data, args.eval_split, res.plan, checkpoint=args.checkpoint,
-                          data_root=args.data_root, models_dir=args.models_dir)
+                          data_root=args.data_root, models_dir=args.models_dir, **ptq_kw)
         out["eval"] = ev
     c = res.plan.costs
     text = (f"method {args.method} · budget {args.budget} · {c['weight_mb']:.4f} MB (cr {c['compression']:.2f}) · "
@@ -181,7 +211,8 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method-specific flags that were given (methods ignore the options that are not theirs)."""
     given = {"target": args.infoq_target, "observers": args.observers, "projections": args.projections,
              "estimator": args.mi_estimator, "qem": args.qem, "bref": args.bref,
-             "act_bits": args.clado_act_bits, "psd": args.psd, "workers": args.workers}
+             "act_bits": args.clado_act_bits, "psd": args.psd, "workers": args.workers, "max_drop": args.max_drop,
+             "hawq_samples": args.hawq_samples, "max_iter": args.hawq_iters, "tol": args.hawq_tol}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -191,7 +222,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     plan = Plan.load(args.plan)
     qmodel = api.apply_plan(args.model, plan, args.data, checkpoint=args.checkpoint, data_root=args.data_root,
-                            models_dir=args.models_dir)
+                            models_dir=args.models_dir, **_ptq_kwargs(args))
     out = api.save_quantized(qmodel, plan, args.out)
     _print({"out": str(out)}, args.json, f"quantized model written to {out}")
     return 0
@@ -200,10 +231,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import api
 
+    ptq = _ptq_kwargs(args)
+    if args.plan is None and ptq["ptq"] is not None:
+        raise MpqkitError("--ptq needs --plan (there is nothing to quantize in the fp model)")
+    kw = {**ptq, "progress": not args.quiet} if args.plan else {"progress": not args.quiet}
     res = api.evaluate(args.model, args.data, args.split, args.plan, limit=args.limit, checkpoint=args.checkpoint,
-                       data_root=args.data_root, models_dir=args.models_dir, progress=not args.quiet)
+                       data_root=args.data_root, models_dir=args.models_dir, **kw)
     _print(res, args.json, f"{res['model']} on {res['data']}/{res['split']} ({res['n']} images)"
-           + (f" with plan {args.plan}" if args.plan else " fp32")
+           + (f" with plan {args.plan}" + (f" (ptq {args.ptq})" if args.ptq else "") if args.plan else " fp32")
            + f": top-1 {100 * res['top1']:.2f} %, loss {res['loss']:.4f}")
     return 0
 

@@ -7,7 +7,7 @@ float module's weight and bias tensors (no copy): the caller decides whether to 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ class _QuantMixin:
         self._w_range = self._a_range = (0, 0)
         self._w_cache: Tensor | None = None
         self.freeze_weight = False  # cache the fake-quantized weight (inference only)
+        # optional replacements of the two quantizers (weight -> Ŵ, input -> x̂), installed by
+        # PTQ reconstruction (quant/brecq.py) while it learns rounding and step sizes
+        self.weight_fn: Optional[Callable[[Tensor], Tensor]] = None
+        self.input_fn: Optional[Callable[[Tensor], Tensor]] = None
         if w_spec is not None:
             scale, zp, qmin, qmax = w_qparams if w_qparams is not None else weight_qparams(self.weight.detach(), w_spec)
             self.register_buffer("w_scale", scale.detach().clone())
@@ -56,6 +60,8 @@ class _QuantMixin:
     def quantized_weight(self) -> Tensor:
         if self.w_spec is None:
             return self.weight
+        if self.weight_fn is not None:
+            return self.weight_fn(self.weight)
         if self.freeze_weight and self._w_cache is not None:
             return self._w_cache
         w = fake_quant(self.weight, self.w_scale, self.w_zero_point, *self._w_range)
@@ -66,6 +72,8 @@ class _QuantMixin:
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.a_spec is None:
             return x
+        if self.input_fn is not None:
+            return self.input_fn(x)
         if not hasattr(self, "a_scale"):
             raise RuntimeError("activation quantizer is not calibrated: run calibration before the forward pass")
         return fake_quant(x, self.a_scale, self.a_zero_point, *self._a_range)

@@ -78,7 +78,7 @@ class Method:
     name: str
     description: str
     sensitivity: Callable[[SearchContext], SensitivityTable] | None
-    solver: str = "ilp"  # "ilp" | "uniform" | "threshold" | "iqp"
+    solver: str = "ilp"  # "ilp" | "uniform" | "threshold" | "iqp" | "greedy"
 
 
 class Registry:

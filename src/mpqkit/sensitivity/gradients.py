@@ -1,0 +1,57 @@
+"""Shared pieces of the gradient-based sensitivities (HAWQ, MPQCO): the searched layers' weights as
+autograd leaves, the calibration loss, and the weight perturbation of each candidate bit-width.
+
+The probe engine measures forward losses; these methods need derivatives of the fp model instead,
+so they use the model itself (eval mode, a private copy so no ``requires_grad`` flag leaks), but
+quantize through the same ``quantize_weight`` as every other path.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..quant.observers import quantize_weight
+from .base import SearchContext
+
+
+def grad_model(ctx: SearchContext) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+    """An eval-mode copy of the model whose only trainable tensors are the searched layers' weights."""
+    model = copy.deepcopy(ctx.model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = {f: model.get_submodule(f).weight for f in ctx.searched}
+    for p in params.values():
+        p.requires_grad_(True)
+    return model, params
+
+
+def calib_chunks(ctx: SearchContext, n: int | None = None, chunk: int = 128) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first ``n`` calibration samples (all by default) in chunks."""
+    n = len(ctx.calib_images) if n is None else min(n, len(ctx.calib_images))
+    for i in range(0, n, chunk):
+        yield ctx.calib_images[i:min(i + chunk, n)], ctx.calib_labels[i:min(i + chunk, n)]
+
+
+def loss_sum(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y, reduction="sum")
+
+
+def weight_deltas(ctx: SearchContext) -> dict[str, dict[int, Tensor]]:
+    """Ŵ_{ℓ,b} − W_ℓ for every searched layer and candidate bits, with the configured quantizer."""
+    out: dict[str, dict[int, Tensor]] = {}
+    with torch.no_grad():
+        for f in ctx.searched:
+            w = ctx.model.get_submodule(f).weight.detach()
+            out[f] = {b: quantize_weight(w, ctx.qconfig.w_spec(b)) - w for b in ctx.w_bits}
+    return out
+
+
+def require_weight_search(ctx: SearchContext, method: str) -> None:
+    from ..errors import MpqkitError
+
+    if ctx.search_a:
+        raise MpqkitError(f"method '{method}' scores weight bits only: use --search w (activations at --a-bits)")

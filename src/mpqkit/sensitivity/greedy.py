@@ -1,0 +1,58 @@
+"""Greedy accuracy-target search (AIMET AMP style): a measured Pareto list, then a pick from it.
+
+Phase 1: the single-layer probes of eval-delta (shared engine, shared cache) give ΔL(ℓ, b).
+Phase 2: from every searched layer at its largest candidate, repeatedly take the one-step-down move
+(ℓ: b → next lower b') with the least loss increase per byte saved, ΔL(ℓ,b') − ΔL(ℓ,b) over
+size(ℓ,b) − size(ℓ,b'); after each move the *combined* configuration is measured through the
+engine (loss and top-1 on the calibration set). The whole list, down to every layer at its
+smallest bits, is the Pareto list (``meta["pareto"]``); ``solve/greedy.py`` picks from it.
+"""
+from __future__ import annotations
+
+import heapq
+
+from ..budget import Ledger
+from .base import METHODS, SearchContext, SensitivityTable
+from .evalbased import eval_delta
+from .gradients import require_weight_search
+
+
+@METHODS.register("greedy", "lower the least sensitive layers while the measured accuracy drop ≤ --max-drop "
+                  "(whole Pareto list)", solver="greedy")
+def greedy(ctx: SearchContext) -> SensitivityTable:
+    require_weight_search(ctx, "greedy")
+    table = eval_delta(ctx)
+    engine, ledger = ctx.engine, Ledger(ctx.graph, ctx.searched)
+    bits = sorted(ctx.w_bits, reverse=True)
+    config = {f: bits[0] for f in ctx.searched}
+
+    def move(f: str):
+        i = bits.index(config[f])
+        if i + 1 == len(bits):
+            return None
+        lo = bits[i + 1]
+        saved = ledger.layer_cost("size", f, config[f], None) - ledger.layer_cost("size", f, lo, None)
+        return ((table.w[f][lo] - table.w[f][config[f]]) / max(saved, 1e-12), f, lo)
+
+    heap = [m for f in ctx.searched if (m := move(f)) is not None]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        _, f, lo = heapq.heappop(heap)
+        config[f] = lo
+        order.append((f, lo, dict(config)))
+        if (m := move(f)) is not None:
+            heapq.heappush(heap, m)
+    start = {f: bits[0] for f in ctx.searched}
+    configs = [start] + [c for _, _, c in order]
+    results = engine.run([{f: (b, None) for f, b in c.items()} for c in configs], desc="greedy Pareto list")
+    fp = engine.fp
+    pareto = []
+    for i, (c, r) in enumerate(zip(configs, results)):
+        full = {f: (b, None) for f, b in c.items()}
+        pareto.append({"step": i, "moved": None if i == 0 else f"{order[i - 1][0]}@{order[i - 1][1]}",
+                       "bits": dict(c), "loss": r.loss, "top1": r.top1, "drop_pct": 100 * (fp.top1 - r.top1),
+                       "avg_w_bits": ledger.value("avg-bits", full), "searched_bytes": ledger.value("size", full)})
+    table.meta.update({"score": "delta loss (phase 1); measured Pareto list (phase 2)", "pareto": pareto,
+                       "fp_top1": fp.top1})
+    return table

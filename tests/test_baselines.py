@@ -1,0 +1,134 @@
+"""Baselines: HAWQ (Hutchinson traces vs exact), MPQCO (vs a per-sample loop), greedy (measured Pareto list)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mpqkit
+from mpqkit.graph import discover
+from mpqkit.errors import MpqkitError
+from mpqkit.quant.observers import quantize_weight
+from mpqkit.sensitivity.base import SearchContext
+from mpqkit.sensitivity.hessian import hutchinson_traces
+
+from conftest import make_tiny, tiny_data
+
+
+def _ctx(model, data, searched, **options):
+    graph = discover(model, (3, 8, 8))
+    return SearchContext(model=model, graph=graph, calib_images=data.images, calib_labels=data.labels,
+                         searched=searched, w_bits=[2, 4, 8], a_bits=[None], options=options)
+
+
+def _exact_trace(model, data, fqn, n):
+    """Tr(H) of the mean calibration loss w.r.t. one layer's weight, from unit vectors."""
+    w = model.get_submodule(fqn).weight
+    x, y = data.images[:n], data.labels[:n]
+    w.requires_grad_(True)
+    try:
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), w, create_graph=True)[0].reshape(-1)
+        return sum(float(torch.autograd.grad(g[i], w, retain_graph=True)[0].reshape(-1)[i]) for i in range(g.numel()))
+    finally:
+        w.requires_grad_(False)
+
+
+def test_hutchinson_matches_exact_trace_and_is_seed_stable():
+    model = make_tiny()
+    data = tiny_data(model, n=96)
+    layers = ["conv3", "fc"]
+    ctx = _ctx(model, data, layers)
+    a, info = hutchinson_traces(ctx, n_samples=96, max_iter=250, tol=1e-3, seed=0)
+    b, _ = hutchinson_traces(ctx, n_samples=96, max_iter=250, tol=1e-3, seed=1)
+    for f in layers:
+        exact = _exact_trace(model, data, f, 96)
+        assert a[f] == pytest.approx(exact, rel=0.15), (f, a[f], exact)
+        assert abs(a[f] - b[f]) / exact < 0.2
+    assert info["iterations"] <= 250 and not info["fisher_fallback"]
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():  # as ops whose double backward is not implemented
+            raise RuntimeError("double backward of _NoSecondDerivative is not implemented")
+        return g
+
+
+class HalfTwiceNet(nn.Module):
+    """conv1 → op without a second derivative → conv2 → fc: only conv1's double backward fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = torch.tanh(self.conv2(_NoSecondDerivative.apply(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hawq_falls_back_per_layer_when_double_backward_fails(caplog):
+    torch.manual_seed(0)
+    model = HalfTwiceNet().eval()
+    data = tiny_data(model, n=64)
+    with caplog.at_level(logging.WARNING, logger="mpqkit"):
+        res = mpqkit.search(model, data, "avg-bits=4", "hawq", input_shape=(3, 8, 8), fixed=[], w_candidates=(2, 4, 8),
+                            calib_size=64, progress=False)
+    info = res.table.meta["hutchinson"]
+    assert info["fisher_fallback"] == ["conv1"]
+    assert "double backward fails for layer conv1" in caplog.text
+    assert res.table.meta["traces"]["conv1"] > 0  # the Fisher trace is a sum of squares
+    # scores are trace/n · ||dW||^2: more bits, smaller score
+    for f, row in res.table.w.items():
+        assert row[2] >= row[4] >= row[8] >= 0
+    assert res.table.w["conv1"][2] > res.table.w["conv1"][4] > res.table.w["conv1"][8]
+
+
+def test_mpqco_equals_a_per_sample_loop():
+    model = make_tiny()
+    data = tiny_data(model, n=40)
+    res = mpqkit.search(model, data, "avg-bits=4", "mpqco", input_shape=(3, 8, 8), w_candidates=(2, 4, 8),
+                        calib_size=40, progress=False)
+    f = "conv2"
+    w = model.get_submodule(f).weight
+    x, y = data.sample(40, 0).images, data.sample(40, 0).labels  # the search's calibration subset
+    expected = {b: 0.0 for b in (2, 4, 8)}
+    w.requires_grad_(True)
+    try:
+        for i in range(len(x)):
+            z = model(x[i:i + 1])[0, y[i]]
+            g = torch.autograd.grad(z, w)[0]
+            for b in expected:
+                d = quantize_weight(w.detach(), mpqkit.api.QuantConfig().w_spec(b)) - w.detach()
+                expected[b] += float((g * d).sum() / z.detach()) ** 2
+    finally:
+        w.requires_grad_(False)
+    for b in expected:
+        assert res.table.w[f][b] == pytest.approx(expected[b] / (2 * len(x)), rel=1e-3)
+
+
+def test_greedy_pareto_list_and_max_drop():
+    res = mpqkit.search("digits-cnn", "digits", None, "greedy", calib_size=512, progress=False,
+                        method_options={"max_drop": 1.0})
+    pareto = res.table.meta["pareto"]
+    sizes = [p["avg_w_bits"] for p in pareto]
+    assert sizes == sorted(sizes, reverse=True) and len(pareto) == 1 + len(res.ledger.searched) * 5
+    pick = res.solution.info["step"]
+    assert pareto[pick]["drop_pct"] <= 1.0
+    assert all(p["drop_pct"] > 1.0 for p in pareto[pick + 1:])  # the smallest point within the target
+    assert res.plan.costs["avg_w_bits_searched"] == pytest.approx(pareto[pick]["avg_w_bits"])
+    # the accuracy of each point is measured on the combined configuration, not summed from singles
+    singles = res.table.meta["delta_top1"]["w"]
+    assert pareto[-1]["drop_pct"] > max(-100 * v for v in singles.values())
+    with pytest.raises(MpqkitError, match="weight bits only"):
+        mpqkit.search("digits-cnn", "digits", "bitops=1G", "greedy", search="wa", calib_size=256, progress=False)
