@@ -110,11 +110,14 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
            time_limit: float = 60.0, alpha: float = 1.0, out: str | Path | None = None,
            checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
            input_shape: Sequence[int] | None = None, engine_options: dict[str, Any] | None = None,
-           method_options: dict[str, Any] | None = None, progress: bool = True) -> SearchResult:
+           method_options: dict[str, Any] | None = None, progress: bool = True,
+           table: SensitivityTable | None = None) -> SearchResult:
     """Search a mixed-precision plan; writes a results directory when ``out`` is given.
 
     search: "w" (weights searched, activations at ``a_bits``, default 8), "a" (activations
     searched, weights at ``w_bits``, default 8) or "wa" (both, jointly).
+    ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
+    many budgets from one measurement); the method's measurement is then skipped.
     """
     t_start = time.perf_counter()
     qconfig = qconfig or QuantConfig()
@@ -152,7 +155,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
                         search_a="a" in search, qconfig=qconfig, seed=seed, options=dict(method_options or {}),
                         engine_kwargs={"progress": progress, **(engine_options or {})})
     t_sens = time.perf_counter()
-    table = m.sensitivity(ctx) if m.sensitivity is not None else None
+    if table is None and m.sensitivity is not None:
+        table = m.sensitivity(ctx)
     t_solve = time.perf_counter()
     solution = _solve(m, problem, table, bool(terms), w_bits=w_bits, a_bits=a_bits, search=search, alpha=alpha,
                       time_limit=time_limit, seed=seed, options=method_options or {})

@@ -215,3 +215,31 @@ def format_budget_value(c: Constraint, smallest: float, ledger: Ledger) -> str:
     if c.metric in ("act-mem", "act-mem-sum"):
         return f"{c.metric}={smallest / 2**10:.3f}KB"
     return f"{c.metric}={smallest:.4f}"
+
+
+def expand_budgets(spec: str | list[str]) -> list[str]:
+    """Budgets of a sweep: ``key=start:stop:step`` (inclusive; e.g. ``avg-bits=2.5:4:0.25``), or
+    budgets separated by ``;`` (each may combine terms with ``,``), or a list of either."""
+    items = spec if isinstance(spec, list) else [t for t in spec.split(";") if t.strip()]
+    out: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and value.count(":") == 2 and "," not in value:
+            try:
+                start, stop, step = (float(v) for v in value.split(":"))
+            except ValueError:
+                raise BudgetError(f"malformed budget range '{item}': expected key=start:stop:step") from None
+            if step <= 0 or stop < start:
+                raise BudgetError(f"budget range '{item}' needs step > 0 and stop >= start")
+            n = int(round((stop - start) / step))
+            for i in range(n + 1):
+                v = start + i * step
+                if v <= stop + 1e-9:
+                    out.append(f"{key.strip()}={v:g}")
+                    parse_budget(out[-1])
+        else:
+            parse_budget(item)  # validated now, not after an hour of measurements
+            out.append(item.strip())
+    if not out:
+        raise BudgetError("no budget given")
+    return out

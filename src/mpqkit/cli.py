@@ -119,6 +119,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     _ptq(e)
 
+    for name, help_ in (("sweep", "one method over many budgets from one sensitivity: frontier CSV + PNG"),
+                        ("bench", "methods × budgets × PTQ backends: results.csv, pareto.png, report.html")):
+        b = sub.add_parser(name, help=help_)
+        _common(b)
+        if name == "sweep":
+            b.add_argument("--method", required=True)
+        else:
+            b.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (every registered)")
+        b.add_argument("--budgets", required=True, help="key=start:stop:step (e.g. avg-bits=2.5:4:0.25) or "
+                       "budgets separated by ';'")
+        b.add_argument("--ptq", default="default" if name == "sweep" else "default,brecq",
+                       help="comma-separated PTQ backends: default (the plan's quantizer), minmax, mse, adaround, "
+                            "brecq, qdrop")
+        b.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 500)")
+        b.add_argument("--w-candidates", type=_bits_list, default=[2, 3, 4, 5, 6, 8])
+        b.add_argument("--calib-size", type=int, default=1024)
+        b.add_argument("--time-limit", type=float, default=60.0)
+        b.add_argument("--splits", default="test,exact", help="evaluation splits (default test,exact)")
+        b.add_argument("--out", required=True, help="results directory (rerun to resume)")
+    x = sub.add_parser("proxies", help="rank correlation of each method's sensitivity with the true single-layer "
+                                       "top-1 drop on the test split (table + scatter PNG)")
+    _common(x)
+    x.add_argument("--methods", help="comma-separated (default: eval-delta,hawq,mpqco,mixquant,mixquant-ilp,infoq)")
+    x.add_argument("--w-candidates", type=_bits_list, default=[2, 3, 4, 5, 6, 8])
+    x.add_argument("--calib-size", type=int, default=1024)
+    x.add_argument("--out", help="results directory (default results/proxies-MODEL; a bench directory adds it to "
+                                 "its report.html)")
+    r = sub.add_parser("report", help="rewrite the outputs of bench/sweep directories; optionally one Markdown file")
+    r.add_argument("dirs", nargs="+", help="bench or sweep results directories")
+    r.add_argument("--markdown", help="write the tables of all directories into this Markdown file")
+    r.add_argument("-q", "--quiet", action="store_true")
+
     g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
     _common(g, data=False)
 
@@ -136,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"demo": cmd_demo, "search": cmd_search, "apply": cmd_apply, "eval": cmd_eval,
-                "layers": cmd_layers, "export": cmd_export}[args.command](args)
+                "layers": cmd_layers, "export": cmd_export, "sweep": cmd_bench, "bench": cmd_bench,
+                "report": cmd_report, "proxies": cmd_proxies}[args.command](args)
     except MpqkitError as e:
         print(f"mpqkit: error: {e}", file=sys.stderr)
         return 2
@@ -240,6 +273,87 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _print(res, args.json, f"{res['model']} on {res['data']}/{res['split']} ({res['n']} images)"
            + (f" with plan {args.plan}" + (f" (ptq {args.ptq})" if args.ptq else "") if args.plan else " fp32")
            + f": top-1 {100 * res['top1']:.2f} %, loss {res['loss']:.4f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``sweep`` (one method) and ``bench`` (many) share the loop in ``report/bench.py``."""
+    from .budget import expand_budgets
+    from .quant.brecq import PTQ_BACKENDS
+    from .report.bench import run_bench, write_outputs
+    from .sensitivity import METHODS
+    from .zoo.models import get_model
+
+    budgets = expand_budgets(args.budgets)
+    if args.command == "sweep":
+        methods = [METHODS.get(args.method).name]
+    else:
+        methods = METHODS.names() if args.methods == "all" else [METHODS.get(m.strip()).name
+                                                                 for m in args.methods.split(",") if m.strip()]
+    ptqs: list[str | None] = []
+    for p in (t.strip() for t in args.ptq.split(",") if t.strip()):
+        if p != "default" and p not in PTQ_BACKENDS:
+            raise MpqkitError(f"unknown PTQ backend '{p}', expected default or one of {sorted(PTQ_BACKENDS)}")
+        ptqs.append(None if p == "default" else p)
+    out = Path(args.out)
+    _check_writable(out)
+    model = get_model(args.model, checkpoint=args.checkpoint, models_dir=args.models_dir,
+                      random_init=args.random_init)
+    search_kwargs = {"w_candidates": args.w_candidates, "calib_size": args.calib_size, "time_limit": args.time_limit,
+                     "data_root": args.data_root}
+    rows = run_bench(model, args.data, methods, budgets, ptqs, out,
+                     splits=[s for s in args.splits.split(",") if s], search_kwargs=search_kwargs,
+                     recon_options={"iters": args.recon_iters} if args.recon_iters else None,
+                     progress=not args.quiet)
+    title = f"{model.name} / {args.data}: {', '.join(methods)} at {len(budgets)} budget(s)"
+    paths = write_outputs(rows, out, title)
+    text = (paths["md"].read_text() + f"\nwritten: {paths['csv']}, {paths['pareto']}, {paths['html']}")
+    _print({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}, args.json, text)
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any measurement when the results directory cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".mpqkit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MpqkitError(f"results directory {out} is not writable: {e.strerror or e}") from None
+
+
+def cmd_proxies(args: argparse.Namespace) -> int:
+    from .report.proxies import DEFAULT_METHODS, proxy_report
+    from .sensitivity import METHODS
+
+    methods = DEFAULT_METHODS if not args.methods else [METHODS.get(m.strip()).name for m in args.methods.split(",")
+                                                        if m.strip()]
+    out = Path(args.out or f"results/proxies-{args.model}")
+    _check_writable(out)
+    res = proxy_report(args.model, args.data, out, methods, args.w_candidates, args.calib_size,
+                       data_root=args.data_root, progress=not args.quiet)
+    text = (out / "proxies.md").read_text() + f"\nwritten: {out}/proxies.json, proxies.csv, proxies.png"
+    _print({"correlations": res["correlations"], "out": str(out)}, args.json, text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .plan import atomic_write_text
+    from .report.bench import _load_rows, write_outputs
+
+    md = []
+    for d in args.dirs:
+        rows = _load_rows(Path(d) / "rows.jsonl")
+        if not rows:
+            raise MpqkitError(f"{d} has no rows.jsonl: not a bench or sweep results directory")
+        title = (Path(d) / "title.txt").read_text().strip() if (Path(d) / "title.txt").exists() else Path(d).name
+        paths = write_outputs(rows, Path(d), title)
+        md.append(paths["md"].read_text())
+        print(f"{d}: {len(rows)} rows → {paths['html']}")
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), "\n".join(md))
+        print(f"tables written to {args.markdown}")
     return 0
 
 

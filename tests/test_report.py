@@ -1,0 +1,108 @@
+"""Sweep / bench / report / proxies on the embedded digits CNN: outputs exist, are measured, resume."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mpqkit.budget import expand_budgets
+from mpqkit.cli import main
+from mpqkit.errors import BudgetError
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_expand_budgets():
+    assert expand_budgets("avg-bits=2.5:4:0.5") == ["avg-bits=2.5", "avg-bits=3", "avg-bits=3.5", "avg-bits=4"]
+    assert expand_budgets("size=0.1MB;avg-bits=3,bitops=1G") == ["size=0.1MB", "avg-bits=3,bitops=1G"]
+    for bad in ("avg-bits=4:2:0.5", "avg-bits=a:b:c", "avg-bits=2:4:0", "weird=3", ""):
+        with pytest.raises(BudgetError):
+            expand_budgets(bad)
+
+
+def test_sweep_writes_frontier_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", "digits-cnn", "--data", "digits", "--method", "eval-delta", "--budgets",
+            "avg-bits=2.5:3.5:0.5", "--splits", "test", "--calib-size", "256", "--out", str(out), "-q", "--json"]
+    code, text, _ = run(capsys, *argv)
+    assert code == 0
+    rows = json.loads(text)["rows"]
+    assert [r["budget"] for r in rows] == ["-", "avg-bits=2.5", "avg-bits=3", "avg-bits=3.5"]
+    sizes = [r["size_mb"] for r in rows[1:]]
+    assert sizes == sorted(sizes) and all(0 < r["top1_test"] <= 100 for r in rows)
+    for f in ("results.csv", "pareto.png", "report.html", "results.md", "bits_eval-delta.png"):
+        assert (out / f).stat().st_size > 0
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "Budget ledger" in html and "http" not in html
+    before = (out / "rows.jsonl").read_text()
+    code, text, _ = run(capsys, *argv)  # a rerun measures nothing again
+    assert code == 0 and (out / "rows.jsonl").read_text() == before
+    # a cut last line (killed mid-write) is measured again, not trusted
+    lines = before.splitlines()
+    (out / "rows.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    code, text, _ = run(capsys, *argv)
+    assert code == 0 and len(json.loads(text)["rows"]) == 4
+    code, text, _ = run(capsys, "report", str(out), "--markdown", str(tmp_path / "RESULTS.md"))
+    assert code == 0 and "| eval-delta | avg-bits=3 |" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_bench_records_failures_instead_of_figures(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code, text, _ = run(capsys, "bench", "--model", "digits-cnn", "--data", "digits", "--methods", "mixquant,uniform",
+                        "--budgets", "avg-bits=1.5;avg-bits=2.2", "--w-candidates", "2,4,8", "--ptq", "default",
+                        "--splits", "test", "--calib-size", "256", "--out", str(out), "-q", "--json")
+    assert code == 0
+    rows = {(r["method"], r["budget"]): r for r in json.loads(text)["rows"]}
+    for m in ("mixquant", "uniform"):
+        assert "smallest feasible value" in rows[(m, "avg-bits=1.5")]["error"]
+        assert "top1_test" not in rows[(m, "avg-bits=1.5")]
+        assert rows[(m, "avg-bits=2.2")]["avg_w_bits"] <= 2.2 and "error" not in rows[(m, "avg-bits=2.2")]
+    assert "failed:" in (out / "report.html").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_results_dir(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, _, err = run(capsys, "sweep", "--model", "digits-cnn", "--data", "digits", "--method", "uniform",
+                       "--budgets", "avg-bits=3", "--out", str(ro / "x"))
+    assert code == 2 and "not writable" in err
+
+
+def test_unwritable_results_dir_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "sweep", "--model", "digits-cnn", "--data", "digits", "--method", "uniform",
+                       "--budgets", "avg-bits=3", "--out", str(blocker / "x"))
+    assert code == 2 and "not writable" in err
+
+
+def test_proxies_truth_is_the_measured_test_drop(tmp_path, capsys):
+    import torch
+
+    from mpqkit.api import load_model, load_split
+    from mpqkit.evaluation import evaluate_model
+    from mpqkit.plan import LayerQuant, Plan
+    from mpqkit.quant.apply import apply_plan
+
+    out = tmp_path / "px"
+    code, text, _ = run(capsys, "proxies", "--model", "digits-cnn", "--data", "digits", "--methods",
+                        "eval-delta,mixquant-ilp", "--calib-size", "256", "--out", str(out), "-q", "--json")
+    assert code == 0
+    corr = json.loads(text)["correlations"]
+    assert set(corr) == {"eval-delta", "mixquant-ilp"} and -1 <= corr["eval-delta"]["spearman"] <= 1
+    res = json.loads((out / "proxies.json").read_text())
+    bundle = load_model("digits-cnn")
+    test = load_split("digits", "test")
+    fp = evaluate_model(bundle.model, test)["top1"]
+    q = apply_plan(bundle.model, Plan(layers={"conv2": LayerQuant(2, None)}))
+    with torch.no_grad():
+        drop = 100 * (fp - evaluate_model(q, test)["top1"])
+    assert res["truth"]["conv2"]["2"]["drop_pct"] == pytest.approx(drop, abs=0.3)
+    assert (out / "proxies.png").stat().st_size > 0
