@@ -25,7 +25,7 @@ from .plan import LayerQuant, Plan, provenance
 from .quant.apply import apply_plan as _apply_plan
 from .quant.config import QuantConfig
 from .sensitivity.base import METHODS, Method, SearchContext, SensitivityTable
-from .solve import Allocation, Solution, solve_greedy, solve_ilp, solve_iqp, solve_threshold, solve_uniform
+from .solve import Allocation, Solution, solve_greedy, solve_ilp, solve_supernet, solve_iqp, solve_threshold, solve_uniform
 from .zoo.data import LabeledData, load_data
 from .zoo.models import CIFAR_MODELS, ModelBundle, get_model
 
@@ -35,6 +35,9 @@ DEFAULT_W_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_A_BITS = (4, 6, 8)
 FIXED_BITS = (8, 8)
 CALIB_SIZE = 1024
+#: method options that change where probes run, never their results: kept out of the plan so the
+#: same inputs give the same plan bytes on any runner
+EXECUTION_OPTIONS = ("workers", "runner", "address")
 
 
 @dataclass
@@ -89,6 +92,12 @@ def _named_calibration_set(data: str, n: int, seed: int, data_root: str | None, 
     return load_data(data, "train", root=data_root).sample(n, seed)
 
 
+def _train_subset(data: str | LabeledData, n: int, seed: int, data_root: str | None) -> LabeledData:
+    """Up to ``n`` training images (all of them when the split is smaller), fixed seed."""
+    full = data if isinstance(data, LabeledData) else load_data(data, "train", root=data_root)
+    return full.sample(min(n, len(full)), seed)
+
+
 def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
     shape = tuple(data.images.shape[1:])
     if len(shape) != len(bundle.input_shape) or shape[0] != bundle.input_shape[0]:
@@ -111,14 +120,18 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
            checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
            input_shape: Sequence[int] | None = None, engine_options: dict[str, Any] | None = None,
            method_options: dict[str, Any] | None = None, progress: bool = True,
-           table: SensitivityTable | None = None) -> SearchResult:
+           table: SensitivityTable | None = None, device: str | None = None) -> SearchResult:
     """Search a mixed-precision plan; writes a results directory when ``out`` is given.
 
     search: "w" (weights searched, activations at ``a_bits``, default 8), "a" (activations
     searched, weights at ``w_bits``, default 8) or "wa" (both, jointly).
     ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
     many budgets from one measurement); the method's measurement is then skipped.
+    ``device``: "auto" (default: CUDA when available), "cpu", "cuda[:N]".
     """
+    from .device import resolve_device
+
+    dev = resolve_device(device)
     t_start = time.perf_counter()
     qconfig = qconfig or QuantConfig()
     m = METHODS.get(method)
@@ -153,7 +166,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     ctx = SearchContext(model=bundle.model, graph=graph, calib_images=calib.images, calib_labels=calib.labels,
                         searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in search,
                         search_a="a" in search, qconfig=qconfig, seed=seed, options=dict(method_options or {}),
-                        engine_kwargs={"progress": progress, **(engine_options or {})})
+                        engine_kwargs={"progress": progress, "device": dev, **(engine_options or {})},
+                        device=dev, load_train=lambda n, s: _train_subset(data, n, s, data_root))
     t_sens = time.perf_counter()
     if table is None and m.sensitivity is not None:
         table = m.sensitivity(ctx)
@@ -168,10 +182,10 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     params = {"search": search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
               "alpha": alpha, "time_limit": time_limit, "qconfig": qconfig.to_dict(),
               **{k: v if isinstance(v, (str, int, float, bool, list, type(None))) else f"<{type(v).__name__}>"
-                 for k, v in (method_options or {}).items()}}
+                 for k, v in (method_options or {}).items() if k not in EXECUTION_OPTIONS}}
     plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
                 method_params=params, budget=budget, costs=ledger.summary(full),
-                provenance={**provenance(seed, len(calib), calib.sha256()), "solver": solution.to_dict(),
+                provenance={**provenance(seed, len(calib), calib.sha256()), "solver": solution.record(),
                             "data": calib.name})
     result = SearchResult(plan, solution, table, graph, ledger,
                           {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve,
@@ -197,6 +211,9 @@ def _solve(m: Method, problem: Allocation, table: SensitivityTable | None, has_b
         if qem is None and not has_budget:
             raise BudgetError(f"method '{m.name}' needs --qem or a --budget")
         return solve_threshold(problem, table.w, None if qem is None else float(qem))
+    if m.solver == "supernet":  # argmax of the method's α when it fits, else the ILP on its costs
+        return solve_supernet(problem, table.meta["argmax_bits"], table.w, time_limit,
+                              select=str(options.get("select", "argmax")))
     if m.solver == "greedy":
         return solve_greedy(problem, table.meta["pareto"], float(options.get("max_drop", 1.0)))
     if not has_budget:
@@ -219,7 +236,7 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
                calib_size: int | None = None, seed: int | None = None, qconfig: QuantConfig | None = None,
                checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
                input_shape: Sequence[int] | None = None, allow_other_model: bool = False,
-               progress: bool = False) -> nn.Module:
+               progress: bool = False, device: str | None = None) -> nn.Module:
     """A quantized copy of the model following ``plan``. Activation ranges are calibrated on the
     same fixed-seed train subset the search used (size and seed from the plan's provenance).
 
@@ -227,9 +244,12 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
     MSE ranges); "minmax" / "mse" set the range estimator of weights and activations; "adaround"
     (layer-wise), "brecq" (block-wise, LSQ activation steps) and "qdrop" (BRECQ + QDrop) then
     reconstruct on the calibration set; ``recon_options`` override :class:`ReconConfig` fields
-    (e.g. ``{"iters": 2000}``).
+    (e.g. ``{"iters": 2000}``). ``device``: "auto" (CUDA when available), "cpu", "cuda[:N]"; the
+    quantized copy lives there.
     """
     from dataclasses import replace
+
+    from .device import resolve_device
 
     from .quant.brecq import reconstruct, recon_config
 
@@ -252,11 +272,23 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
                                 seed if seed is not None else prov.get("seed", 0), data_root)
         check_compatible(bundle, calib)
         calib_batches = [x for x, _ in calib.batches(256)]
-    qmodel = _apply_plan(bundle.model, plan, calib_batches, qconfig)
+    fp = _on_device(bundle.model, resolve_device(device))
+    qmodel = _apply_plan(fp, plan, calib_batches, qconfig)
     if recon is not None:
         assert calib_batches is not None
-        reconstruct(qmodel, bundle.model, calib_batches, recon, progress=progress)
+        reconstruct(qmodel, fp, calib_batches, recon, progress=progress)
     return qmodel
+
+
+def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
+    """The model itself when already there, else a moved copy (the caller's model never moves)."""
+    from .quant.apply import model_device
+
+    if model_device(model) == dev:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dev)
 
 
 def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
@@ -292,15 +324,17 @@ def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labe
              split: str = "test", plan: Plan | str | Path | None = None, *, limit: int | None = None,
              checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
              input_shape: Sequence[int] | None = None, batch_size: int = 500, progress: bool = False,
-             **apply_kwargs: Any) -> dict[str, Any]:
+             device: str | None = None, **apply_kwargs: Any) -> dict[str, Any]:
     """Top-1 / loss of the fp model, or of the model quantized by ``plan``, on a split."""
+    from .device import resolve_device
+
     bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
     ds = load_split(data, split, data_root, limit)
     check_compatible(bundle, ds)
-    net = bundle.model
+    net = _on_device(bundle.model, resolve_device(device))
     if plan is not None:
         net = apply_plan(bundle, plan, data if not isinstance(data, LabeledData) else ds, data_root=data_root,
-                         progress=progress, **apply_kwargs)
+                         progress=progress, device=device, **apply_kwargs)
     with torch.inference_mode():
         res = evaluate_model(net, ds, batch_size=batch_size, progress=progress)
     return {"model": bundle.name, "data": ds.name, "split": ds.split, "plan": None if plan is None else str(

@@ -27,6 +27,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         p.add_argument("--data", default="cifar10", help="cifar10, digits, or an ImageFolder directory")
         p.add_argument("--data-root", help="data root (default $MPQKIT_DATA, else ../shared/data)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -88,12 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     iq.add_argument("--mi-estimator", choices=["knn", "binned"], help="1-D MI estimator for labels (default knn)")
     cl = s.add_argument_group("clado")
     cl.add_argument("--clado-act-bits", help="activation bits of every layer during CLADO probes (default 8; 'fp')")
-    cl.add_argument("--workers", type=int, help="CLADO: run the probe trees in N processes (shared disk cache)")
+    cl.add_argument("--workers", type=int, help="clado, eval-delta: run probes in N parallel workers (shared cache)")
+    cl.add_argument("--runner", choices=["local", "ray"], help="where --workers run: local processes (default) or Ray")
+    cl.add_argument("--address", help="Ray cluster address (e.g. auto, ray://head:10001); default: a local Ray")
     cl.add_argument("--psd", choices=["project", "shift", "none"],
                     help="G treatment: eigenvalue projection (default), exact diagonal shift, or none")
     mq = s.add_argument_group("mixquant")
     mq.add_argument("--qem", type=float, help="quantization error multiplier (default: bisected to the budget)")
     mq.add_argument("--bref", type=int, help="reference bits of the QE rule (default 8)")
+    sp = s.add_argument_group("smpq / dmpq (one cached supernet run serves both)")
+    sp.add_argument("--preset", choices=["quick", "full"], help="quick (CPU: 10k train images, 6 epochs, default) "
+                    "or full (GPU: 50k images, 30 epochs)")
+    sp.add_argument("--train-size", type=int, help="train images for the supernet (half weights, half α)")
+    sp.add_argument("--epochs", type=int, help="supernet epochs (the first --warmup train weights only)")
+    sp.add_argument("--warmup", type=int, help="warm-up epochs")
+    sp.add_argument("--permutations", type=int, help="Monte-Carlo Shapley permutations per epoch (default 10)")
+    sp.add_argument("--select", choices=["argmax", "ilp"], help="argmax α per layer (default; the ILP only when "
+                    "over budget) or always the ILP on the method's costs (plans that fill the budget)")
+    sp.add_argument("--lam", type=float, help="weight of the expected-bits penalty in the α loss (default 0.5)")
     bl = s.add_argument_group("baselines")
     bl.add_argument("--max-drop", type=float, help="greedy: accuracy drop target, points on the calibration set (default 1.0)")
     bl.add_argument("--hawq-samples", type=int, help="hawq: calibration images in the Hessian products (default 256)")
@@ -171,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "layers": cmd_layers, "export": cmd_export, "sweep": cmd_bench, "bench": cmd_bench,
                 "report": cmd_report, "proxies": cmd_proxies}[args.command](args)
     except MpqkitError as e:
-        print(f"mpqkit: error: {e}", file=sys.stderr)
+        print(f"mpqkit: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("mpqkit: interrupted (cached probes are kept; rerun to resume)", file=sys.stderr)
@@ -212,7 +225,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                      data_root=args.data_root, models_dir=args.models_dir,
                      engine_options={"cache_dir": args.cache_dir, "use_cache": not args.no_cache,
                                      "batch_size": args.batch_size},
-                     method_options=_method_options(args), progress=not args.quiet)
+                     method_options=_method_options(args), progress=not args.quiet, device=args.device)
     if plan_path is not None:
         res.plan.save(plan_path)
     out: dict[str, Any] = {"plan": str(plan_path or (results_dir / "plan.json" if results_dir else "")),
@@ -221,7 +234,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                            "bits": {f: [lq.w_bits, lq.a_bits] for f, lq in res.plan.layers.items()}}
     if args.eval_split:
         ev = api.evaluate(args.model, args.data, args.eval_split, res.plan, checkpoint=args.checkpoint,
-                          data_root=args.data_root, models_dir=args.models_dir, **ptq_kw)
+                          data_root=args.data_root, models_dir=args.models_dir, device=args.device, **ptq_kw)
         out["eval"] = ev
     c = res.plan.costs
     text = (f"method {args.method} · budget {args.budget} · {c['weight_mb']:.4f} MB (cr {c['compression']:.2f}) · "
@@ -244,8 +257,10 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method-specific flags that were given (methods ignore the options that are not theirs)."""
     given = {"target": args.infoq_target, "observers": args.observers, "projections": args.projections,
              "estimator": args.mi_estimator, "qem": args.qem, "bref": args.bref,
-             "act_bits": args.clado_act_bits, "psd": args.psd, "workers": args.workers, "max_drop": args.max_drop,
-             "hawq_samples": args.hawq_samples, "max_iter": args.hawq_iters, "tol": args.hawq_tol}
+             "act_bits": args.clado_act_bits, "psd": args.psd, "workers": args.workers, "runner": args.runner, "address": args.address, "max_drop": args.max_drop,
+             "hawq_samples": args.hawq_samples, "max_iter": args.hawq_iters, "tol": args.hawq_tol,
+             "preset": args.preset, "train_size": args.train_size, "epochs": args.epochs, "warmup": args.warmup,
+             "permutations": args.permutations, "lam": args.lam, "select": args.select}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -255,7 +270,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     plan = Plan.load(args.plan)
     qmodel = api.apply_plan(args.model, plan, args.data, checkpoint=args.checkpoint, data_root=args.data_root,
-                            models_dir=args.models_dir, **_ptq_kwargs(args))
+                            models_dir=args.models_dir, device=args.device, **_ptq_kwargs(args))
     out = api.save_quantized(qmodel, plan, args.out)
     _print({"out": str(out)}, args.json, f"quantized model written to {out}")
     return 0
@@ -269,7 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise MpqkitError("--ptq needs --plan (there is nothing to quantize in the fp model)")
     kw = {**ptq, "progress": not args.quiet} if args.plan else {"progress": not args.quiet}
     res = api.evaluate(args.model, args.data, args.split, args.plan, limit=args.limit, checkpoint=args.checkpoint,
-                       data_root=args.data_root, models_dir=args.models_dir, **kw)
+                       data_root=args.data_root, models_dir=args.models_dir, device=args.device, **kw)
     _print(res, args.json, f"{res['model']} on {res['data']}/{res['split']} ({res['n']} images)"
            + (f" with plan {args.plan}" + (f" (ptq {args.ptq})" if args.ptq else "") if args.plan else " fp32")
            + f": top-1 {100 * res['top1']:.2f} %, loss {res['loss']:.4f}")
@@ -300,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = get_model(args.model, checkpoint=args.checkpoint, models_dir=args.models_dir,
                       random_init=args.random_init)
     search_kwargs = {"w_candidates": args.w_candidates, "calib_size": args.calib_size, "time_limit": args.time_limit,
-                     "data_root": args.data_root}
+                     "data_root": args.data_root, "device": args.device}
     rows = run_bench(model, args.data, methods, budgets, ptqs, out,
                      splits=[s for s in args.splits.split(",") if s], search_kwargs=search_kwargs,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None,

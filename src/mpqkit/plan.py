@@ -5,7 +5,6 @@ from ``layers`` stay fp32. ``validate`` checks it against a model's graph before
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import tempfile
@@ -132,11 +131,9 @@ class Plan:
 def provenance(seed: int, calib_n: int, calib_sha256: str) -> dict[str, Any]:
     from . import __version__
 
-    return {
-        "mpqkit": __version__, "seed": seed,
-        "calib": {"n": calib_n, "sha256": calib_sha256},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    # no timestamp: the same inputs give the byte-identical plan (the results directory's
+    # summary.json records when and how long)
+    return {"mpqkit": __version__, "seed": seed, "calib": {"n": calib_n, "sha256": calib_sha256}}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

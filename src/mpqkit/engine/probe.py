@@ -205,7 +205,9 @@ class ProbeEngine:
                                          batch_size=batch_size, use_cache=use_cache, prefix=prefix, device=device,
                                          seed=seed, prefix_cache_mb=prefix_cache_mb, fold_bn=fold_bn,
                                          channels_last=channels_last)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        from ..device import resolve_device
+
+        self.device = resolve_device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)  # private copy: the user's model is never touched
         self.graph = graph
         self.qconfig = qconfig or QuantConfig()
@@ -383,6 +385,16 @@ class ProbeEngine:
                 h.remove()
             for f, m in originals.items():
                 set_submodule(self.model, f, m)
+
+    def store(self, probes: Sequence[Mapping[str, Override]], base: Mapping[str, Override] | None,
+              results: Sequence[ProbeResult]) -> None:
+        """Put results computed elsewhere (another process or machine) under the keys ``run`` uses."""
+        if self.cache is None:
+            return
+        base = dict(base or {})
+        for p, r in zip(probes, results):
+            cfg = {f: ov for f, ov in {**base, **p}.items() if _norm(ov) != (None, None)}
+            self.cache.put(self.cache.key(probe_spec(cfg)), r.to_dict())
 
     def run(self, probes: Sequence[Mapping[str, Override]], desc: str = "probes", show: bool | None = None,
             base: Mapping[str, Override] | None = None, record: Sequence[str] = (),

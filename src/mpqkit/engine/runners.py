@@ -1,9 +1,16 @@
-"""Run probe batches in parallel worker processes that share the engine's on-disk cache.
+"""Run probe jobs in parallel: local worker processes, or Ray tasks on a cluster.
 
-Each worker rebuilds the same engine from ``ProbeEngine.spec`` (so its cache keys are identical),
-runs its share of the jobs and writes every result to the cache; the calling process then reads
-them like any cached probe. Processes are spawned (not forked: forking after torch has started
-its thread pools can hang), and torch threads are split between the workers.
+Either way the hand-over is the engine's on-disk cache: the caller dispatches jobs, the results
+land in its cache under the same keys its own ``engine.run`` would use, and the method then reads
+them like any cached probe (so the results, and the plan, are those of the local loop).
+
+* local (``run_in_workers``): each spawned process rebuilds the same engine from
+  ``ProbeEngine.spec``, runs its share of the jobs and writes the cache itself (shared disk).
+  Spawned, not forked (forking after torch started its thread pools can hang); torch threads are
+  split between the workers.
+* Ray (``run_in_ray``): one actor per worker holds the model and data once (from the object
+  store), runs jobs handed out dynamically and returns the results; the driver writes them into its
+  cache, so workers need no shared disk. Actors get a (fractional) GPU when the cluster has GPUs.
 """
 from __future__ import annotations
 
@@ -12,8 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..errors import MpqkitError
-from .probe import Override, ProbeEngine
+from ..errors import MissingResourceError, MpqkitError
+from .probe import Override, ProbeEngine, ProbeResult
 
 
 @dataclass
@@ -59,3 +66,67 @@ def run_in_workers(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int) 
     finally:
         pool.join()
     return done
+
+
+def _job_results(engine: ProbeEngine, job: ProbeJob) -> list[dict]:
+    if job.warm is not None:
+        engine.warm(job.warm_base, job.warm)
+    return [r.to_dict() for r in engine.run(job.probes, base=job.base, remember=False, show=False)]
+
+
+def run_in_ray(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int, address: str | None = None,
+               gpus_per_worker: float | None = None) -> int:
+    """Compute the jobs on Ray actors (``address``: an existing cluster, e.g. "ray://head:10001" or
+    "auto"; None starts a local instance) and store their results in ``engine``'s cache."""
+    if engine.cache is None:
+        raise MpqkitError("--runner ray needs the probe cache (drop --no-cache): results are handed over through it")
+    if not jobs:
+        return 0
+    try:
+        import ray
+    except ImportError:
+        raise MissingResourceError("--runner ray needs Ray: pip install 'mpqkit[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                 **({"num_cpus": max(workers, 1)} if address is None else {}))
+    try:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = gpus_per_worker if gpus_per_worker is not None else (min(1.0, cluster_gpus / workers) if cluster_gpus else 0)
+        spec = {k: v for k, v in engine.spec.items() if k not in ("cache_dir", "use_cache", "device", "progress")}
+        spec_ref = ray.put(spec)
+
+        @ray.remote(num_cpus=1, num_gpus=gpus)
+        class ProbeWorker:
+            def __init__(self, spec):
+                import torch
+
+                torch.set_num_threads(1)
+                self.engine = ProbeEngine(**spec, use_cache=False, progress=False,
+                                          device="cuda" if gpus else "cpu")
+
+            def run(self, job):
+                return _job_results(self.engine, job)
+
+        actors = [ProbeWorker.remote(spec_ref) for _ in range(max(1, workers))]
+        pool = ray.util.ActorPool(actors)
+        done = 0
+        for job, results in zip(jobs, pool.map(lambda a, j: a.run.remote(j), list(jobs))):
+            engine.store(job.probes, job.base, [ProbeResult.from_dict(r) for r in results])
+            done += len(results)
+        for a in actors:
+            ray.kill(a)
+        return done
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def dispatch(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int, runner: str = "local",
+             address: str | None = None) -> int:
+    """Run jobs ahead of the method's own loop (which then reads them from the cache)."""
+    if runner == "ray":
+        return run_in_ray(engine, jobs, workers, address)
+    if runner != "local":
+        raise MpqkitError(f"unknown runner '{runner}': expected local or ray")
+    return run_in_workers(engine, jobs, workers)

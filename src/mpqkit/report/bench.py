@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..device import resolve_device
 from ..errors import MpqkitError
 from ..evaluation import evaluate_model
 from ..plan import Plan, atomic_write_text
@@ -72,7 +73,8 @@ def run_bench(model: Any, data: str, methods: Sequence[str], budgets: Sequence[s
         log.info("bench: %s", json.dumps({k: row.get(k) for k in ("method", "budget", "ptq", "top1_test", "error")}))
 
     if ("fp32", "-", None) not in done:
-        ev = {s: evaluate_model(bundle.model, d) for s, d in eval_sets.items()}
+        fp_model = api._on_device(bundle.model, resolve_device(search_kwargs.get("device")))
+        ev = {s: evaluate_model(fp_model, d) for s, d in eval_sets.items()}
         append({"method": "fp32", "budget": "-", "ptq": None, "size_mb": None, "compression": 1.0, "gbitops": None,
                 "avg_w_bits": 32.0, **{f"top1_{s}": 100 * e["top1"] for s, e in ev.items()}})
     for method in methods:
@@ -94,7 +96,7 @@ def run_bench(model: Any, data: str, methods: Sequence[str], budgets: Sequence[s
             c = res.plan.costs
             for p in todo:
                 t0 = time.perf_counter()
-                q = api.apply_plan(bundle, res.plan, data, ptq=p,
+                q = api.apply_plan(bundle, res.plan, data, ptq=p, device=search_kwargs.get("device"),
                                    recon_options=recon_options if p in ("adaround", "brecq", "qdrop") else None)
                 ptq_s = time.perf_counter() - t0
                 with torch.inference_mode():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import io
 import json
 from pathlib import Path
@@ -60,7 +61,8 @@ def write_results(out: Path, result: "SearchResult") -> Path:
         result.table.save(out / "sensitivity.json")
     summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,
                "costs": result.plan.costs, "solver": result.solution.to_dict(), "seconds": result.seconds,
-               "engine": result.engine_stats, "tie_groups": result.graph.tie_groups}
+               "engine": result.engine_stats, "tie_groups": result.graph.tie_groups,
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))
     if result.table is not None and result.table.pairs:  # CLADO: the measured G, before any PSD step

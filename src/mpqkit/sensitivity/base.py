@@ -34,6 +34,9 @@ class SearchContext:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: (n, seed) → a labelled subset of the training split (methods that train, e.g. SMPQ's supernet)
+    load_train: Callable[[int, int], Any] | None = None
     _engine: ProbeEngine | None = None
 
     @property
@@ -78,7 +81,7 @@ class Method:
     name: str
     description: str
     sensitivity: Callable[[SearchContext], SensitivityTable] | None
-    solver: str = "ilp"  # "ilp" | "uniform" | "threshold" | "iqp" | "greedy"
+    solver: str = "ilp"  # "ilp" | "uniform" | "threshold" | "iqp" | "greedy" | "supernet"
 
 
 class Registry:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import MpqkitError
 from .base import METHODS, SearchContext, SensitivityTable
 
-DEFAULTS: dict[str, Any] = {"act_bits": 8, "psd": "project", "workers": 1}
+DEFAULTS: dict[str, Any] = {"act_bits": 8, "psd": "project", "workers": 1, "runner": "local", "address": None}
 
 
 def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
@@ -40,13 +40,13 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     batch_deltas: list[float] = []
     n_pairs = sum(len(layers) - i - 1 for i in range(len(layers))) * len(bits) ** 2 if with_pairs else 0
     workers = int(opts["workers"] or 1)
-    if workers > 1:  # the trees run in parallel processes into the disk cache; the loop below reads them
-        from ..engine.runners import ProbeJob, run_in_workers
+    if workers > 1 or opts["runner"] == "ray":  # trees run in parallel into the cache; the loop below reads them
+        from ..engine.runners import ProbeJob, dispatch
 
         jobs = [ProbeJob([{}] + [{g: (c, act)} for g in layers[i + 1:] for c in bits] if with_pairs else [{}],
                          base={**base, f: (b, act)}, warm=f, warm_base=base)
                 for i, f in enumerate(layers) for b in bits]
-        run_in_workers(engine, jobs, workers)
+        dispatch(engine, jobs, workers, opts["runner"], opts["address"])
     bar = tqdm(total=len(layers) * len(bits) + n_pairs, desc="clado probes", unit="probe",
                disable=not engine.progress, leave=False)
     for i, f in enumerate(layers):

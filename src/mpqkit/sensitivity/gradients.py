@@ -20,7 +20,7 @@ from .base import SearchContext
 
 def grad_model(ctx: SearchContext) -> tuple[nn.Module, dict[str, nn.Parameter]]:
     """An eval-mode copy of the model whose only trainable tensors are the searched layers' weights."""
-    model = copy.deepcopy(ctx.model).eval()
+    model = copy.deepcopy(ctx.model).eval().to(ctx.device)
     for p in model.parameters():
         p.requires_grad_(False)
     params = {f: model.get_submodule(f).weight for f in ctx.searched}
@@ -33,7 +33,8 @@ def calib_chunks(ctx: SearchContext, n: int | None = None, chunk: int = 128) -> 
     """The first ``n`` calibration samples (all by default) in chunks."""
     n = len(ctx.calib_images) if n is None else min(n, len(ctx.calib_images))
     for i in range(0, n, chunk):
-        yield ctx.calib_images[i:min(i + chunk, n)], ctx.calib_labels[i:min(i + chunk, n)]
+        yield (ctx.calib_images[i:min(i + chunk, n)].to(ctx.device),
+               ctx.calib_labels[i:min(i + chunk, n)].to(ctx.device))
 
 
 def loss_sum(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -46,7 +47,7 @@ def weight_deltas(ctx: SearchContext) -> dict[str, dict[int, Tensor]]:
     with torch.no_grad():
         for f in ctx.searched:
             w = ctx.model.get_submodule(f).weight.detach()
-            out[f] = {b: quantize_weight(w, ctx.qconfig.w_spec(b)) - w for b in ctx.w_bits}
+            out[f] = {b: (quantize_weight(w, ctx.qconfig.w_spec(b)) - w).to(ctx.device) for b in ctx.w_bits}
     return out
 
 

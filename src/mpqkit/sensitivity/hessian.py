@@ -76,7 +76,7 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
     it, history = 0, []
     t0 = time.perf_counter()
     while active and it < max_iter:
-        vs = {f: torch.randint(0, 2, params[f].shape, generator=gen).to(params[f].dtype) * 2 - 1 for f in active}
+        vs = {f: (torch.randint(0, 2, params[f].shape, generator=gen) * 2 - 1).to(params[f]) for f in active}
         hv = _hv(model, params, active, chunks, n, vs)
         it += 1
         change = 0.0

@@ -58,3 +58,10 @@ class Solution:
     def to_dict(self) -> dict[str, Any]:
         return {"solver": self.solver, "status": self.status, "objective": self.objective, "gap": self.gap,
                 "bound": self.bound, "seconds": self.seconds, **self.info}
+
+    #: fields that depend on the machine's speed, not on the inputs
+    VOLATILE = ("seconds", "heuristic_restarts")
+
+    def record(self) -> dict[str, Any]:
+        """What the plan file keeps: everything but timings, so a rerun writes the same bytes."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.VOLATILE}

@@ -155,7 +155,8 @@ def load_checkpoint(path: str | Path, setting: str = "--checkpoint") -> Mapping[
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {e}") from e
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {type(e).__name__}: {first}") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], Mapping):

@@ -1,0 +1,124 @@
+"""Try every kind of bad input on the CLI and print what each one answers (a Markdown table).
+
+    .venv/bin/python scripts/bad_inputs.py [--out benchmarks/results/bad_inputs.md]
+
+Each case must exit 2 with one line "mpqkit: error: ..." and write nothing; the table says whether
+it did. Uses the digits CNN (no ../shared needed) except where a case is about CIFAR files.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mpqkit.cli import main
+from mpqkit.plan import atomic_write_text
+
+D = ["--model", "digits-cnn", "--data", "digits"]
+
+
+def cases(tmp: Path) -> list[tuple[str, list[str]]]:
+    good = tmp / "good.json"
+    main(["search", *D, "--method", "uniform", "--w-bits", "4", "--out", str(good), "-q"])
+    other = json.loads(good.read_text())
+    other["model"]["sha256"] = "0" * 64
+    (tmp / "other.json").write_text(json.dumps(other))
+    (tmp / "trunc.json").write_text(good.read_text()[:60])
+    bits = json.loads(good.read_text())
+    bits["layers"]["conv2"]["w_bits"] = 17
+    (tmp / "bits.json").write_text(json.dumps(bits))
+    unknown = json.loads(good.read_text())
+    unknown["layers"]["conv9"] = unknown["layers"]["conv2"]
+    (tmp / "unknown_layer.json").write_text(json.dumps(unknown))
+    from mpqkit.zoo.models import get_model
+
+    sd = get_model("digits-cnn").model.state_dict()
+    nan = {k: v.clone() for k, v in sd.items()}
+    next(v for k, v in nan.items() if k.endswith("weight")).view(-1)[0] = math.nan
+    torch.save(nan, tmp / "nan.pt")
+    inf = {k: v.clone() for k, v in sd.items()}
+    next(v for k, v in inf.items() if k.endswith("weight")).view(-1)[0] = math.inf
+    torch.save(inf, tmp / "inf.pt")
+    torch.save({k: v for k, v in list(sd.items())[:-1]}, tmp / "short.pt")
+    (tmp / "garbage.pt").write_bytes(b"\x00garbage" * 64)
+    (tmp / "empty_imgs").mkdir()
+    (tmp / "ro_file").write_text("")
+    return [
+        ("unknown model name", ["eval", "--model", "resnet99"]),
+        ("unknown dataset", ["eval", "--model", "digits-cnn", "--data", "mnist"]),
+        ("unknown split", ["eval", *D, "--split", "exact"]),
+        ("unknown method", ["search", *D, "--budget", "avg-bits=3", "--method", "magic"]),
+        ("unknown layer in --fixed", ["search", *D, "--budget", "avg-bits=3", "--fixed", "conv9"]),
+        ("bits above 16", ["search", *D, "--method", "uniform", "--w-bits", "17"]),
+        ("bits 0 in candidates", ["search", *D, "--budget", "avg-bits=3", "--w-candidates", "0,4,8"]),
+        ("malformed budget", ["search", *D, "--budget", "avg-bits=lots"]),
+        ("unknown budget key", ["search", *D, "--budget", "speed=3"]),
+        ("negative budget", ["search", *D, "--budget", "size=-1MB"]),
+        ("infeasible budget", ["search", *D, "--budget", "avg-bits=1"]),
+        ("infeasible BitOps budget", ["search", *D, "--budget", "bitops=1K"]),
+        ("malformed sweep range", ["sweep", *D, "--method", "uniform", "--budgets", "avg-bits=4:2:1",
+                                   "--out", str(tmp / "sweep")]),
+        ("empty data (ImageFolder without images)", ["eval", "--model", "digits-cnn", "--data", str(tmp / "empty_imgs")]),
+        ("wrong-shape data for the model", ["eval", "--model", "resnet20", "--data", "digits"]),
+        ("missing data root", ["eval", "--model", "digits-cnn", "--data", "cifar10", "--data-root", str(tmp / "nope")]),
+        ("NaN weights in a checkpoint", ["eval", *D, "--checkpoint", str(tmp / "nan.pt")]),
+        ("Inf weights in a checkpoint", ["eval", *D, "--checkpoint", str(tmp / "inf.pt")]),
+        ("checkpoint for another architecture", ["eval", *D, "--checkpoint", str(tmp / "short.pt")]),
+        ("corrupt checkpoint file", ["eval", *D, "--checkpoint", str(tmp / "garbage.pt")]),
+        ("truncated plan file", ["eval", *D, "--plan", str(tmp / "trunc.json")]),
+        ("plan with bits out of range", ["eval", *D, "--plan", str(tmp / "bits.json")]),
+        ("plan naming an unknown layer", ["eval", *D, "--plan", str(tmp / "unknown_layer.json")]),
+        ("plan for a different model (hash)", ["eval", *D, "--plan", str(tmp / "other.json")]),
+        ("export with a truncated plan", ["export", "--model", "digits-cnn", "--plan", str(tmp / "trunc.json"),
+                                          "--format", "onnx", "--out", str(tmp / "m.onnx")]),
+        ("unknown PTQ backend in bench", ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=3",
+                                          "--ptq", "gptq", "--out", str(tmp / "b")]),
+        ("results directory not writable", ["sweep", *D, "--method", "uniform", "--budgets", "avg-bits=3",
+                                            "--out", str(tmp / "ro_file" / "x")]),
+        ("CUDA forced on a machine without it", ["eval", *D, "--device", "cuda"]),
+        ("reconstruction flags without --ptq", ["eval", *D, "--plan", str(good), "--recon-iters", "5"]),
+    ]
+
+
+def main_() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/bad_inputs.md")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        os.chdir(tmp)
+        for name, argv in cases(tmp):
+            before = {p for p in tmp.rglob("*")}
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    code = main(argv)
+                except SystemExit as e:  # argparse's own errors
+                    code = e.code
+            new = {p for p in tmp.rglob("*")} - before
+            msg = err.getvalue().strip().splitlines()
+            rows.append((name, " ".join(argv[:1] + [a if not a.startswith(str(tmp)) else Path(a).name for a in argv[1:]]),
+                         code, msg[-1] if msg else "", len(msg), sorted(str(p.relative_to(tmp)) for p in new)))
+    os.chdir(Path(__file__).resolve().parents[1])
+    lines = ["| bad input | command | exit | message | nothing written |", "|---|---|---:|---|---|"]
+    for name, cmd, code, msg, n, new in rows:
+        ok = "yes" if not new else f"NO: {new}"
+        lines.append(f"| {name} | `{cmd}` | {code} | {msg.replace('|', '/')} | {ok} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(Path(args.out), text)
+    print(text)
+    bad = [r for r in rows if r[2] != 2 or r[5] or not r[3].startswith("mpqkit: error:")]
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main_()

@@ -1,0 +1,25 @@
+"""Supernet methods' pick (SMPQ / DMPQ): per layer the method's argmax bits when that plan meets the
+budget; otherwise the shared ILP on the method's costs (−Shapley, or −softmax(α))."""
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+from .ilp import solve_ilp
+from .problem import Allocation, Solution
+
+
+def solve_supernet(problem: Allocation, argmax_bits: Mapping[str, int], costs: Mapping[str, Mapping[int, float]],
+                   time_limit: float = 60.0, select: str = "argmax") -> Solution:
+    """``select="argmax"`` (the papers' rule, METHODS.md) or ``"ilp"``: always the ILP on the costs,
+    which spends the whole budget (plans at equal size, for comparisons)."""
+    t0 = time.perf_counter()
+    a_bits = problem.a_bits[0]
+    asg = {f: (int(argmax_bits[f]), a_bits) for f in problem.layers}
+    if select == "argmax" and not problem.violations(asg):
+        return Solution(asg, sum(costs[f][b] for f, (b, _) in asg.items()), "argmax", "argmax meets the budget",
+                        time.perf_counter() - t0)
+    sol = solve_ilp(problem, costs, None, time_limit=time_limit)
+    sol.info["argmax_over_budget"] = bool(problem.violations(asg))
+    sol.info["select"] = select
+    return sol
