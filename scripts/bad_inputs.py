@@ -105,7 +105,7 @@ def main_() -> None:
                 except SystemExit as e:  # argparse's own errors
                     code = e.code
             new = {p for p in tmp.rglob("*")} - before
-            msg = err.getvalue().strip().splitlines()
+            msg = err.getvalue().replace(str(tmp) + "/", "").strip().splitlines()  # paths relative to the temp dir
             rows.append((name, " ".join(argv[:1] + [a if not a.startswith(str(tmp)) else Path(a).name for a in argv[1:]]),
                          code, msg[-1] if msg else "", len(msg), sorted(str(p.relative_to(tmp)) for p in new)))
     os.chdir(Path(__file__).resolve().parents[1])

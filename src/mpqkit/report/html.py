@@ -11,7 +11,7 @@ from ..plan import Plan, atomic_write_text
 
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:3px 8px}
-th{background:#f3f3f3}td.n{text-align:right}h2{margin-top:28px}img{max-width:100%}.err{color:#a00}
+th{background:#f3f3f3}td{white-space:nowrap}td.n{text-align:right}h2{margin-top:28px}img{max-width:100%}.err{color:#a00}
 .small{color:#666;font-size:12px}"""
 
 
