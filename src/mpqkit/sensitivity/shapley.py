@@ -110,19 +110,32 @@ class _MixedWeight(nn.Module):
         super().__init__()
         self.layer, self.bits = layer, list(bits)
         self.mask = torch.ones(len(self.bits))  # 0 = player removed (Shapley)
+        self.frozen: list[Tensor] | None = None  # Q_b(W) kept while W does not change (Shapley)
 
-    def forward(self, alpha: Tensor) -> Tensor:
+    def quantized(self) -> list[Tensor]:
+        if self.frozen is not None:
+            return self.frozen
         w = self.layer.weight
         lo, hi = reduce_range(w.detach(), 0)
+        out = []
+        for b in self.bits:
+            scale, zp = qparams(lo, hi, b, False)
+            out.append(fake_quant(w, scale, zp, *qrange(b, False)))
+        return out
+
+    def freeze(self, on: bool) -> None:
+        with torch.no_grad():
+            self.frozen = None
+            self.frozen = [q.detach() for q in self.quantized()] if on else None
+
+    def forward(self, alpha: Tensor) -> Tensor:
         probs = F.softmax(alpha, 0) * self.mask.to(alpha)
         total = probs.sum()
         probs = probs / total if float(total.detach()) > 0 else probs
-        out = torch.zeros_like(w)
-        for p, b in zip(probs, self.bits):
-            if float(p.detach()) == 0.0:
-                continue
-            scale, zp = qparams(lo, hi, b, False)
-            out = out + p * fake_quant(w, scale, zp, *qrange(b, False))
+        out = torch.zeros_like(self.layer.weight)
+        for p, q in zip(probs, self.quantized()):
+            if float(p.detach()) != 0.0:
+                out = out + p * q
         return out
 
 
@@ -269,7 +282,14 @@ def _shapley(sup: Supernet, xv: Tensor, yv: Tensor, cfg: SupernetConfig, seed: i
             for m in sup.mixers:
                 m.mask = torch.ones(len(sup.bits))
 
-    mean, std, est = shapley_mc(players, value, cfg.permutations, cfg.truncate, seed)
+    for m in sup.mixers:  # weights are fixed during the estimate: quantize each once
+        m.freeze(True)
+    try:
+        with torch.no_grad():  # not inference_mode: the masks set here are used in training later
+            mean, std, est = shapley_mc(players, value, cfg.permutations, cfg.truncate, seed)
+    finally:
+        for m in sup.mixers:
+            m.freeze(False)
     return est, mean, std
 
 
