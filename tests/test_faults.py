@@ -81,7 +81,8 @@ _json_values = st.recursive(st.none() | st.booleans() | st.integers(-20, 20) | s
                             max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("MPQKIT_FUZZ", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layers=st.dictionaries(st.sampled_from(["conv1", "conv2", "fc", "nope"]),
                               st.dictionaries(st.sampled_from(["w_bits", "a_bits", "w_granularity", "w_symmetric", "x"]),
                                               _json_values, max_size=4), max_size=3),
@@ -91,9 +92,12 @@ def test_plan_loader_fuzz(tmp_path, layers, top):
     path = tmp_path / "fuzz.json"
     path.write_text(json.dumps({"mpqkit_plan": 1, **top, "layers": layers}))
     try:
-        Plan.load(path)
+        plan = Plan.load(path)
     except (PlanError, MpqkitError) as e:
         assert str(e)
+        return
+    json.dumps(plan.to_dict())  # a loaded plan is usable: it serialises again
+    assert all(isinstance(f, str) for f in plan.layers)
 
 
 def test_every_bad_input_in_the_catalogue(tmp_path, monkeypatch, capsys):

@@ -91,12 +91,17 @@ class Plan:
             )
             lq.validate(fqn)
             layers[fqn] = lq
-        model = d.get("model") or {}
-        method = d.get("method") or {}
+        model = _field(d, "model", dict, source) or {}
+        method = _field(d, "method", dict, source) or {}
+        name, sha = _field(model, "name", str, source) or "", _field(model, "sha256", str, source) or ""
+        budget = _field(d, "budget", str, source)
+        costs = _field(d, "costs", dict, source) or {}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in costs.values()):
+            raise PlanError(f"{source}: 'costs' must map names to numbers")
         return cls(
-            layers=layers, model_name=model.get("name", ""), model_sha256=model.get("sha256", ""),
-            method=method.get("name", ""), method_params=method.get("params", {}) or {},
-            budget=d.get("budget"), costs=d.get("costs", {}) or {}, provenance=d.get("provenance", {}) or {},
+            layers=layers, model_name=name, model_sha256=sha,
+            method=_field(method, "name", str, source) or "", method_params=_field(method, "params", dict, source) or {},
+            budget=budget, costs=costs, provenance=_field(d, "provenance", dict, source) or {},
         )
 
     def validate(self, graph: ModelGraph, model_sha256: str | None = None) -> None:
@@ -126,6 +131,15 @@ class Plan:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PlanError(f"plan file {path} is not valid JSON ({e}); it may be truncated or corrupt") from None
         return cls.from_dict(d, source=f"plan file {path}")
+
+
+def _field(d: dict, key: str, kind: type, source: str) -> Any:
+    """``d[key]`` if absent/None or of the expected JSON type, else a PlanError naming it."""
+    v = d.get(key)
+    if v is not None and not isinstance(v, kind):
+        raise PlanError(f"{source}: field '{key}' must be a {'string' if kind is str else 'JSON object'}, "
+                        f"got {type(v).__name__}")
+    return v
 
 
 def provenance(seed: int, calib_n: int, calib_sha256: str) -> dict[str, Any]:
