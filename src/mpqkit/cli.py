@@ -282,7 +282,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ptq = _ptq_kwargs(args)
     if args.plan is None and ptq["ptq"] is not None:
         raise MpqkitError("--ptq needs --plan (there is nothing to quantize in the fp model)")
-    kw = {**ptq, "progress": not args.quiet} if args.plan else {"progress": not args.quiet}
+    kw = ptq if args.plan else {"progress": ptq["progress"]}
     res = api.evaluate(args.model, args.data, args.split, args.plan, limit=args.limit, checkpoint=args.checkpoint,
                        data_root=args.data_root, models_dir=args.models_dir, device=args.device, **kw)
     _print(res, args.json, f"{res['model']} on {res['data']}/{res['split']} ({res['n']} images)"

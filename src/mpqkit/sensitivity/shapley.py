@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..plan import atomic_write_text
-from ..quant.primitives import fake_quant, qparams, reduce_range, qrange
+from ..quant.observers import QuantSpec, weight_qparams
+from ..quant.primitives import fake_quant
 from .base import METHODS, SearchContext, SensitivityTable
 from .gradients import require_weight_search
 
@@ -117,13 +118,10 @@ class _MixedWeight(nn.Module):
     def quantized(self) -> list[Tensor]:
         if self.frozen is not None:
             return self.frozen
-        w = self.layer.weight
-        lo, hi = reduce_range(w.detach(), 0)
-        out = []
-        for b in self.bits:
-            scale, zp = qparams(lo, hi, b, False)
-            out.append(fake_quant(w, scale, zp, *qrange(b, False)))
-        return out
+        w = self.layer.weight  # the shared weight quantizer, min-max range (recomputed as W trains)
+        return [fake_quant(w, *weight_qparams(w, QuantSpec(b, symmetric=False, per_channel=True,
+                                                            range_method="minmax")))
+                for b in self.bits]
 
     def freeze(self, on: bool) -> None:
         with torch.no_grad():
