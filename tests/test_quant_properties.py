@@ -415,7 +415,8 @@ def test_empty_observer_raises() -> None:
     bits=st.integers(1, 16), symmetric=st.booleans(),
 )
 def test_fused_per_tensor_path_is_bit_identical(values, lo, hi, bits, symmetric):
-    """fake_quant's fast path (torch's fused per-tensor kernel) equals dequantize(quantize(x)) exactly."""
+    """fake_quant's inference path equals dequantize(quantize(x)) and torch's own fake-quantize
+    kernel exactly (per tensor; per channel against the reference)."""
     from mpqkit.quant.primitives import dequantize, fake_quant, qparams, qrange, quantize
 
     x = torch.tensor(values, dtype=torch.float32)
@@ -423,3 +424,11 @@ def test_fused_per_tensor_path_is_bit_identical(values, lo, hi, bits, symmetric)
     scale, zp = qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
     ref = dequantize(quantize(x, scale, zp, qmin, qmax), scale, zp).to(x.dtype)
     assert torch.equal(fake_quant(x, scale, zp, qmin, qmax), ref)
+    if qmax - qmin < 2**16 - 1:
+        stock = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), qmin, qmax)
+        assert torch.equal(fake_quant(x, scale, zp, qmin, qmax), stock)
+    # per channel: two channels with different ranges
+    xc = torch.stack([x, 3 * x])
+    sc, zc = qparams(torch.tensor([[lo], [3 * lo]]), torch.tensor([[hi], [3 * hi]]), bits, symmetric)
+    refc = dequantize(quantize(xc, sc, zc, qmin, qmax), sc, zc)
+    assert torch.equal(fake_quant(xc, sc, zc, qmin, qmax), refc)

@@ -106,3 +106,12 @@ def test_proxies_truth_is_the_measured_test_drop(tmp_path, capsys):
         drop = 100 * (fp - evaluate_model(q, test)["top1"])
     assert res["truth"]["conv2"]["2"]["drop_pct"] == pytest.approx(drop, abs=0.3)
     assert (out / "proxies.png").stat().st_size > 0
+
+
+def test_bench_title_covers_every_row_not_the_last_command():
+    from mpqkit.report.bench import bench_title
+
+    rows = [{"method": "fp32", "budget": "-"}, {"method": "uniform", "budget": "avg-bits=3"},
+            {"method": "hawq", "budget": "avg-bits=3"}, {"method": "hawq", "budget": "avg-bits=4"},
+            {"method": "uniform", "budget": "avg-bits=3", "ptq": "brecq"}]  # a later run, one method
+    assert bench_title("resnet20 / cifar10", rows) == "resnet20 / cifar10: uniform, hawq at 2 budget(s)"

@@ -295,7 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``sweep`` (one method) and ``bench`` (many) share the loop in ``report/bench.py``."""
     from .budget import expand_budgets
     from .quant.brecq import PTQ_BACKENDS
-    from .report.bench import run_bench, write_outputs
+    from .report.bench import bench_title, run_bench, write_outputs
     from .sensitivity import METHODS
     from .zoo.models import get_model
 
@@ -320,7 +320,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      splits=[s for s in args.splits.split(",") if s], search_kwargs=search_kwargs,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None,
                      progress=not args.quiet)
-    title = f"{model.name} / {args.data}: {', '.join(methods)} at {len(budgets)} budget(s)"
+    title = bench_title(f"{model.name} / {args.data}", rows)
     paths = write_outputs(rows, out, title)
     text = (paths["md"].read_text() + f"\nwritten: {paths['csv']}, {paths['pareto']}, {paths['html']}")
     _print({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}, args.json, text)
@@ -355,14 +355,15 @@ def cmd_proxies(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .plan import atomic_write_text
-    from .report.bench import _load_rows, write_outputs
+    from .report.bench import _load_rows, bench_title, write_outputs
 
     md = []
     for d in args.dirs:
         rows = _load_rows(Path(d) / "rows.jsonl")
         if not rows:
             raise MpqkitError(f"{d} has no rows.jsonl: not a bench or sweep results directory")
-        title = (Path(d) / "title.txt").read_text().strip() if (Path(d) / "title.txt").exists() else Path(d).name
+        old = (Path(d) / "title.txt").read_text().strip() if (Path(d) / "title.txt").exists() else Path(d).name
+        title = bench_title(old.split(":")[0], rows)
         paths = write_outputs(rows, Path(d), title)
         md.append(paths["md"].read_text())
         if (Path(d) / "proxies.md").exists():  # written by mpqkit proxies into the same directory

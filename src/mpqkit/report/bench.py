@@ -172,6 +172,14 @@ def plot_bits_grid(plans: dict[str, Plan], path: Path, title: str) -> Path:
     return path
 
 
+def bench_title(prefix: str, rows: Sequence[dict]) -> str:
+    """'<model> / <data>: <methods> at <n> budget(s)' over every row of the directory (a resumed or
+    extended run appends to earlier rows, so the title is not the last command's arguments)."""
+    measured = [r for r in rows if r["method"] != "fp32"]
+    methods = list(dict.fromkeys(r["method"] for r in measured))
+    return f"{prefix}: {', '.join(methods)} at {len({r['budget'] for r in measured})} budget(s)"
+
+
 def write_outputs(rows: Sequence[dict], out: Path, title: str) -> dict[str, Path]:
     """results.csv, pareto.png, per-method bit grids, results.md and the self-contained report.html."""
     from .html import write_html
