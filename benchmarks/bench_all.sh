@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every row of docs/RESULTS.md, then the page itself. Resumable: each `mpqkit bench` skips the rows
+# already in its rows.jsonl and the probe cache keeps measured sensitivities, so rerun after a stop.
+# Hours on a 2-core CPU (ResNet-56: about 2 h with one core). Run from the repository root.
+set -euo pipefail
+M="${MPQKIT:-.venv/bin/mpqkit}"
+R=benchmarks/results
+BASE=uniform,eval-delta,hawq,mpqco,mixquant,mixquant-ilp,greedy,infoq
+AVG=avg-bits=2.5:4:0.5
+
+$M bench -q --model resnet20 --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet20
+$M bench -q --model resnet20 --methods "$BASE" --budgets avg-bits=3 --ptq brecq --out $R/bench_resnet20
+$M proxies -q --model resnet20 --out $R/bench_resnet20
+$M bench -q --model resnet20 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 \
+    --budgets "$AVG" --ptq default --out $R/bench_resnet20_clado
+$M bench -q --model resnet56 --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet56
+$M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 --markdown docs/RESULTS.md
