@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every row of docs/RESULTS.md, then the page itself. Resumable: each `mpqkit bench` skips the rows
 # already in its rows.jsonl and the probe cache keeps measured sensitivities, so rerun after a stop.
-# Hours on a 2-core CPU (ResNet-56: about 2 h with one core). Run from the repository root.
+# Hours on a 2-core CPU (ResNet-56: about 2.5 h with one core). Run from the repository root.
 set -euo pipefail
 M="${MPQKIT:-.venv/bin/mpqkit}"
 R=benchmarks/results
@@ -14,4 +14,8 @@ $M proxies -q --model resnet20 --out $R/bench_resnet20
 $M bench -q --model resnet20 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet20_clado
 $M bench -q --model resnet56 --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet56
-$M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 --markdown docs/RESULTS.md
+# CLADO on ResNet-56 with 256 sensitivity images: 13k probes, ~40 min on one core (the probes are
+# shared with benchmarks/clado_resnet20.py --model resnet56 --cache-dir ~/.cache/mpqkit)
+$M bench -q --model resnet56 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
+    --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
+$M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md

@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -159,9 +160,8 @@ def main() -> None:
     print(json.dumps(cost), flush=True)
 
     lines = [f"# CLADO on {args.model} / CIFAR-10 (W{{2,4,8}}, A8; first/last 8/8)", "",
-             f"Produced by `.venv/bin/python benchmarks/clado_resnet20.py --model {args.model} "
-             f"--sens-samples {args.sens_samples} --naive-sample {args.naive_sample}`; top-1 on the 10k test split; "
-             f"torch threads: {torch.get_num_threads()}.", "",
+             f"Produced by `.venv/bin/python benchmarks/clado_resnet20.py {' '.join(sys.argv[1:])}`".rstrip() +
+             f"; top-1 on the 10k test split; torch threads: {torch.get_num_threads()}.", "",
              "| budget | method | top-1 % | avg w-bits | solver | status | solve s | w-bits per layer |",
              "|---|---|---:|---:|---|---|---:|---|"]
     lines += [f"| {r['budget']} | {r['method']} | {'-' if r['top1_test'] is None else format(r['top1_test'], '.2f')} | {r['avg_w_bits']:.3f} | {r['solver']} | "
