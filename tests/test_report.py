@@ -47,8 +47,14 @@ def test_sweep_writes_frontier_and_resumes(tmp_path, capsys):
     (out / "rows.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     code, text, _ = run(capsys, *argv)
     assert code == 0 and len(json.loads(text)["rows"]) == 4
+    again = (out / "rows.jsonl").read_text().splitlines()  # the re-measured row is on a line of its own
+    assert again[:-1] == lines[:-1] and json.loads(again[-1])["budget"] == "avg-bits=3.5"
     code, text, _ = run(capsys, "report", str(out), "--markdown", str(tmp_path / "RESULTS.md"))
     assert code == 0 and "| eval-delta | avg-bits=3 |" in (tmp_path / "RESULTS.md").read_text()
+    # a run stopped before writing title.txt: the report names the model and data from the plans
+    (out / "title.txt").unlink()
+    code, text, _ = run(capsys, "report", str(out), "--markdown", str(tmp_path / "RESULTS.md"))
+    assert code == 0 and "### digits-cnn / digits: eval-delta at 3 budget(s)" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_bench_records_failures_instead_of_figures(tmp_path, capsys):

@@ -362,8 +362,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rows = _load_rows(Path(d) / "rows.jsonl")
         if not rows:
             raise MpqkitError(f"{d} has no rows.jsonl: not a bench or sweep results directory")
-        old = (Path(d) / "title.txt").read_text().strip() if (Path(d) / "title.txt").exists() else Path(d).name
-        title = bench_title(old.split(":")[0], rows)
+        title = bench_title(_bench_prefix(Path(d), rows), rows)
         paths = write_outputs(rows, Path(d), title)
         md.append(paths["md"].read_text())
         if (Path(d) / "proxies.md").exists():  # written by mpqkit proxies into the same directory
@@ -379,6 +378,20 @@ def cmd_report(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.markdown), head + "\n".join(md))
         print(f"tables written to {args.markdown}")
     return 0
+
+
+def _bench_prefix(d: Path, rows: list[dict]) -> str:
+    """'<model> / <data>' of a results directory: from title.txt, else (a run stopped before writing
+    it) from the first readable plan of its rows, else the directory name."""
+    if (d / "title.txt").exists():
+        return (d / "title.txt").read_text().strip().split(":")[0]
+    for r in rows:
+        try:
+            plan = json.loads(Path(r["plan"]).read_text())
+            return f"{plan['model']['name']} / {plan['provenance']['data']}"
+        except (KeyError, TypeError, OSError, ValueError):
+            continue
+    return d.name
 
 
 def cmd_layers(args: argparse.Namespace) -> int:

@@ -56,6 +56,9 @@ def run_bench(model: Any, data: str, methods: Sequence[str], budgets: Sequence[s
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     rows = _load_rows(rows_path)
+    clean = "".join(json.dumps(r) + "\n" for r in rows)
+    if rows_path.exists() and rows_path.read_text() != clean:  # drop a cut line, or the next row is glued to it
+        atomic_write_text(rows_path, clean)
     done = {(r["method"], r["budget"], r["ptq"]) for r in rows}
     bundle = api.load_model(model)
     eval_sets = {}
