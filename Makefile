@@ -6,9 +6,9 @@ STAMP := $(VENV)/.mpqkit-installed
 
 .PHONY: demo test venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -16,8 +16,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mpqkit demo
 
+# SHARED=require (default): the integration tests need ../shared and fail, naming the path, without it;
+# SHARED=optional skips them (with the reason printed by -rs).
+SHARED ?= require
 test: $(STAMP)
-	$(PY) -m pytest -q
+	MPQKIT_SHARED=$(SHARED) $(PY) -m pytest -q -rs
 
 clean:
 	rm -rf results .pytest_cache .hypothesis

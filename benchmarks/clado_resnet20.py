@@ -70,7 +70,7 @@ def main() -> None:
     # ---- CLADO sensitivity, cold ----
     t0 = time.perf_counter()
     first = mpqkit.search(bundle, "cifar10", budgets[0], "clado", w_candidates=BITS,
-                          engine_options={"cache_dir": cache}, **common)
+                          cache_dir=cache, **common)
     sens_s = first.seconds["sensitivity"]
     print(json.dumps({"clado_sensitivity_s": sens_s, "pairs": len(first.table.pairs),
                       "singles": first.table.meta["singles_measured"], "engine": first.engine_stats}), flush=True)
@@ -89,13 +89,13 @@ def main() -> None:
     ed_cache = tempfile.mkdtemp(prefix="ed-bench-")
     for budget in budgets:
         clado = first if budget == budgets[0] else mpqkit.search(
-            bundle, "cifar10", budget, "clado", w_candidates=BITS, engine_options={"cache_dir": cache}, **common)
+            bundle, "cifar10", budget, "clado", w_candidates=BITS, cache_dir=cache, **common)
         record("clado", budget, clado)
         diag = mpqkit.search(bundle, "cifar10", budget, "clado-diag", w_candidates=BITS,
-                             engine_options={"cache_dir": cache}, **common)
+                             cache_dir=cache, **common)
         record("clado-diag", budget, diag)
         ed = mpqkit.search(bundle, "cifar10", budget, "eval-delta", w_candidates=BITS,
-                           engine_options={"cache_dir": ed_cache}, **common)
+                           cache_dir=ed_cache, **common)
         record("eval-delta (ILP)", budget, ed)
         uni = mpqkit.search(bundle, "cifar10", budget, "uniform", **common)
         record("uniform", budget, uni)

@@ -62,7 +62,7 @@ def main() -> None:
             budget = f"avg-bits={b}"
             t0 = time.perf_counter()
             r = mpqkit.search(bundle, "cifar10", budget, "eval-delta", out=out / f"eval-delta-{b}", progress=False,
-                              engine_options={"cache_dir": cache})
+                              cache_dir=cache)
             secs = time.perf_counter() - t0
         record("eval-delta", budget, r.plan, secs)
         u = mpqkit.search(bundle, "cifar10", budget, "uniform", progress=False)

@@ -42,7 +42,7 @@ def main() -> None:
                "top1_onnx": 100 * onnx_chk["top1_onnx"], "onnx_max_logit_diff": onnx_chk["max_abs_logit_diff"],
                "onnx_bytes": onnx_rep.bytes}
         for fold in (True, False):
-            rep = save_packed(q, plan, tmp / f"r20_{bits}_{fold}.mpqk", fold_bn=fold)
+            rep = save_packed(q, plan, tmp / f"r20_{bits}_{fold}.mpqk", fold_bn=fold, input_shape=bundle.input_shape)
             chk = compare_models(load_packed(rep.path, bundle), q, test, 500)
             tag = "packed_folded" if fold else "packed_exact"
             row.update({f"{tag}_bytes": rep.file_bytes, f"{tag}_gap_pct": rep.gap_pct,

@@ -52,7 +52,7 @@ def main() -> None:
                 for budget in budgets:
                     t0 = time.perf_counter()
                     r = mpqkit.search(bundle, "cifar10", budget, method, search=mode, progress=False,
-                                      engine_options={"cache_dir": cache}, method_options=opts)
+                                      cache_dir=cache, options=opts)
                     secs = time.perf_counter() - t0
                     if mode == "w" and method != "uniform" and budget == budgets[0]:
                         tables[method] = r.table
@@ -81,7 +81,7 @@ def main() -> None:
                 t = tables["infoq"]
             else:
                 t = mpqkit.search(bundle, "cifar10", "avg-bits=3", "infoq", progress=False,
-                                  method_options={**opts, "target": target, "observers": obs}).table
+                                  options={**opts, "target": target, "observers": obs}).table
             variants[f"infoq target={target} observers={obs}"] = t
     variants["eval-delta ΔL (calibration set)"] = tables["eval-delta"]
     proxy = []

@@ -1,11 +1,14 @@
 """SMPQ vs DMPQ vs eval-delta vs uniform on ResNet-20 / CIFAR-10 (issue 5 figures).
 
-    .venv/bin/python benchmarks/smpq_resnet20.py [--preset quick] [--out benchmarks/results/smpq_resnet20]
+    .venv/bin/python benchmarks/smpq_resnet20.py [--preset quick] [--ranges step|epoch]
+                                                 [--out benchmarks/results/smpq_resnet20]
 
 One supernet run (the ``--preset``; its exact budget is printed) serves SMPQ and DMPQ at every
 budget. Each is reported with the papers' selection (argmax α per layer; the ILP only when over
 budget) and with ``select=ilp`` (the ILP on the method's costs, which fills the budget: equal size).
-W searched, A8, first/last 8/8; top-1 on the 10k test split; bits per layer of every plan.
+W searched, A8, first/last 8/8; top-1 on the 10k test split; bits per layer of every plan. The
+supernet quantizes with the run's quantizer (default: per-channel asymmetric, MSE ranges measured at
+every training step; ``--ranges epoch`` measures them once per epoch).
 """
 from __future__ import annotations
 
@@ -23,25 +26,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--budgets", default="3,4")
+    ap.add_argument("--ranges", default="step", choices=("step", "epoch"))
     ap.add_argument("--out", default="benchmarks/results/smpq_resnet20")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = SupernetConfig.preset(args.preset)
+    cfg = SupernetConfig.preset(args.preset, ranges=args.ranges)
+    base = {"preset": args.preset, "ranges": args.ranges}
     rows = []
     t0 = time.perf_counter()
     first = mpqkit.search("resnet20", "cifar10", f"avg-bits={args.budgets.split(',')[0]}", "smpq",
-                          method_options={"preset": args.preset}, progress=False)
+                          options=base, progress=False)
     supernet_s = time.perf_counter() - t0
     hist = first.table.meta["history"]
     for b in args.budgets.split(","):
         budget = f"avg-bits={b}"
         runs = [("uniform", "uniform", {}), ("eval-delta", "eval-delta", {})]
         for m in ("smpq", "dmpq"):
-            runs += [(f"{m} (argmax)", m, {"preset": args.preset}),
-                     (f"{m} (ilp, fills budget)", m, {"preset": args.preset, "select": "ilp"})]
+            runs += [(f"{m} (argmax)", m, base), (f"{m} (ilp, fills budget)", m, {**base, "select": "ilp"})]
         for label, method, opts in runs:
-            res = mpqkit.search("resnet20", "cifar10", budget, method, method_options=opts, progress=False)
+            res = mpqkit.search("resnet20", "cifar10", budget, method, options=opts, progress=False)
             ev = mpqkit.evaluate("resnet20", "cifar10", "test", res.plan)
             row = {"budget": budget, "plan": label, "avg_w_bits": res.plan.costs["avg_w_bits_searched"],
                    "top1_test": 100 * ev["top1"], "solver": f"{res.solution.solver}: {res.solution.status}",
@@ -54,8 +58,9 @@ def main() -> None:
              f"Supernet (preset `{args.preset}`, one run for every row): {first.table.meta['train_images']} train "
              f"images (half weights, half α), {cfg.epochs} epochs ({cfg.warmup} warm-up), batch {cfg.batch_size}, "
              f"λ {cfg.lam}, {cfg.permutations} Shapley permutations per epoch on {cfg.val_size} images, "
-             f"truncation {cfg.truncate}; wall time {supernet_s:.0f} s on this 2-core CPU "
-             f"(training {sum(h['train_s'] for h in hist):.0f} s, Shapley {sum(h.get('shapley_s', 0) for h in hist):.0f} s); "
+             f"truncation {cfg.truncate}, quantizer ranges per {cfg.ranges}; wall time {supernet_s:.0f} s on this "
+             f"2-core CPU (training {sum(h['train_s'] for h in hist):.0f} s, "
+             f"Shapley {sum(h.get('shapley_s', 0) for h in hist):.0f} s); "
              f"supernet validation top-1 by epoch: {val_curve}.", "",
              "| budget | plan | avg w-bits | top-1 | solver | w-bits per layer |", "|---|---|---:|---:|---|---|"]
     for r in rows:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mpqkit.cli import main
-from mpqkit.plan import atomic_write_text
+from mpqkit.fileutil import atomic_write_text
 
 D = ["--model", "digits-cnn", "--data", "digits"]
 
@@ -51,6 +51,21 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
     (tmp / "garbage.pt").write_bytes(b"\x00garbage" * 64)
     (tmp / "empty_imgs").mkdir()
     (tmp / "ro_file").write_text("")
+    (tmp / "existing_dir.pt").mkdir()
+    (tmp / "existing_dir.json").mkdir()
+    (tmp / "plan_dir").mkdir()
+    missing = json.loads(good.read_text())
+    del missing["layers"]["conv2"]
+    (tmp / "missing_layer.json").write_text(json.dumps(missing))
+    nohash = json.loads(good.read_text())
+    nohash["model"]["sha256"] = ""
+    (tmp / "nohash.json").write_text(json.dumps(nohash))
+    (tmp / "imgs").mkdir()
+    (tmp / "imgs" / "cls").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp / "imgs" / "cls" / "a.png")
+    (tmp / "not_a_folder").write_text("")
     return [
         ("unknown model name", ["eval", "--model", "resnet99"]),
         ("unknown dataset", ["eval", "--model", "digits-cnn", "--data", "mnist"]),
@@ -85,6 +100,30 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
                                             "--out", str(tmp / "ro_file" / "x")]),
         ("CUDA forced on a machine without it", ["eval", *D, "--device", "cuda"]),
         ("reconstruction flags without --ptq", ["eval", *D, "--plan", str(good), "--recon-iters", "5"]),
+        ("apply --out naming an existing directory", ["apply", *D, "--plan", str(good),
+                                                      "--out", str(tmp / "existing_dir.pt")]),
+        ("search --out plan path that is a directory", ["search", *D, "--method", "uniform", "--w-bits", "4",
+                                                        "--out", str(tmp / "existing_dir.json")]),
+        ("search --out under a file (unwritable), before the search", ["search", *D, "--budget", "avg-bits=3",
+                                                                       "--out", str(tmp / "ro_file" / "p.json")]),
+        ("probe cache directory that is a file", ["search", *D, "--budget", "avg-bits=3",
+                                                  "--cache-dir", str(tmp / "ro_file"), "--out", str(tmp / "s1")]),
+        ("data folder that is a file", ["eval", "--model", "digits-cnn", "--data", str(tmp / "not_a_folder")]),
+        ("--observers last-x", ["search", *D, "--budget", "avg-bits=3", "--method", "infoq", "--observers", "last-x",
+                                "--out", str(tmp / "s2")]),
+        ("method option the method does not have", ["search", *D, "--budget", "avg-bits=3", "--method", "hawq",
+                                                    "--psd", "none", "--out", str(tmp / "s3")]),
+        ("plan that lacks a layer", ["eval", *D, "--plan", str(tmp / "missing_layer.json")]),
+        ("plan without its model hash", ["eval", *D, "--plan", str(tmp / "nohash.json")]),
+        ("plan file that is a directory", ["eval", *D, "--plan", str(tmp / "plan_dir")]),
+        ("--calib-size 0 with mixquant", ["search", *D, "--budget", "avg-bits=3", "--method", "mixquant",
+                                          "--calib-size", "0", "--out", str(tmp / "s4")]),
+        ("ImageFolder with --split bogus", ["eval", "--model", "digits-cnn", "--data", str(tmp / "imgs"),
+                                            "--split", "bogus"]),
+        ("sweep step that queues thousands of budgets", ["sweep", *D, "--method", "uniform",
+                                                         "--budgets", "avg-bits=2:4:0.0001", "--out", str(tmp / "s5")]),
+        ("--random-init with a torchvision model is honoured (wrong data shape is the error)",
+         ["eval", "--model", "mobilenet_v2", "--random-init", "--data", "digits"]),
     ]
 
 

@@ -119,9 +119,9 @@ def test_mpqco_equals_a_per_sample_loop():
 
 def test_greedy_pareto_list_and_max_drop(tmp_path):
     res = mpqkit.search("digits-cnn", "digits", None, "greedy", calib_size=512, progress=False,
-                        method_options={"max_drop": 1.0}, out=tmp_path / "g")
-    assert len((tmp_path / "g" / "pareto.csv").read_text().splitlines()) == 1 + len(res.table.meta["pareto"])
-    pareto = res.table.meta["pareto"]
+                        options={"max_drop": 1.0}, out=tmp_path / "g")
+    assert len((tmp_path / "g" / "pareto.csv").read_text().splitlines()) == 1 + len(res.table.pareto)
+    pareto = res.table.pareto
     sizes = [p["avg_w_bits"] for p in pareto]
     assert sizes == sorted(sizes, reverse=True) and len(pareto) == 1 + len(res.ledger.searched) * 5
     pick = res.solution.info["step"]

@@ -30,7 +30,7 @@ def _calib(n: int = 128, seed: int = 1) -> list[torch.Tensor]:
 
 def _quantized(net: nn.Module, w_bits: int = 3, a_bits: int | None = 8) -> nn.Module:
     layers = {f: LayerQuant(w_bits, a_bits) for f, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    return apply_plan(net, Plan(layers=layers), _calib())
+    return apply_plan(net, Plan(layers=layers), torch.cat(_calib()))
 
 
 def test_units_are_residual_blocks_and_layers():

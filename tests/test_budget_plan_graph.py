@@ -86,19 +86,26 @@ def test_infeasible_budget_names_smallest_value(graph):
         prob.check_feasible()
 
 
+def full_layers(graph, **bits: LayerQuant) -> dict[str, LayerQuant]:
+    """Every layer of ``graph`` (a complete plan): the given ones, the others at 8/8."""
+    return {n: bits.get(n, LayerQuant(8, 8)) for n in graph.names}
+
+
 def test_plan_round_trip_and_validation(graph, tmp_path):
-    plan = Plan(layers={"conv2": LayerQuant(4, 8), "conv4": LayerQuant(2, None)}, model_name="tiny",
+    plan = Plan(layers=full_layers(graph, conv2=LayerQuant(4, 8), conv4=LayerQuant(2, None)), model_name="tiny",
                 model_sha256="abc", method="eval-delta", budget="avg-bits=3")
     p = plan.save(tmp_path / "plan.json")
     back = Plan.load(p)
     assert back.to_dict() == plan.to_dict()
     back.validate(graph)
+    back.validate(graph, model_sha256="abc")
     with pytest.raises(PlanError, match="sha256"):
         back.validate(graph, model_sha256="def")
 
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda d: d["layers"].update({"conv9": {"w_bits": 4, "a_bits": 8}}), "unknown layer 'conv9'"),
+    (lambda d: d["layers"].pop("conv1"), "does not cover 1 of the model's 5 quantizable layers: conv1"),
     (lambda d: d["layers"]["conv2"].update({"w_bits": 17}), "outside 1..16"),
     (lambda d: d["layers"]["conv2"].update({"a_bits": 0}), "outside 1..16"),
     (lambda d: d["layers"]["conv2"].update({"w_bits": 3.5}), "integer"),
@@ -107,7 +114,7 @@ def test_plan_round_trip_and_validation(graph, tmp_path):
     (lambda d: d.update({"layers": [1, 2]}), "layers"),
 ])
 def test_bad_plans(graph, tmp_path, mutate, match):
-    d = Plan(layers={"conv2": LayerQuant(4, 8)}).to_dict()
+    d = Plan(layers=full_layers(graph, conv2=LayerQuant(4, 8))).to_dict()
     mutate(d)
     path = tmp_path / "p.json"
     path.write_text(json.dumps(d))

@@ -21,7 +21,7 @@ BITS = (2, 4, 8)
 def digits_clado(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
-                        progress=False, engine_options={"cache_dir": str(cache)}, method_options={"psd": "none"},
+                        progress=False, cache_dir=str(cache), options={"psd": "none"},
                         time_limit=10, out=cache / "results")
     assert (cache / "results" / "clado_G.png").stat().st_size > 0  # the heatmap of G
     return res, cache
@@ -88,7 +88,7 @@ def test_psd_treatments():
 
 
 def test_killed_search_resumes_without_recomputing(tmp_path, monkeypatch):
-    kw = dict(w_candidates=BITS, calib_size=128, progress=False, engine_options={"cache_dir": str(tmp_path)},
+    kw = dict(w_candidates=BITS, calib_size=128, progress=False, cache_dir=str(tmp_path),
               time_limit=5)
     calls = {"n": 0}
     real_run = ProbeEngine.run
@@ -108,7 +108,7 @@ def test_killed_search_resumes_without_recomputing(tmp_path, monkeypatch):
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **kw)
     total = 1 + 1 + 6 + 9  # fp reference, A8 reference, singles, pairs
     assert res.engine_stats["probes_run"] == total - cached  # nothing that was cached ran again
-    full = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **{**kw, "engine_options": {"use_cache": False}})
+    full = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", **{**kw, "use_cache": False, "cache_dir": None})
     assert res.table.pairs == full.table.pairs and res.table.w == full.table.w
 
 
@@ -117,11 +117,30 @@ def test_workers_compute_the_same_tables(tmp_path):
     the serial ones and the main process ran only the two reference probes itself."""
     kw = dict(w_candidates=BITS, calib_size=128, progress=False, time_limit=5)
     serial = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado",
-                           engine_options={"cache_dir": str(tmp_path / "a")}, **kw)
-    par = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", method_options={"workers": 2},
-                        engine_options={"cache_dir": str(tmp_path / "b")}, **kw)
+                           cache_dir=str(tmp_path / "a"), **kw)
+    par = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={"workers": 2},
+                        cache_dir=str(tmp_path / "b"), **kw)
     assert par.table.pairs == serial.table.pairs and par.table.w == serial.table.w
     assert par.engine_stats["probes_run"] == 2  # fp and A8 references; every tree came from the workers
     with pytest.raises(mpqkit.errors.MpqkitError, match="needs the probe cache"):
-        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", method_options={"workers": 2},
-                      engine_options={"use_cache": False}, **kw)
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={"workers": 2},
+                      use_cache=False, **kw)
+
+
+def test_clado_diag_measures_no_pairs_and_minimises_the_sum_of_singles(digits_clado, tmp_path):
+    """The paper's ablation: the same singles (read from CLADO's cache), no pair probe, and a plan
+    that minimises Σ ΔL(ℓ, b) under the budget — which CLADO's cross terms can overrule."""
+    res, cache = digits_clado
+    diag = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado-diag", w_candidates=BITS, calib_size=256,
+                         progress=False, cache_dir=str(cache), time_limit=10)
+    assert diag.table.pairs == {} and diag.table.meta["pairs_measured"] == 0
+    assert diag.table.w == res.table.w  # the same single probes
+    assert diag.engine_stats["probes_run"] == 0  # all read from the cache CLADO filled
+    assert diag.solution.info["cross_terms"] is False and res.solution.info["cross_terms"] is True
+    feasible = {}
+    for a in itertools.product(BITS, repeat=2):
+        plan = {"conv2": (a[0], 8), "conv3": (a[1], 8)}
+        if not _violates(diag, plan):
+            feasible[a] = diag.table.w["conv2"][a[0]] + diag.table.w["conv3"][a[1]]
+    chosen = (diag.plan.layers["conv2"].w_bits, diag.plan.layers["conv3"].w_bits)
+    assert feasible[chosen] == pytest.approx(min(feasible.values()))

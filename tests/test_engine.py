@@ -60,7 +60,7 @@ def test_probe_matches_applied_plan():
     got = engine.run([probe])[0]
     plan = Plan(layers={f: LayerQuant(w, a) for f, (w, a) in probe.items()})
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    qmodel = apply_plan(model, plan, [x for x, _ in data.batches(32)])
+    qmodel = apply_plan(model, plan, data.images)
     ref = evaluate_model(qmodel, data, batch_size=32)
     assert got.loss == pytest.approx(ref["loss"], rel=1e-5)
     assert got.top1 == pytest.approx(ref["top1"])

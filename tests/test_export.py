@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from hypothesis import strategies as st
 import mpqkit
 from mpqkit.api import load_model, load_split
 from mpqkit.budget import Ledger
-from mpqkit.errors import CheckpointError, MpqkitError
+from mpqkit.errors import CheckpointError, MpqkitError, PlanError
 from mpqkit.export import check_onnx, export_onnx, load_packed, pack_bits, save_packed, unpack_bits
 from mpqkit.export.onnx import container, quant_layers
 from mpqkit.graph import discover
@@ -23,6 +26,8 @@ from mpqkit.zoo.data import LabeledData
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, numpy_helper  # noqa: E402
+
+SHAPE = (1, 8, 8)  # digits-cnn input
 
 
 # ------------------------------------------------------------------ bit packing
@@ -131,7 +136,7 @@ def test_packed_round_trip_identical(digits, tmp_path, which):
     if which == "odd":
         plan = odd_plan(plan)
         qmodel = mpqkit.apply_plan("digits-cnn", plan, "digits")
-    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk", fold_bn=False)
+    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk", fold_bn=False, input_shape=SHAPE)
     assert rep.file_bytes == rep.weights + rep.params + rep.qparams + rep.buffers + rep.header
     bundle = load_model("digits-cnn")
     ledger = Ledger(discover(bundle.model, bundle.input_shape)).summary(plan.assignment())["weight_bytes"]
@@ -150,7 +155,7 @@ def test_packed_bn_folded(digits, tmp_path, which):
     if which == "odd":
         plan = odd_plan(plan)
         qmodel = mpqkit.apply_plan("digits-cnn", plan, "digits")
-    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk")
+    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk", input_shape=SHAPE)
     assert rep.folded_bn == 3 and rep.buffers == 0  # conv1/2/3 → bn1/2/3: no running statistics stored
     again = load_packed(rep.path, "digits-cnn")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in again.modules())
@@ -164,9 +169,100 @@ def test_packed_bn_folded(digits, tmp_path, which):
     assert rep.weights + rep.params + w_scale_bytes - rep.ledger_weight_bytes < 4 * 10 + len(plan.layers)
 
 
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_packed_sizes_are_the_ledgers(digits, tmp_path, monkeypatch, fold_bn):
+    """The report's ledger figures are budget.Ledger's (not a copy of its formula), per layer and in total;
+    each layer's packed weight is the ledger's size rounded up to whole bytes."""
+    plan = odd_plan(digits[0])
+    qmodel = mpqkit.apply_plan("digits-cnn", plan, "digits")
+    bundle = load_model("digits-cnn")
+    ledger, a = Ledger(discover(bundle.model, bundle.input_shape)), plan.assignment()
+    rep = save_packed(qmodel, plan, tmp_path / "m.mpqk", fold_bn=fold_bn, input_shape=SHAPE)
+    assert rep.ledger_weight_bytes == ledger.summary(a)["weight_bytes"]
+    assert set(rep.layer_bytes) == set(rep.ledger_layer_bytes) == set(plan.layers)
+    for fqn in plan.layers:
+        assert rep.ledger_layer_bytes[fqn] == ledger.layer_cost("size", fqn, *a[fqn])
+        assert rep.layer_bytes[fqn] == math.ceil(rep.ledger_layer_bytes[fqn])
+    assert sum(rep.layer_bytes.values()) == rep.weights
+    assert rep.to_dict()["gap_pct"] == pytest.approx(100 * (rep.file_bytes / rep.ledger_weight_bytes - 1))
+    # a change of the ledger's cost model shows up in the report: there is no second formula in export/
+    orig = Ledger.layer_cost
+    monkeypatch.setattr(Ledger, "layer_cost", lambda self, m, *args: 2 * orig(self, m, *args))
+    doubled = save_packed(qmodel, plan, tmp_path / "m2.mpqk", fold_bn=fold_bn, input_shape=SHAPE)
+    assert doubled.ledger_layer_bytes == {f: 2 * v for f, v in rep.ledger_layer_bytes.items()}
+    assert doubled.ledger_weight_bytes == pytest.approx(2 * rep.ledger_weight_bytes - ledger.constant("size"))
+
+
+def test_packed_refuses_a_plan_the_model_is_not_quantized_with(digits, tmp_path):
+    plan, qmodel, _ = digits
+    with pytest.raises(PlanError, match="not quantized with this plan.*conv2"):
+        save_packed(qmodel, odd_plan(plan), tmp_path / "m.mpqk", input_shape=SHAPE)
+    assert not (tmp_path / "m.mpqk").exists()
+
+
+class _HalfWrite:
+    """A file object whose ``write`` stores half of the bytes, then fails as on a full disk."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(28, "No space left on device")
+
+
+class _FailingWrites:
+    """Stands in for ``os`` in mpqkit.fileutil: files opened by fd fail half-way through a write."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def fdopen(fd, *args, **kwargs):
+        return _HalfWrite(os.fdopen(fd, *args, **kwargs))
+
+
+@pytest.mark.filterwarnings("ignore:ONNX has no integer type")
+@pytest.mark.parametrize("fmt", ["onnx", "packed"])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_failed_write_leaves_no_partial_file(digits, tmp_path, monkeypatch, fmt, earlier):
+    """A write that fails half-way leaves nothing at the path (or the earlier file untouched), and no temp file."""
+    import mpqkit.fileutil
+
+    plan, qmodel, _ = digits
+    path = tmp_path / f"m.{fmt}"
+    if earlier:
+        path.write_bytes(b"earlier export")
+    monkeypatch.setattr(mpqkit.fileutil, "os", _FailingWrites())
+    with pytest.raises(OSError, match="No space left"):
+        if fmt == "onnx":
+            export_onnx(qmodel, plan, SHAPE, path)
+        else:
+            save_packed(qmodel, plan, path, input_shape=SHAPE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([path.name] if earlier else [])
+    if earlier:
+        assert path.read_bytes() == b"earlier export"
+    monkeypatch.undo()  # the same write without the failure replaces the file
+    if fmt == "onnx":
+        assert export_onnx(qmodel, plan, SHAPE, path).bytes == path.stat().st_size
+    else:
+        assert save_packed(qmodel, plan, path, input_shape=SHAPE).file_bytes == path.stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_packed_rejects_corrupt_and_other_model(digits, tmp_path):
     plan, qmodel, _ = digits
-    path = save_packed(qmodel, plan, tmp_path / "m.mpqk").path
+    path = save_packed(qmodel, plan, tmp_path / "m.mpqk", input_shape=SHAPE).path
     (tmp_path / "bad.mpqk").write_bytes(b"nope")
     with pytest.raises(CheckpointError, match="not an mpqkit packed model file"):
         load_packed(tmp_path / "bad.mpqk", "digits-cnn")
@@ -212,14 +308,68 @@ def test_cli_export_check(digits, tmp_path, capsys, fmt, suffix):
                 "--out", str(out), "--check", "--limit", "100", "--json"]
 
     assert cmd_export(parse(*args_list(plan_path, out))) == 0 and out.is_file()
-    import json
-
     res = json.loads(capsys.readouterr().out)
     assert res["check"]["n"] == 100 and res["check"]["top1_diff_pt"] == 0.0
+    assert res["check"]["tolerance_pt"] == 0.5 and res["check"]["passed"] is True
     if fmt == "packed":  # BN folded by default; --no-fold-bn reproduces the fake-quant logits exactly
         assert res["export"]["folded_bn"] == 3
         assert cmd_export(parse(*args_list(plan_path, out), "--no-fold-bn")) == 0
         assert json.loads(capsys.readouterr().out)["check"]["identical"]
+
+
+def _zero_weight_codes(monkeypatch):
+    """A broken packed writer: every weight code is stored as the lowest code."""
+    from mpqkit.export import packed
+
+    orig = packed._encode
+    monkeypatch.setattr(packed, "_encode", lambda t, enc, spec, m: bytes(len(orig(t, enc, spec, m)))
+                        if enc == "codes" else orig(t, enc, spec, m))
+
+
+def test_cli_check_fails_beyond_tolerance(digits, tmp_path, monkeypatch, capsys):
+    """Within the tolerance: exit 0, the tolerance printed; a broken export beyond it: exit 2, one error line."""
+    from mpqkit.cli import main
+
+    plan_path = digits[0].save(tmp_path / "plan.json")
+    argv = ["export", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan_path), "--format", "packed",
+            "--out", str(tmp_path / "m.mpqk"), "--check", "--limit", "100", "-q"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(+0.00 pt, tolerance 0.5 pt)" in out and out.rstrip().endswith(": passed")
+
+    _zero_weight_codes(monkeypatch)
+    assert main([*argv, "--tolerance", "1.5"]) == 2
+    captured = capsys.readouterr()
+    assert "tolerance 1.5 pt" in captured.out and "FAILED" in captured.out
+    err = captured.err.strip()
+    assert err.startswith("mpqkit: error: export check failed: top-1 of the packed export differs from PyTorch by -")
+    assert "more than --tolerance 1.5 pt" in err and "\n" not in err
+
+
+def test_cli_check_logit_tolerance(digits, tmp_path, capsys):
+    """BN folding moves logits by float rounding: --logit-tolerance 0 fails, and the JSON says why."""
+    from mpqkit.cli import main
+
+    plan_path = digits[0].save(tmp_path / "plan.json")
+    argv = ["export", "--model", "digits-cnn", "--data", "digits", "--plan", str(plan_path), "--format", "packed",
+            "--out", str(tmp_path / "m.mpqk"), "--check", "--limit", "100", "-q", "--json"]
+    assert main([*argv, "--logit-tolerance", "0"]) == 2
+    captured = capsys.readouterr()
+    check = json.loads(captured.out)["check"]
+    assert check["logit_tolerance"] == 0 and check["passed"] is False and check["max_abs_logit_diff"] > 0
+    assert "exceeds --logit-tolerance 0" in captured.err
+    assert main([*argv, "--no-fold-bn", "--logit-tolerance", "0"]) == 0  # bit-identical
+    assert json.loads(capsys.readouterr().out)["check"]["passed"] is True
+
+
+def test_cli_negative_tolerance_is_refused(tmp_path, capsys):
+    from mpqkit.cli import main
+
+    argv = ["export", "--model", "digits-cnn", "--data", "digits", "--plan", str(tmp_path / "none.json"),
+            "--out", str(tmp_path / "m.onnx"), "--check", "--tolerance", "-1"]
+    assert main(argv) == 2
+    assert "--tolerance must be a number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_export_missing_plan_is_one_clear_error(tmp_path):

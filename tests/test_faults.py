@@ -37,18 +37,20 @@ def test_sigkill_at_several_points_resumes_to_the_identical_plan(tmp_path):
     assert _cli([*SEARCH, "--out", str(ref)], tmp_path / "cache-ref").wait(timeout=600) == 0
     wall = time.perf_counter() - t0
     cache, out = tmp_path / "cache", tmp_path / "plan.json"
-    counts = []
+    counts, kills = [], 0
     for frac in (0.55, 0.7, 0.85):  # the first ~half of a run is interpreter and torch start-up
         p = _cli([*SEARCH, "--out", str(out)], cache)
         time.sleep(frac * wall)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
+            kills += p.wait() == -signal.SIGKILL
         p.wait()
         counts.append(_entries(cache))
         if out.exists():  # a plan is only ever whole (written by rename)
             Plan.load(out)
     assert _cli([*SEARCH, "--out", str(out)], cache).wait(timeout=600) == 0
     assert out.read_bytes() == ref.read_bytes()
+    assert kills >= 1, "no run was still going when the kill came: the test did not test resuming"
     assert counts == sorted(counts) and counts[-1] > 0  # killed runs left their finished probes behind
 
 
@@ -58,7 +60,7 @@ def test_same_seed_same_plan_bytes_across_runs_and_runners(tmp_path):
     plans = []
     for i, opts in enumerate(({}, {}, {"workers": 2})):
         res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", calib_size=256, seed=3,
-                            method_options=opts, progress=False, engine_options={"cache_dir": str(tmp_path / str(i))})
+                            options=opts, progress=False, cache_dir=str(tmp_path / str(i)))
         path = res.plan.save(tmp_path / f"p{i}.json") or tmp_path / f"p{i}.json"
         plans.append(Path(path).read_bytes())
     assert plans[0] == plans[1] == plans[2]

@@ -21,7 +21,7 @@ def test_registry_lists_methods():
 def digits_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     ed = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", calib_size=512, out=out / "ed",
-                       progress=False, engine_options={"cache_dir": str(out / "cache")})
+                       progress=False, cache_dir=str(out / "cache"))
     un = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "uniform", calib_size=512, progress=False)
     return ed, un, out
 
@@ -104,14 +104,14 @@ def test_infoq_scores_follow_information_loss_and_target():
     from mpqkit.zoo import load_data
 
     data = load_data("digits", "train")
-    kw = dict(calib_size=384, progress=False, method_options={"projections": 32})
+    kw = dict(calib_size=384, progress=False, options={"projections": 32})
     lab = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq", **kw)
     for scores in lab.table.w.values():
         assert scores[2] > scores[4] > 0 and scores[8] == 0.0  # the 8-bit probe *is* the reference
     assert lab.plan.costs["avg_w_bits_searched"] <= 3
     shuffled = type(data)(data.images, data.labels[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))],
                           data.name, data.split, data.classes)
-    kw_in = dict(kw, method_options={"projections": 32, "target": "input"})
+    kw_in = dict(kw, options={"projections": 32, "target": "input"})
     inp = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq", **kw_in).table.w
     inp_shuf = mpqkit.search("digits-cnn", shuffled, "avg-bits=3", "infoq", **kw_in).table.w
     lab_shuf = mpqkit.search("digits-cnn", shuffled, "avg-bits=3", "infoq", **kw).table.w
@@ -123,10 +123,10 @@ def test_infoq_scores_follow_information_loss_and_target():
 
 def test_infoq_observer_choice_and_resume(tmp_path):
     cache = {"cache_dir": str(tmp_path)}
-    kw = dict(calib_size=256, progress=False, engine_options=cache)
+    kw = dict(calib_size=256, progress=False, **cache)
     last = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq",
-                         method_options={"projections": 16, "observers": "last-1"}, **kw)
+                         options={"projections": 16, "observers": "last-1"}, **kw)
     assert set(last.table.meta["smi_ref"]) == {"fc"}
     again = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq",
-                          method_options={"projections": 16, "observers": "last-1"}, **kw)
+                          options={"projections": 16, "observers": "last-1"}, **kw)
     assert again.engine_stats["probes_run"] == 0 and again.table.w == last.table.w  # all memoised

@@ -24,7 +24,7 @@ def tiny_outlier():
 
 def _search(model, budget=None, method="mixquant", **opts):
     return mpqkit.search(model, tiny_data(model), budget, method, input_shape=(3, 8, 8), progress=False,
-                         qconfig=QuantConfig(w_per_channel=False, w_range="minmax"), fixed=[], method_options=opts)
+                         qconfig=QuantConfig(w_per_channel=False, w_range="minmax"), fixed=[], options=opts)
 
 
 def test_rule_is_data_free_and_exact(tiny_outlier):

@@ -78,7 +78,7 @@ def test_unwritable_results_dir(tmp_path, capsys):
     ro.chmod(0o500)
     code, _, err = run(capsys, "sweep", "--model", "digits-cnn", "--data", "digits", "--method", "uniform",
                        "--budgets", "avg-bits=3", "--out", str(ro / "x"))
-    assert code == 2 and "not writable" in err
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unwritable_results_dir_is_a_file(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_unwritable_results_dir_is_a_file(tmp_path, capsys):
     blocker.write_text("")
     code, _, err = run(capsys, "sweep", "--model", "digits-cnn", "--data", "digits", "--method", "uniform",
                        "--budgets", "avg-bits=3", "--out", str(blocker / "x"))
-    assert code == 2 and "not writable" in err
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
 
 
 def test_proxies_truth_is_the_measured_test_drop(tmp_path, capsys):
@@ -121,3 +121,15 @@ def test_bench_title_covers_every_row_not_the_last_command():
             {"method": "hawq", "budget": "avg-bits=3"}, {"method": "hawq", "budget": "avg-bits=4"},
             {"method": "uniform", "budget": "avg-bits=3", "ptq": "brecq"}]  # a later run, one method
     assert bench_title("resnet20 / cifar10", rows) == "resnet20 / cifar10: uniform, hawq at 2 budget(s)"
+
+
+def test_pareto_plot_uses_the_split_that_was_measured():
+    from mpqkit.report.bench import pareto_lines
+
+    rows = [{"method": "fp32", "budget": "-", "ptq": None, "top1_exact": 90.0},
+            {"method": "hawq", "budget": "avg-bits=3", "ptq": None, "size_mb": 0.1, "top1_exact": 80.0},
+            {"method": "hawq", "budget": "avg-bits=4", "ptq": None, "size_mb": 0.2, "top1_exact": 85.0}]
+    col, lines = pareto_lines(rows)
+    assert col == "top1_exact" and lines == {("hawq", None): [(0.1, 80.0), (0.2, 85.0)]}
+    col, lines = pareto_lines([{**r, "top1_test": 1.0} for r in rows])
+    assert col == "top1_test" and len(lines[("hawq", None)]) == 2

@@ -24,10 +24,10 @@ def test_ray_runner_equals_local(tmp_path):
 def _compare(tmp_path, kw):
     for method in ("clado", "eval-delta"):
         local = mpqkit.search("digits-cnn", "digits", "avg-bits=4", method,
-                              engine_options={"cache_dir": str(tmp_path / f"{method}-a")}, **kw)
+                              cache_dir=str(tmp_path / f"{method}-a"), **kw)
         ray_ = mpqkit.search("digits-cnn", "digits", "avg-bits=4", method,
-                             method_options={"workers": 2, "runner": "ray"},
-                             engine_options={"cache_dir": str(tmp_path / f"{method}-b")}, **kw)
+                             options={"workers": 2, "runner": "ray"},
+                             cache_dir=str(tmp_path / f"{method}-b"), **kw)
         assert ray_.table.w == local.table.w and ray_.table.pairs == local.table.pairs
         assert ray_.plan.to_dict()["layers"] == local.plan.to_dict()["layers"]
         # the driver ran only its reference probes: everything else came from the Ray actors
@@ -45,6 +45,6 @@ def test_device_resolution():
 
 
 def test_unknown_runner_is_refused():
-    with pytest.raises(MpqkitError, match="unknown runner"):
+    with pytest.raises(MpqkitError, match="runner.*must be one of local, ray"):
         mpqkit.search("digits-cnn", "digits", "avg-bits=4", "eval-delta", calib_size=64, progress=False,
-                      method_options={"workers": 2, "runner": "slurm"})
+                      options={"workers": 2, "runner": "slurm"})

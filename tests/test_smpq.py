@@ -66,7 +66,7 @@ def test_truncation_stops_permutations_early_and_zeroes_the_rest():
 
 def test_smpq_and_dmpq_share_one_cached_supernet_run(tmp_path, monkeypatch):
     opts = {"train_size": 600, "epochs": 3, "warmup": 1, "permutations": 3}
-    kw = dict(calib_size=128, progress=False, engine_options={"cache_dir": str(tmp_path)}, method_options=opts)
+    kw = dict(calib_size=128, progress=False, cache_dir=str(tmp_path), options=opts)
     s = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", **kw)
     calls = []
     monkeypatch.setattr(sh, "_shapley", lambda *a, **k: calls.append(1))  # must not be needed again
@@ -77,20 +77,19 @@ def test_smpq_and_dmpq_share_one_cached_supernet_run(tmp_path, monkeypatch):
         alpha = res.table.meta[key]
         bits = [2, 3, 4, 5, 6, 8]  # the default candidates
         argmax = {f: bits[max(range(len(bits)), key=a.__getitem__)] for f, a in zip(res.ledger.searched, alpha)}
-        assert res.table.meta["argmax_bits"] == argmax
+        assert res.table.argmax_bits == argmax
         if res.solution.solver == "argmax":
             assert {f: lq.w_bits for f, lq in res.plan.layers.items() if f in argmax} == argmax
     assert len(s.table.meta["history"]) == 3 and "shapley_s" in s.table.meta["history"][-1]
     filled = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq",
-                           **{**kw, "method_options": {**opts, "select": "ilp"}})
+                           **{**kw, "options": {**opts, "select": "ilp"}})
     assert filled.solution.solver != "argmax" and filled.plan.costs["avg_w_bits_searched"] <= 4 + 1e-9
 
 
 def test_killed_supernet_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     opts = {"train_size": 600, "epochs": 3, "warmup": 1, "permutations": 2}
-    kw = dict(calib_size=128, progress=False, method_options=opts)
-    ref = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", engine_options={"cache_dir": str(tmp_path / "a")},
-                        **kw)
+    kw = dict(calib_size=128, progress=False, options=opts)
+    ref = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "a"), **kw)
     real = sh._shapley
     n = {"calls": 0}
 
@@ -102,10 +101,112 @@ def test_killed_supernet_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sh, "_shapley", dies_second_time)
     with pytest.raises(KeyboardInterrupt):
-        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", engine_options={"cache_dir": str(tmp_path / "b")},
-                      **kw)
-    monkeypatch.setattr(sh, "_shapley", real)
-    again = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", engine_options={"cache_dir": str(tmp_path / "b")},
-                          **kw)
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "b"), **kw)
+    resumed = []
+    monkeypatch.setattr(sh, "_shapley", lambda *a, **k: resumed.append(1) or real(*a, **k))
+    again = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "b"), **kw)
+    assert len(resumed) == 1  # only the epoch that was killed is run again
     assert again.table.meta["alpha_s"] == ref.table.meta["alpha_s"]
+    assert again.table.meta["alpha"] == ref.table.meta["alpha"]
     assert again.table.meta["shapley"] == ref.table.meta["shapley"]
+
+
+def test_supernet_quantizes_with_the_runs_quantizer_settings():
+    import torch
+
+    from mpqkit.quant.config import QuantConfig
+    from mpqkit.quant.observers import quantize_weight
+
+    model = mpqkit.api.load_model("digits-cnn").model
+    layers, bits = ["conv2", "conv3"], [2, 4, 8]
+    sym = QuantConfig(w_per_channel=False, w_symmetric=True, w_range="minmax")
+    quantized = {}
+    for name, qc in (("default", QuantConfig()), ("sym", sym)):
+        sup = sh.Supernet(model, layers, bits, qc)
+        for f, m in zip(layers, sup.mixers):
+            w = sup.net.get_submodule(f).weight
+            for b, q in zip(bits, m.quantized()):
+                assert torch.equal(q, quantize_weight(w, qc.w_spec(b)))  # the shared quantizer, these settings
+                quantized[name, f, b] = q
+    q2 = quantized["sym", "conv2", 2]  # symmetric per tensor, 2 bits: the levels {-2, -1, 0, 1}·one scale
+    assert len(torch.unique(q2)) <= 4 and 0.0 in q2
+    for f in layers:
+        for b in bits:
+            assert not torch.equal(quantized["default", f, b], quantized["sym", f, b])
+    # straight-through estimator: the fp weights get gradients through the quantizer
+    sup = sh.Supernet(model, layers, bits, sym)
+    sup(torch.zeros(2, 1, 8, 8).normal_()).square().sum().backward()
+    assert all(float(sup.net.get_submodule(f).weight.grad.abs().sum()) > 0 for f in layers)
+    # ranges fixed once per epoch ("epoch") stay put while W moves; per step they follow W
+    m = sup.mixers[0]
+    with torch.no_grad():
+        m.fix_ranges(True)
+        m.layer.weight.mul_(3)
+        fixed = m.quantized()[-1]
+        m.fix_ranges(False)
+        assert float(fixed.abs().max()) < float(m.quantized()[-1].abs().max())
+
+
+def test_search_qconfig_reaches_the_supernet_and_its_cache_key(tmp_path, monkeypatch):
+    from mpqkit.quant.config import QuantConfig
+
+    kw = dict(calib_size=128, progress=False, cache_dir=str(tmp_path),
+              options={"train_size": 300, "epochs": 1, "warmup": 0, "permutations": 1})
+    default = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", **kw)
+    sym = QuantConfig(w_per_channel=False, w_symmetric=True)
+    real, calls = sh._shapley, []
+    monkeypatch.setattr(sh, "_shapley", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", qconfig=sym, **kw)
+    assert calls  # a run under other quantizer settings is not read from the default's records
+    assert other.table.meta["supernet_quantizer"] == sym.to_dict()
+    assert default.table.meta["supernet_quantizer"] == QuantConfig().to_dict()
+    assert other.table.meta["alpha"] != default.table.meta["alpha"]
+
+
+def _supernet_records(root, kind):
+    import json
+
+    for path in sorted(root.rglob("*.json")):
+        entry = json.loads(path.read_text())
+        if entry["payload"].get("kind") == f"smpq-supernet-{kind}":
+            yield path, entry
+
+
+def test_corrupt_supernet_records_are_recomputed_not_trusted(tmp_path, monkeypatch):
+    import json
+
+    opts = {"train_size": 600, "epochs": 3, "warmup": 1, "permutations": 2}
+    kw = dict(calib_size=128, progress=False, options=opts)
+    ref = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "a"), **kw)
+    real = sh._shapley
+    n = {"calls": 0}
+
+    def counted(*a, **k):
+        n["calls"] += 1
+        if n.get("die") == n["calls"]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sh, "_shapley", counted)
+    n["die"] = 2  # killed during epoch 2: the states after epochs 1 and 2 are on disk
+    with pytest.raises(KeyboardInterrupt):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "b"), **kw)
+    states = list(_supernet_records(tmp_path / "b", "state"))
+    assert [e["payload"]["epoch"] for _, e in states] and not list(_supernet_records(tmp_path / "b", "result"))
+    for path, entry in states:  # tampered, still valid JSON: only the checksum tells
+        entry["payload"]["history"][0]["val_top1"] = 0.123
+        path.write_text(json.dumps(entry))
+    n.update(calls=0, die=None)
+    again = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "b"), **kw)
+    assert n["calls"] == 2  # every post-warm-up epoch recomputed: no resume from a corrupt state
+    assert again.table.meta["alpha_s"] == ref.table.meta["alpha_s"]
+    assert again.table.meta["history"][0]["val_top1"] != 0.123
+    ((path, entry),) = _supernet_records(tmp_path / "b", "result")
+    assert not list(_supernet_records(tmp_path / "b", "state"))  # dropped once the run finished
+    entry["payload"]["alpha_s"][0][0] += 100.0
+    path.write_text(json.dumps(entry))
+    n["calls"] = 0
+    third = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "smpq", cache_dir=str(tmp_path / "b"), **kw)
+    assert n["calls"] == 2
+    assert third.table.meta["alpha_s"] == ref.table.meta["alpha_s"]
+    assert third.table.meta["shapley"] == ref.table.meta["shapley"]

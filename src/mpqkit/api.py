@@ -1,81 +1,72 @@
-"""The public entry points: ``search``, ``apply_plan``, ``evaluate``.
+"""The public entry points: ``search``, ``apply_plan``, ``evaluate``, ``sweep``, ``bench``, ``proxies``,
+``layers``, ``demo``.
 
-The CLI is a thin layer over these; ``mpqkit search --method X`` and ``mpqkit.search(method="X")``
-are the same code path.
+Every entry point takes one :class:`~mpqkit.settings.RunSettings` (keyword overrides of its fields
+are accepted and checked) and, where a method runs, that method's typed options. The CLI is a thin
+layer over these; ``mpqkit search --method X`` and ``mpqkit.search(method="X")`` are the same code
+path. Rendering (tables, plots, HTML) lives in ``mpqkit.report``, which never imports this module.
 """
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
 from .budget import Ledger, parse_budget
-from .errors import BudgetError, DataError, MpqkitError
+from .errors import CheckpointError, DataError, MissingResourceError, MpqkitError
 from .evaluation import evaluate_model
-from .graph import ModelGraph, discover
+from .graph import discover
 from .plan import LayerQuant, Plan, provenance
 from .quant.apply import apply_plan as _apply_plan
+from .quant.apply import model_device
+from .quant.calibration import CALIB_CHUNK
 from .quant.config import QuantConfig
-from .sensitivity.base import METHODS, Method, SearchContext, SensitivityTable
-from .solve import Allocation, Solution, solve_greedy, solve_ilp, solve_supernet, solve_iqp, solve_threshold, solve_uniform
+from .result import SearchResult
+from .sensitivity.base import METHODS, SearchContext, SensitivityTable, SolveRequest
+from .sensitivity.options import MethodOptions
+from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, FIXED_BITS, RunSettings, resolve_settings
+from .solve import Allocation
 from .zoo.data import LabeledData, load_data
-from .zoo.models import CIFAR_MODELS, ModelBundle, get_model
+from .zoo.models import CIFAR_MODELS, ModelBundle, get_model, state_dict_sha256
 
 log = logging.getLogger("mpqkit")
 
-DEFAULT_W_BITS = (2, 3, 4, 5, 6, 8)
-DEFAULT_A_BITS = (4, 6, 8)
-FIXED_BITS = (8, 8)
-CALIB_SIZE = 1024
-#: method options that change where probes run, never their results: kept out of the plan so the
-#: same inputs give the same plan bytes on any runner
-EXECUTION_OPTIONS = ("workers", "runner", "address")
-
-
-@dataclass
-class SearchResult:
-    plan: Plan
-    solution: Solution
-    table: SensitivityTable | None
-    graph: ModelGraph
-    ledger: Ledger
-    seconds: dict[str, float]
-    engine_stats: dict[str, Any] = field(default_factory=dict)
-    results_dir: Path | None = None
+__all__ = ["RunSettings", "SearchResult", "search", "apply_plan", "evaluate", "sweep", "bench", "proxies", "layers",
+           "demo", "load_model", "load_split", "calibration_set", "save_quantized", "load_quantized",
+           "DEFAULT_W_BITS", "DEFAULT_A_BITS", "FIXED_BITS", "CALIB_SIZE"]
 
 
 # ---------------------------------------------------------------- resolving names to objects
-def load_model(model: str | nn.Module | ModelBundle, checkpoint: str | None = None, models_dir: str | None = None,
-               random_init: bool = False, input_shape: Sequence[int] | None = None) -> ModelBundle:
-    """A ModelBundle from a name (zoo), a bundle, or a bare module (needs ``input_shape``)."""
+def load_model(model: str | nn.Module | ModelBundle, settings: RunSettings | None = None,
+               **overrides: Any) -> ModelBundle:
+    """A ModelBundle from a name (zoo, with the settings' checkpoint / models dir / random init),
+    a bundle, or a bare module (needs ``input_shape``)."""
+    s = resolve_settings(settings, overrides)
     if isinstance(model, ModelBundle):
         return model
     if isinstance(model, nn.Module):
-        if input_shape is None:
+        if s.input_shape is None:
             raise MpqkitError("pass input_shape=(C, H, W) with a bare nn.Module")
-        from .errors import CheckpointError
-        from .zoo.models import state_dict_sha256
-
         for name, t in model.state_dict().items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CheckpointError(f"model tensor '{name}' contains NaN or Inf")
-        return ModelBundle(model.eval(), type(model).__name__, tuple(input_shape), -1, None, state_dict_sha256(model))
-    return get_model(model, checkpoint=checkpoint, models_dir=models_dir, random_init=random_init)
+        return ModelBundle(model.eval(), type(model).__name__, tuple(s.input_shape), -1, None, state_dict_sha256(model))
+    return get_model(model, checkpoint=s.checkpoint, models_dir=s.models_dir, random_init=s.random_init)
 
 
-def load_split(data: str | LabeledData, split: str = "test", data_root: str | None = None,
+def load_split(data: str | LabeledData, split: str = "test", settings: RunSettings | None = None,
                limit: int | None = None) -> LabeledData:
     if isinstance(data, LabeledData):
         return data if limit is None else data.head(limit)
-    return load_data(data, split, root=data_root, limit=limit)
+    return load_data(data, split, root=(settings or RunSettings()).data_root, limit=limit)
 
 
 def calibration_set(data: str | LabeledData, n: int = CALIB_SIZE, seed: int = 0,
@@ -109,84 +100,102 @@ def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
                         f"expects {bundle.input_shape}")
 
 
-# ---------------------------------------------------------------- search
-def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
-           budget: str | None = None, method: str = "eval-delta", *,
-           w_bits: int | None = None, a_bits: int | None = None, search: str = "w",
-           w_candidates: Sequence[int] = DEFAULT_W_BITS, a_candidates: Sequence[int] = DEFAULT_A_BITS,
-           fixed: Sequence[str] | None = None, fixed_bits: tuple[int, int] = FIXED_BITS,
-           calib_size: int = CALIB_SIZE, seed: int = 0, qconfig: QuantConfig | None = None,
-           time_limit: float = 60.0, alpha: float = 1.0, out: str | Path | None = None,
-           checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
-           input_shape: Sequence[int] | None = None, engine_options: dict[str, Any] | None = None,
-           method_options: dict[str, Any] | None = None, progress: bool = True,
-           table: SensitivityTable | None = None, device: str | None = None) -> SearchResult:
-    """Search a mixed-precision plan; writes a results directory when ``out`` is given.
-
-    search: "w" (weights searched, activations at ``a_bits``, default 8), "a" (activations
-    searched, weights at ``w_bits``, default 8) or "wa" (both, jointly).
-    ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
-    many budgets from one measurement); the method's measurement is then skipped.
-    ``device``: "auto" (default: CUDA when available), "cpu", "cuda[:N]".
-    """
+def on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """The model itself when already there, else a moved copy (the caller's model never moves)."""
     from .device import resolve_device
 
     dev = resolve_device(device)
+    if model_device(model) == dev:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dev)
+
+
+def _check_out_dir(out: str | Path | None, what: str, settings: RunSettings | None = None) -> None:
+    """Fail before any long work when ``out`` cannot hold a results directory (or the settings'
+    probe cache cannot be written)."""
+    from .fileutil import check_output_dir
+
+    if settings is not None and settings.use_cache:
+        from .engine.cache import default_cache_dir
+
+        check_output_dir(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
+                         "probe cache directory (--cache-dir / $MPQKIT_CACHE)")
+    if out is not None:
+        check_output_dir(Path(out), what)
+
+
+# ---------------------------------------------------------------- search
+def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
+           budget: str | None = None, method: str = "eval-delta", *, settings: RunSettings | None = None,
+           options: MethodOptions | Mapping[str, Any] | None = None, out: str | Path | None = None,
+           table: SensitivityTable | None = None, **overrides: Any) -> SearchResult:
+    """Search a mixed-precision plan; writes a results directory when ``out`` is given.
+
+    ``settings``: how to load, calibrate, quantize and solve (keyword ``overrides`` replace its
+    fields, e.g. ``calib_size=256``); ``options``: the method's typed options (or a dict of them;
+    an unknown name is an error). ``settings.search``: "w" (weights searched, activations at
+    ``a_bits``, default 8), "a" (activations searched, weights at ``w_bits``) or "wa" (jointly).
+    ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
+    many budgets from one measurement); the method's measurement is then skipped.
+    """
+    from .device import resolve_device
+
+    s = resolve_settings(settings, overrides)
     t_start = time.perf_counter()
-    qconfig = qconfig or QuantConfig()
     m = METHODS.get(method)
-    if search not in ("w", "a", "wa"):
-        raise MpqkitError(f"search must be 'w', 'a' or 'wa', got {search!r}")
-    for b in (*w_candidates, *a_candidates, *(x for x in (w_bits, a_bits) if x is not None), *fixed_bits):
-        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
-            raise MpqkitError(f"bits must be integers in 1..16, got {b!r}")
+    opts = m.make_options(options)
     terms = parse_budget(budget)
-    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
-    calib = calibration_set(data, calib_size, seed, data_root)
+    dev = resolve_device(s.device)
+    bundle = load_model(model, s)
+    calib = calibration_set(data, s.calib_size, s.seed, s.data_root)
     check_compatible(bundle, calib)
     graph = discover(bundle.model, bundle.input_shape)
-    fixed_names = list(graph.default_fixed() if fixed is None else fixed)
+    fixed_names = list(graph.default_fixed() if s.fixed is None else s.fixed)
     graph.check_names(fixed_names)
     searched = [n for n in graph.names if n not in fixed_names]
     if not searched:
         raise MpqkitError("no layer left to search: every quantizable layer is fixed")
 
-    if m.solver == "uniform":
-        w_cands = [w_bits] if w_bits is not None else list(w_candidates)
-        a_cands: list[int | None] = [a_bits] if a_bits is not None else (list(a_candidates) if "a" in search else [8])
+    if m.sensitivity is None:  # uniform: the given bits, or every candidate
+        w_cands = [s.w_bits] if s.w_bits is not None else list(s.w_candidates)
+        a_cands: list[int | None] = ([s.a_bits] if s.a_bits is not None else
+                                     (list(s.a_candidates) if "a" in s.search else [8]))
     else:
-        w_cands = list(w_candidates) if "w" in search else [w_bits or 8]
-        a_cands = list(a_candidates) if "a" in search else [a_bits or 8]
+        w_cands = list(s.w_candidates) if "w" in s.search else [s.w_bits or 8]
+        a_cands = list(s.a_candidates) if "a" in s.search else [s.a_bits or 8]
     ledger = Ledger(graph, searched)
     problem = Allocation(ledger=ledger, layers=searched, w_bits=w_cands, a_bits=a_cands,
-                         fixed={f: tuple(fixed_bits) for f in fixed_names}, constraints=ledger.resolve(terms),
+                         fixed={f: tuple(s.fixed_bits) for f in fixed_names}, constraints=ledger.resolve(terms),
                          tie_groups=graph.tie_groups)
     problem.check_feasible()
+    _check_out_dir(out, "search results directory", s)  # after the cheap checks, before the long work
 
     ctx = SearchContext(model=bundle.model, graph=graph, calib_images=calib.images, calib_labels=calib.labels,
-                        searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in search,
-                        search_a="a" in search, qconfig=qconfig, seed=seed, options=dict(method_options or {}),
-                        engine_kwargs={"progress": progress, "device": dev, **(engine_options or {})},
-                        device=dev, load_train=lambda n, s: _train_subset(data, n, s, data_root))
+                        searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in s.search,
+                        search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
+                        engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
+                        load_train=lambda n, seed: _train_subset(data, n, seed, s.data_root))
     t_sens = time.perf_counter()
     if table is None and m.sensitivity is not None:
         table = m.sensitivity(ctx)
     t_solve = time.perf_counter()
-    solution = _solve(m, problem, table, bool(terms), w_bits=w_bits, a_bits=a_bits, search=search, alpha=alpha,
-                      time_limit=time_limit, seed=seed, options=method_options or {})
+    solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
+                                     search=s.search, w_bits=s.w_bits, a_bits=s.a_bits, alpha=s.alpha,
+                                     time_limit=s.time_limit, seed=s.seed))
     t_end = time.perf_counter()
 
     full = problem.full(solution.assignment)
-    layers = {f: LayerQuant(wb, ab, qconfig.w_granularity, qconfig.w_symmetric) for f, (wb, ab) in
+    layers = {f: LayerQuant(wb, ab, s.qconfig.w_granularity, s.qconfig.w_symmetric) for f, (wb, ab) in
               ((n, full[n]) for n in graph.names)}
-    params = {"search": search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
-              "alpha": alpha, "time_limit": time_limit, "qconfig": qconfig.to_dict(),
-              **{k: v if isinstance(v, (str, int, float, bool, list, type(None))) else f"<{type(v).__name__}>"
-                 for k, v in (method_options or {}).items() if k not in EXECUTION_OPTIONS}}
+    params = {"search": s.search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
+              "alpha": s.alpha, "time_limit": s.time_limit, "qconfig": s.qconfig.to_dict(), **opts.to_params()}
+    prov = provenance(s.seed, len(calib), calib.sha256())
+    prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
     plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
                 method_params=params, budget=budget, costs=ledger.summary(full),
-                provenance={**provenance(seed, len(calib), calib.sha256()), "solver": solution.record(),
-                            "data": calib.name})
+                provenance={**prov, "solver": solution.record(), "data": calib.name})
     result = SearchResult(plan, solution, table, graph, ledger,
                           {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve,
                            "total": t_end - t_start}, ctx.engine_stats())
@@ -197,116 +206,87 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     return result
 
 
-def _solve(m: Method, problem: Allocation, table: SensitivityTable | None, has_budget: bool, *,
-           w_bits: int | None, a_bits: int | None, search: str, alpha: float, time_limit: float, seed: int,
-           options: dict[str, Any]) -> Solution:
-    """The method's solver on the problem: uniform, the threshold rule, the IQP or the ILP."""
-    if m.solver == "uniform":
-        if w_bits is None and not has_budget:
-            raise BudgetError("uniform needs --w-bits (and optionally --a-bits) or a --budget")
-        return solve_uniform(problem, w_bits, a_bits if a_bits is not None else (8 if "a" not in search else None))
-    assert table is not None
-    if m.solver == "threshold":
-        qem = options.get("qem")
-        if qem is None and not has_budget:
-            raise BudgetError(f"method '{m.name}' needs --qem or a --budget")
-        return solve_threshold(problem, table.w, None if qem is None else float(qem))
-    if m.solver == "supernet":  # argmax of the method's α when it fits, else the ILP on its costs
-        return solve_supernet(problem, table.meta["argmax_bits"], table.w, time_limit,
-                              select=str(options.get("select", "argmax")))
-    if m.solver == "greedy":
-        return solve_greedy(problem, table.meta["pareto"], float(options.get("max_drop", 1.0)))
-    if not has_budget:
-        raise BudgetError(f"method '{m.name}' needs a --budget (e.g. avg-bits=4)")
-    if m.solver == "iqp":
-        from .sensitivity.crosslayer import quadratic_objective
-
-        g, lin, info = quadratic_objective(table, problem)
-        solution = solve_iqp(problem, g, lin, time_limit=time_limit, seed=seed)
-        solution.info.update(info)
-        return solution
-    zeros = {f: {b: 0.0 for b in problem.w_bits} for f in problem.layers}
-    return solve_ilp(problem, table.w if "w" in search else zeros, table.a if "a" in search else None,
-                     alpha=alpha, time_limit=time_limit)
-
-
 # ---------------------------------------------------------------- apply / evaluate
+def plan_qconfig(plan: Plan) -> QuantConfig | None:
+    """The quantizer settings a plan was searched with (None for a plan that does not say)."""
+    q = plan.method_params.get("qconfig")
+    if not isinstance(q, dict):
+        return None
+    try:
+        return QuantConfig(**q)
+    except (TypeError, ValueError) as e:
+        from .errors import PlanError
+
+        raise PlanError(f"the plan's qconfig is malformed: {e}") from None
+
+
 def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData | None = "cifar10",
-               *, ptq: str | None = None, recon_options: dict[str, Any] | None = None,
-               calib_size: int | None = None, seed: int | None = None, qconfig: QuantConfig | None = None,
-               checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
-               input_shape: Sequence[int] | None = None, allow_other_model: bool = False,
-               progress: bool = False, device: str | None = None) -> nn.Module:
+               *, settings: RunSettings | None = None, ptq: str | None = None,
+               recon_options: dict[str, Any] | None = None, allow_other_model: bool = False,
+               **overrides: Any) -> nn.Module:
     """A quantized copy of the model following ``plan``. Activation ranges are calibrated on the
-    same fixed-seed train subset the search used (size and seed from the plan's provenance).
+    calibration set the search used (size, seed and data from the plan's provenance) through the
+    same path as the probe engine, so the plan evaluates the way it was searched.
 
     ``ptq`` picks the post-training quantizer: None keeps the plan's quantizer config (default:
     MSE ranges); "minmax" / "mse" set the range estimator of weights and activations; "adaround"
     (layer-wise), "brecq" (block-wise, LSQ activation steps) and "qdrop" (BRECQ + QDrop) then
     reconstruct on the calibration set; ``recon_options`` override :class:`ReconConfig` fields
-    (e.g. ``{"iters": 2000}``). ``device``: "auto" (CUDA when available), "cpu", "cuda[:N]"; the
-    quantized copy lives there.
+    (e.g. ``{"iters": 2000}``). The quantized copy lives on ``settings.device``.
     """
     from dataclasses import replace
 
-    from .device import resolve_device
+    from .quant.brecq import recon_config, reconstruct
 
-    from .quant.brecq import reconstruct, recon_config
-
+    s = resolve_settings(settings, overrides)
     recon = recon_config(ptq, **(recon_options or {})) if ptq is not None else None
-    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+    bundle = load_model(model, s)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     graph = discover(bundle.model, bundle.input_shape)
     plan.validate(graph, None if allow_other_model else bundle.sha256)
-    if qconfig is None and isinstance(plan.method_params.get("qconfig"), dict):
-        qconfig = QuantConfig(**plan.method_params["qconfig"])
+    qconfig = plan_qconfig(plan)
     if ptq in ("minmax", "mse"):
         qconfig = replace(qconfig or QuantConfig(), w_range=ptq, a_range=ptq)
     prov = plan.provenance or {}
-    calib_batches = None
+    calib_prov = prov.get("calib") if isinstance(prov.get("calib"), dict) else {}
+    calib_images = None
     if recon is not None or any(lq.a_bits is not None for lq in plan.layers.values()):
         if data is None:
             raise DataError("the plan quantizes activations (or PTQ reconstruction was asked for): pass calibration data")
-        calib = calibration_set(data, calib_size or prov.get("calib", {}).get("n", CALIB_SIZE),
-                                seed if seed is not None else prov.get("seed", 0), data_root)
+        n, seed = int(calib_prov.get("n", s.calib_size)), int(prov.get("seed", s.seed))
+        calib = calibration_set(data, n, seed, s.data_root)
         check_compatible(bundle, calib)
-        calib_batches = [x for x, _ in calib.batches(256)]
-    fp = _on_device(bundle.model, resolve_device(device))
-    qmodel = _apply_plan(fp, plan, calib_batches, qconfig)
+        if calib_prov.get("sha256") and calib_prov["sha256"] != calib.sha256():
+            log.warning("the calibration set drawn now (%d images, seed %d) differs from the one the plan was "
+                        "searched with (sha256 %s…): the data changed, so activation ranges may differ", n, seed,
+                        str(calib_prov["sha256"])[:12])
+        calib_images = calib.images
+    fp = on_device(bundle.model, s.device)
+    qmodel = _apply_plan(fp, plan, calib_images, qconfig)
     if recon is not None:
-        assert calib_batches is not None
-        reconstruct(qmodel, fp, calib_batches, recon, progress=progress)
+        assert calib_images is not None
+        batches = [calib_images[i:i + CALIB_CHUNK] for i in range(0, len(calib_images), CALIB_CHUNK)]
+        reconstruct(qmodel, fp, batches, recon, progress=s.progress)
     return qmodel
-
-
-def _on_device(model: nn.Module, dev: torch.device) -> nn.Module:
-    """The model itself when already there, else a moved copy (the caller's model never moves)."""
-    from .quant.apply import model_device
-
-    if model_device(model) == dev:
-        return model
-    import copy
-
-    return copy.deepcopy(model).to(dev)
 
 
 def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     """Write a quantized model (plan + state dict with every quantizer's parameters), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"mpqkit_quantized": 1, "plan": plan.to_dict(), "state_dict": qmodel.state_dict()}, tmp)
-    tmp.replace(path)
-    return path
+    import io
+
+    from .fileutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"mpqkit_quantized": 1, "plan": plan.to_dict(), "state_dict": qmodel.state_dict()}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
 
 
-def load_quantized(model: str | nn.Module | ModelBundle, path: str | Path, *, checkpoint: str | None = None,
-                   models_dir: str | None = None, input_shape: Sequence[int] | None = None) -> nn.Module:
+def load_quantized(model: str | nn.Module | ModelBundle, path: str | Path, *, settings: RunSettings | None = None,
+                   **overrides: Any) -> nn.Module:
     """Rebuild a model saved by ``mpqkit apply --out`` (no calibration data needed)."""
-    from .errors import CheckpointError
-
-    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+    bundle = load_model(model, resolve_settings(settings, overrides))
     if not Path(path).is_file():
         raise MpqkitError(f"quantized model file not found: {path}")
     try:
@@ -316,26 +296,204 @@ def load_quantized(model: str | nn.Module | ModelBundle, path: str | Path, *, ch
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
         raise CheckpointError(f"{path} is not an mpqkit quantized model file: {str(e).splitlines()[0]}") from None
     plan.validate(discover(bundle.model, bundle.input_shape))
-    qconfig = QuantConfig(**plan.method_params["qconfig"]) if isinstance(plan.method_params.get("qconfig"), dict) else None
-    return _apply_plan(bundle.model, plan, qconfig=qconfig, state_dict=state)
+    return _apply_plan(bundle.model, plan, qconfig=plan_qconfig(plan), state_dict=state)
 
 
 def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
-             split: str = "test", plan: Plan | str | Path | None = None, *, limit: int | None = None,
-             checkpoint: str | None = None, data_root: str | None = None, models_dir: str | None = None,
-             input_shape: Sequence[int] | None = None, batch_size: int = 500, progress: bool = False,
-             device: str | None = None, **apply_kwargs: Any) -> dict[str, Any]:
+             split: str = "test", plan: Plan | str | Path | None = None, *, settings: RunSettings | None = None,
+             limit: int | None = None, batch_size: int = 500, ptq: str | None = None,
+             recon_options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Top-1 / loss of the fp model, or of the model quantized by ``plan``, on a split."""
-    from .device import resolve_device
-
-    bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
-    ds = load_split(data, split, data_root, limit)
+    s = resolve_settings(settings, overrides)
+    if plan is None and ptq is not None:
+        raise MpqkitError("--ptq needs --plan (there is nothing to quantize in the fp model)")
+    bundle = load_model(model, s)
+    ds = load_split(data, split, s, limit)
     check_compatible(bundle, ds)
-    net = _on_device(bundle.model, resolve_device(device))
     if plan is not None:
-        net = apply_plan(bundle, plan, data if not isinstance(data, LabeledData) else ds, data_root=data_root,
-                         progress=progress, device=device, **apply_kwargs)
+        net = apply_plan(bundle, plan, data if not isinstance(data, LabeledData) else ds, settings=s, ptq=ptq,
+                         recon_options=recon_options)
+    else:
+        net = on_device(bundle.model, s.device)
     with torch.inference_mode():
-        res = evaluate_model(net, ds, batch_size=batch_size, progress=progress)
+        res = evaluate_model(net, ds, batch_size=batch_size, progress=s.progress)
     return {"model": bundle.name, "data": ds.name, "split": ds.split, "plan": None if plan is None else str(
-        plan if not isinstance(plan, Plan) else plan.method), "ptq": apply_kwargs.get("ptq"), **res}
+        plan if not isinstance(plan, Plan) else plan.method), "ptq": ptq, **res}
+
+
+# ---------------------------------------------------------------- many searches
+def method_options_for(methods: Sequence[str], given: Mapping[str, Any]) -> dict[str, MethodOptions]:
+    """Typed options per method from one flat mapping of option values (the CLI's flags): each
+    method takes the values it declares; a value no listed method declares is an error."""
+    out, used = {}, set()
+    for name in methods:
+        m = METHODS.get(name)
+        fields = {f.name for f in m.options.option_fields()}
+        mine = {k: v for k, v in given.items() if k in fields}
+        used |= set(mine)
+        out[name] = m.make_options(mine)
+    unused = sorted(set(given) - used)
+    if unused:
+        raise MpqkitError(f"option(s) {', '.join(unused)} belong to none of the methods {', '.join(methods)}")
+    return out
+
+
+def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str], budgets: Sequence[str],
+          out: str | Path, *, ptqs: Sequence[str | None] = (None,), settings: RunSettings | None = None,
+          options: Mapping[str, MethodOptions | Mapping[str, Any]] | None = None,
+          splits: Sequence[str] = ("test", "exact"), recon_options: dict[str, Any] | None = None,
+          **overrides: Any) -> list[dict]:
+    """Measure every (method, budget, PTQ) row not yet in ``out/rows.jsonl``; returns all rows.
+
+    Each method measures its sensitivity once and solves every budget from that table; each plan
+    is quantized with each PTQ backend and evaluated on ``splits``. Rows are appended as they are
+    measured, so a killed run resumes; a method that fails at a budget gets a row with the error.
+    ``options``: per method name, its options (methods not named use their defaults).
+    """
+    from .quant.brecq import PTQ_BACKENDS
+    from .report.bench import append_row, load_rows
+
+    s = resolve_settings(settings, overrides)
+    for p in ptqs:
+        if p is not None and p not in PTQ_BACKENDS:
+            raise MpqkitError(f"unknown PTQ backend '{p}', expected default or one of {sorted(PTQ_BACKENDS)}")
+    methods = [METHODS.get(m).name for m in methods]
+    opts = {m: METHODS.get(m).make_options((options or {}).get(m)) for m in methods}
+    out = Path(out)
+    _check_out_dir(out, "bench results directory", s)
+    rows_path = out / "rows.jsonl"
+    rows = load_rows(rows_path, repair=True)
+    done = {(r["method"], r["budget"], r["ptq"]) for r in rows}
+    bundle = load_model(model, s)
+    eval_sets = {}
+    for split in splits:
+        try:
+            eval_sets[split] = load_split(data, split, s)
+        except MissingResourceError:
+            raise  # the data root is wrong: nothing can be measured
+        except MpqkitError as e:  # e.g. no 'exact' subset for this dataset
+            log.warning("bench: split %s not available (%s); its column stays empty", split, e)
+    if not eval_sets:
+        raise DataError(f"none of the evaluation splits {', '.join(splits)} is available for {data}")
+    quiet = s.replace(progress=False)
+
+    def append(row: dict) -> None:
+        rows.append(row)
+        append_row(rows_path, row)
+
+    if ("fp32", "-", None) not in done:
+        fp_model = on_device(bundle.model, s.device)
+        ev = {sp: evaluate_model(fp_model, d) for sp, d in eval_sets.items()}
+        append({"method": "fp32", "budget": "-", "ptq": None, "size_mb": None, "compression": 1.0, "gbitops": None,
+                "avg_w_bits": 32.0, **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()}})
+    for method in methods:
+        table = None
+        for budget in budgets:
+            todo = [p for p in ptqs if (method, budget, p) not in done]
+            if not todo:
+                continue
+            from .report.bench import plan_dir
+
+            pdir = plan_dir(out, method, budget)
+            try:
+                res = search(bundle, data, budget, method, settings=s, options=opts[method], out=pdir, table=table)
+            except MpqkitError as e:
+                for p in todo:
+                    append({"method": method, "budget": budget, "ptq": p, "error": str(e)})
+                continue
+            table = res.table
+            c = res.plan.costs
+            for p in todo:
+                t0 = time.perf_counter()
+                q = apply_plan(bundle, res.plan, data, settings=quiet, ptq=p,
+                               recon_options=recon_options if p in ("adaround", "brecq", "qdrop") else None)
+                ptq_s = time.perf_counter() - t0
+                with torch.inference_mode():
+                    ev = {sp: evaluate_model(q, d) for sp, d in eval_sets.items()}
+                append({"method": method, "budget": budget, "ptq": p, "size_mb": c["weight_mb"],
+                        "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
+                        "avg_w_bits": c["avg_w_bits_searched"],
+                        **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},
+                        "search_s": res.seconds["total"], "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
+    return rows
+
+
+def sweep(model: str | nn.Module | ModelBundle, data: str, method: str, budgets: Sequence[str], out: str | Path,
+          **kwargs: Any) -> list[dict]:
+    """One method over many budgets from one sensitivity measurement (``bench`` with one method)."""
+    return bench(model, data, [method], budgets, out, **kwargs)
+
+
+def proxies(model: str | nn.Module | ModelBundle, data: str, out: str | Path,
+            methods: Sequence[str] | None = None, *, settings: RunSettings | None = None,
+            options: Mapping[str, MethodOptions | Mapping[str, Any]] | None = None,
+            **overrides: Any) -> dict[str, Any]:
+    """Rank correlation of each method's sensitivity with the true single-layer top-1 drop on the
+    test split; writes proxies.json/.csv/.md/.png into ``out``."""
+    from .report.proxies import DEFAULT_METHODS, correlations, true_drops, write_proxies
+
+    s = resolve_settings(settings, overrides)
+    methods = [METHODS.get(m).name for m in (methods or DEFAULT_METHODS)]
+    _check_out_dir(out, "proxies results directory", s)
+    bundle = load_model(model, s)
+    graph = discover(bundle.model, bundle.input_shape)
+    searched = [n for n in graph.names if n not in (graph.default_fixed() if s.fixed is None else s.fixed)]
+    bits = list(s.w_candidates)
+    truth = true_drops(bundle, graph, load_split(data, "test", s), searched, bits, s)
+    tables, corr = {}, {}
+    for m in methods:
+        res = search(bundle, data, "avg-bits=8", m, settings=s, options=(options or {}).get(m))
+        tables[m] = res.table.w if res.table is not None else {}
+        corr[m] = {**correlations(tables[m], truth), "sensitivity_s": res.seconds["sensitivity"]}
+        log.info("proxies: %s %s", m, corr[m])
+    result = {"model": bundle.name, "data": data, "split": "test", "w_candidates": bits,
+              "correlations": corr, "truth": truth, "scores": tables}
+    write_proxies(result, Path(out), searched)
+    return result
+
+
+def layers(model: str | nn.Module | ModelBundle, settings: RunSettings | None = None, **overrides: Any) -> dict[str, Any]:
+    """Quantizable layers with their costs and tie groups."""
+    bundle = load_model(model, resolve_settings(settings, overrides))
+    graph = discover(bundle.model, bundle.input_shape)
+    rows = [{"layer": lay.fqn, "kind": lay.kind, "weight_numel": lay.weight_numel, "macs": lay.macs,
+             "in_shape": list(lay.in_shape)} for lay in graph.layers]
+    return {"model": bundle.name, "layers": rows, "tie_groups": graph.tie_groups, "fp32_bytes": Ledger(graph).fp32_bytes}
+
+
+def demo(out: str | Path = "results/demo", budget: str = "avg-bits=3", progress: bool = True,
+         echo: Any = print) -> list[tuple]:
+    """The embedded default: the digits CNN, every kind of method, search → plan → quantize → eval,
+    offline (no ../shared needed). Returns the summary rows; ``echo`` receives progress lines."""
+    from .fileutil import atomic_write_text
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out_dir(out, "demo results directory")
+    model, data = "digits-cnn", "digits"
+    s = RunSettings(calib_size=512, progress=progress)
+    fp = evaluate(model, data, "test", settings=s.replace(progress=False))
+    echo(f"[demo] {model} fp32 top-1 on digits/test ({fp['n']} images): {100 * fp['top1']:.2f} %")
+    rows: list[tuple] = [("fp32", "-", 32.0, fp["top1"], None)]
+    runs: list[tuple[str, dict, dict]] = [
+        ("eval-delta", {}, {}), ("infoq", {"projections": 32}, {}),
+        ("clado", {}, {"w_candidates": (2, 4, 8), "time_limit": 10}), ("mixquant", {}, {}), ("uniform", {}, {})]
+    for method, opts, changes in runs:
+        res = search(model, data, budget, method, settings=s.replace(**changes), options=opts, out=out / method)
+        ev = evaluate(model, data, "test", res.plan, settings=s.replace(progress=False))
+        c = res.plan.costs
+        rows.append((method, budget, c["avg_w_bits_searched"], ev["top1"], c["weight_mb"] * 2**20 / 1024))
+        bits = " ".join(str(lq.w_bits) for lq in res.plan.layers.values())
+        echo(f"[demo] {method:<10} {budget}: w-bits per layer [{bits}] · {c['weight_bytes'] / 1024:.2f} KB · "
+             f"top-1 {100 * ev['top1']:.2f} % · search {res.seconds['total']:.1f}s → {out / method}")
+    lines = ["| plan | budget | avg w-bits (searched) | weight KB | top-1 digits/test |", "|---|---|---:|---:|---:|"]
+    for label, b, avg, top1, kb in rows:
+        lines.append(f"| {label} | {b} | {avg:.3f} | {'' if kb is None else f'{kb:.2f}'} | {100 * top1:.2f} % |")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    echo("\n".join(lines))
+    echo(f"[demo] done in {time.perf_counter() - t0:.1f}s; results in {out}/")
+    return rows
+
+
+def results_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -217,9 +217,17 @@ def format_budget_value(c: Constraint, smallest: float, ledger: Ledger) -> str:
     return f"{c.metric}={smallest:.4f}"
 
 
-def expand_budgets(spec: str | list[str]) -> list[str]:
+#: most budgets one sweep may expand to (each is a full solve, often a PTQ run and an evaluation)
+MAX_SWEEP_BUDGETS = 200
+
+
+def expand_budgets(spec: str | list[str], limit: int = MAX_SWEEP_BUDGETS) -> list[str]:
     """Budgets of a sweep: ``key=start:stop:step`` (inclusive; e.g. ``avg-bits=2.5:4:0.25``), or
-    budgets separated by ``;`` (each may combine terms with ``,``), or a list of either."""
+    budgets separated by ``;`` (each may combine terms with ``,``), or a list of either.
+
+    Raises BudgetError on a malformed range, a step <= 0, stop < start, or more than ``limit``
+    budgets in all (``avg-bits=2:4:0.0001`` would queue 20,001 searches).
+    """
     items = spec if isinstance(spec, list) else [t for t in spec.split(";") if t.strip()]
     out: list[str] = []
     for item in items:
@@ -228,18 +236,27 @@ def expand_budgets(spec: str | list[str]) -> list[str]:
             try:
                 start, stop, step = (float(v) for v in value.split(":"))
             except ValueError:
-                raise BudgetError(f"malformed budget range '{item}': expected key=start:stop:step") from None
-            if step <= 0 or stop < start:
-                raise BudgetError(f"budget range '{item}' needs step > 0 and stop >= start")
-            n = int(round((stop - start) / step))
-            for i in range(n + 1):
-                v = start + i * step
-                if v <= stop + 1e-9:
-                    out.append(f"{key.strip()}={v:g}")
-                    parse_budget(out[-1])
+                raise BudgetError(f"malformed budget range '{item.strip()}': expected key=start:stop:step") from None
+            if not all(math.isfinite(v) for v in (start, stop, step)):
+                raise BudgetError(f"budget range '{item.strip()}' must use finite numbers")
+            if step <= 0:
+                raise BudgetError(f"budget range '{item.strip()}': step must be > 0, got {step:g}")
+            if stop < start:
+                raise BudgetError(f"budget range '{item.strip()}': stop {stop:g} is below start {start:g} "
+                                  f"(write key=start:stop:step with start <= stop)")
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if len(out) + n > limit:
+                raise BudgetError(f"budget range '{item.strip()}' expands to {n} budgets"
+                                  + (f" ({len(out) + n} in the sweep)" if out else "")
+                                  + f"; the limit is {limit}: use a larger step")
+            for i in range(n):
+                out.append(f"{key.strip()}={round(start + i * step, 12):.12g}")
+                parse_budget(out[-1])
         else:
             parse_budget(item)  # validated now, not after an hour of measurements
             out.append(item.strip())
+            if len(out) > limit:
+                raise BudgetError(f"the sweep has more than {limit} budgets (the limit): give fewer")
     if not out:
         raise BudgetError("no budget given")
     return out

@@ -1,18 +1,19 @@
 """The plan: a versioned JSON artifact saying how every layer is quantized.
 
-A plan is data: any method's plan can be applied, evaluated, exported and compared. Layers absent
-from ``layers`` stay fp32. ``validate`` checks it against a model's graph before anything is done.
+A plan is data: any method's plan can be applied, evaluated, exported and compared. It lists every
+quantizable layer of its model (fixed layers included; null bits keep a side fp32) and carries the
+model's weights sha256. ``validate`` checks both against a model's graph before anything is done: a
+layer missing from a plan is an error, never a silent fp32 layer.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import PlanError
+from .fileutil import atomic_write_text  # noqa: F401  (re-exported)
 from .graph import ModelGraph, unknown_layer_message
 
 PLAN_VERSION = 1
@@ -104,17 +105,42 @@ class Plan:
             budget=budget, costs=costs, provenance=_field(d, "provenance", dict, source) or {},
         )
 
-    def validate(self, graph: ModelGraph, model_sha256: str | None = None) -> None:
-        """Check layer names and bits against a model; a plan made for another model is refused."""
-        for fqn, lq in self.layers.items():
-            if fqn not in graph:
-                raise PlanError(unknown_layer_message(fqn, graph.names))
-            lq.validate(fqn)
+    def validate(self, graph: ModelGraph, model_sha256: str | None = None, searched: Iterable[str] | None = None,
+                 *, allow_unidentified: bool = False) -> None:
+        """Check the plan against a model before it is used; raise PlanError naming the problem.
+
+        ``model_sha256`` (None: not checked) must equal the plan's ``model.sha256``; a plan without
+        one is refused unless ``allow_unidentified``. Every layer named must be one of ``graph``'s,
+        with valid bits, and every layer of ``searched`` (default: all of ``graph.names``) must be listed.
+        """
+        if model_sha256 and not self.model_sha256 and not allow_unidentified:
+            raise PlanError(
+                f"the plan{self._for()} does not say which weights it was made for (no model.sha256): re-create it "
+                f"with mpqkit search for this model, or from Python pass allow_other_model=True to apply it anyway"
+            )
         if model_sha256 and self.model_sha256 and model_sha256 != self.model_sha256:
             raise PlanError(
                 f"this plan was made for model '{self.model_name}' with weights sha256 {self.model_sha256[:12]}…, "
                 f"but the model given has sha256 {model_sha256[:12]}…"
             )
+        for fqn, lq in self.layers.items():
+            if fqn not in graph:
+                raise PlanError(unknown_layer_message(fqn, graph.names))
+            lq.validate(fqn)
+        required = graph.names if searched is None else list(searched)
+        if searched is not None:
+            graph.check_names(required)
+        missing = [n for n in required if n not in self.layers]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise PlanError(
+                f"the plan{self._for()} does not cover {len(missing)} of the model's {len(graph)} quantizable "
+                f"layers: {shown}. A plan lists every layer (w_bits/a_bits null keep that side fp32): re-create "
+                f"it with mpqkit search, or add the missing layers"
+            )
+
+    def _for(self) -> str:
+        return f" for model '{self.model_name}'" if self.model_name else ""
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -124,10 +150,16 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
+        if path.is_dir():
+            inside = path / "plan.json"
+            hint = f"did you mean {inside}?" if inside.is_file() else "give the path of a plan .json file"
+            raise PlanError(f"plan path {path} is a directory, not a plan file: {hint}")
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")
         try:
             d = json.loads(path.read_text())
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {path}: {e.strerror or type(e).__name__}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PlanError(f"plan file {path} is not valid JSON ({e}); it may be truncated or corrupt") from None
         return cls.from_dict(d, source=f"plan file {path}")
@@ -148,16 +180,3 @@ def provenance(seed: int, calib_n: int, calib_sha256: str) -> dict[str, Any]:
     # no timestamp: the same inputs give the byte-identical plan (the results directory's
     # summary.json records when and how long)
     return {"mpqkit": __version__, "seed": seed, "calib": {"n": calib_n, "sha256": calib_sha256}}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

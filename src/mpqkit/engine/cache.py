@@ -6,7 +6,6 @@ payload: a truncated or corrupt entry is detected, ignored and recomputed, never
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..plan import atomic_write_text
-from ..zoo.models import state_dict_sha256 as module_sha256  # noqa: F401  (re-exported)
+from ..fileutil import atomic_write_text, sha256_json, tensor_sha256  # noqa: F401  (re-exported)
+from ..fileutil import state_dict_sha256 as module_sha256  # noqa: F401  (re-exported)
 
 
 def default_cache_dir() -> Path:
@@ -23,19 +22,6 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mpqkit"
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def tensor_sha256(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 class ProbeCache:
@@ -72,3 +58,7 @@ class ProbeCache:
 
     def put(self, key: str, payload: dict[str, Any]) -> None:
         atomic_write_text(self._path(key), json.dumps({"payload": payload, "sha256": sha256_json(payload)}))
+
+    def discard(self, key: str) -> None:
+        """Remove an entry if there is one (e.g. a superseded resume record)."""
+        self._path(key).unlink(missing_ok=True)

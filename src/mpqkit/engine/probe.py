@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..graph import ModelGraph
-from ..quant.apply import calibrate_activations, set_submodule
+from ..quant.apply import set_submodule
+from ..quant.calibration import calibrate
 from ..quant.config import QuantConfig
 from ..quant.fold import bn_affine, conv_bn_nodes
 from ..quant.modules import quantize_module
@@ -216,6 +217,7 @@ class ProbeEngine:
         self.progress = progress
         self.prefix = prefix
         fmt = torch.channels_last if channels_last and images.ndim == 4 else torch.contiguous_format
+        self._format = fmt
         if fmt is torch.channels_last:
             self.model.to(memory_format=fmt)  # conv kernels run faster on NHWC on CPU (oneDNN)
         self.batches = [(images[i:i + batch_size].to(self.device).contiguous(memory_format=fmt),
@@ -245,8 +247,8 @@ class ProbeEngine:
     # ---- quantized layers, built once per (layer, bits) ----
     def observers(self):
         if self._observers is None:
-            self._observers = calibrate_activations(self.model, self.graph.names, (x for x, _ in self.batches),
-                                                    seed=self._seed)
+            self._observers = calibrate(self.model, self.graph.names, self.spec["images"], seed=self._seed,
+                                        memory_format=self._format)
         return self._observers
 
     def quant_layer(self, fqn: str, w_bits: int | None, a_bits: int | None) -> nn.Module:

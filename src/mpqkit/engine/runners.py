@@ -17,7 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import MissingResourceError, MpqkitError
 from .probe import Override, ProbeEngine, ProbeResult
@@ -130,3 +130,13 @@ def dispatch(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int, runner
     if runner != "local":
         raise MpqkitError(f"unknown runner '{runner}': expected local or ray")
     return run_in_workers(engine, jobs, workers)
+
+
+def dispatch_options(engine: ProbeEngine, options: Any, jobs: Callable[[], Sequence[ProbeJob]]) -> int:
+    """The one runner dispatch every method uses: when ``options`` (a ``RunnerOptions``) asks for
+    parallel workers or Ray, build the jobs and run them into the cache; otherwise do nothing and
+    the method's own loop computes the probes in-process."""
+    workers, runner = int(options.workers or 1), options.runner
+    if workers > 1 or runner == "ray":
+        return dispatch(engine, jobs(), workers, runner, options.address)
+    return 0

@@ -12,10 +12,10 @@ from ..errors import MpqkitError
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to the ``mpqkit`` sub-parsers."""
-    from ..cli import _common
+    from ..cli_args import add_settings
 
     x = subparsers.add_parser("export", help="export a quantized model: QDQ ONNX or bit-packed file")
-    _common(x)
+    add_settings(x)
     x.add_argument("--plan", required=True, help="plan.json to quantize with")
     x.add_argument("--format", choices=["onnx", "packed"], default="onnx")
     x.add_argument("--out", required=True, help="output file (.onnx, or e.g. .mpqk for packed)")
@@ -27,16 +27,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     x.add_argument("--split", default="test", help="split for --check (default test)")
     x.add_argument("--limit", type=int, help="check only the first N images")
     x.add_argument("--batch-size", type=int, default=500, help="batch size for --check")
+    x.add_argument("--tolerance", type=float, default=0.5,
+                   help="--check fails (exit 2) when top-1 of the export and of PyTorch differ by more than this "
+                        "many points (default %(default)s; one image is 100/N points of an N-image check)")
+    x.add_argument("--logit-tolerance", type=float,
+                   help="--check also fails when max |logit difference| exceeds this (default: not checked)")
     return x
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Export a quantized model; with ``--check``, fail (MpqkitError) when it is off by more than the tolerances."""
     from .. import api
+    from ..fileutil import check_output_file
     from ..plan import Plan
 
-    bundle = api.load_model(args.model, args.checkpoint, args.models_dir, args.random_init)
+    for flag, tol in (("--tolerance", args.tolerance), ("--logit-tolerance", args.logit_tolerance)):
+        if tol is not None and not tol >= 0:  # NaN too
+            raise MpqkitError(f"{flag} must be a number >= 0, got {tol}")
+    check_output_file(args.out, "the export file")  # before any work
+    from ..cli_args import settings_from_args
+
+    settings = settings_from_args(args)
+    bundle = api.load_model(args.model, settings)
     plan = Plan.load(args.plan)
-    qmodel = api.apply_plan(bundle, plan, args.data, data_root=args.data_root)
+    qmodel = api.apply_plan(bundle, plan, args.data, settings=settings)
     out: dict[str, Any] = {"model": bundle.name, "plan": args.plan, "format": args.format}
     if args.format == "onnx":
         from .onnx import export_onnx
@@ -51,47 +65,63 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from .packed import save_packed
 
-        prep = save_packed(qmodel, plan, args.out, fold_bn=args.fold_bn)
+        prep = save_packed(qmodel, plan, args.out, fold_bn=args.fold_bn, input_shape=bundle.input_shape)
         out["export"] = prep.to_dict()
         text = (f"packed model ({prep.file_bytes} bytes; ledger weight size {prep.ledger_weight_bytes:.0f} bytes, "
                 f"{prep.gap_pct:+.2f} %) written to {prep.path}")
+    failures: list[str] = []
     if args.check:
-        data = api.load_split(args.data, args.split, args.data_root, args.limit)
+        data = api.load_split(args.data, args.split, settings, args.limit)
         api.check_compatible(bundle, data)
         res = _check(args, bundle, qmodel, data)
+        diff, logit_diff, lt = res["top1_diff_pt"], res["max_abs_logit_diff"], args.logit_tolerance
+        if abs(diff) > args.tolerance + 1e-9:
+            failures.append(f"top-1 of the {args.format} export differs from PyTorch by {diff:+.2f} pt on {res['n']} "
+                            f"images, more than --tolerance {args.tolerance:g} pt")
+        if lt is not None and not logit_diff <= lt:
+            failures.append(f"max |logit difference| {logit_diff:.3g} exceeds --logit-tolerance {lt:g}")
+        res.update(tolerance_pt=args.tolerance, logit_tolerance=lt, passed=not failures)
         out["check"] = res
         text += (f"\ncheck on {data.name}/{data.split} ({res['n']} images): top-1 {args.format} "
                  f"{100 * res['top1_export']:.2f} % vs PyTorch {100 * res['top1_torch']:.2f} % "
-                 f"({res['top1_diff_pt']:+.2f} pt), max |logit diff| {res['max_abs_logit_diff']:.3g}")
+                 f"({diff:+.2f} pt, tolerance {args.tolerance:g} pt), max |logit diff| {logit_diff:.3g}"
+                 + (f" (tolerance {lt:g})" if lt is not None else "") + (": FAILED" if failures else ": passed"))
     if args.json:
         import json
 
         print(json.dumps(out, indent=2, default=str))
     else:
         print(text)
+    if failures:
+        raise MpqkitError(f"export check failed: {'; '.join(failures)} (the exported file is kept: {args.out})")
     return 0
 
 
 def _check(args: argparse.Namespace, bundle: Any, qmodel: torch.nn.Module, data: Any) -> dict[str, Any]:
+    progress = not args.quiet
     if args.format == "onnx":
         from .onnx import check_onnx
 
-        res = check_onnx(args.out, qmodel, data, args.batch_size)
+        res = check_onnx(args.out, qmodel, data, args.batch_size, progress=progress)
         return {**res, "top1_export": res["top1_onnx"]}
     from .packed import load_packed
 
     again = load_packed(args.out, bundle)
-    return compare_models(again, qmodel, data, args.batch_size)
+    return compare_models(again, qmodel, data, args.batch_size, progress=progress)
 
 
 @torch.inference_mode()
-def compare_models(model: torch.nn.Module, ref: torch.nn.Module, data: Any, batch_size: int) -> dict[str, Any]:
+def compare_models(model: torch.nn.Module, ref: torch.nn.Module, data: Any, batch_size: int,
+                   progress: bool = False) -> dict[str, Any]:
     """Top-1 of ``model`` and ``ref`` on ``data``, and how far their logits are apart."""
+    from tqdm.auto import tqdm
+
     from ..quant.apply import model_device
 
     n = c_model = c_ref = 0
     max_diff = 0.0
-    for images, labels in data.batches(batch_size):
+    for images, labels in tqdm(data.batches(batch_size), total=-(-len(data) // batch_size), desc="check export",
+                               unit="batch", disable=not progress, leave=False):
         a, b = model(images).cpu(), ref(images.to(model_device(ref))).cpu()
         max_diff = max(max_diff, float((a - b).abs().max()))
         c_model += int((a.argmax(1) == labels).sum())

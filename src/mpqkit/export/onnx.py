@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MpqkitError
+from ..fileutil import atomic_write_bytes
 from ..plan import Plan
 from ..quant.modules import QuantConv2d, QuantLinear, _QuantMixin
 from ..quant.primitives import quantize
@@ -281,6 +282,7 @@ def export_onnx(qmodel: nn.Module, plan: Plan, input_shape: tuple[int, ...], pat
 
     ``plan`` is the plan the model was quantized with: the file records it in its metadata, and
     every planned layer must be a quantized layer of ``qmodel``. Unquantized layers stay float.
+    The file is written atomically: a failed export leaves any earlier file at ``path`` as it was.
     """
     onnx = require("onnx")
     t0 = time.perf_counter()
@@ -296,8 +298,7 @@ def export_onnx(qmodel: nn.Module, plan: Plan, input_shape: tuple[int, ...], pat
     model, report = lower_marks(_torchscript_export(_marked_copy(qmodel), tuple(input_shape), opset), layers, opset)
     onnx.helper.set_model_props(model, {"mpqkit_plan": json.dumps(plan.to_dict(), separators=(",", ":"))})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    atomic_write_bytes(path, model.SerializeToString())  # temp file + rename: never a half-written .onnx
     if report.widened:
         warnings.warn("ONNX has no integer type of these widths; stored in the next wider type (values stay "
                       "within the plan's range): " + "; ".join(report.widened), stacklevel=2)
@@ -324,12 +325,15 @@ def ort_session(path: str | Path, optimization: str = "disable_all", threads: in
 
 @torch.inference_mode()
 def check_onnx(path: str | Path, qmodel: nn.Module, data: LabeledData, batch_size: int = 500,
-               optimization: str = "disable_all", threads: int = 1) -> dict[str, Any]:
+               optimization: str = "disable_all", threads: int = 1, progress: bool = False) -> dict[str, Any]:
     """Run the ONNX file in onnxruntime and the PyTorch fake-quant model on ``data``; compare.
 
     Returns top-1 of each, their difference in percentage points, max |logit difference|, the
-    fraction of samples whose predicted class agrees, and the session options used.
+    fraction of samples whose predicted class agrees, and the session options used. ``progress``
+    shows a progress bar.
     """
+    from tqdm.auto import tqdm
+
     from ..quant.apply import model_device
 
     sess = ort_session(path, optimization, threads)
@@ -337,7 +341,8 @@ def check_onnx(path: str | Path, qmodel: nn.Module, data: LabeledData, batch_siz
     device = model_device(qmodel)
     n = correct_onnx = correct_torch = agree = 0
     max_diff = 0.0
-    for images, labels in data.batches(batch_size):
+    for images, labels in tqdm(data.batches(batch_size), total=-(-len(data) // batch_size), desc="check onnx",
+                               unit="batch", disable=not progress, leave=False):
         ref = qmodel(images.to(device)).float().cpu()
         got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0])
         max_diff = max(max_diff, float((got - ref).abs().max()))

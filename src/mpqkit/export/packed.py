@@ -35,7 +35,7 @@ import json
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from ..budget import Ledger
 from ..errors import CheckpointError, PlanError
+from ..fileutil import atomic_write_bytes
+from ..graph import discover
 from ..plan import Plan
 from ..quant.apply import set_submodule
 from ..quant.fold import bn_affine, conv_bn_nodes
@@ -198,15 +201,21 @@ def _fold_values(qmodel: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.Module
     return q
 
 
-def _ledger_bytes(qmodel: nn.Module) -> float:
-    """The ledger's weight size of a quantized model: Σ numel·w_bits/8 + 4 bytes per other parameter."""
-    total = 0.0
+def _ledger(qmodel: nn.Module, plan: Plan, input_shape: Sequence[int]) -> tuple[Ledger, dict[str, float]]:
+    """The cost ledger of ``qmodel``'s graph and each weight-quantized layer's weight size in it.
+
+    Refuses a model whose weight bits are not the plan's: the ledger's figure would not describe
+    the file."""
     quant = {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
-    for name, p in qmodel.named_parameters():
-        owner, _, attr = name.rpartition(".")
-        m = quant.get(owner)
-        total += p.numel() * (m.w_spec.bits / 8 if m is not None and attr == "weight" and m.w_spec else 4)
-    return total
+    model_bits = {f: m.w_spec.bits for f, m in quant.items() if m.w_spec is not None}
+    plan_bits = {f: lq.w_bits for f, lq in plan.layers.items() if lq.w_bits is not None}
+    bad = sorted(f for f in model_bits.keys() | plan_bits.keys() if model_bits.get(f) != plan_bits.get(f))
+    if bad:
+        raise PlanError(f"the model is not quantized with this plan: weight bits differ on layers {bad[:5]}")
+    ledger = Ledger(discover(qmodel, tuple(input_shape)))
+    assignment = plan.assignment()
+    per_layer = {f: ledger.layer_cost("size", f, *assignment[f]) for f in model_bits if f in ledger.graph}
+    return ledger, per_layer
 
 
 # ------------------------------------------------------------------ save
@@ -221,8 +230,10 @@ class PackedReport:
     qparams: int  # weight/activation scales and zero points
     buffers: int  # other buffers (BN running mean/var)
     header: int  # magic + length + compressed JSON header
-    ledger_weight_bytes: float  # Σ numel·w_bits/8 + 4 bytes per other parameter
+    ledger_weight_bytes: float  # the ledger's weight_bytes of the plan (mpqkit.budget.Ledger.summary)
     folded_bn: int = 0  # BatchNorm layers folded into their conv
+    layer_bytes: dict[str, int] = field(default_factory=dict)  # fqn -> packed weight bytes in the file
+    ledger_layer_bytes: dict[str, float] = field(default_factory=dict)  # fqn -> the ledger's weight size
 
     @property
     def gap_pct(self) -> float:
@@ -231,7 +242,8 @@ class PackedReport:
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "file_bytes": self.file_bytes, "weights": self.weights,
                 "params": self.params, "qparams": self.qparams, "buffers": self.buffers, "header": self.header,
-                "ledger_weight_bytes": self.ledger_weight_bytes, "gap_pct": self.gap_pct, "folded_bn": self.folded_bn}
+                "ledger_weight_bytes": self.ledger_weight_bytes, "gap_pct": self.gap_pct, "folded_bn": self.folded_bn,
+                "layer_bytes": self.layer_bytes, "ledger_layer_bytes": self.ledger_layer_bytes}
 
 
 def _encode(t: Tensor, enc: str, spec: QuantSpec | None, module: nn.Module | None) -> bytes:
@@ -246,13 +258,16 @@ def _encode(t: Tensor, enc: str, spec: QuantSpec | None, module: nn.Module | Non
     return t.detach().cpu().contiguous().numpy().tobytes()
 
 
-def save_packed(qmodel: nn.Module, plan: Plan, path: str | Path, fold_bn: bool = True) -> PackedReport:
+def save_packed(qmodel: nn.Module, plan: Plan, path: str | Path, fold_bn: bool = True, *,
+                input_shape: Sequence[int]) -> PackedReport:
     """Write ``qmodel`` (a model quantized with ``plan``) as a packed file; see the module docstring.
 
     ``fold_bn`` (default): BatchNorm folded into the preceding conv's weight scale and bias — the
     deployable form, about the ledger's size; the same function as the fake-quant model up to float
-    rounding. ``fold_bn=False``: BatchNorm stored as is, logits bit-identical, larger file."""
-    ledger = _ledger_bytes(qmodel)
+    rounding. ``fold_bn=False``: BatchNorm stored as is, logits bit-identical, larger file.
+    ``input_shape`` (no batch axis) lets the cost ledger trace the model; the report's ledger
+    figures are :class:`~mpqkit.budget.Ledger`'s. The file is written atomically."""
+    ledger, ledger_layers = _ledger(qmodel, plan, input_shape)
     pairs = conv_bn_pairs(qmodel) if fold_bn else []
     model = _fold_values(qmodel, pairs) if pairs else qmodel
     layout = _layout(model)
@@ -268,26 +283,25 @@ def save_packed(qmodel: nn.Module, plan: Plan, path: str | Path, fold_bn: bool =
                                        "specs": specs, "folded": bool(pairs), "plan": stored_plan},
                                       separators=(",", ":")).encode(), 9)
     sizes = {"weights": 0, "params": 0, "qparams": 0, "buffers": 0}
-    chunks = []
+    layer_bytes: dict[str, int] = {}
+    chunks = [MAGIC, _LEN.pack(len(header)), header]
     for key, enc, spec in layout:
         if enc == "none":
             continue
         owner, _, attr = key.rpartition(".")
         blob = _encode(sd[key], enc, spec, modules.get(owner))
         chunks.append(blob)
+        if enc == "codes":
+            layer_bytes[owner] = len(blob)
         kind = ("weights" if enc == "codes" else "qparams" if attr in ("w_scale", "w_zero_point", "a_scale", "a_zero_point")
                 else "params" if key in param_names else "buffers")
         sizes[kind] += len(blob)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + _LEN.pack(len(header)) + header)
-        for blob in chunks:
-            f.write(blob)
-    tmp.replace(path)
-    return PackedReport(path, path.stat().st_size, header=len(MAGIC) + _LEN.size + len(header),
-                        ledger_weight_bytes=ledger, folded_bn=len(pairs), **sizes)
+    data = b"".join(chunks)
+    atomic_write_bytes(path, data)
+    return PackedReport(path, len(data), header=len(MAGIC) + _LEN.size + len(header),
+                        ledger_weight_bytes=ledger.summary(plan.assignment())["weight_bytes"], folded_bn=len(pairs),
+                        layer_bytes=layer_bytes, ledger_layer_bytes=ledger_layers, **sizes)
 
 
 # ------------------------------------------------------------------ load
@@ -355,7 +369,7 @@ def load_packed(path: str | Path, model: Any, *, checkpoint: str | None = None, 
     if isinstance(model, str) and checkpoint is None:
         bundle = load_model(model, models_dir=models_dir, random_init=True)
     else:
-        bundle = load_model(model, checkpoint, models_dir, input_shape=input_shape)
+        bundle = load_model(model, checkpoint=checkpoint, models_dir=models_dir, input_shape=input_shape)
     qmodel = _skeleton(bundle.model, header["specs"])
     if header.get("folded"):  # the same (conv, bn) pairs the writer found: tracing is deterministic
         _fold_structure(qmodel, conv_bn_pairs(qmodel))

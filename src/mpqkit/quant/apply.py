@@ -1,13 +1,12 @@
 """Apply a plan to a *copy* of a model: swap layers for fake-quant modules and calibrate activations.
 
-Activation ranges are calibrated on the fp model's layer inputs (one pass over the calibration set),
-the same statistics the probe engine uses, so a plan evaluates the way it was searched.
+Activation ranges are calibrated on the fp model's layer inputs through ``quant.calibration``,
+the same path (images, chunks, seed) the probe engine uses, so a plan evaluates the way it was
+searched.
 """
 from __future__ import annotations
 
 import copy
-from typing import Iterable
-
 import torch
 from torch import nn
 
@@ -15,6 +14,7 @@ from ..errors import DataError, PlanError
 from ..plan import Plan
 from .config import QuantConfig
 from .modules import quantize_module
+from .calibration import calibrate, model_device  # noqa: F401  (model_device re-exported)
 from .observers import ActivationObserver
 
 
@@ -24,45 +24,14 @@ def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, fqns: Iterable[str], batches: Iterable[torch.Tensor],
-                          seed: int = 0) -> dict[str, ActivationObserver]:
-    """Observe the input of each named layer of the (fp) model over the given input batches."""
-    fqns = list(fqns)
-    observers = {f: ActivationObserver(seed=seed) for f in fqns}
-    handles = [
-        model.get_submodule(f).register_forward_pre_hook(lambda m, args, f=f: observers[f].update(args[0]))
-        for f in fqns
-    ]
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    seen = 0
-    try:
-        for x in batches:
-            model(x.to(device))
-            seen += len(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise DataError("calibration data is empty: activation ranges cannot be calibrated")
-    return observers
-
-
-def apply_plan(model: nn.Module, plan: Plan, calib_batches: Iterable[torch.Tensor] | None = None,
+def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None = None,
                qconfig: QuantConfig | None = None,
                observers: dict[str, ActivationObserver] | None = None,
                state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Return a quantized copy of ``model`` following ``plan``; ``model`` itself is never changed.
 
-    ``calib_batches`` (input tensors) are needed when the plan quantizes any activation, unless
+    ``calib_images`` (the calibration set's inputs, calibrated with the plan's seed through
+    ``quant.calibration.calibrate``) are needed when the plan quantizes any activation, unless
     ready ``observers`` are given, or a saved quantized ``state_dict`` supplies every quantizer's
     parameters (``mpqkit apply --out`` files).
     """
@@ -73,9 +42,9 @@ def apply_plan(model: nn.Module, plan: Plan, calib_batches: Iterable[torch.Tenso
             raise PlanError(f"plan names layer '{fqn}', which the model does not have")
     act_layers = [f for f, lq in plan.layers.items() if lq.a_bits is not None]
     if act_layers and observers is None and state_dict is None:
-        if calib_batches is None:
+        if calib_images is None:
             raise DataError("the plan quantizes activations: calibration data is required")
-        observers = calibrate_activations(model, act_layers, calib_batches)
+        observers = calibrate(model, act_layers, calib_images, seed=int((plan.provenance or {}).get("seed", 0)))
     qmodel = copy.deepcopy(model)
     qmodel.eval()
     for fqn, lq in plan.layers.items():

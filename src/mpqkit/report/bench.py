@@ -1,11 +1,8 @@
-"""Method × budget × PTQ comparison (``mpqkit bench``) and single-method frontiers (``mpqkit sweep``).
+"""Rendering of bench/sweep results directories (the measuring loop is ``mpqkit.api.bench``).
 
-Each method measures its sensitivity once and solves every budget from that table; each plan is
-quantized with each PTQ backend and evaluated on the test split (and CIFAR's pixel-exact subset).
-Rows are appended to ``rows.jsonl`` as they are measured, so a killed run resumes where it
-stopped; ``results.csv``, ``pareto.png`` and ``report.html`` are rewritten from all rows at the end.
-A method that fails at a budget (e.g. no greedy point meets it) gets a row with the error, never a
-made-up figure.
+``rows.jsonl`` holds one measured row per (method, budget, PTQ); ``results.csv``, ``pareto.png``,
+bit grids, ``results.md`` and ``report.html`` are rewritten from all rows. A failed row carries
+its error, never a made-up figure.
 """
 from __future__ import annotations
 
@@ -14,16 +11,11 @@ import io
 import json
 import logging
 import re
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
-
-from ..device import resolve_device
-from ..errors import MpqkitError
-from ..evaluation import evaluate_model
-from ..plan import Plan, atomic_write_text
+from ..fileutil import atomic_write_text
+from ..plan import Plan
 
 log = logging.getLogger("mpqkit")
 
@@ -35,81 +27,35 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_") or "none"
 
 
-def _load_rows(path: Path) -> list[dict]:
+def load_rows(path: Path, repair: bool = False) -> list[dict]:
+    """The rows of a ``rows.jsonl``; a line cut by a kill is skipped (measured again). ``repair``
+    rewrites the file without it, or the next appended row would be glued to it and lost."""
     if not path.exists():
         return []
     rows = []
     for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: measured again
+        except json.JSONDecodeError:
             continue
+    if repair:
+        clean = "".join(json.dumps(r) + "\n" for r in rows)
+        if path.read_text() != clean:
+            atomic_write_text(path, clean)
     return rows
 
 
-def run_bench(model: Any, data: str, methods: Sequence[str], budgets: Sequence[str], ptqs: Sequence[str | None],
-              out: Path, *, splits: Sequence[str] = ("test", "exact"), search_kwargs: dict | None = None,
-              recon_options: dict | None = None, progress: bool = False) -> list[dict]:
-    """Measure every (method, budget, PTQ) row not yet in ``out/rows.jsonl``; returns all rows."""
-    from .. import api
+def append_row(path: Path, row: dict) -> None:
+    """Append one measured row (a kill loses at most this line, which ``load_rows`` then skips)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info("bench: %s", json.dumps({k: row.get(k) for k in ("method", "budget", "ptq", "top1_test", "error")}))
 
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    rows = _load_rows(rows_path)
-    clean = "".join(json.dumps(r) + "\n" for r in rows)
-    if rows_path.exists() and rows_path.read_text() != clean:  # drop a cut line, or the next row is glued to it
-        atomic_write_text(rows_path, clean)
-    done = {(r["method"], r["budget"], r["ptq"]) for r in rows}
-    bundle = api.load_model(model)
-    eval_sets = {}
-    for split in splits:
-        try:
-            eval_sets[split] = api.load_split(data, split)
-        except MpqkitError as e:  # e.g. no 'exact' subset for this dataset
-            log.warning("bench: split %s not available (%s); its column stays empty", split, e)
-    search_kwargs = dict(search_kwargs or {})
 
-    def append(row: dict) -> None:
-        rows.append(row)
-        with rows_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("bench: %s", json.dumps({k: row.get(k) for k in ("method", "budget", "ptq", "top1_test", "error")}))
-
-    if ("fp32", "-", None) not in done:
-        fp_model = api._on_device(bundle.model, resolve_device(search_kwargs.get("device")))
-        ev = {s: evaluate_model(fp_model, d) for s, d in eval_sets.items()}
-        append({"method": "fp32", "budget": "-", "ptq": None, "size_mb": None, "compression": 1.0, "gbitops": None,
-                "avg_w_bits": 32.0, **{f"top1_{s}": 100 * e["top1"] for s, e in ev.items()}})
-    for method in methods:
-        table = None
-        for budget in budgets:
-            todo = [p for p in ptqs if (method, budget, p) not in done]
-            if not todo:
-                continue
-            plan_dir = out / "plans" / _slug(method) / _slug(budget)
-            try:
-                res = api.search(bundle, data, budget, method, out=plan_dir, progress=progress, table=table,
-                                 **search_kwargs)
-            except MpqkitError as e:
-                for p in todo:
-                    append({"method": method, "budget": budget, "ptq": p, "error": str(e)})
-                continue
-            search_s = res.seconds["total"]
-            table = res.table
-            c = res.plan.costs
-            for p in todo:
-                t0 = time.perf_counter()
-                q = api.apply_plan(bundle, res.plan, data, ptq=p, device=search_kwargs.get("device"),
-                                   recon_options=recon_options if p in ("adaround", "brecq", "qdrop") else None)
-                ptq_s = time.perf_counter() - t0
-                with torch.inference_mode():
-                    ev = {s: evaluate_model(q, d) for s, d in eval_sets.items()}
-                append({"method": method, "budget": budget, "ptq": p, "size_mb": c["weight_mb"],
-                        "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
-                        "avg_w_bits": c["avg_w_bits_searched"],
-                        **{f"top1_{s}": 100 * e["top1"] for s, e in ev.items()},
-                        "search_s": search_s, "ptq_s": ptq_s, "plan": str(plan_dir / "plan.json")})
-    return rows
+def plan_dir(out: Path, method: str, budget: str) -> Path:
+    """Where a bench row's plan and search results go."""
+    return out / "plans" / _slug(method) / _slug(budget)
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> Path:
@@ -123,24 +69,34 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Top-1 (test) vs weight size, one line per (method, PTQ)."""
-    from .plots import plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+def pareto_lines(rows: Sequence[dict]) -> tuple[str, dict[tuple, list[tuple[float, float]]]]:
+    """(the top-1 column plotted, {(method, PTQ): [(size MB, top-1)]})."""
+    measured = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))
+                if any(r.get(k) is not None and r["method"] != "fp32" for r in rows)]
+    col = "top1_test" if "top1_test" in measured else (measured[0] if measured else "top1_test")
     lines: dict[tuple, list[tuple[float, float]]] = {}
     for r in rows:
-        if r.get("error") or r.get("size_mb") is None or r.get("top1_test") is None:
+        if r.get("error") or r.get("size_mb") is None or r.get(col) is None:
             continue
-        lines.setdefault((r["method"], r["ptq"]), []).append((r["size_mb"], r["top1_test"]))
+        lines.setdefault((r["method"], r["ptq"]), []).append((r["size_mb"], r[col]))
+    return col, lines
+
+
+def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Top-1 vs weight size, one line per (method, PTQ), on the test split (or, when a run
+    evaluated only another split, e.g. ``--splits exact``, on that one)."""
+    from .plots import plt
+
+    col, lines = pareto_lines(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for (m, p), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         pts.sort()
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", ms=3, label=m if p is None else f"{m} + {p}")
-    fp = [r for r in rows if r["method"] == "fp32" and r.get("top1_test") is not None]
+    fp = [r for r in rows if r["method"] == "fp32" and r.get(col) is not None]
     if fp:
-        ax.axhline(fp[0]["top1_test"], color="k", ls="--", lw=0.8, label="fp32")
+        ax.axhline(fp[0][col], color="k", ls="--", lw=0.8, label="fp32")
     ax.set_xlabel("weight size (MB)")
-    ax.set_ylabel("top-1 test (%)")
+    ax.set_ylabel(f"top-1 {col[len('top1_'):]} (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -219,3 +175,46 @@ def markdown_table(rows: Sequence[dict], title: str) -> str:
                      f"{f(r.get('top1_test'), '.2f')} | {f(r.get('top1_exact'), '.2f')} | {f(r.get('search_s'), '.1f')} | "
                      f"{f(r.get('ptq_s'), '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def bench_prefix(d: Path, rows: list[dict]) -> str:
+    """'<model> / <data>' of a results directory: from title.txt, else (a run stopped before writing
+    it) from the first readable plan of its rows, else the directory name."""
+    if (d / "title.txt").exists():
+        return (d / "title.txt").read_text().strip().split(":")[0]
+    for r in rows:
+        try:
+            plan = json.loads(Path(r["plan"]).read_text())
+            return f"{plan['model']['name']} / {plan['provenance']['data']}"
+        except (KeyError, TypeError, OSError, ValueError):
+            continue
+    return d.name
+
+
+def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: str) -> list[str]:
+    """Rewrite every directory's outputs from its rows; with ``markdown``, one file holding all
+    their tables (``docs/RESULTS.md``). Returns the progress lines."""
+    from ..errors import MpqkitError
+
+    md, lines = [], []
+    for d in dirs:
+        rows = load_rows(d / "rows.jsonl")
+        if not rows:
+            raise MpqkitError(f"{d} has no rows.jsonl: not a bench or sweep results directory")
+        title = bench_title(bench_prefix(d, rows), rows)
+        paths = write_outputs(rows, d, title)
+        md.append(paths["md"].read_text())
+        if (d / "proxies.md").exists():  # written by mpqkit proxies into the same directory
+            md.append((d / "proxies.md").read_text())
+        lines.append(f"{d}: {len(rows)} rows → {paths['html']}")
+    if markdown:
+        head = (f"# Results\n\nGenerated by `{command}` "
+                "from the rows `mpqkit bench` measured (and `mpqkit proxies`, where run). Top-1 in %; "
+                "accuracy on this machine's CIFAR-10 copy is ~6 points below published numbers (JPEG pixels). "
+                "'search s' is the wall time of the search call in that run: a method's first budget includes "
+                "measuring its sensitivity, later budgets reuse it and only solve; probes already in the disk "
+                "cache from an earlier run are read, not measured, so a cached method shows a fraction of a "
+                "second.\n\n")
+        atomic_write_text(Path(markdown), head + "\n".join(md))
+        lines.append(f"tables written to {markdown}")
+    return lines

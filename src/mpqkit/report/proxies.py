@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from scipy import stats
 
-from ..plan import atomic_write_text
+from ..fileutil import atomic_write_text
 
 log = logging.getLogger("mpqkit")
 
@@ -27,18 +27,15 @@ log = logging.getLogger("mpqkit")
 DEFAULT_METHODS = ("eval-delta", "hawq", "mpqco", "mixquant", "mixquant-ilp", "infoq")
 
 
-def true_drops(bundle, data: str, searched: Sequence[str], bits: Sequence[int], split: str = "test",
-               data_root: str | None = None, progress: bool = False) -> dict[str, dict[int, dict[str, float]]]:
-    """{layer: {bits: {"drop_pct", "dloss"}}} measured on ``split`` (weights of one layer quantized)."""
-    from .. import api
+def true_drops(bundle, graph, ds, searched: Sequence[str], bits: Sequence[int],
+               settings) -> dict[str, dict[int, dict[str, float]]]:
+    """{layer: {bits: {"drop_pct", "dloss"}}} measured on ``ds`` (weights of one layer quantized)."""
     from ..engine.probe import ProbeEngine
-    from ..graph import discover
 
-    ds = api.load_split(data, split, data_root)
-    graph = discover(bundle.model, bundle.input_shape)
-    engine = ProbeEngine(bundle.model, graph, ds.images, ds.labels, progress=progress)
+    engine = ProbeEngine(bundle.model, graph, ds.images, ds.labels, qconfig=settings.qconfig, seed=settings.seed,
+                         device=settings.device, **settings.engine_kwargs())
     probes = [{f: (b, None)} for f in searched for b in bits]
-    res = engine.run(probes, desc=f"true Δtop-1 on {split}")
+    res = engine.run(probes, desc=f"true Δtop-1 on {ds.split}")
     out: dict[str, dict[int, dict[str, float]]] = {}
     for p, r in zip(probes, res):
         (f, (b, _)), = p.items()
@@ -63,28 +60,13 @@ def correlations(scores: dict[str, dict[int, float]], truth: dict[str, dict[int,
             "spearman_per_bits": float(sum(per_bits) / len(per_bits)) if per_bits else None}
 
 
-def proxy_report(model: str, data: str, out: Path, methods: Sequence[str] = DEFAULT_METHODS,
-                 w_candidates: Sequence[int] = (2, 3, 4, 5, 6, 8), calib_size: int = 1024,
-                 data_root: str | None = None, progress: bool = False) -> dict[str, Any]:
-    from .. import api
-    from ..graph import discover
+def write_proxies(result: dict[str, Any], out: Path, searched: Sequence[str]) -> None:
+    """proxies.json, proxies.csv, proxies.md and the scatter proxies.png of a measured proxy study."""
     from .plots import plt
 
-    bundle = api.load_model(model)
-    graph = discover(bundle.model, bundle.input_shape)
-    searched = [n for n in graph.names if n not in graph.default_fixed()]
-    truth = true_drops(bundle, data, searched, w_candidates, data_root=data_root, progress=progress)
-    tables, corr, seconds = {}, {}, {}
-    for m in methods:
-        res = api.search(bundle, data, "avg-bits=8", m, w_candidates=w_candidates, calib_size=calib_size,
-                         data_root=data_root, progress=progress)
-        tables[m] = res.table.w
-        seconds[m] = res.seconds["sensitivity"]
-        corr[m] = {**correlations(res.table.w, truth), "sensitivity_s": seconds[m]}
-        log.info("proxies: %s %s", m, corr[m])
+    corr, truth, tables = result["correlations"], result["truth"], result["scores"]
+    methods, w_candidates = list(corr), result["w_candidates"]
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": bundle.name, "data": data, "split": "test", "w_candidates": list(w_candidates),
-              "correlations": corr, "truth": truth, "scores": tables}
     atomic_write_text(out / "proxies.json", json.dumps(result, indent=1) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -93,7 +75,7 @@ def proxy_report(model: str, data: str, out: Path, methods: Sequence[str] = DEFA
         for b in w_candidates:
             w.writerow([f, b, truth[f][b]["drop_pct"], truth[f][b]["dloss"], *(tables[m][f][b] for m in methods)])
     atomic_write_text(out / "proxies.csv", buf.getvalue())
-    lines = [f"### Proxy quality: {bundle.name} / {data}, rank correlation with the true single-layer top-1 drop "
+    lines = [f"### Proxy quality: {result['model']} / {result['data']}, rank correlation with the true single-layer top-1 drop "
              f"on the test split ({len(searched)} layers × bits {list(w_candidates)})", "",
              "| method | Spearman (all) | Kendall (all) | mean Spearman per bit-width | sensitivity s |",
              "|---|---:|---:|---:|---:|"]
@@ -120,7 +102,6 @@ def proxy_report(model: str, data: str, out: Path, methods: Sequence[str] = DEFA
     fig.tight_layout()
     fig.savefig(out / "proxies.png", dpi=110)
     plt.close(fig)
-    return result
 
 
 def _f(v) -> str:

@@ -12,7 +12,7 @@ from ..plan import atomic_write_text
 from .plots import plot_bits, plot_matrix
 
 if TYPE_CHECKING:
-    from ..api import SearchResult
+    from ..result import SearchResult
 
 
 def layer_rows(result: "SearchResult") -> list[dict]:
@@ -59,12 +59,12 @@ def write_results(out: Path, result: "SearchResult") -> Path:
     atomic_write_text(out / "layers.md", rows_to_markdown(rows))
     if result.table is not None:
         result.table.save(out / "sensitivity.json")
-        if result.table.meta.get("pareto"):  # greedy: the whole measured list, one row per step
+        if result.table.pareto:  # greedy: the whole measured list, one row per step
             buf = io.StringIO()
             cols = ["step", "moved", "avg_w_bits", "searched_bytes", "top1", "drop_pct", "loss", "bits"]
             w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
-            for p in result.table.meta["pareto"]:
+            for p in result.table.pareto:
                 w.writerow({**p, "bits": " ".join(f"{f}={b}" for f, b in p["bits"].items())})
             atomic_write_text(out / "pareto.csv", buf.getvalue())
     summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,

@@ -1,5 +1,9 @@
 """Sensitivity methods; importing this package registers every built-in method."""
 from . import crosslayer, evalbased, greedy, hessian, infoflow, mpqco, roundoff, shapley  # noqa: F401  (registers every built-in method)
+from . import solvers
 from .base import METHODS, Method, SearchContext, SensitivityTable
+
+METHODS.add(Method("uniform", "every searched layer at the same bits (largest meeting the budget)", None,
+                   solvers.uniform))
 
 __all__ = ["METHODS", "Method", "SearchContext", "SensitivityTable"]

@@ -17,6 +17,7 @@ from ..engine.probe import ProbeEngine
 from ..errors import UnknownNameError
 from ..graph import ModelGraph
 from ..quant.config import QuantConfig
+from .options import MethodOptions
 
 
 @dataclass
@@ -32,7 +33,8 @@ class SearchContext:
     search_a: bool = False
     qconfig: QuantConfig = field(default_factory=QuantConfig)
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
+    #: the method's typed options (``Method.options``), already validated
+    options: MethodOptions = field(default_factory=MethodOptions)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: (n, seed) → a labelled subset of the training split (methods that train, e.g. SMPQ's supernet)
@@ -57,17 +59,26 @@ class SearchContext:
 @dataclass
 class SensitivityTable:
     """Scores to minimise per (layer, bits): ``w`` for weight bits, ``a`` for activation bits;
-    ``pairs`` (CLADO) holds the joint score of two layers' weight choices, keyed (ℓ, b, m, c)."""
+    ``pairs`` (CLADO) holds the joint score of two layers' weight choices, keyed (ℓ, b, m, c).
+    ``argmax_bits`` (supernet methods) is the per-layer bit choice of the method's own rule;
+    ``pareto`` (greedy) the measured list of configurations its solver picks from. ``meta`` is
+    descriptive only (written to the results directory); no solver reads it."""
 
     w: dict[str, dict[int, float]]
     a: dict[str, dict[int, float]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     pairs: dict[tuple[str, int, str, int], float] = field(default_factory=dict)
+    argmax_bits: dict[str, int] | None = None
+    pareto: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"w": self.w, "a": self.a, "meta": self.meta}
         if self.pairs:
             d["pairs"] = {f"{f}@{b}|{g}@{c}": v for (f, b, g, c), v in self.pairs.items()}
+        if self.argmax_bits is not None:
+            d["argmax_bits"] = self.argmax_bits
+        if self.pareto is not None:
+            d["pareto"] = self.pareto
         return d
 
     def save(self, path) -> None:
@@ -77,11 +88,35 @@ class SensitivityTable:
 
 
 @dataclass(frozen=True)
+class SolveRequest:
+    """Everything a method's solver needs besides the table: the allocation problem, the method's
+    options and the run's solver settings."""
+
+    problem: Any  # solve.Allocation
+    table: SensitivityTable | None
+    options: MethodOptions
+    has_budget: bool
+    search: str = "w"
+    w_bits: int | None = None
+    a_bits: int | None = None
+    alpha: float = 1.0
+    time_limit: float = 60.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Method:
+    """A registry entry: the sensitivity measurement, the solver that turns its table into bits,
+    and the typed options class (defaults included)."""
+
     name: str
     description: str
     sensitivity: Callable[[SearchContext], SensitivityTable] | None
-    solver: str = "ilp"  # "ilp" | "uniform" | "threshold" | "iqp" | "greedy" | "supernet"
+    solver: Callable[[SolveRequest], Any]
+    options: type[MethodOptions] = MethodOptions
+
+    def make_options(self, values: "MethodOptions | dict[str, Any] | None") -> MethodOptions:
+        return self.options.from_mapping(values, self.name)
 
 
 class Registry:
@@ -95,9 +130,13 @@ class Registry:
             raise ValueError(f"method '{method.name}' is already registered")
         self._methods[method.name] = method
 
-    def register(self, name: str, description: str, solver: str = "ilp"):
+    def register(self, name: str, description: str, solver: Callable[[SolveRequest], Any] | None = None,
+                 options: type[MethodOptions] = MethodOptions):
+        """Decorator on a sensitivity function; ``solver`` defaults to the shared ILP."""
         def deco(fn: Callable[[SearchContext], SensitivityTable]):
-            self.add(Method(name, description, fn, solver))
+            from .solvers import ilp
+
+            self.add(Method(name, description, fn, solver or ilp, options))
             return fn
 
         return deco
@@ -110,6 +149,8 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._methods)
 
+    def __iter__(self):
+        return iter(self._methods[n] for n in self.names())
+
 
 METHODS = Registry()
-METHODS.add(Method("uniform", "every searched layer at the same bits (largest meeting the budget)", None, "uniform"))

@@ -14,23 +14,40 @@ ablation without cross terms (pairs are not even measured).
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import MpqkitError
-from .base import METHODS, SearchContext, SensitivityTable
+from ..engine.runners import ProbeJob, dispatch_options
+from .base import METHODS, SearchContext, SensitivityTable, SolveRequest
+from .options import RunnerOptions, option
 
-DEFAULTS: dict[str, Any] = {"act_bits": 8, "psd": "project", "workers": 1, "runner": "local", "address": None}
+
+@dataclass(frozen=True)
+class CladoOptions(RunnerOptions):
+    act_bits: str = option("8", flag="--clado-act-bits", type=str,
+                           help="activation bits of every layer during CLADO probes (default 8; 'fp' keeps them fp32)")
+    psd: str = option("project", choices=("project", "shift", "none"),
+                      help="G treatment: eigenvalue projection (default), exact diagonal shift, or none")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.act_bits not in ("fp", "32") and not (self.act_bits.isdigit() and 1 <= int(self.act_bits) <= 16):
+            raise MpqkitError(f"option 'act_bits' of method 'clado' must be 1..16 or 'fp', got {self.act_bits!r}")
+
+    @property
+    def act(self) -> int | None:
+        return None if self.act_bits in ("fp", "32") else int(self.act_bits)
 
 
 def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     if ctx.search_a:
         raise MpqkitError("CLADO searches weight bits; activations stay at --clado-act-bits (use --search w)")
-    opts = {**DEFAULTS, **{k: v for k, v in ctx.options.items() if k in DEFAULTS}}
-    act = opts["act_bits"]
-    act = None if act in (None, "fp", 32) else int(act)
+    opts: CladoOptions = ctx.options  # type: ignore[assignment]
+    act = opts.act
     engine = ctx.engine
     layers, bits = list(ctx.searched), sorted(ctx.w_bits)
     base = {f: (None, act) for f in ctx.graph.names} if act is not None else {}
@@ -39,14 +56,11 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     pairs: dict[tuple[str, int, str, int], float] = {}
     batch_deltas: list[float] = []
     n_pairs = sum(len(layers) - i - 1 for i in range(len(layers))) * len(bits) ** 2 if with_pairs else 0
-    workers = int(opts["workers"] or 1)
-    if workers > 1 or opts["runner"] == "ray":  # trees run in parallel into the cache; the loop below reads them
-        from ..engine.runners import ProbeJob, dispatch
-
-        jobs = [ProbeJob([{}] + [{g: (c, act)} for g in layers[i + 1:] for c in bits] if with_pairs else [{}],
-                         base={**base, f: (b, act)}, warm=f, warm_base=base)
-                for i, f in enumerate(layers) for b in bits]
-        dispatch(engine, jobs, workers, opts["runner"], opts["address"])
+    # trees run in parallel into the cache (with --workers / --runner ray); the loop below reads them
+    dispatch_options(engine, opts, lambda: [
+        ProbeJob([{}] + [{g: (c, act)} for g in layers[i + 1:] for c in bits] if with_pairs else [{}],
+                 base={**base, f: (b, act)}, warm=f, warm_base=base)
+        for i, f in enumerate(layers) for b in bits])
     bar = tqdm(total=len(layers) * len(bits) + n_pairs, desc="clado probes", unit="probe",
                disable=not engine.progress, leave=False)
     for i, f in enumerate(layers):
@@ -65,7 +79,7 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     nb = len(ref.batch_losses)
     return SensitivityTable(w=singles, pairs=pairs, meta={
         "score": "delta loss (single and pair probes)", "ref_loss": ref.loss, "ref_top1": ref.top1,
-        "act_bits": act, "psd": opts["psd"], "pairs_measured": len(pairs), "singles_measured": len(layers) * len(bits),
+        "act_bits": act, "psd": opts.psd, "pairs_measured": len(pairs), "singles_measured": len(layers) * len(bits),
         "sens_samples": ref.n, "stat_chunks": nb,
         "median_chunk_std_of_single_delta": float(np.median(batch_deltas)) if batch_deltas else 0.0,
         "note": "chunk std: spread of ΔL(ℓ,b) over chunks of 128 samples; the standard error of ΔL is "
@@ -73,13 +87,28 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     })
 
 
-@METHODS.register("clado", "single + pair Δloss probes → quadratic G (PSD-projected) → IQP", solver="iqp")
+def solve(req: SolveRequest):
+    """CLADO's IQP on ½xᵀGx (G after the option's PSD treatment); needs a budget."""
+    from ..errors import BudgetError
+    from ..solve import solve_iqp
+
+    if not req.has_budget:
+        raise BudgetError("method 'clado' needs a --budget (e.g. avg-bits=4)")
+    assert req.table is not None
+    g, lin, info = quadratic_objective(req.table, req.problem, req.options.psd)  # type: ignore[attr-defined]
+    solution = solve_iqp(req.problem, g, lin, time_limit=req.time_limit, seed=req.seed)
+    solution.info.update(info)
+    return solution
+
+
+@METHODS.register("clado", "single + pair Δloss probes → quadratic G (PSD-projected) → IQP", solver=solve,
+                  options=CladoOptions)
 def clado(ctx: SearchContext) -> SensitivityTable:
     return _measure(ctx, with_pairs=True)
 
 
 @METHODS.register("clado-diag", "CLADO without cross-layer terms (the paper's ablation): single Δloss → IQP/ILP",
-                  solver="iqp")
+                  solver=solve, options=CladoOptions)
 def clado_diag(ctx: SearchContext) -> SensitivityTable:
     return _measure(ctx, with_pairs=False)
 
@@ -118,14 +147,14 @@ def make_psd(g: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray, dict[str
     return g, lin, {"lambda_min_before": lam_min}
 
 
-def quadratic_objective(table: SensitivityTable, problem) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def quadratic_objective(table: SensitivityTable, problem, psd: str = "project") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """G (after the chosen PSD treatment) and the linear term for ``solve_iqp``, in the problem's
     layer × choice order (weights searched, one activation setting)."""
     if len(problem.a_bits) != 1:
         raise MpqkitError("CLADO's IQP searches weight bits only")
     bits = sorted(problem.w_bits)
     g, _ = build_g(table, problem.layers, bits)
-    mode = table.meta.get("psd", "project")
+    mode = psd
     g2, lin, info = make_psd(g, mode)
     info = {**info, "psd": mode, "cross_terms": bool(table.pairs)}
     return g2, lin, info

@@ -7,9 +7,11 @@ change on the sensitivity set through the shared probe engine.
 from __future__ import annotations
 
 from .base import METHODS, SearchContext, SensitivityTable
+from ..engine.runners import ProbeJob, dispatch_options
+from .options import RunnerOptions
 
 
-@METHODS.register("eval-delta", "single-layer Δloss probes for every (layer, bits) + ILP")
+@METHODS.register("eval-delta", "single-layer Δloss probes for every (layer, bits) + ILP", options=RunnerOptions)
 def eval_delta(ctx: SearchContext) -> SensitivityTable:
     engine = ctx.engine
     probes, index = [], []
@@ -24,14 +26,10 @@ def eval_delta(ctx: SearchContext) -> SensitivityTable:
                 if b is not None:
                     probes.append({f: (None, b)})
                     index.append(("a", f, b))
-    workers, runner = int(ctx.options.get("workers") or 1), ctx.options.get("runner", "local")
-    if workers > 1 or runner == "ray":  # one job per layer, run elsewhere into the cache; read below
-        from ..engine.runners import ProbeJob, dispatch
-
-        by_layer: dict[str, list] = {}
-        for p in probes:
-            by_layer.setdefault(next(iter(p)), []).append(p)
-        dispatch(engine, [ProbeJob(ps) for ps in by_layer.values()], workers, runner, ctx.options.get("address"))
+    by_layer: dict[str, list] = {}
+    for p in probes:
+        by_layer.setdefault(next(iter(p)), []).append(p)
+    dispatch_options(engine, ctx.options, lambda: [ProbeJob(ps) for ps in by_layer.values()])
     results = engine.run(probes, desc="eval-delta probes")
     w: dict[str, dict[int, float]] = {}
     a: dict[str, dict[int, float]] = {}

@@ -5,24 +5,38 @@ Phase 2: from every searched layer at its largest candidate, repeatedly take the
 (ℓ: b → next lower b') with the least loss increase per byte saved, ΔL(ℓ,b') − ΔL(ℓ,b) over
 size(ℓ,b) − size(ℓ,b'); after each move the *combined* configuration is measured through the
 engine (loss and top-1 on the calibration set). The whole list, down to every layer at its
-smallest bits, is the Pareto list (``meta["pareto"]``); ``solve/greedy.py`` picks from it.
+smallest bits, is the Pareto list (``table.pareto``); ``solve/greedy.py`` picks from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 
 from ..budget import Ledger
+from dataclasses import dataclass
+
 from .base import METHODS, SearchContext, SensitivityTable
+from .options import RunnerOptions
+from .options import MethodOptions, option, positive
+from .solvers import greedy as greedy_solver
 from .evalbased import eval_delta
 from .gradients import require_weight_search
 
 
+@dataclass(frozen=True)
+class GreedyOptions(MethodOptions):
+    max_drop: float = option(1.0, help="greedy: accuracy drop target, points on the calibration set (default 1.0)")
+
+    def __post_init__(self) -> None:
+        positive("max_drop", self.max_drop, "greedy", allow_zero=True)
+
+
 @METHODS.register("greedy", "lower the least sensitive layers while the measured accuracy drop ≤ --max-drop "
-                  "(whole Pareto list)", solver="greedy")
+                  "(whole Pareto list)", solver=greedy_solver, options=GreedyOptions)
 def greedy(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "greedy")
-    table = eval_delta(ctx)
-    engine, ledger = ctx.engine, Ledger(ctx.graph, ctx.searched)
+    engine, ledger = ctx.engine, Ledger(ctx.graph, ctx.searched)  # built first: phase 1 shares it
+    table = eval_delta(dataclasses.replace(ctx, options=RunnerOptions()))
     bits = sorted(ctx.w_bits, reverse=True)
     config = {f: bits[0] for f in ctx.searched}
 
@@ -53,6 +67,6 @@ def greedy(ctx: SearchContext) -> SensitivityTable:
         pareto.append({"step": i, "moved": None if i == 0 else f"{order[i - 1][0]}@{order[i - 1][1]}",
                        "bits": dict(c), "loss": r.loss, "top1": r.top1, "drop_pct": 100 * (fp.top1 - r.top1),
                        "avg_w_bits": ledger.value("avg-bits", full), "searched_bytes": ledger.value("size", full)})
-    table.meta.update({"score": "delta loss (phase 1); measured Pareto list (phase 2)", "pareto": pareto,
-                       "fp_top1": fp.top1})
+    table.pareto = pareto
+    table.meta.update({"score": "delta loss (phase 1); measured Pareto list (phase 2)", "fp_top1": fp.top1})
     return table

@@ -14,10 +14,25 @@ import time
 
 import torch
 
+from dataclasses import dataclass
+
 from .base import METHODS, SearchContext, SensitivityTable
+from .options import MethodOptions, option, positive
 from .gradients import calib_chunks, grad_model, loss_sum, require_weight_search, weight_deltas
 
 log = logging.getLogger("mpqkit")
+
+
+@dataclass(frozen=True)
+class HawqOptions(MethodOptions):
+    hawq_samples: int = option(256, help="hawq: calibration images in the Hessian products (default 256)")
+    max_iter: int = option(200, flag="--hawq-iters", help="hawq: maximum Hutchinson iterations (default 200)")
+    tol: float = option(1e-2, flag="--hawq-tol", help="hawq: stop a layer once its running mean changes by "
+                        "less than this, relative (default 1e-2)")
+
+    def __post_init__(self) -> None:
+        for name in ("hawq_samples", "max_iter", "tol"):
+            positive(name, getattr(self, name), "hawq")
 
 
 def _hv(model, params, names, chunks, n, vs):
@@ -100,12 +115,11 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
     return traces, info
 
 
-@METHODS.register("hawq", "Hutchinson Hessian trace × ‖Ŵ−W‖² per (layer, bits) + ILP (HAWQ-V2/V3)")
+@METHODS.register("hawq", "Hutchinson Hessian trace × ‖Ŵ−W‖² per (layer, bits) + ILP (HAWQ-V2/V3)", options=HawqOptions)
 def hawq(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "hawq")
-    o = ctx.options
-    traces, info = hutchinson_traces(ctx, int(o.get("hawq_samples", 256)), int(o.get("max_iter", 200)),
-                                     float(o.get("tol", 1e-2)), seed=ctx.seed)
+    o: HawqOptions = ctx.options  # type: ignore[assignment]
+    traces, info = hutchinson_traces(ctx, o.hawq_samples, o.max_iter, o.tol, seed=ctx.seed)
     deltas = weight_deltas(ctx)
     w = {}
     for f in ctx.searched:

@@ -17,12 +17,40 @@ from typing import Any, Callable
 
 import torch
 
+from dataclasses import dataclass
+
+from ..errors import MpqkitError
 from .base import METHODS, SearchContext, SensitivityTable
+from .options import MethodOptions, option, positive
 from .mi import sliced_mi
 
 INFOQ_VERSION = 1
-DEFAULTS: dict[str, Any] = {"target": "labels", "observers": "all", "projections": 128, "estimator": "knn",
-                            "knn_k": 3, "bins": 16, "ref_bits": 8}
+
+
+@dataclass(frozen=True)
+class InfoQOptions(MethodOptions):
+    target: str = option("labels", flag="--infoq-target", choices=("labels", "input"),
+                         help="SMI against the labels (default) or an input embedding")
+    observers: str = option("all", help="later layers whose SMI is observed: 'all' (default) or 'last-K'")
+    projections: int = option(128, help="random projections K for sliced MI (default 128)")
+    estimator: str = option("knn", flag="--mi-estimator", choices=("knn", "binned"),
+                            help="1-D MI estimator against labels (default knn)")
+    knn_k: int = option(3, help="neighbours of the k-NN MI estimator (default 3)")
+    bins: int = option(16, help="bins of the binned MI estimator (default 16)")
+    ref_bits: int = option(8, help="bits of every layer in the reference the probes start from (default 8)")
+    embedding: Callable[[torch.Tensor], torch.Tensor] | None = option(
+        None, help="target='input': a callable images → embedding (Python only; default the fp penultimate "
+                   "features)", python_only=True)
+
+    def __post_init__(self) -> None:
+        for name in ("projections", "knn_k", "bins"):
+            positive(name, getattr(self, name), "infoq")
+        if not 1 <= self.ref_bits <= 16:
+            raise MpqkitError(f"option 'ref_bits' of method 'infoq' must be 1..16, got {self.ref_bits}")
+        spec = self.observers
+        if spec != "all" and not (spec.startswith("last-") and spec[5:].isdigit() and int(spec[5:]) > 0):
+            raise MpqkitError(f"option 'observers' of method 'infoq' must be 'all' or 'last-K' with K ≥ 1, "
+                              f"got {spec!r}")
 
 
 def _observers(names: list[str], layer: str, spec: str) -> list[str]:
@@ -33,12 +61,14 @@ def _observers(names: list[str], layer: str, spec: str) -> list[str]:
     if spec.startswith("last-"):
         k = int(spec.split("-", 1)[1])
         return [n for n in names[-k:] if n in later]
-    raise ValueError(f"observers must be 'all' or 'last-K', got {spec!r}")
+    raise MpqkitError(f"observers must be 'all' or 'last-K', got {spec!r}")
 
 
-@METHODS.register("infoq", "sliced-MI loss in later layers per (layer, bits), from an all-8-bit reference + ILP")
+@METHODS.register("infoq", "sliced-MI loss in later layers per (layer, bits), from an all-8-bit reference + ILP",
+                  options=InfoQOptions)
 def infoq(ctx: SearchContext) -> SensitivityTable:
-    opts = {**DEFAULTS, **{k: v for k, v in ctx.options.items() if k in DEFAULTS or k == "embedding"}}
+    o: InfoQOptions = ctx.options  # type: ignore[assignment]
+    opts = {**o.to_params(), "embedding": o.embedding}
     engine = ctx.engine
     names = ctx.graph.names
     ref_bits = int(opts["ref_bits"])
@@ -79,7 +109,7 @@ def infoq(ctx: SearchContext) -> SensitivityTable:
             (w if side == "w" else a).setdefault(layer, {})[b] = score
             details[f"{side}:{layer}@{b}"] = delta
     return SensitivityTable(w=w, a=a, meta={"score": "InfoQ (1/b)·mean ΔSMI / mean SMI_ref", **{
-        k: v for k, v in opts.items() if k != "embedding"}, "smi_ref": ref, "delta_smi": details})
+        k: v for k, v in o.to_params().items() if k != "embedding"}, "smi_ref": ref, "delta_smi": details})
 
 
 def _target(ctx: SearchContext, opts: dict[str, Any]) -> torch.Tensor:
@@ -91,7 +121,7 @@ def _target(ctx: SearchContext, opts: dict[str, Any]) -> torch.Tensor:
             with torch.inference_mode():
                 return torch.cat([embed(x) for x, _ in ctx.engine.batches]).float().reshape(len(ctx.calib_labels), -1)
         return ctx.engine.fp_layer_input(ctx.graph.names[-1])  # penultimate features of the fp model
-    raise ValueError(f"infoq target must be 'labels' or 'input', got {opts['target']!r}")
+    raise MpqkitError(f"infoq target must be 'labels' or 'input', got {opts['target']!r}")
 
 
 def _sha(t: torch.Tensor) -> str:

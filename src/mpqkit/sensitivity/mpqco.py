@@ -11,13 +11,26 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 
+from dataclasses import dataclass
+
 from .base import METHODS, SearchContext, SensitivityTable
+from .options import MethodOptions, option, positive
 from .gradients import calib_chunks, grad_model, require_weight_search, weight_deltas
 
 EPS = 1e-6  # |z_y| floor: the score divides by the logit
 
 
-@METHODS.register("mpqco", "per-sample first-order change of the true-class logit, (ΔW·∇z_y / z_y)², + ILP")
+@dataclass(frozen=True)
+class MpqcoOptions(MethodOptions):
+    mpqco_samples: int | None = option(None, type=int, help="mpqco: calibration images in the per-sample "
+                                       "gradients (default: the whole calibration set)")
+
+    def __post_init__(self) -> None:
+        positive("mpqco_samples", self.mpqco_samples, "mpqco")
+
+
+@METHODS.register("mpqco", "per-sample first-order change of the true-class logit, (ΔW·∇z_y / z_y)², + ILP",
+                  options=MpqcoOptions)
 def mpqco(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "mpqco")
     model, params = grad_model(ctx)
@@ -35,7 +48,7 @@ def mpqco(ctx: SearchContext) -> SensitivityTable:
     acc = {f: {b: 0.0 for b in ctx.w_bits} for f in ctx.searched}
     n = 0
     small = 0
-    for x, y in calib_chunks(ctx, ctx.options.get("mpqco_samples"), chunk=32):
+    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=32):
         g, z = per_sample(sel, x, y)
         small += int((z.abs() < EPS).sum())
         zinv = 1.0 / z.abs().clamp(min=EPS) * z.sign().where(z != 0, torch.ones_like(z))

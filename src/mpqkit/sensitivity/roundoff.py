@@ -12,7 +12,24 @@ from __future__ import annotations
 import torch
 
 from ..quant.observers import quantize_weight
+from dataclasses import dataclass
+
 from .base import METHODS, SearchContext, SensitivityTable
+from .options import MethodOptions, option, positive
+from .solvers import threshold
+
+
+@dataclass(frozen=True)
+class MixQuantOptions(MethodOptions):
+    qem: float | None = option(None, type=float, help="quantization error multiplier (default: bisected to the budget)")
+    bref: int = option(8, help="reference bits of the QE rule (default 8)")
+
+    def __post_init__(self) -> None:
+        positive("qem", self.qem, "mixquant")
+        if not 1 <= self.bref <= 16:
+            from ..errors import MpqkitError
+
+            raise MpqkitError(f"option 'bref' of method 'mixquant' must be 1..16, got {self.bref}")
 
 
 def roundoff_errors(ctx: SearchContext, bits: list[int]) -> dict[str, dict[int, float]]:
@@ -26,9 +43,9 @@ def roundoff_errors(ctx: SearchContext, bits: list[int]) -> dict[str, dict[int, 
 
 
 @METHODS.register("mixquant", "round-off error rule: smallest bits with QE ≤ QEM·QE(b_ref); QEM bisected to a budget",
-                  solver="threshold")
+                  solver=threshold, options=MixQuantOptions)
 def mixquant(ctx: SearchContext) -> SensitivityTable:
-    bref = int(ctx.options.get("bref", 8))
+    bref = ctx.options.bref  # type: ignore[attr-defined]
     qe = roundoff_errors(ctx, sorted({*ctx.w_bits, bref}))
     ratio = {f: {b: e[b] / max(e[bref], 1e-30) for b in ctx.w_bits} for f, e in qe.items()}
     return SensitivityTable(w=ratio, meta={"score": "QE(b)/QE(b_ref)", "bref": bref, "qe": qe, "data_free": True})

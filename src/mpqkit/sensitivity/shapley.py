@@ -1,15 +1,30 @@
 """SMPQ and DMPQ: a differentiable bit-width supernet, with the bits chosen by Monte-Carlo Shapley
 values of each (layer, bits) candidate (SMPQ) or by the largest architecture parameter (DMPQ).
 
-One supernet run serves both methods (the run is cached on disk, so ``--method dmpq`` after
-``--method smpq`` with the same settings reuses it, and a killed run resumes at its last epoch):
+One supernet run serves both methods. Its records live in the probe cache (``ctx.engine.cache``:
+checksummed JSON entries, key = the engine's context + this run's spec; nothing is kept when
+caching is off): the finished run, so ``--method dmpq`` after ``--method smpq`` with the same
+settings reuses it, and the full state after each epoch (weights, α, α_s, momentum, optimizer and
+RNG states, history; tensors as raw bytes, no pickle), so a killed run resumes at its last finished
+epoch with the same result as an uninterrupted run. A corrupt record is ignored and recomputed.
 
-* supernet: every searched layer's weight is Σ_b softmax(α_ℓ)_b · Q_b(W_ℓ) (shared fp weights,
-  per-channel asymmetric min-max fake-quant with a straight-through estimator); activations stay
-  fp during the search (the plan is applied with the usual activation bits afterwards).
+* supernet: every searched layer's weight is Σ_b softmax(α_ℓ)_b · Q_b(W_ℓ) (shared fp weights);
+  Q_b is the run's weight quantizer, ``ctx.qconfig.w_spec(b)`` (granularity, symmetry, range
+  method), through the shared ``weight_qparams``/``fake_quant`` with a straight-through estimator.
+  Ranges (option ``ranges``): "step" (default) measures them on the current W at every forward, so
+  the supernet trains against the quantizer the plan will apply; "epoch" measures them once at the
+  start of each epoch and keeps them while W trains (W may drift past them and be clipped). The
+  MSE range search is the costly one (the default ``w_range``), measured on a 2-core CPU (best of
+  interleaved blocks, batch 128, weight + α step): digits-cnn 33 ms per step vs 15 ms with ranges
+  per epoch (min-max per step: 19 ms) — but a whole digits run (1,297 images, 4 epochs, M = 4) only
+  1.7 vs 1.4 s, the Shapley evaluations dominate; ResNet-20 ≈ 0.89 vs 0.63 s per step (one MSE
+  measurement of all 18 layers × 6 bits ≈ 0.12 s, two per step), i.e. ≈ +40 s on the quick
+  preset's ≈ 260 s. Affordable, so per step is the default; per epoch is there for larger models.
+  Activations stay fp during the search (the plan is applied with the usual activation bits afterwards).
 * bi-level training on a train subset split in two halves: weights (SGD) on one half, α (Adam) on
   the other with the penalty λ·E[avg weight bits]/max bits under softmax(α); the first ``warmup``
-  epochs train weights only.
+  epochs train weights only. Accuracies (per epoch, and the Shapley values) come from the shared
+  ``evaluation.evaluate_model``.
 * Shapley (after each post-warm-up epoch): players = (layer, bits) candidates; value = supernet top-1
   on a fixed batch of the α half; for each of M permutations the players are removed one by one
   (their mixing weight zeroed, the layer's remaining weights renormalised — a layer with no
@@ -21,27 +36,31 @@ One supernet run serves both methods (the run is cached on disk, so ``--method d
 """
 from __future__ import annotations
 
+import base64
 import copy
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..plan import atomic_write_text
+from ..engine.cache import ProbeCache
+from ..evaluation import evaluate_model
+from ..quant.config import QuantConfig
 from ..quant.observers import QuantSpec, weight_qparams
 from ..quant.primitives import fake_quant
+from ..zoo.data import LabeledData
 from .base import METHODS, SearchContext, SensitivityTable
+from .options import MethodOptions, option, positive
+from .solvers import supernet as supernet_solver
 from .gradients import require_weight_search
 
 log = logging.getLogger("mpqkit")
+SUPERNET_VERSION = 2  # bump when a change alters supernet results (part of the records' key)
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,13 @@ class SupernetConfig:
     eta: float = 0.1
     momentum: float = 0.8
     seed: int = 0
+    ranges: str = "step"  # quantizer ranges measured every training step, or once per epoch ("epoch")
+
+    def __post_init__(self) -> None:
+        if self.ranges not in ("step", "epoch"):
+            from ..errors import MpqkitError
+
+            raise MpqkitError(f"supernet ranges must be 'step' or 'epoch', got {self.ranges!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SupernetConfig":
@@ -71,6 +97,38 @@ class SupernetConfig:
 
             raise MpqkitError(f"unknown SMPQ preset '{name}': use quick or full")
         return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class SupernetOptions(MethodOptions):
+    """SMPQ/DMPQ options; unset fields take the preset's value (``SupernetConfig.preset``)."""
+
+    preset: str = option("quick", choices=("quick", "full"),
+                         help="quick (CPU: 10k train images, 5 epochs, default) or full (GPU: 50k images, 30 epochs)")
+    train_size: int | None = option(None, type=int, help="train images for the supernet (half weights, half α)")
+    epochs: int | None = option(None, type=int, help="supernet epochs (the first --warmup train weights only)")
+    warmup: int | None = option(None, type=int, help="warm-up epochs (weights only)")
+    permutations: int | None = option(None, type=int, help="Monte-Carlo Shapley permutations per epoch "
+                                      "(quick preset 6, full 10)")
+    lam: float | None = option(None, type=float,
+                               help="weight of the expected-bits penalty in the α loss (default 0.5)")
+    ranges: str = option("step", choices=("step", "epoch"), flag="--supernet-ranges",
+                         help="weight quantizer ranges of the supernet measured at every training step (default) "
+                              "or once per epoch (faster with MSE/percentile ranges; see the module docstring)")
+    select: str = option("argmax", choices=("argmax", "ilp"),
+                         help="argmax α per layer (default; the ILP only when over budget) or always the ILP on "
+                              "the method's costs (plans that fill the budget)")
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "epochs", "permutations"):
+            positive(name, getattr(self, name), "smpq")
+        positive("warmup", self.warmup, "smpq", allow_zero=True)
+        positive("lam", self.lam, "smpq", allow_zero=True)
+
+    def config(self, seed: int) -> SupernetConfig:
+        return SupernetConfig.preset(self.preset, train_size=self.train_size, epochs=self.epochs,
+                                     warmup=self.warmup, permutations=self.permutations, lam=self.lam, seed=seed,
+                                     ranges=self.ranges)
 
 
 # ------------------------------------------------------------------ Monte-Carlo Shapley
@@ -107,21 +165,29 @@ def shapley_mc(players: Sequence, value: Callable[[frozenset], float], permutati
 
 # ------------------------------------------------------------------ supernet
 class _MixedWeight(nn.Module):
-    """Σ_b w_b · Q_b(W) with per-channel min-max asymmetric fake-quant (scale from the current W)."""
+    """Σ_b w_b · Q_b(W): Q_b is the run's weight quantizer at b bits (``QuantConfig.w_spec``) through
+    the shared ``weight_qparams``/``fake_quant`` (straight-through estimator). The quantization
+    parameters are those fixed by ``fix_ranges`` (once per epoch), else measured on the current W."""
 
-    def __init__(self, layer: nn.Module, bits: Sequence[int]) -> None:
+    def __init__(self, layer: nn.Module, specs: Sequence[QuantSpec]) -> None:
         super().__init__()
-        self.layer, self.bits = layer, list(bits)
+        self.layer, self.specs = layer, list(specs)
+        self.bits = [s.bits for s in self.specs]
         self.mask = torch.ones(len(self.bits))  # 0 = player removed (Shapley)
         self.frozen: list[Tensor] | None = None  # Q_b(W) kept while W does not change (Shapley)
+        self.qparams: list[tuple] | None = None  # (scale, zero point, qmin, qmax) per candidate, when fixed
+
+    def fix_ranges(self, on: bool) -> None:
+        """Measure the quantization parameters of the current W now and keep them (``on``), or not."""
+        with torch.no_grad():
+            self.qparams = [weight_qparams(self.layer.weight, s) for s in self.specs] if on else None
 
     def quantized(self) -> list[Tensor]:
         if self.frozen is not None:
             return self.frozen
-        w = self.layer.weight  # the shared weight quantizer, min-max range (recomputed as W trains)
-        return [fake_quant(w, *weight_qparams(w, QuantSpec(b, symmetric=False, per_channel=True,
-                                                            range_method="minmax")))
-                for b in self.bits]
+        w = self.layer.weight
+        qps = self.qparams if self.qparams is not None else [weight_qparams(w, s) for s in self.specs]
+        return [fake_quant(w, *qp) for qp in qps]
 
     def freeze(self, on: bool) -> None:
         with torch.no_grad():
@@ -141,14 +207,18 @@ class _MixedWeight(nn.Module):
 
 class Supernet(nn.Module):
     """The model with each searched layer's weight replaced, per call, by its α-mixture of
-    quantized versions (``torch.func.functional_call``: the fp weights stay the trained parameters)."""
+    quantized versions (``torch.func.functional_call``: the fp weights stay the trained parameters).
+    ``qconfig``: the run's quantizer settings (default ``QuantConfig()``)."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[str], bits: Sequence[int]) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[str], bits: Sequence[int],
+                 qconfig: QuantConfig | None = None) -> None:
         super().__init__()
+        qconfig = qconfig or QuantConfig()
         self.net = copy.deepcopy(model)
         self.layers, self.bits = list(layers), list(bits)
         self.alpha = nn.Parameter(torch.zeros(len(self.layers), len(self.bits)))
-        self.mixers = [_MixedWeight(self.net.get_submodule(f), bits) for f in self.layers]
+        self.mixers = [_MixedWeight(self.net.get_submodule(f), [qconfig.w_spec(b) for b in bits])
+                       for f in self.layers]
 
     def forward(self, x: Tensor) -> Tensor:
         from torch.func import functional_call
@@ -159,76 +229,183 @@ class Supernet(nn.Module):
     def weight_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n != "alpha"]
 
+    def fix_ranges(self, on: bool) -> None:
+        for m in self.mixers:
+            m.fix_ranges(on)
+
     def expected_bits(self, numel: Tensor) -> Tensor:
         probs = F.softmax(self.alpha, 1)
-        b = torch.tensor(self.bits, dtype=probs.dtype)
+        b = torch.tensor(self.bits, dtype=probs.dtype, device=probs.device)
         return ((probs * b).sum(1) * numel).sum() / numel.sum()
 
 
-@torch.no_grad()
-def _accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
-    return float((net(x).argmax(1) == y).float().mean())
+def _top1(net: nn.Module, data: LabeledData) -> float:
+    return float(evaluate_model(net, data, batch_size=max(1, len(data)))["top1"])
 
 
-def _run_key(ctx: SearchContext, cfg: SupernetConfig, data_sha: str) -> str:
-    from ..zoo.models import state_dict_sha256
+# ------------------------------------------------------------------ records in the probe cache
+def _encode(obj: Any) -> Any:
+    """A JSON value for a tree of tensors, dicts (any keys), lists, tuples and scalars: tensors as
+    their raw bytes in base64 (exact), no pickle."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return {"__tensor__": [str(t.dtype).removeprefix("torch."), list(t.shape), base64.b64encode(raw).decode()]}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode(k), _encode(v)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"a supernet record cannot hold a {type(obj).__name__}")
 
-    spec = {"model": state_dict_sha256(ctx.model), "layers": ctx.searched, "bits": ctx.w_bits, "cfg": asdict(cfg),
-            "data": data_sha, "v": 1}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    if isinstance(obj, dict):
+        ((tag, val),) = obj.items()
+        if tag == "__tensor__":
+            name, shape, b64 = val
+            dtype = getattr(torch, name)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"not a dtype: {name}")
+            raw = base64.b64decode(b64, validate=True)
+            if not raw:
+                return torch.empty(shape, dtype=dtype)
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+        if tag == "__dict__":
+            return {_decode(k): _decode(v) for k, v in val}
+        if tag == "__tuple__":
+            return tuple(_decode(v) for v in val)
+        raise ValueError(f"unknown record tag {tag!r}")
+    return obj
+
+
+class _Records:
+    """The run's records in the probe cache (checksummed JSON; a corrupt entry reads as missing and
+    is recomputed): the finished result, and the full state after each epoch (the last two are
+    kept, so a damaged latest one falls back to the one before; all are dropped once finished)."""
+
+    def __init__(self, cache: ProbeCache | None, spec: dict[str, Any], stats: dict[str, Any] | None = None) -> None:
+        self.cache, self.spec, self.stats = cache, spec, stats
+
+    def _key(self, record: str, epoch: int | None = None) -> str:
+        assert self.cache is not None
+        return self.cache.key({"supernet": self.spec, "record": record, "epoch": epoch})
+
+    def _get(self, key: str, kind: str) -> dict[str, Any] | None:
+        assert self.cache is not None
+        hit = self.cache.get(key)
+        if hit is not None and hit.get("kind") != kind:
+            return None
+        if hit is not None and self.stats is not None:
+            self.stats["cache_hits"] = self.stats.get("cache_hits", 0) + 1
+        return hit
+
+    def result(self) -> dict[str, Any] | None:
+        if self.cache is None:
+            return None
+        hit = self._get(self._key("result"), "smpq-supernet-result")
+        return None if hit is None else {k: v for k, v in hit.items() if k != "kind"}
+
+    def put_result(self, result: dict[str, Any], epochs: int) -> None:
+        if self.cache is None:
+            return
+        self.cache.put(self._key("result"), {**result, "kind": "smpq-supernet-result"})
+        for e in range(1, epochs + 1):
+            self.cache.discard(self._key("state", e))
+
+    def latest_state(self, epochs: int) -> dict[str, Any] | None:
+        """The state after the last finished epoch that reads back intact (None: start afresh)."""
+        if self.cache is None:
+            return None
+        for e in range(epochs, 0, -1):
+            hit = self._get(self._key("state", e), "smpq-supernet-state")
+            if hit is not None and hit.get("epoch") == e:
+                return hit
+        return None
+
+    def put_state(self, epoch: int, payload: dict[str, Any]) -> None:
+        if self.cache is None:
+            return
+        self.cache.put(self._key("state", epoch), {**payload, "epoch": epoch, "kind": "smpq-supernet-state"})
+        if epoch > 2:
+            self.cache.discard(self._key("state", epoch - 2))
+
+
+def _run_spec(ctx: SearchContext, cfg: SupernetConfig, data_sha: str) -> dict[str, Any]:
+    """What, besides the engine's cache context (model weights, calibration data, quantizer config,
+    seed, engine version), decides the run's result."""
+    return {"version": SUPERNET_VERSION, "layers": list(ctx.searched), "bits": list(ctx.w_bits),
+            "config": asdict(cfg), "train_data": data_sha, "qconfig": ctx.qconfig.to_dict(),
+            "device": torch.device(ctx.device).type}
+
+
+def _grid(est: dict, n_layers: int, n_bits: int) -> list[list[float]]:
+    return [[float(est[(i, j)]) for j in range(n_bits)] for i in range(n_layers)]
 
 
 def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     """Run (or resume, or read) the supernet search; returns α, α_s and the Shapley estimates."""
-    from ..engine.cache import default_cache_dir
-
+    assert ctx.load_train is not None, "the supernet needs ctx.load_train"
+    dev = torch.device(ctx.device)
     data = ctx.load_train(cfg.train_size, cfg.seed)
     half = len(data) // 2
     xw, yw = data.images[:half], data.labels[:half]
     xa, ya = data.images[half:], data.labels[half:]
-    xv, yv = xa[:cfg.val_size].to(ctx.device), ya[:cfg.val_size].to(ctx.device)
-    key = _run_key(ctx, cfg, data.sha256())
-    cache_dir = Path(ctx.engine_kwargs.get("cache_dir") or default_cache_dir()) / "supernet"
-    done_path, ckpt_path = cache_dir / f"{key}.json", cache_dir / f"{key}.pt"
-    if done_path.exists():
-        try:
-            return json.loads(done_path.read_text())
-        except json.JSONDecodeError:
-            pass  # a corrupt record is recomputed
-    torch.manual_seed(cfg.seed)
-    sup = Supernet(ctx.model, ctx.searched, ctx.w_bits).to(ctx.device)
-    numel = torch.tensor([float(ctx.model.get_submodule(f).weight.numel()) for f in ctx.searched])
-    opt_w = torch.optim.SGD(sup.weight_params(), lr=cfg.lr_w, momentum=0.9, weight_decay=5e-4)
-    opt_a = torch.optim.Adam([sup.alpha], lr=cfg.lr_alpha)
+    val = data.subset(torch.arange(half, min(len(data), half + cfg.val_size)))
+    val = LabeledData(val.images.to(dev), val.labels.to(dev), val.name, val.split, val.classes)
+    records = _Records(ctx.engine.cache, _run_spec(ctx, cfg, data.sha256()), ctx.engine.stats)
+    done = records.result()
+    if done is not None:
+        return done
+
+    def fresh() -> tuple[Supernet, torch.optim.Optimizer, torch.optim.Optimizer]:
+        torch.manual_seed(cfg.seed)
+        sup = Supernet(ctx.model, ctx.searched, ctx.w_bits, ctx.qconfig).to(dev)
+        return (sup, torch.optim.SGD(sup.weight_params(), lr=cfg.lr_w, momentum=0.9, weight_decay=5e-4),
+                torch.optim.Adam([sup.alpha], lr=cfg.lr_alpha))
+
+    sup, opt_w, opt_a = fresh()
+    numel = torch.tensor([float(ctx.model.get_submodule(f).weight.numel()) for f in ctx.searched], device=dev)
     alpha_s = torch.zeros_like(sup.alpha)
     mom = torch.zeros_like(sup.alpha)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
     history: list[dict] = []
-    shap_est = None
+    shap: list[list[float]] | None = None
     start = 0
-    if ckpt_path.exists():
+    saved = records.latest_state(cfg.epochs)
+    if saved is not None:
         try:
-            st = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            st = _decode(saved["state"])
             sup.load_state_dict(st["supernet"])
             opt_w.load_state_dict(st["opt_w"])
             opt_a.load_state_dict(st["opt_a"])
-            alpha_s, mom, history, shap_est, start = st["alpha_s"], st["mom"], st["history"], st["shapley"], st["epoch"]
+            alpha_s, mom = st["alpha_s"].to(dev), st["mom"].to(dev)
+            gen.set_state(st["gen"])
+            history, shap, start = list(saved["history"]), saved["shapley"], int(saved["epoch"])
             log.info("smpq: resuming the supernet run at epoch %d", start)
-        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is recomputed, never trusted
-            log.warning("smpq: ignoring unreadable checkpoint %s (%s)", ckpt_path, str(e).splitlines()[0][:100])
-            start = 0
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    if start > 0:
-        gen.set_state(st["gen"])
+        except Exception as e:  # noqa: BLE001 - a record that does not fit is recomputed, never trusted
+            log.warning("smpq: ignoring a supernet record that does not fit (%s: %s)", type(e).__name__,
+                        str(e)[:100])
+            sup, opt_w, opt_a = fresh()
+            alpha_s, mom = torch.zeros_like(sup.alpha), torch.zeros_like(sup.alpha)
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            history, shap, start = [], None, 0
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sup.train()
+        sup.fix_ranges(cfg.ranges == "epoch")
         perm_w = torch.randperm(half, generator=gen)
         perm_a = torch.randperm(len(xa), generator=gen)
         n_steps = half // cfg.batch_size
         for s in range(n_steps):
             iw = perm_w[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             opt_w.zero_grad(set_to_none=True)
-            F.cross_entropy(sup(xw[iw].to(ctx.device)), yw[iw].to(ctx.device)).backward()
+            F.cross_entropy(sup(xw[iw].to(dev)), yw[iw].to(dev)).backward()
             sup.alpha.grad = None
             opt_w.step()
             if epoch >= cfg.warmup:
@@ -236,48 +413,47 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
                 opt_a.zero_grad(set_to_none=True)
                 for p in sup.weight_params():
                     p.grad = None
-                loss = F.cross_entropy(sup(xa[ia].to(ctx.device)), ya[ia].to(ctx.device))
-                loss = loss + cfg.lam * sup.expected_bits(numel.to(ctx.device)) / max(ctx.w_bits)
+                loss = F.cross_entropy(sup(xa[ia].to(dev)), ya[ia].to(dev))
+                loss = loss + cfg.lam * sup.expected_bits(numel) / max(ctx.w_bits)
                 loss.backward()
                 opt_a.step()
+        sup.fix_ranges(False)
         sup.eval()
-        row = {"epoch": epoch, "val_top1": _accuracy(sup, xv, yv), "train_s": time.perf_counter() - t0}
+        row = {"epoch": epoch, "val_top1": _top1(sup, val), "train_s": time.perf_counter() - t0}
         if epoch >= cfg.warmup:
             t1 = time.perf_counter()
-            shap_est, mean, std = _shapley(sup, xv, yv, cfg, seed=cfg.seed * 1000 + epoch)
-            v = torch.tensor([[shap_est[(i, j)] for j in range(len(sup.bits))] for i in range(len(sup.layers))])
+            est, _, _ = _shapley(sup, val, cfg, seed=cfg.seed * 1000 + epoch)
+            shap = _grid(est, len(sup.layers), len(sup.bits))
+            v = torch.tensor(shap, device=dev)
             vhat = v / (v.abs().sum(1, keepdim=True) + 1e-12)
             mom = cfg.momentum * mom + (1 - cfg.momentum) * vhat
             alpha_s = alpha_s + cfg.eta * mom
             row["shapley_s"] = time.perf_counter() - t1
         history.append(row)
         log.info("smpq: epoch %d %s", epoch, row)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"supernet": sup.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(),
-                    "alpha_s": alpha_s, "mom": mom, "history": history, "shapley": shap_est, "epoch": epoch + 1,
-                    "gen": gen.get_state()}, tmp)
-        tmp.replace(ckpt_path)
+        records.put_state(epoch + 1, {"history": history, "shapley": shap, "state": _encode(
+            {"supernet": sup.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(),
+             "alpha_s": alpha_s, "mom": mom, "gen": gen.get_state()})})
     alpha = sup.alpha.detach().cpu()
-    final_alpha_s = (alpha + alpha_s.cpu())
-    if shap_est is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
-        shap_est, _, _ = _shapley(sup, xv, yv, cfg, seed=cfg.seed * 1000 + cfg.epochs)
-    result = {"alpha": alpha.tolist(), "alpha_s": final_alpha_s.tolist(),
-              "shapley": [[shap_est[(i, j)] for j in range(len(sup.bits))] for i in range(len(sup.layers))],
+    final_alpha_s = alpha + alpha_s.cpu()
+    if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
+        est, _, _ = _shapley(sup, val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
+        shap = _grid(est, len(sup.layers), len(sup.bits))
+    result = {"alpha": alpha.tolist(), "alpha_s": final_alpha_s.tolist(), "shapley": shap,
               "history": history, "layers": list(sup.layers), "bits": list(sup.bits), "config": asdict(cfg),
-              "train_images": len(data)}
-    atomic_write_text(done_path, json.dumps(result) + "\n")
+              "quantizer": ctx.qconfig.to_dict(), "train_images": len(data)}
+    records.put_result(result, cfg.epochs)
     return result
 
 
-def _shapley(sup: Supernet, xv: Tensor, yv: Tensor, cfg: SupernetConfig, seed: int):
+def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
     players = [(i, j) for i in range(len(sup.layers)) for j in range(len(sup.bits))]
 
     def value(present: frozenset) -> float:
         for i, m in enumerate(sup.mixers):
             m.mask = torch.tensor([1.0 if (i, j) in present else 0.0 for j in range(len(sup.bits))])
         try:
-            return _accuracy(sup, xv, yv)
+            return _top1(sup, val)
         finally:
             for m in sup.mixers:
                 m.mask = torch.ones(len(sup.bits))
@@ -295,11 +471,7 @@ def _shapley(sup: Supernet, xv: Tensor, yv: Tensor, cfg: SupernetConfig, seed: i
 
 def _run(ctx: SearchContext) -> dict:
     require_weight_search(ctx, "smpq/dmpq")
-    o = ctx.options
-    cfg = SupernetConfig.preset(o.get("preset", "quick"), **{k: o.get(k) for k in
-                                                            ("train_size", "epochs", "warmup", "permutations", "lam")},
-                                seed=ctx.seed)
-    return train_supernet(ctx, cfg)
+    return train_supernet(ctx, ctx.options.config(ctx.seed))  # type: ignore[attr-defined]
 
 
 def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
@@ -313,19 +485,20 @@ def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
         cost = -np.exp(a - a.max(1, keepdims=True)) / np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True)
     w = {f: {b: float(cost[i, j]) for j, b in enumerate(bits)} for i, f in enumerate(layers)}
     argmax = {f: bits[int(np.argmax(choice[i]))] for i, f in enumerate(layers)}
-    return SensitivityTable(w=w, meta={"score": "-shapley (mean - std)" if which == "smpq" else "-softmax(alpha)",
-                                       "argmax_bits": argmax, "alpha": run["alpha"], "alpha_s": run["alpha_s"],
-                                       "shapley": run["shapley"], "history": run["history"],
-                                       "supernet_config": run["config"], "train_images": run["train_images"]})
+    meta = {"score": "-shapley (mean - std)" if which == "smpq" else "-softmax(alpha)",
+            "alpha": run["alpha"], "alpha_s": run["alpha_s"], "shapley": run["shapley"], "history": run["history"],
+            "supernet_config": run["config"], "supernet_quantizer": run["quantizer"],
+            "train_images": run["train_images"]}
+    return SensitivityTable(w=w, argmax_bits=argmax, meta=meta)
 
 
 @METHODS.register("smpq", "supernet + Monte-Carlo Shapley value of each (layer, bits); argmax of Shapley-updated α "
-                  "(ILP on −Shapley when over budget)", solver="supernet")
+                  "(ILP on −Shapley when over budget)", solver=supernet_solver, options=SupernetOptions)
 def smpq(ctx: SearchContext) -> SensitivityTable:
     return _table(ctx, _run(ctx), "smpq")
 
 
 @METHODS.register("dmpq", "the same supernet, argmax of the trained α (the baseline SMPQ improves on)",
-                  solver="supernet")
+                  solver=supernet_solver, options=SupernetOptions)
 def dmpq(ctx: SearchContext) -> SensitivityTable:
     return _table(ctx, _run(ctx), "dmpq")

@@ -2,13 +2,15 @@
 
 Datasets: ``cifar10`` (the reconstructed torchvision-layout batches in ``<data_root>/cifar10``; splits
 ``test``, ``exact``, ``train``), ``digits`` (scikit-learn's bundled 8x8 digits; splits ``train``, ``test``)
-and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing).
+and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing; it has no
+splits of its own, so ``test``, ``train`` and ``val`` all name every image in it).
 Everything fits in memory, so a dataset is just two tensors plus metadata.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import torch
 from mpqkit.errors import DataError, MissingResourceError, UnknownNameError
 from mpqkit.zoo.paths import data_root
 
-__all__ = ["LabeledData", "load_data", "NORMALIZATION", "DATASETS", "normalize"]
+__all__ = ["LabeledData", "load_data", "NORMALIZATION", "DATASETS", "IMAGE_FOLDER_SPLITS", "normalize"]
 
 log = logging.getLogger("mpqkit")
 
@@ -39,6 +41,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 #: dataset name -> available splits
 DATASETS: dict[str, tuple[str, ...]] = {"cifar10": ("test", "exact", "train"), "digits": ("train", "test")}
+#: splits accepted for an image folder: each names the whole folder (calibration draws a seeded subset)
+IMAGE_FOLDER_SPLITS: tuple[str, ...] = ("test", "train", "val")
 
 _CIFAR_DIR = "cifar10"
 _BATCHES = "cifar-10-batches-py"
@@ -113,8 +117,14 @@ def load_data(
         data = _load_cifar(split, root, limit)
     elif name == "digits":
         data = _load_digits(split, limit)
-    elif Path(name).expanduser().is_dir():
-        return _load_image_folder(Path(name).expanduser(), limit)
+    elif Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+        if split not in IMAGE_FOLDER_SPLITS:
+            raise UnknownNameError(
+                f"unknown split {split!r} for image folder {folder}: use one of {', '.join(IMAGE_FOLDER_SPLITS)} "
+                f"(an image folder has no splits: each of them names all of its images)"
+            )
+        return _load_image_folder(folder, limit)
     else:
         raise UnknownNameError(
             f"unknown dataset {name!r}: use cifar10, digits, or the path of an existing image folder "
@@ -131,10 +141,38 @@ def _check_split(name: str, split: str) -> None:
         raise UnknownNameError(f"unknown split {split!r} for {name}: use one of {', '.join(DATASETS[name])}")
 
 
+_SET_ROOT = "Set --data-root or $MPQKIT_DATA to the folder that holds cifar10/"
+
+
 def _missing(path: Path) -> MissingResourceError:
-    return MissingResourceError(
-        f"CIFAR-10 file {path} not found. Set --data-root or $MPQKIT_DATA to the folder that holds cifar10/"
-    )
+    return MissingResourceError(f"CIFAR-10 file {path} not found. {_SET_ROOT}")
+
+
+def _folder_problem(folder: Path, listed: bool = True) -> str | None:
+    """Why the existing path ``folder`` cannot be used as a folder (listed, if ``listed``), or None.
+
+    None also when ``folder`` is absent: the callers' not-found messages cover that case.
+    """
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return "it is a file, not a folder"
+    if not listed:
+        return None
+    try:
+        with os.scandir(folder) as it:
+            next(it, None)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or type(e).__name__})"
+    return None
+
+
+def _check_cifar_folders(*folders: Path, listed: Path | None = None) -> None:
+    """DataError naming the folder when one of ``folders`` is a file (or ``listed`` cannot be listed)."""
+    for folder in folders:
+        why = _folder_problem(folder, listed=folder == listed)
+        if why:
+            raise DataError(f"CIFAR-10 folder {folder}: {why}. {_SET_ROOT}")
 
 
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +180,11 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise _missing(path)
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"cannot read CIFAR-10 file {path} ({e.strerror or type(e).__name__}). {_SET_ROOT}") from None
+    try:
+        with f:
             d = pickle.load(f, encoding="latin1")
         x = np.asarray(d["data"], dtype=np.uint8)
         y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
@@ -168,12 +210,15 @@ def _load_cifar(split: str, root: str | Path | None, limit: int | None) -> Label
     _check_split("cifar10", split)
     base = data_root(root) / _CIFAR_DIR
     batches = base / _BATCHES
+    _check_cifar_folders(base, batches, listed=batches if split == "train" else None)
     if split == "test":
         x, y = _read_batch(batches / "test_batch")
     elif split == "exact":
         path = base / "exact_prefix_test_batch.npz"
         if not path.is_file():
             raise _missing(path)
+        if not os.access(path, os.R_OK):
+            raise DataError(f"cannot read CIFAR-10 file {path} (permission denied). {_SET_ROOT}")
         try:
             with np.load(path) as z:
                 x, y = np.asarray(z["data"], dtype=np.uint8), np.asarray(z["labels"], dtype=np.int64)
@@ -223,6 +268,10 @@ def _load_image_folder(path: Path, limit: int | None) -> LabeledData:
     """Eagerly load an ImageFolder tree (resize 256, center-crop 224, ImageNet normalization)."""
     from torchvision import datasets, transforms
 
+    why = _folder_problem(path)
+    if why:
+        raise DataError(f"image folder {path} (--data): {why}. Give --data the folder that holds one "
+                        f"sub-folder of images per class")
     mean, std = NORMALIZATION["imagefolder"]
     tf = transforms.Compose([
         transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
@@ -231,7 +280,16 @@ def _load_image_folder(path: Path, limit: int | None) -> LabeledData:
     try:
         ds = datasets.ImageFolder(str(path), transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
+        for sub in sorted(c for c in path.iterdir() if c.is_dir()):  # os.walk hides unreadable folders
+            why = _folder_problem(sub)
+            if why:
+                raise DataError(f"image folder {path} (--data): class folder {sub.name}: {why}; "
+                                f"check its permissions") from None
         raise DataError(f"image folder {path} holds no images in class sub-folders: {e}") from e
+    except OSError as e:  # an unreadable class sub-folder
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        raise DataError(f"image folder {path} (--data): cannot read{where} "
+                        f"({e.strerror or type(e).__name__}); check its permissions") from None
     n = len(ds)
     if n == 0:
         raise DataError(f"image folder {path} is empty")

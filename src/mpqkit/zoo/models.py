@@ -5,7 +5,6 @@ Every model is built in eval mode, is ``torch.fx.symbolic_trace``-able, and come
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mpqkit.errors import CheckpointError, MissingResourceError, UnknownNameError
+from mpqkit.fileutil import state_dict_sha256  # noqa: F401  (re-exported)
 from mpqkit.zoo.paths import models_dir as _models_dir
 
 __all__ = [
@@ -134,16 +134,6 @@ class ModelBundle:
     num_classes: int
     checkpoint: Path | None
     sha256: str
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """Deterministic hash of the state-dict: key names, dtypes, shapes and tensor bytes, in key order."""
-    h = hashlib.sha256()
-    for key, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- checkpoints

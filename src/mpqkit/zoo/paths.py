@@ -30,6 +30,10 @@ def _resolve(override: str | Path | None, env: str, sub: str, what: str, flag: s
     for c in cands:
         if c.is_dir():
             return c
+    if len(cands) == 1 and cands[0].exists():  # given explicitly, but not a folder
+        raise MissingResourceError(
+            f"{what}: {cands[0]} is a file, not a folder. Set {flag} or ${env} to the folder that holds {holds}"
+        )
     looked = ", ".join(str(c) for c in cands)
     raise MissingResourceError(
         f"{what} not found (looked in {looked}). Set {flag} or ${env} to the folder that holds {holds}"

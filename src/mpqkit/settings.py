@@ -1,0 +1,109 @@
+"""RunSettings: the one object that says how a run loads its model and data, where it computes,
+which candidates and calibration set it uses, how it quantizes and where it caches.
+
+Every API entry point (``search``, ``apply_plan``, ``evaluate``, ``sweep``, ``bench``, ``proxies``,
+``layers``) takes one, and the CLI builds it from one shared argument group, so a flag means the
+same thing, with the same default, on every command that accepts it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import MpqkitError, UnknownNameError
+from .quant.config import QuantConfig
+
+DEFAULT_W_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_A_BITS = (4, 6, 8)
+FIXED_BITS = (8, 8)
+CALIB_SIZE = 1024
+MIN_BITS, MAX_BITS = 1, 16
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # -- model source
+    checkpoint: str | None = None  #: weights file (overrides the models directory)
+    models_dir: str | None = None  #: default $MPQKIT_MODELS, else ../shared/models
+    random_init: bool = False  #: random weights, explicit opt-in
+    input_shape: tuple[int, ...] | None = None  #: (C, H, W) for a bare nn.Module
+    # -- data
+    data_root: str | None = None  #: default $MPQKIT_DATA, else ../shared/data
+    # -- execution (never changes a result)
+    device: str | None = "auto"
+    progress: bool = True
+    cache_dir: str | None = None  #: probe cache; default $MPQKIT_CACHE, else ~/.cache/mpqkit
+    use_cache: bool = True
+    batch_size: int | None = None  #: probe batch size (default ~16 MB for the largest layer input)
+    # -- what is searched
+    search: str = "w"  #: "w", "a" or "wa"
+    w_candidates: tuple[int, ...] = DEFAULT_W_BITS
+    a_candidates: tuple[int, ...] = DEFAULT_A_BITS
+    w_bits: int | None = None  #: uniform weight bits / fixed weight bits when only activations are searched
+    a_bits: int | None = None  #: activation bits when activations are not searched (default 8)
+    fixed: tuple[str, ...] | None = None  #: layers kept at fixed_bits (default: first and last)
+    fixed_bits: tuple[int, int] = FIXED_BITS
+    # -- calibration / sensitivity set
+    calib_size: int = CALIB_SIZE
+    seed: int = 0
+    # -- quantizer and solver
+    qconfig: QuantConfig = field(default_factory=QuantConfig)
+    time_limit: float = 60.0
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        # normalise sequences to tuples, so settings are hashable and compare by value
+        for name in ("w_candidates", "a_candidates", "fixed_bits", "fixed", "input_shape"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                if isinstance(v, str):
+                    raise MpqkitError(f"setting '{name}' must be a sequence, got the string {v!r}")
+                object.__setattr__(self, name, tuple(v))
+        if self.search not in ("w", "a", "wa"):
+            raise MpqkitError(f"search must be 'w', 'a' or 'wa', got {self.search!r}")
+        for name in ("w_candidates", "a_candidates"):
+            if not getattr(self, name):
+                raise MpqkitError(f"--{name.replace('_', '-')} is empty: give at least one bit-width")
+        bits = [*self.w_candidates, *self.a_candidates, *(b for b in (self.w_bits, self.a_bits) if b is not None),
+                *self.fixed_bits]
+        for b in bits:
+            if isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
+                raise MpqkitError(f"bits must be integers in {MIN_BITS}..{MAX_BITS}, got {b!r}")
+        if len(self.fixed_bits) != 2:
+            raise MpqkitError(f"fixed_bits takes two integers (w, a), got {self.fixed_bits!r}")
+        if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 1:
+            raise MpqkitError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise MpqkitError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if not self.time_limit > 0:
+            raise MpqkitError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
+        if not isinstance(self.qconfig, QuantConfig):
+            raise MpqkitError(f"qconfig must be a QuantConfig, got {type(self.qconfig).__name__}")
+
+    def replace(self, **changes: Any) -> "RunSettings":
+        """A copy with some settings changed; an unknown name is an error (no silent typo)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise UnknownNameError(f"unknown setting(s) {', '.join(unknown)}; settings: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Probe-engine keyword arguments these settings imply."""
+        return {"cache_dir": self.cache_dir, "use_cache": self.use_cache, "batch_size": self.batch_size,
+                "progress": self.progress}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "models_dir": self.models_dir, "random_init": self.random_init,
+                "input_shape": self.input_shape}
+
+
+def resolve_settings(settings: RunSettings | None, overrides: dict[str, Any]) -> RunSettings:
+    """``settings`` (default: all defaults) with keyword overrides applied."""
+    base = settings if settings is not None else RunSettings()
+    return base.replace(**overrides) if overrides else base
+
+
+def bits_tuple(values: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)

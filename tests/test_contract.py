@@ -1,0 +1,145 @@
+"""The method contract: every registered method (parametrised on the registry, so a new method is
+covered by default) on the embedded digits model must
+
+- measure a table that covers every searched layer × bit-width with finite values;
+- return a plan that meets the budget by the ledger;
+- give the same plan bytes for the same seed;
+- resume a killed search to the same plan, without measuring again what was cached;
+- record its options in the plan so that they round-trip to the same typed options;
+
+and a searched plan must evaluate the way it was searched (one calibration path)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+import mpqkit
+from mpqkit import api
+from mpqkit.budget import Ledger, parse_budget
+from mpqkit.engine.probe import ProbeEngine
+from mpqkit.errors import MpqkitError, UnknownNameError
+from mpqkit.evaluation import evaluate_model
+from mpqkit.graph import discover
+from mpqkit.sensitivity import METHODS
+
+BUDGET = "avg-bits=4"
+#: options that keep the slow methods within seconds on the digits model
+FAST = {"infoq": {"projections": 16}, "smpq": {"train_size": 400, "epochs": 2, "warmup": 1, "permutations": 2},
+        "dmpq": {"train_size": 400, "epochs": 2, "warmup": 1, "permutations": 2}, "hawq": {"max_iter": 20}}
+SETTINGS = dict(calib_size=192, progress=False, time_limit=10)
+#: CLADO's pair probes grow with the square of the candidates: three keep it within seconds
+FAST_SETTINGS = {"clado": {"w_candidates": (2, 4, 8)}}
+
+
+def _search(method, tmp_path, tag="a", **kw):
+    return mpqkit.search("digits-cnn", "digits", BUDGET, method, options=FAST.get(method),
+                         cache_dir=str(tmp_path / f"cache-{tag}"), **{**SETTINGS, **FAST_SETTINGS.get(method, {}), **kw})
+
+
+@pytest.fixture(scope="module")
+def graph():
+    bundle = api.load_model("digits-cnn")
+    return discover(bundle.model, bundle.input_shape)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_table_plan_budget_and_determinism(method, tmp_path, graph):
+    res = _search(method, tmp_path)
+    searched = [n for n in graph.names if n not in graph.default_fixed()]
+    if METHODS.get(method).sensitivity is not None:
+        assert res.table is not None
+        assert set(res.table.w) == set(searched), "the table covers every searched layer"
+        for f in searched:
+            assert set(res.table.w[f]) == set(res.plan.method_params["w_candidates"]), f"{f}: every candidate"
+            assert all(math.isfinite(v) for v in res.table.w[f].values()), f"{f}: finite scores"
+    # the plan covers every layer and meets the budget by the ledger
+    assert set(res.plan.layers) == set(graph.names)
+    ledger = Ledger(graph, searched)
+    for c in ledger.resolve(parse_budget(BUDGET)):
+        assert ledger.value(c.metric, res.plan.assignment()) <= c.limit * (1 + 1e-9)
+    # same seed → same plan bytes (fresh cache: measured again, not read back)
+    again = _search(method, tmp_path, tag="b")
+    assert json.dumps(again.plan.to_dict()) == json.dumps(res.plan.to_dict())
+    # options round-trip through the plan
+    m = METHODS.get(method)
+    opts = m.make_options(FAST.get(method))
+    names = {f.name for f in m.options.option_fields() if not f.metadata.get("execution")
+             and not f.metadata.get("python_only")}
+    recorded = {k: v for k, v in res.plan.method_params.items() if k in names}
+    assert set(recorded) == names
+    assert m.make_options(recorded).to_params() == opts.to_params()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if METHODS.get(m).sensitivity is not None])
+def test_killed_search_resumes_to_the_same_plan(method, tmp_path, monkeypatch):
+    full = _search(method, tmp_path, tag="ref")
+    calls = {"n": 0}
+    real_run = ProbeEngine.run
+
+    def dying_run(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the fp reference and a first batch of measurements
+            raise KeyboardInterrupt
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(ProbeEngine, "run", dying_run)
+    killed = False
+    try:
+        _search(method, tmp_path, tag="kill")
+    except KeyboardInterrupt:
+        killed = True
+    monkeypatch.setattr(ProbeEngine, "run", real_run)
+    resumed = _search(method, tmp_path, tag="kill")
+    assert json.dumps(resumed.plan.to_dict()) == json.dumps(full.plan.to_dict())
+    if killed:  # the method ran probes in more than two calls: the resumed run read what was measured
+        assert resumed.engine_stats["probes_run"] <= full.engine_stats["probes_run"]
+        assert resumed.engine_stats["cache_hits"] > full.engine_stats["cache_hits"]
+
+
+def test_unknown_or_mistyped_option_is_an_error():
+    with pytest.raises(UnknownNameError, match="has no option 'projection'.*projections"):
+        mpqkit.search("digits-cnn", "digits", BUDGET, "infoq", options={"projection": 8}, **SETTINGS)
+    with pytest.raises(MpqkitError, match="must be int"):
+        METHODS.get("infoq").make_options({"projections": "many"})
+    with pytest.raises(MpqkitError, match="'all' or 'last-K'"):
+        METHODS.get("infoq").make_options({"observers": "last-x"})
+    with pytest.raises(UnknownNameError, match="unknown setting"):
+        mpqkit.search("digits-cnn", "digits", BUDGET, "uniform", calib_sise=10)
+    with pytest.raises(MpqkitError, match="calib-size"):
+        mpqkit.search("digits-cnn", "digits", BUDGET, "mixquant", calib_size=0)
+
+
+def test_every_cli_flag_maps_to_a_method_option():
+    """The CLI's method flags are built from the registry: each flag has a field, each field a flag."""
+    from mpqkit.cli import build_parser
+    from mpqkit.cli_args import OPT_PREFIX
+
+    search = build_parser()._subparsers._group_actions[0].choices["search"]
+    dests = {a.dest[len(OPT_PREFIX):] for a in search._actions if a.dest.startswith(OPT_PREFIX)}
+    fields = {f.name for m in METHODS for f in m.options.option_fields() if not f.metadata.get("python_only")}
+    assert dests == fields
+    for a in search._actions:
+        assert a.help, f"{a.option_strings} has no help text"
+
+
+def test_searched_plan_evaluates_as_measured(tmp_path):
+    """One calibration path: the engine's loss for the searched plan (measured on the calibration
+    set during search) equals the loss of ``apply_plan`` + evaluation on that same set to 1e-5."""
+    s = api.RunSettings(calib_size=300, seed=3, progress=False, batch_size=64, use_cache=False)
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", settings=s)
+    assert all(lq.a_bits == 8 for lq in res.plan.layers.values())  # activations are quantized too
+    bundle = api.load_model("digits-cnn")
+    calib = api.calibration_set("digits", s.calib_size, s.seed)
+    assert res.plan.provenance["calib"] == {"n": 300, "sha256": calib.sha256(), "seed": 3, "data": "digits",
+                                            "split": "train", "chunk": 256}
+    engine = ProbeEngine(bundle.model, discover(bundle.model, bundle.input_shape), calib.images, calib.labels,
+                         qconfig=s.qconfig, seed=s.seed, batch_size=s.batch_size, use_cache=False, progress=False)
+    measured = engine.run([res.plan.assignment()])[0]
+    q = api.apply_plan(bundle, res.plan, "digits", settings=dataclasses.replace(s, batch_size=None))
+    ev = evaluate_model(q, calib, batch_size=100)
+    assert abs(measured.loss - ev["loss"]) < 1e-5
+    assert measured.top1 == pytest.approx(ev["top1"])
+    assert abs(measured.loss - engine.fp.loss) > 1e-3  # the plan really quantizes something
