@@ -117,12 +117,16 @@ def test_every_cli_flag_maps_to_a_method_option():
     from mpqkit.cli import build_parser
     from mpqkit.cli_args import OPT_PREFIX
 
-    search = build_parser()._subparsers._group_actions[0].choices["search"]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    search = commands["search"]
     dests = {a.dest[len(OPT_PREFIX):] for a in search._actions if a.dest.startswith(OPT_PREFIX)}
     fields = {f.name for m in METHODS for f in m.options.option_fields() if not f.metadata.get("python_only")}
     assert dests == fields
-    for a in search._actions:
-        assert a.help, f"{a.option_strings} has no help text"
+    for name, sub in commands.items():  # every option of every command says what it does
+        for a in sub._actions:
+            assert a.help, f"mpqkit {name} {'/'.join(a.option_strings) or a.dest} has no help text"
+    method = next(a for a in search._actions if a.dest == "method")
+    assert all(m in method.help for m in METHODS.names())  # --method lists the methods
 
 
 def test_searched_plan_evaluates_as_measured(tmp_path):

@@ -6,7 +6,7 @@ Grammar (several terms joined by commas must all hold):
   searched layers) · ``bitops=0.35G`` (K/M/G/T, powers of 10) · ``act-mem=64KB`` (largest
   single-layer input activation) · ``act-mem-sum=1MB`` (sum over layers).
 
-Costs (METHODS.md "Shared definitions"): weight bits = Σ numel·w_bits + 32 per other parameter;
+Costs (docs/METHODS.md "Shared definitions"): weight bits = Σ numel·w_bits + 32 per other parameter;
 BitOps = Σ MACs·w_bits·a_bits; activation memory = input numel·a_bits. An unquantized side
 (bits ``None``) counts as 32 bits.
 """

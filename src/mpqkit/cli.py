@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
-    add_settings(g, data=False)
+    add_settings(g, data=False, device=False)  # nothing runs: no device, no progress
 
     from .export.cli import add_parser as add_export_parser
 

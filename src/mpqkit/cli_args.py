@@ -23,9 +23,10 @@ def bits_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool = False) -> None:
+def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool = False,
+                 device: bool = True) -> None:
     """Model source, data, device and output flags; with ``search``: candidates, calibration,
-    quantizer, solver and probe-cache flags too."""
+    quantizer, solver and probe-cache flags too. A command gets only the groups it honours."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet20", help="resnet20/32/44/56, resnet20-orig, digits-cnn, or a "
                    "torchvision name (default resnet20)")
@@ -39,9 +40,11 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
                        "(default cifar10)")
         g.add_argument("--data-root", help="data root (default $MPQKIT_DATA, else ../shared/data)")
     g = p.add_argument_group("output")
-    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    if device:
+        g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    if device:
+        g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     if not search:
         return
     g = p.add_argument_group("search space")

@@ -17,7 +17,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     x = subparsers.add_parser("export", help="export a quantized model: QDQ ONNX or bit-packed file")
     add_settings(x)
     x.add_argument("--plan", required=True, help="plan.json to quantize with")
-    x.add_argument("--format", choices=["onnx", "packed"], default="onnx")
+    x.add_argument("--format", choices=["onnx", "packed"], default="onnx",
+                   help="onnx: QDQ ONNX checked in onnxruntime (default); packed: bit-packed weights file")
     x.add_argument("--out", required=True, help="output file (.onnx, or e.g. .mpqk for packed)")
     x.add_argument("--opset", type=int, default=21, help="ONNX opset (default 21: int4/uint4 types)")
     x.add_argument("--no-fold-bn", dest="fold_bn", action="store_false",

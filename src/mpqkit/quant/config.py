@@ -8,7 +8,7 @@ from .observers import RANGE_METHODS, QuantSpec
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Defaults (METHODS.md): per-channel asymmetric MSE-range weights; per-tensor asymmetric
+    """Defaults (docs/METHODS.md): per-channel asymmetric MSE-range weights; per-tensor asymmetric
     activations with the range calibrated (MSE) on the calibration set."""
 
     w_per_channel: bool = True

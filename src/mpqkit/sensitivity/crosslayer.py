@@ -7,7 +7,7 @@ with only ℓ perturbed yields ΔL(ℓ,b) and, on the way, the inputs of every l
 perturbation; each pair then runs only from m on. One (ℓ,b) is processed at a time, so memory is
 the reference snapshots plus one walk. Every probe is cached on disk: a killed search resumes.
 
-G (METHODS.md): G[ℓb,ℓb] = 2·ΔL(ℓ,b); G[ℓb,mc] = ΔL(ℓ,b;m,c) − ΔL(ℓ,b) − ΔL(m,c); 0 within a layer,
+G (docs/METHODS.md): G[ℓb,ℓb] = 2·ΔL(ℓ,b); G[ℓb,mc] = ΔL(ℓ,b;m,c) − ΔL(ℓ,b) − ΔL(m,c); 0 within a layer,
 so ½xᵀGx is the second-order estimate of the joint loss increase. ``clado-diag`` is the paper's
 ablation without cross terms (pairs are not even measured).
 """
@@ -35,6 +35,8 @@ class CladoOptions(RunnerOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.act_bits is None:
+            object.__setattr__(self, "act_bits", "fp")
         if self.act_bits not in ("fp", "32") and not (self.act_bits.isdigit() and 1 <= int(self.act_bits) <= 16):
             raise MpqkitError(f"option 'act_bits' of method 'clado' must be 1..16 or 'fp', got {self.act_bits!r}")
 
@@ -114,7 +116,7 @@ def clado_diag(ctx: SearchContext) -> SensitivityTable:
 
 
 def build_g(table: SensitivityTable, layers: list[str], bits: list[int]) -> tuple[np.ndarray, list[tuple[str, int]]]:
-    """G over indices (ℓ, b) in layer-major order, as defined in METHODS.md."""
+    """G over indices (ℓ, b) in layer-major order, as defined in docs/METHODS.md."""
     index = [(f, b) for f in layers for b in bits]
     pos = {k: i for i, k in enumerate(index)}
     g = np.zeros((len(index), len(index)))

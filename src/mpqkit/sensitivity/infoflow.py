@@ -3,7 +3,7 @@
 Reference: every layer at 8/8. For each searched layer ℓ and candidate b (weights, and separately
 input activations), one probe through the shared engine quantizes only ℓ to b on top of that
 reference (so it starts at ℓ from the reference's cached tensors) and records the pooled outputs
-of the observer layers j > ℓ. Score (METHODS.md, Eq. 4 as quoted):
+of the observer layers j > ℓ. Score (docs/METHODS.md, Eq. 4 as quoted):
 
     S(ℓ, b) = (1/b) · mean_j |SMI_ref(j) − SMI(j | ℓ at b)| / mean_j SMI_ref(j)
 

@@ -68,10 +68,11 @@ class MethodOptions:
         return cls(**typed)
 
     def to_params(self) -> dict[str, Any]:
-        """Result-affecting options as JSON values (what a plan records)."""
+        """Result-affecting options as JSON values (what a plan records; Python-only ones, e.g. a
+        callable, cannot be recorded and are left out)."""
         out = {}
         for f in self.option_fields():
-            if f.metadata.get("execution"):
+            if f.metadata.get("execution") or f.metadata.get("python_only"):
                 continue
             v = getattr(self, f.name)
             out[f.name] = v if isinstance(v, (str, int, float, bool, list, type(None))) else f"<{type(v).__name__}>"
@@ -90,6 +91,8 @@ def _coerce(f: dataclasses.Field, v: Any, method: str) -> Any:
         raise MpqkitError(f"option '{f.name}' of method '{method}' must be a number, got {v!r}")
     if t is float and isinstance(v, int):
         v = float(v)
+    elif t is str and isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)  # e.g. CLADO's act_bits=8 from Python
     elif t is not None and t in (int, float, str, bool) and not isinstance(v, t):
         if isinstance(v, str) and t is not bool:
             try:

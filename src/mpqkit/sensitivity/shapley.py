@@ -89,7 +89,7 @@ class SupernetConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "SupernetConfig":
         """quick: sized for 2 CPU cores (< 15 min on ResNet-20; measured ~300 s per Shapley epoch at
-        M = 10 on 500 images, hence M = 6 on 250); full: METHODS.md's M = 10, for a GPU."""
+        M = 10 on 500 images, hence M = 6 on 250); full: docs/METHODS.md's M = 10, for a GPU."""
         presets = {"quick": {}, "full": {"train_size": 50_000, "epochs": 30, "warmup": 10, "permutations": 10,
                                          "val_size": 1000}}
         if name not in presets:

@@ -11,7 +11,7 @@ from .problem import Allocation, Solution
 
 def solve_supernet(problem: Allocation, argmax_bits: Mapping[str, int], costs: Mapping[str, Mapping[int, float]],
                    time_limit: float = 60.0, select: str = "argmax") -> Solution:
-    """``select="argmax"`` (the papers' rule, METHODS.md) or ``"ilp"``: always the ILP on the costs,
+    """``select="argmax"`` (the papers' rule, docs/METHODS.md) or ``"ilp"``: always the ILP on the costs,
     which spends the whole budget (plans at equal size, for comparisons)."""
     t0 = time.perf_counter()
     a_bits = problem.a_bits[0]
