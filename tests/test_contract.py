@@ -147,3 +147,32 @@ def test_searched_plan_evaluates_as_measured(tmp_path):
     assert abs(measured.loss - ev["loss"]) < 1e-5
     assert measured.top1 == pytest.approx(ev["top1"])
     assert abs(measured.loss - engine.fp.loss) > 1e-3  # the plan really quantizes something
+
+
+def test_engine_and_apply_plan_calibrate_identically_whatever_the_batch_size():
+    """Bit-identical activation scales from the engine (at two batch sizes) and from apply_plan,
+    on a set large enough that the observers sample (so the draw, i.e. seed and chunks, matters)."""
+    import torch
+
+    from conftest import make_tiny, tiny_data
+    from mpqkit.plan import LayerQuant, Plan
+    from mpqkit.quant.apply import apply_plan
+    from mpqkit.quant.calibration import calibrate
+    from mpqkit.quant.config import QuantConfig
+
+    model = make_tiny()
+    data = tiny_data(model, n=700)  # conv2's input: 700 × 512 values > the observers' 262,144 sample
+    qc = QuantConfig(a_range="percentile")
+    graph = discover(model, (3, 8, 8))
+    scales = []
+    for bs in (32, 200):
+        engine = ProbeEngine(model, graph, data.images, data.labels, qconfig=qc, seed=5, batch_size=bs,
+                             use_cache=False, progress=False)
+        scales.append(engine.quant_layer("conv2", None, 4).a_scale)
+    plan = Plan(layers={f: LayerQuant(None, 4 if f == "conv2" else None) for f in graph.names},
+                provenance={"seed": 5})
+    q = apply_plan(model, plan, data.images, qc)
+    assert torch.equal(scales[0], scales[1]) and torch.equal(scales[0], q.get_submodule("conv2").a_scale)
+    # the test can fail: another draw of the sample gives another scale
+    other = calibrate(model, ["conv2"], data.images, seed=6)["conv2"].qparams(qc.a_spec(4))[0]
+    assert not torch.equal(other, scales[0])

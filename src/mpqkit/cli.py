@@ -239,7 +239,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     for line in write_markdown_index([Path(d) for d in args.dirs], args.markdown,
                                      " ".join(["mpqkit report", *args.dirs, *(["--markdown", args.markdown]
                                                                               if args.markdown else [])])):
-        print(line)
+        if not args.quiet:
+            print(line)
     return 0
 
 

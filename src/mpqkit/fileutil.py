@@ -110,7 +110,8 @@ def check_output_file(path: str | Path, what: str = "the output file") -> Path:
 
     path = Path(path).expanduser()
     if path.is_dir():
-        raise MpqkitError(f"{what} {path} is an existing directory: give a file name (e.g. {path / 'plan.json'})")
+        raise MpqkitError(f"{what} {path} is an existing directory: give a file path (e.g. a new file "
+                          f"inside it, {path / ('file' + (path.suffix or '.out'))})")
     blocker = _first_non_dir_ancestor(path)
     if blocker is not None:
         raise MpqkitError(f"cannot write {what} {path}: {blocker} is a file, not a folder; choose another path")
