@@ -334,7 +334,15 @@ def method_options_for(methods: Sequence[str], given: Mapping[str, Any]) -> dict
         out[name] = m.make_options(mine)
     unused = sorted(set(given) - used)
     if unused:
-        raise MpqkitError(f"option(s) {', '.join(unused)} belong to none of the methods {', '.join(methods)}")
+        from .sensitivity.options import field_flag
+
+        owners = {f.name: (field_flag(f) or f.name, []) for m in METHODS for f in m.options.option_fields()}
+        for m in METHODS:
+            for f in m.options.option_fields():
+                owners[f.name][1].append(m.name)
+        parts = [f"{owners[k][0] if k in owners else k} is an option of {', '.join(owners[k][1]) if k in owners else 'no method'}"
+                 for k in unused]
+        raise MpqkitError(f"{'; '.join(parts)}, not of {', '.join(methods)}")
     return out
 
 
