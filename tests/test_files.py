@@ -85,7 +85,7 @@ def test_current_umask_matches_os(umask, monkeypatch):
 def test_check_output_file(tmp_path):
     assert check_output_file(tmp_path / "new" / "deeper" / "plan.json", "the plan") == tmp_path / "new" / "deeper" / "plan.json"
     assert (tmp_path / "new" / "deeper").is_dir() and not any((tmp_path / "new" / "deeper").iterdir())
-    with pytest.raises(MpqkitError, match=r"the plan .*out is an existing directory.*file name"):
+    with pytest.raises(MpqkitError, match=r"the plan .*out is an existing directory.*file path"):
         (tmp_path / "out").mkdir()
         check_output_file(tmp_path / "out", "the plan")
     (tmp_path / "f").write_text("")
