@@ -152,7 +152,8 @@ SETTINGS_ARGV = ["--checkpoint", "w.pt", "--models-dir", "m", "--random-init", "
                  "-q", "--search", "wa", "--w-candidates", "3,5", "--a-candidates", "6", "--w-bits", "5",
                  "--a-bits", "6", "--fixed", "conv1", "--fixed-bits", "6,6", "--calib-size", "77", "--seed", "9",
                  "--w-per-tensor", "--w-symmetric", "--w-range", "minmax", "--a-symmetric", "--a-range", "percentile",
-                 "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33"]
+                 "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33",
+                 "--refine", "12"]
 
 
 @pytest.mark.parametrize("command", ["search", "sweep", "bench", "proxies"])

@@ -184,6 +184,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
                                      search=s.search, w_bits=s.w_bits, a_bits=s.a_bits, alpha=s.alpha,
                                      time_limit=s.time_limit, seed=s.seed))
+    refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None
+    if refined is not None:
+        solution.assignment = refined.assignment
     t_end = time.perf_counter()
 
     full = problem.full(solution.assignment)
@@ -193,6 +196,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
               "alpha": s.alpha, "time_limit": s.time_limit, "qconfig": s.qconfig.to_dict(), **opts.to_params()}
     prov = provenance(s.seed, len(calib), calib.sha256())
     prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
+    if refined is not None:
+        prov["refine"] = {"max_probes": s.refine, **refined.record()}
     plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
                 method_params=params, budget=budget, costs=ledger.summary(full),
                 provenance={**prov, "solver": solution.record(), "data": calib.name})
@@ -204,6 +209,44 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
 
         result.results_dir = write_results(Path(out), result)
     return result
+
+
+def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,
+            s: RunSettings):
+    """``--refine``: the method's plan improved by measured moves (``solve/refine.py``), each plan
+    measured through the probe engine from the current plan's cached tensors; the two halves are
+    the even and the odd 128-image chunks of the calibration set."""
+    from .engine.probe import STAT_CHUNK
+    from .solve.refine import refine
+
+    if "a" in s.search:
+        raise MpqkitError("--refine moves weight bits: use it with --search w")
+    engine = ctx.engine
+    n = len(ctx.calib_labels)
+    if n <= STAT_CHUNK:
+        raise MpqkitError(f"--refine needs more than {STAT_CHUNK} calibration images (two halves to choose "
+                          f"and confirm on); --calib-size is {n}")
+    sizes = [min(STAT_CHUNK, n - i) for i in range(0, n, STAT_CHUNK)]
+    state = {"base": problem.full(assignment)}
+
+    def halves(batch_losses: Sequence[float]) -> tuple[float, float]:
+        out = []
+        for parity in (0, 1):
+            idx = range(parity, len(sizes), 2)
+            out.append(sum(batch_losses[i] * sizes[i] for i in idx) / sum(sizes[i] for i in idx))
+        return out[0], out[1]
+
+    def measure(configs):
+        base = state["base"]
+        results = engine.run([{f: c for f, c in cfg.items() if base.get(f) != c} for cfg in configs], base=base,
+                             desc="refine", show=False)
+        return [halves(r.batch_losses) for r in results]
+
+    res = refine(problem, assignment, measure, s.refine, table.w if table is not None and "w" in s.search else None,
+                 on_accept=lambda full: state.update(base=full))
+    log.info("refine: %d probes, loss (half A, half B) %.4f, %.4f → %.4f, %.4f; %d moves (%s)", res.probes,
+             *res.before, *res.after, len(res.moves), res.stopped)
+    return res
 
 
 # ---------------------------------------------------------------- apply / evaluate
@@ -350,18 +393,23 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
           out: str | Path, *, ptqs: Sequence[str | None] = (None,), settings: RunSettings | None = None,
           options: Mapping[str, MethodOptions | Mapping[str, Any]] | None = None,
           splits: Sequence[str] = ("test", "exact"), recon_options: dict[str, Any] | None = None,
-          **overrides: Any) -> list[dict]:
-    """Measure every (method, budget, PTQ) row not yet in ``out/rows.jsonl``; returns all rows.
+          draws: int = 1, **overrides: Any) -> list[dict]:
+    """Measure every (method, budget, PTQ, draw) row not yet in ``out/rows.jsonl``; returns all rows.
 
-    Each method measures its sensitivity once and solves every budget from that table; each plan
-    is quantized with each PTQ backend and evaluated on ``splits``. Rows are appended as they are
-    measured, so a killed run resumes; a method that fails at a budget gets a row with the error.
-    ``options``: per method name, its options (methods not named use their defaults).
+    ``draws`` K: the calibration / sensitivity set is drawn K times, with seeds ``seed``,
+    ``seed + 1``, …; every method sees the same K draws, so methods are compared draw by draw
+    (``report.stats``). Per draw, each method measures its sensitivity once and solves every
+    budget from that table; each plan is quantized with each PTQ backend and evaluated on
+    ``splits``. Rows are appended as they are measured, so a killed run resumes; a method that
+    fails at a budget gets a row with the error. ``options``: per method name, its options
+    (methods not named use their defaults).
     """
     from .quant.brecq import PTQ_BACKENDS
     from .report.bench import append_row, load_rows
 
     s = resolve_settings(settings, overrides)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise MpqkitError(f"--draws must be a positive integer, got {draws!r}")
     for p in ptqs:
         if p is not None and p not in PTQ_BACKENDS:
             raise MpqkitError(f"unknown PTQ backend '{p}', expected default or one of {sorted(PTQ_BACKENDS)}")
@@ -371,7 +419,7 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     _check_out_dir(out, "bench results directory", s)
     rows_path = out / "rows.jsonl"
     rows = load_rows(rows_path, repair=True)
-    done = {(r["method"], r["budget"], r["ptq"]) for r in rows}
+    done = {(r["method"], r["budget"], r["ptq"], r.get("draw", 0)) for r in rows}
     bundle = load_model(model, s)
     eval_sets = {}
     for split in splits:
@@ -389,41 +437,51 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
         rows.append(row)
         append_row(rows_path, row)
 
-    if ("fp32", "-", None) not in done:
+    if ("fp32", "-", None, 0) not in done:
         fp_model = on_device(bundle.model, s.device)
         ev = {sp: evaluate_model(fp_model, d) for sp, d in eval_sets.items()}
         append({"method": "fp32", "budget": "-", "ptq": None, "size_mb": None, "compression": 1.0, "gbitops": None,
                 "avg_w_bits": 32.0, **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()}})
-    for method in methods:
-        table = None
-        for budget in budgets:
-            todo = [p for p in ptqs if (method, budget, p) not in done]
-            if not todo:
-                continue
-            from .report.bench import plan_dir
+    from .report.bench import plan_dir
 
-            pdir = plan_dir(out, method, budget)
-            try:
-                res = search(bundle, data, budget, method, settings=s, options=opts[method], out=pdir, table=table)
-            except MpqkitError as e:
-                for p in todo:
-                    append({"method": method, "budget": budget, "ptq": p, "error": str(e)})
-                continue
-            table = res.table
-            c = res.plan.costs
-            for p in todo:
-                t0 = time.perf_counter()
-                q = apply_plan(bundle, res.plan, data, settings=quiet, ptq=p,
-                               recon_options=recon_options if p in ("adaround", "brecq", "qdrop") else None)
-                ptq_s = time.perf_counter() - t0
-                with torch.inference_mode():
-                    ev = {sp: evaluate_model(q, d) for sp, d in eval_sets.items()}
-                append({"method": method, "budget": budget, "ptq": p, "size_mb": c["weight_mb"],
-                        "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
-                        "avg_w_bits": c["avg_w_bits_searched"],
-                        **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},
-                        "search_s": res.seconds["total"], "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
+    for draw in range(draws):
+        sd = s.replace(seed=s.seed + draw)
+        tag = {"draw": draw, "seed": sd.seed}
+        for method in methods:
+            table = None
+            for budget in budgets:
+                todo = [p for p in ptqs if (method, budget, p, draw) not in done]
+                if not todo:
+                    continue
+                pdir = plan_dir(out, method, budget, draw)
+                try:
+                    res = search(bundle, data, budget, method, settings=sd, options=opts[method], out=pdir,
+                                 table=table)
+                except MpqkitError as e:
+                    for p in todo:
+                        append({"method": method, "budget": budget, "ptq": p, **tag, "error": str(e)})
+                    continue
+                table = res.table
+                _bench_plan(res, bundle, data, todo, eval_sets, quiet, recon_options, pdir, tag, append)
     return rows
+
+
+def _bench_plan(res: SearchResult, bundle: ModelBundle, data: str, ptqs: Sequence[str | None],
+                eval_sets: Mapping[str, LabeledData], settings: RunSettings, recon_options: dict[str, Any] | None,
+                pdir: Path, tag: dict[str, Any], append: Any) -> None:
+    """Quantize one searched plan with each PTQ backend, evaluate it, append one row each."""
+    c = res.plan.costs
+    for p in ptqs:
+        t0 = time.perf_counter()
+        q = apply_plan(bundle, res.plan, data, settings=settings, ptq=p,
+                       recon_options=recon_options if p in ("adaround", "brecq", "qdrop") else None)
+        ptq_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            ev = {sp: evaluate_model(q, d) for sp, d in eval_sets.items()}
+        append({"method": res.plan.method, "budget": res.plan.budget, "ptq": p, **tag, "size_mb": c["weight_mb"],
+                "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
+                "avg_w_bits": c["avg_w_bits_searched"], **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},
+                "search_s": res.seconds["total"], "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
 
 
 def sweep(model: str | nn.Module | ModelBundle, data: str, method: str, budgets: Sequence[str], out: str | Path,

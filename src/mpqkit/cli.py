@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "brecq, qdrop")
         b.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 500)")
         b.add_argument("--splits", default="test,exact", help="evaluation splits (default test,exact)")
+        b.add_argument("--draws", type=int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
+                       "method sees the same K draws, and the tables give mean ± std and paired differences with "
+                       "95 %% intervals (default 1; the published results use 5)")
         b.add_argument("--out", required=True, help="results directory (rerun to resume)")
         add_method_options(b)
     x = sub.add_parser("proxies", help="rank correlation of each method's sensitivity with the true single-layer "
@@ -156,6 +159,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             + (f" (gap {res.solution.gap:.2e})" if res.solution.gap is not None else "")
             + f" in {res.solution.seconds:.2f}s · search {res.seconds['total']:.1f}s\n"
             + "bits (w/a): " + " ".join(f"{f}={lq.w_bits}/{lq.a_bits}" for f, lq in res.plan.layers.items()))
+    ref = res.plan.provenance.get("refine")
+    if ref:
+        text += (f"\nrefine: {ref['probes']} probes, calibration loss (half A / half B) "
+                 f"{ref['objective_before']['half_a']:.4f} / {ref['objective_before']['half_b']:.4f} → "
+                 f"{ref['objective_after']['half_a']:.4f} / {ref['objective_after']['half_b']:.4f}, "
+                 f"{len(ref['moves'])} moves ({ref['stopped']})")
     if "eval" in out:
         text += f"\ntop-1 on {args.data}/{args.eval_split}: {100 * out['eval']['top1']:.2f} %"
     text += f"\nplan written to {plan_file}; results (per-layer table, bits chart, sensitivities) in {results_dir}/"
@@ -208,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ptqs = [None if p == "default" else p for p in (t.strip() for t in args.ptq.split(",")) if p]
     settings = settings_from_args(args)
     rows = api.bench(args.model, args.data, methods, budgets, args.out, ptqs=ptqs, settings=settings,
-                     options=options, splits=[s for s in args.splits.split(",") if s],
+                     options=options, splits=[s for s in args.splits.split(",") if s], draws=args.draws,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None)
     name = api.load_model(args.model, settings).name
     title = bench_title(f"{name} / {args.data}", rows)

@@ -74,6 +74,10 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g = p.add_argument_group("solver and probe engine")
     g.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds (default 60)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP (default 1)")
+    g.add_argument("--refine", type=int, default=0, help="measured refinement of the method's plan: budget-keeping "
+                   "weight-bit moves ordered by the method's table, each plan measured by the probe engine, kept "
+                   "only when it lowers the loss on both halves of the calibration set; at most N probes "
+                   "(default 0: off)")
     g.add_argument("--cache-dir", help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the probe cache")
     g.add_argument("--batch-size", dest="probe_batch_size", type=int,
@@ -86,7 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
     kw: dict[str, Any] = {}
     for name in ("checkpoint", "models_dir", "random_init", "data_root", "device", "search", "w_bits", "a_bits",
-                 "calib_size", "seed", "time_limit", "alpha", "cache_dir"):
+                 "calib_size", "seed", "time_limit", "alpha", "cache_dir", "refine"):
         if hasattr(args, name):
             kw[name] = getattr(args, name)
     if hasattr(args, "probe_batch_size"):

@@ -51,6 +51,7 @@ class RunSettings:
     qconfig: QuantConfig = field(default_factory=QuantConfig)
     time_limit: float = 60.0
     alpha: float = 1.0
+    refine: int = 0  #: measured refinement of the method's plan: at most this many probes (0 = off)
 
     def __post_init__(self) -> None:
         # normalise sequences to tuples, so settings are hashable and compare by value
@@ -76,6 +77,8 @@ class RunSettings:
             raise MpqkitError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise MpqkitError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise MpqkitError(f"--refine takes a number of probes ≥ 0, got {self.refine!r}")
         if not self.time_limit > 0:
             raise MpqkitError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
         if not isinstance(self.qconfig, QuantConfig):

@@ -19,7 +19,7 @@ from ..plan import Plan
 
 log = logging.getLogger("mpqkit")
 
-COLUMNS = ["method", "budget", "ptq", "size_mb", "compression", "gbitops", "avg_w_bits", "top1_test", "top1_exact",
+COLUMNS = ["method", "budget", "ptq", "draw", "seed", "size_mb", "compression", "gbitops", "avg_w_bits", "top1_test", "top1_exact",
            "search_s", "ptq_s", "plan", "error"]
 
 
@@ -53,9 +53,10 @@ def append_row(path: Path, row: dict) -> None:
     log.info("bench: %s", json.dumps({k: row.get(k) for k in ("method", "budget", "ptq", "top1_test", "error")}))
 
 
-def plan_dir(out: Path, method: str, budget: str) -> Path:
-    """Where a bench row's plan and search results go."""
-    return out / "plans" / _slug(method) / _slug(budget)
+def plan_dir(out: Path, method: str, budget: str, draw: int = 0) -> Path:
+    """Where a bench row's plan and search results go (draw 0 where single-draw runs put it)."""
+    base = out / "plans" / _slug(method) / _slug(budget)
+    return base if draw == 0 else base / f"draw{draw}"
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> Path:
@@ -74,11 +75,14 @@ def pareto_lines(rows: Sequence[dict]) -> tuple[str, dict[tuple, list[tuple[floa
     measured = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))
                 if any(r.get(k) is not None and r["method"] != "fp32" for r in rows)]
     col = "top1_test" if "top1_test" in measured else (measured[0] if measured else "top1_test")
-    lines: dict[tuple, list[tuple[float, float]]] = {}
+    points: dict[tuple, list[tuple[float, float]]] = {}  # (method, ptq, budget) -> one point per draw
     for r in rows:
         if r.get("error") or r.get("size_mb") is None or r.get(col) is None:
             continue
-        lines.setdefault((r["method"], r["ptq"]), []).append((r["size_mb"], r[col]))
+        points.setdefault((r["method"], r["ptq"], r["budget"]), []).append((r["size_mb"], r[col]))
+    lines: dict[tuple, list[tuple[float, float]]] = {}
+    for (m, p, _), pts in points.items():  # the mean over draws
+        lines.setdefault((m, p), []).append((sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)))
     return col, lines
 
 
@@ -159,7 +163,93 @@ def write_outputs(rows: Sequence[dict], out: Path, title: str) -> dict[str, Path
     return paths
 
 
+def _metric(rows: Sequence[dict]) -> str:
+    """The top-1 column the draw statistics use: the test split when measured."""
+    cols = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))
+            if any(r.get(k) is not None and r["method"] != "fp32" for r in rows)]
+    return "top1_test" if "top1_test" in cols else (cols[0] if cols else "top1_test")
+
+
+def draw_groups(rows: Sequence[dict]) -> dict[tuple, dict[int, dict]]:
+    """{(method, budget, ptq): {draw: row}} over the measured (error-free, non-fp32) rows."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r["method"] == "fp32" or r.get("error"):
+            continue
+        groups.setdefault((r["method"], r["budget"], r["ptq"]), {})[int(r.get("draw", 0))] = r
+    return groups
+
+
+def _plan_bits(row: dict) -> dict[str, tuple] | None:
+    try:
+        return Plan.load(row["plan"]).assignment()
+    except Exception:  # noqa: BLE001 - a missing or unreadable plan only leaves the agreement empty
+        return None
+
+
+def draws_markdown(rows: Sequence[dict], title: str) -> str:
+    """Tables of a multi-draw run: mean ± std over draws with plan stability, and paired
+    differences (each method vs uniform and vs the best mean) with 95 % intervals."""
+    from .stats import bits_agreement, paired_difference, summarize
+
+    metric = _metric(rows)
+    groups = draw_groups(rows)
+    seeds = sorted({int(r["seed"]) for r in rows if r.get("seed") is not None})
+    n_draws = len({int(r.get("draw", 0)) for r in rows if r["method"] != "fp32"})
+    split = metric[len("top1_"):]
+    lines = [f"### {title}", "", f"{n_draws} calibration draws (seeds {', '.join(map(str, seeds))}); top-1 on the "
+             f"{split} split, mean ± std over draws (sample std). Bits agreement: mean over pairs of draws of the "
+             "fraction of layers whose bits agree.", "",
+             f"| method | budget | PTQ | draws | avg w-bits | top-1 {split} | std | min | max | bits agreement |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fp = [r for r in rows if r["method"] == "fp32" and r.get(metric) is not None]
+    if fp:
+        lines.append(f"| fp32 | - | - | 1 | 32 | {fp[0][metric]:.2f} | | | | |")
+    for (m, b, p), by_draw in groups.items():
+        vals = [r[metric] for r in by_draw.values() if r.get(metric) is not None]
+        if not vals:
+            continue
+        st = summarize(vals)
+        bits = [x for x in (_plan_bits(r) for r in by_draw.values()) if x is not None]
+        agree = bits_agreement(bits) if len(bits) > 1 else None
+        avg = summarize([r["avg_w_bits"] for r in by_draw.values()]).mean
+        lines.append(f"| {m} | {b} | {p or 'default'} | {st.n} | {avg:.3f} | {st.mean:.2f} | {st.std:.2f} | "
+                     f"{min(vals):.2f} | {max(vals):.2f} | {'' if agree is None else f'{agree:.2f}'} |")
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        lines.append(f"| {r['method']} | {r['budget']} | {r['ptq'] or 'default'} | draw {r.get('draw', 0)} | | "
+                     f"failed: {r['error'][:80]} | | | | |")
+    lines += ["", f"Paired differences of top-1 {split} (A − B on the same draw; mean and 95 % t interval over "
+              "draws). **A > B** / **A < B** only where the interval excludes 0; otherwise the draws do not "
+              "separate them.", "", "| budget | PTQ | A | B | draws | mean A − B | 95 % interval | verdict |",
+              "|---|---|---|---|---:|---:|---|---|"]
+    by_setting: dict[tuple, dict[str, dict[int, float]]] = {}
+    for (m, b, p), by_draw in groups.items():
+        by_setting.setdefault((b, p), {})[m] = {k: r[metric] for k, r in by_draw.items() if r.get(metric) is not None}
+    for (b, p), methods in by_setting.items():
+        means = {m: sum(v.values()) / len(v) for m, v in methods.items() if v}
+        if len(means) < 2:
+            continue
+        best = max(means, key=means.__getitem__)
+        listed: set[frozenset] = set()
+        for m in sorted(means, key=means.__getitem__, reverse=True):  # each method vs uniform and vs the best
+            for ref in dict.fromkeys(x for x in ("uniform", best) if x in means and x != m):
+                if frozenset((m, ref)) in listed:
+                    continue
+                listed.add(frozenset((m, ref)))
+                d = paired_difference(methods[m], methods[ref])
+                if d is None:
+                    continue
+                verdict = ("**A > B**" if d.lo > 0 else "**A < B**") if d.significant else "not separated"
+                interval = "n/a (1 draw)" if d.n < 2 else f"[{d.lo:+.2f}, {d.hi:+.2f}]"
+                lines.append(f"| {b} | {p or 'default'} | {m} | {ref} | {d.n} | {d.mean:+.2f} | {interval} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: Sequence[dict], title: str) -> str:
+    """The per-row table of a single-draw run; a multi-draw run gets ``draws_markdown`` instead."""
+    if any(int(r.get("draw", 0)) > 0 for r in rows):
+        return draws_markdown(rows, title)
     lines = [f"### {title}", "", "| method | budget | PTQ | size MB | compression | GBitOps | avg w-bits | top-1 test | "
              "top-1 exact | search s | PTQ s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 

@@ -1,0 +1,72 @@
+"""Statistics over calibration draws: mean ± std, paired differences with a 95 % interval, and
+plan stability.
+
+An accuracy depends on which calibration images were drawn, so a comparison of two methods is
+made draw by draw (both methods saw the same images in draw k) and summarised as the mean of the
+paired differences with a Student-t interval; "A beats B" is claimed only when the interval
+excludes 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Mapping, Sequence
+
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (n − 1); 0 for a single value
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """mean(a_k − b_k) over the draws k both have, with its two-sided 95 % t interval."""
+
+    n: int
+    mean: float
+    lo: float
+    hi: float
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0 (needs at least two draws)."""
+        return self.n >= 2 and (self.lo > 0 or self.hi < 0)
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("no values to summarise")
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return Summary(len(vals), mean, std)
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> PairedDifference | None:
+    """Paired difference of two methods' results keyed by draw; None when no draw is shared."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    d = [float(a[k]) - float(b[k]) for k in keys]
+    s = summarize(d)
+    if s.n < 2:
+        return PairedDifference(s.n, s.mean, -math.inf, math.inf)
+    half = float(stats.t.ppf(0.5 + level / 2, s.n - 1)) * s.std / math.sqrt(s.n)
+    return PairedDifference(s.n, s.mean, s.mean - half, s.mean + half)
+
+
+def bits_agreement(plans: Sequence[Mapping[str, tuple]]) -> float | None:
+    """Mean, over every pair of draws, of the fraction of layers whose (w, a) bits agree."""
+    pairs = list(combinations(plans, 2))
+    if not pairs:
+        return None
+    fracs = []
+    for p, q in pairs:
+        layers = sorted(set(p) | set(q))
+        fracs.append(sum(1 for f in layers if p.get(f) == q.get(f)) / max(len(layers), 1))
+    return sum(fracs) / len(fracs)

@@ -1,0 +1,65 @@
+"""The multi-draw protocol: statistics against hand-computed values, and a bench whose methods see
+the same calibration draws, with mean ± std, paired differences and plan stability in its tables."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mpqkit.report.stats import bits_agreement, paired_difference, summarize
+
+
+def test_paired_difference_matches_a_hand_computed_example():
+    # A − B per draw: 1, 2, 3, 4, 5 → mean 3, sample std √2.5 = 1.5811; t(0.975, 4) = 2.7764;
+    # half-width 2.7764 · 1.5811 / √5 = 1.9632 → [1.0368, 4.9632]
+    a = {0: 81.0, 1: 82.0, 2: 83.0, 3: 84.0, 4: 85.0}
+    b = {0: 80.0, 1: 80.0, 2: 80.0, 3: 80.0, 4: 80.0, 9: 10.0}  # draw 9 is not shared: not paired
+    d = paired_difference(a, b)
+    assert d.n == 5 and d.mean == pytest.approx(3.0)
+    assert d.lo == pytest.approx(1.0368, abs=1e-4) and d.hi == pytest.approx(4.9632, abs=1e-4)
+    assert d.significant
+    # differences −1, 1, −1, 1: mean 0, the interval straddles 0
+    e = paired_difference({0: 1.0, 1: 3.0, 2: 1.0, 3: 3.0}, {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0})
+    assert e.mean == pytest.approx(0.0) and e.lo < 0 < e.hi and not e.significant
+    # one shared draw: no interval, never significant
+    one = paired_difference({0: 5.0}, {0: 1.0})
+    assert one.n == 1 and math.isinf(one.lo) and not one.significant
+    assert paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_summary_and_bits_agreement():
+    s = summarize([2.0, 4.0, 6.0])
+    assert (s.n, s.mean, s.std) == (3, 4.0, 2.0)
+    assert summarize([7.0]).std == 0.0
+    p = [{"a": (4, 8), "b": (2, 8)}, {"a": (4, 8), "b": (3, 8)}, {"a": (4, 8), "b": (2, 8)}]
+    # pairs: (0,1) 1/2, (0,2) 1, (1,2) 1/2 → mean 2/3
+    assert bits_agreement(p) == pytest.approx(2 / 3)
+    assert bits_agreement(p[:1]) is None
+
+
+def test_bench_with_draws_pairs_methods_on_the_same_draws(tmp_path, capsys):
+    from mpqkit.cli import main
+
+    out = tmp_path / "b"
+    argv = ["bench", "--model", "digits-cnn", "--data", "digits", "--methods", "uniform,eval-delta,mixquant-ilp",
+            "--budgets", "avg-bits=3", "--ptq", "default", "--splits", "test", "--draws", "3", "--seed", "10",
+            "--calib-size", "128", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    measured = [r for r in rows if r["method"] != "fp32"]
+    assert sorted((r["method"], r["draw"], r["seed"]) for r in measured) == sorted(
+        (m, k, 10 + k) for m in ("uniform", "eval-delta", "mixquant-ilp") for k in range(3))
+    for r in measured:  # each draw's plan was searched on its own calibration draw
+        plan = json.loads(open(r["plan"]).read())
+        assert plan["provenance"]["seed"] == r["seed"] and plan["provenance"]["calib"]["n"] == 128
+    calib = {json.loads(open(r["plan"]).read())["provenance"]["calib"]["sha256"] for r in measured
+             if r["method"] == "eval-delta"}
+    assert len(calib) == 3  # three different draws
+    md = (out / "results.md").read_text()
+    assert "3 calibration draws (seeds 10, 11, 12)" in md and "| eval-delta | uniform | 3 |" in md
+    assert "bits agreement" in md
+    # rerun: nothing measured again (resumed from rows.jsonl)
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert len((out / "rows.jsonl").read_text().splitlines()) == len(rows)
