@@ -28,7 +28,8 @@ from mpqkit.sensitivity import METHODS
 BUDGET = "avg-bits=4"
 #: options that keep the slow methods within seconds on the digits model
 FAST = {"infoq": {"projections": 16}, "smpq": {"train_size": 400, "epochs": 2, "warmup": 1, "permutations": 2},
-        "dmpq": {"train_size": 400, "epochs": 2, "warmup": 1, "permutations": 2}, "hawq": {"max_iter": 20}}
+        "dmpq": {"train_size": 400, "epochs": 2, "warmup": 1, "permutations": 2}, "hawq": {"max_iter": 20},
+        "auto": {"methods": "uniform,eval-delta,mixquant-ilp,mpqco", "heldout": 256, "refine": 10}}
 SETTINGS = dict(calib_size=192, progress=False, time_limit=10)
 #: CLADO's pair probes grow with the square of the candidates: three keep it within seconds
 FAST_SETTINGS = {"clado": {"w_candidates": (2, 4, 8)}}

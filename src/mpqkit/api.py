@@ -89,6 +89,16 @@ def _train_subset(data: str | LabeledData, n: int, seed: int, data_root: str | N
     return full.sample(min(n, len(full)), seed)
 
 
+def _heldout(data: str | LabeledData, calib_n: int, n: int, seed: int, data_root: str | None) -> LabeledData:
+    """Up to ``n`` training images disjoint from ``calibration_set(data, calib_n, seed)``."""
+    full = data if isinstance(data, LabeledData) else load_data(data, "train", root=data_root)
+    held = full.sample(n, seed, offset=calib_n)
+    if len(held) == 0:
+        raise DataError(f"no training images are left beside the {calib_n}-image calibration draw for a held-out "
+                        f"set: lower --calib-size")
+    return held
+
+
 def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
     shape = tuple(data.images.shape[1:])
     if len(shape) != len(bundle.input_shape) or shape[0] != bundle.input_shape[0]:
@@ -176,7 +186,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
                         searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in s.search,
                         search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
                         engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
-                        load_train=lambda n, seed: _train_subset(data, n, seed, s.data_root))
+                        load_train=lambda n, seed: _train_subset(data, n, seed, s.data_root),
+                        load_heldout=lambda n: _heldout(data, s.calib_size, n, s.seed, s.data_root),
+                        problem=problem, settings=s)
     t_sens = time.perf_counter()
     if table is None and m.sensitivity is not None:
         table = m.sensitivity(ctx)
@@ -213,37 +225,15 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
 
 def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,
             s: RunSettings):
-    """``--refine``: the method's plan improved by measured moves (``solve/refine.py``), each plan
-    measured through the probe engine from the current plan's cached tensors; the two halves are
-    the even and the odd 128-image chunks of the calibration set."""
-    from .engine.probe import STAT_CHUNK
-    from .solve.refine import refine
+    """``--refine``: the method's plan improved by measured moves (``solve/refine.py``), measured
+    through the search's probe engine on the two halves of the calibration set."""
+    from .solve.refine import engine_halves_measure, refine
 
     if "a" in s.search:
         raise MpqkitError("--refine moves weight bits: use it with --search w")
-    engine = ctx.engine
-    n = len(ctx.calib_labels)
-    if n <= STAT_CHUNK:
-        raise MpqkitError(f"--refine needs more than {STAT_CHUNK} calibration images (two halves to choose "
-                          f"and confirm on); --calib-size is {n}")
-    sizes = [min(STAT_CHUNK, n - i) for i in range(0, n, STAT_CHUNK)]
-    state = {"base": problem.full(assignment)}
-
-    def halves(batch_losses: Sequence[float]) -> tuple[float, float]:
-        out = []
-        for parity in (0, 1):
-            idx = range(parity, len(sizes), 2)
-            out.append(sum(batch_losses[i] * sizes[i] for i in idx) / sum(sizes[i] for i in idx))
-        return out[0], out[1]
-
-    def measure(configs):
-        base = state["base"]
-        results = engine.run([{f: c for f, c in cfg.items() if base.get(f) != c} for cfg in configs], base=base,
-                             desc="refine", show=False)
-        return [halves(r.batch_losses) for r in results]
-
+    measure, on_accept = engine_halves_measure(ctx.engine, problem.full(assignment))
     res = refine(problem, assignment, measure, s.refine, table.w if table is not None and "w" in s.search else None,
-                 on_accept=lambda full: state.update(base=full))
+                 on_accept=on_accept)
     log.info("refine: %d probes, loss (half A, half B) %.4f, %.4f → %.4f, %.4f; %d moves (%s)", res.probes,
              *res.before, *res.after, len(res.moves), res.stopped)
     return res

@@ -159,6 +159,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             + (f" (gap {res.solution.gap:.2e})" if res.solution.gap is not None else "")
             + f" in {res.solution.seconds:.2f}s · search {res.seconds['total']:.1f}s\n"
             + "bits (w/a): " + " ".join(f"{f}={lq.w_bits}/{lq.a_bits}" for f, lq in res.plan.layers.items()))
+    for t in (res.table.trials if res.table is not None and res.table.trials else []):
+        text += (f"\n  tried {t['method']:<22} " + (f"error: {t['error']}" if "error" in t else
+                 (f"held-out loss {t['heldout_loss']:.4f}, top-1 {100 * t['heldout_top1']:.2f} %"
+                  if "heldout_loss" in t else f"{t.get('probes', 0)} probes, no move helped")
+                 + (" ← chosen" if t.get("chosen") else "") + (" (kept)" if t.get("kept") else "")))
     ref = res.plan.provenance.get("refine")
     if ref:
         text += (f"\nrefine: {ref['probes']} probes, calibration loss (half A / half B) "

@@ -1,5 +1,5 @@
 """Sensitivity methods; importing this package registers every built-in method."""
-from . import crosslayer, evalbased, greedy, hessian, infoflow, mpqco, roundoff, shapley  # noqa: F401  (registers every built-in method)
+from . import auto, crosslayer, evalbased, greedy, hessian, infoflow, mpqco, roundoff, shapley  # noqa: F401  (registers every built-in method)
 from . import solvers
 from .base import METHODS, Method, SearchContext, SensitivityTable
 

@@ -39,6 +39,12 @@ class SearchContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: (n, seed) → a labelled subset of the training split (methods that train, e.g. SMPQ's supernet)
     load_train: Callable[[int, int], Any] | None = None
+    #: n → up to n training images disjoint from the calibration draw (methods that select on held-out data)
+    load_heldout: Callable[[int], Any] | None = None
+    #: the allocation the plan will solve (budget, candidates, fixed layers): for methods that solve inside
+    problem: Any = None
+    #: the run's RunSettings (solver time limit, alpha, …)
+    settings: Any = None
     _engine: ProbeEngine | None = None
 
     @property
@@ -61,7 +67,8 @@ class SensitivityTable:
     """Scores to minimise per (layer, bits): ``w`` for weight bits, ``a`` for activation bits;
     ``pairs`` (CLADO) holds the joint score of two layers' weight choices, keyed (ℓ, b, m, c).
     ``argmax_bits`` (supernet methods) is the per-layer bit choice of the method's own rule;
-    ``pareto`` (greedy) the measured list of configurations its solver picks from. ``meta`` is
+    ``pareto`` (greedy) the measured list of configurations its solver picks from; ``assignment``
+    a plan the method decided itself (auto), with ``trials`` what it tried. ``meta`` is
     descriptive only (written to the results directory); no solver reads it."""
 
     w: dict[str, dict[int, float]]
@@ -70,6 +77,8 @@ class SensitivityTable:
     pairs: dict[tuple[str, int, str, int], float] = field(default_factory=dict)
     argmax_bits: dict[str, int] | None = None
     pareto: list[dict[str, Any]] | None = None
+    assignment: dict[str, tuple[int, int | None]] | None = None
+    trials: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"w": self.w, "a": self.a, "meta": self.meta}
@@ -79,6 +88,10 @@ class SensitivityTable:
             d["argmax_bits"] = self.argmax_bits
         if self.pareto is not None:
             d["pareto"] = self.pareto
+        if self.assignment is not None:
+            d["assignment"] = {f: list(c) for f, c in self.assignment.items()}
+        if self.trials is not None:
+            d["trials"] = self.trials
         return d
 
     def save(self, path) -> None:

@@ -60,6 +60,20 @@ def supernet(req: "SolveRequest") -> Solution:
                           select=getattr(req.options, "select", "argmax"))
 
 
+def chosen(req: "SolveRequest") -> Solution:
+    """The plan the method decided itself (``table.assignment``), checked against the budget."""
+    table = _need_table(req)
+    if table.assignment is None:
+        raise RuntimeError("this method must fill SensitivityTable.assignment")
+    bad = req.problem.violations(table.assignment)
+    if bad:
+        raise RuntimeError(f"the method's own plan breaks the budget: {bad}")
+    # timings stay in the table (results directory), not in the plan: same inputs, same plan bytes
+    trials = [{k: v for k, v in t.items() if k != "seconds"} for t in table.trials or []]
+    return Solution(dict(table.assignment), float("nan"), "chosen", "chosen by the method", 0.0,
+                    info={"trials": trials})
+
+
 def greedy(req: "SolveRequest") -> Solution:
     table = _need_table(req)
     if table.pareto is None:

@@ -38,6 +38,36 @@ class RefineResult:
                 "stopped": self.stopped}
 
 
+def engine_halves_measure(engine, start: Mapping[str, Choice]) -> tuple[Measure, Callable[[dict[str, Choice]], None]]:
+    """A ``Measure`` through a probe engine: each plan is one probe on top of the current plan (so
+    it runs from its earliest changed layer), scored on the even and the odd 128-image chunks of
+    the engine's set; and the ``on_accept`` hook that moves the current plan forward."""
+    from ..engine.probe import STAT_CHUNK
+    from ..errors import MpqkitError
+
+    n = engine.fp.n
+    if n <= STAT_CHUNK:
+        raise MpqkitError(f"--refine needs more than {STAT_CHUNK} calibration images (two halves of "
+                          f"{STAT_CHUNK}-image chunks to choose and confirm on); --calib-size is {n}")
+    sizes = [min(STAT_CHUNK, n - i) for i in range(0, n, STAT_CHUNK)]
+    state = {"base": dict(start)}
+
+    def halves(batch_losses: Sequence[float]) -> tuple[float, float]:
+        out = []
+        for parity in (0, 1):
+            idx = range(parity, len(sizes), 2)
+            out.append(sum(batch_losses[i] * sizes[i] for i in idx) / sum(sizes[i] for i in idx))
+        return out[0], out[1]
+
+    def measure(configs: Sequence[dict[str, Choice]]) -> list[tuple[float, float]]:
+        base = state["base"]
+        results = engine.run([{f: c for f, c in cfg.items() if base.get(f) != c} for cfg in configs], base=base,
+                             desc="refine", show=False)
+        return [halves(r.batch_losses) for r in results]
+
+    return measure, lambda full: state.update(base=dict(full))
+
+
 def candidate_moves(problem: Allocation, current: Mapping[str, Choice],
                     scores: Mapping[str, Mapping[int, float]] | None = None) -> list[tuple[float, str, dict[str, Choice]]]:
     """Every budget-keeping move from ``current``: (predicted change, label, new assignment), best first."""

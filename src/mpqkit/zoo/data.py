@@ -73,12 +73,15 @@ class LabeledData:
         """The first ``n`` samples."""
         return LabeledData(self.images[:n], self.labels[:n], self.name, self.split, self.classes)
 
-    def sample(self, n: int, seed: int = 0) -> LabeledData:
-        """A fixed pseudo-random subset of ``min(n, len)`` samples (randperm order), reproducible from ``seed``."""
+    def sample(self, n: int, seed: int = 0, offset: int = 0) -> LabeledData:
+        """A fixed pseudo-random subset of ``min(n, len)`` samples (randperm order), reproducible from ``seed``.
+        ``offset`` skips the first samples of that order: ``sample(m, seed, offset=n)`` is disjoint
+        from ``sample(n, seed)`` (held-out images beside a calibration draw)."""
         if len(self) == 0:
             raise DataError(f"cannot sample from empty data {self.name}/{self.split}")
         g = torch.Generator().manual_seed(seed)
-        return self.subset(torch.randperm(len(self), generator=g)[: max(0, min(n, len(self)))])
+        order = torch.randperm(len(self), generator=g)
+        return self.subset(order[max(0, offset): max(0, offset) + max(0, min(n, len(self)))])
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) batches in order; the last may be smaller."""

@@ -1,0 +1,114 @@
+"""auto: run the cheap methods, keep the plan that measures best on held-out images, refine it.
+
+1. Each method in ``methods`` measures its table on the calibration set (one shared probe engine
+   and cache, so e.g. greedy reuses eval-delta's probes) and its own solver turns it into a plan
+   under the budget.
+2. Every plan is measured as a whole, once, on ``heldout`` training images disjoint from the
+   calibration draw (a second probe engine): the plan with the lowest held-out loss is chosen, so
+   the choice is not made on the images the tables were measured on.
+3. The chosen plan is refined (``solve/refine.py``, at most ``refine`` probes on the calibration
+   set's two halves) and the refined plan is kept only if its held-out loss is not higher.
+The table of what was tried (method, held-out loss and top-1, seconds) travels in
+``SensitivityTable.trials`` and the plan's solver record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+from ..errors import MpqkitError
+from .base import METHODS, SearchContext, SensitivityTable, SolveRequest
+from .options import MethodOptions, option, positive
+from .solvers import chosen
+
+DEFAULT_CANDIDATES = "uniform,eval-delta,mpqco,mixquant-ilp,greedy,infoq,hawq"
+
+
+@dataclass(frozen=True)
+class AutoOptions(MethodOptions):
+    methods: str = option(DEFAULT_CANDIDATES, flag="--auto-methods",
+                          help=f"auto: comma-separated methods to try (default {DEFAULT_CANDIDATES})")
+    heldout: int = option(1024, flag="--auto-heldout", help="auto: training images beside the calibration draw "
+                          "on which the plans are compared (default 1024)")
+    refine: int = option(60, flag="--auto-refine", help="auto: probes for refining the chosen plan (default 60; "
+                         "0: no refinement)")
+
+    def __post_init__(self) -> None:
+        positive("heldout", self.heldout, "auto")
+        positive("refine", self.refine, "auto", allow_zero=True)
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if not names:
+            raise MpqkitError("option 'methods' of method 'auto' names no method")
+        if "auto" in names:
+            raise MpqkitError("option 'methods' of method 'auto' cannot include auto itself")
+
+
+@METHODS.register("auto", "runs the cheap methods, keeps the plan with the lowest loss on held-out images, "
+                  "refines it by measured moves", solver=chosen, options=AutoOptions)
+def auto(ctx: SearchContext) -> SensitivityTable:
+    from ..engine.probe import ProbeEngine
+    from ..solve.refine import engine_halves_measure, refine
+
+    opts: AutoOptions = ctx.options  # type: ignore[assignment]
+    if ctx.problem is None or not ctx.problem.constraints:
+        raise MpqkitError("method 'auto' needs a --budget (e.g. avg-bits=3)")
+    if ctx.search_a:
+        raise MpqkitError("method 'auto' searches weight bits (use --search w)")
+    names = [METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()]
+    if ctx.load_heldout is None:
+        raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")
+    held = ctx.load_heldout(opts.heldout)
+    engine = ctx.engine  # built first: every candidate method shares it
+    held_engine = ProbeEngine(ctx.model, ctx.graph, held.images, held.labels, qconfig=ctx.qconfig, seed=ctx.seed,
+                              **ctx.engine_kwargs)
+    s = ctx.settings
+    time_limit = getattr(s, "time_limit", 60.0)
+    trials, tables, plans = [], {}, {}
+    for name in names:
+        m = METHODS.get(name)
+        t0 = time.perf_counter()
+        sub = dataclasses.replace(ctx, options=m.make_options(None))
+        try:
+            table = m.sensitivity(sub) if m.sensitivity is not None else None
+            sol = m.solver(SolveRequest(problem=ctx.problem, table=table, options=sub.options, has_budget=True,
+                                        search="w", alpha=getattr(s, "alpha", 1.0), time_limit=time_limit,
+                                        seed=ctx.seed))
+        except MpqkitError as e:  # e.g. greedy finds no point under the budget: that candidate drops out
+            trials.append({"method": name, "error": str(e)})
+            continue
+        if ctx.problem.violations(sol.assignment):
+            trials.append({"method": name, "error": "plan breaks the budget"})
+            continue
+        tables[name], plans[name] = table, dict(sol.assignment)
+        r = held_engine.run([ctx.problem.full(sol.assignment)], desc=f"auto: {name} held-out", show=False)[0]
+        trials.append({"method": name, "heldout_loss": r.loss, "heldout_top1": r.top1,
+                       "avg_w_bits": ctx.problem.ledger.value("avg-bits", ctx.problem.full(sol.assignment)),
+                       "seconds": time.perf_counter() - t0})
+    ok = [t for t in trials if "heldout_loss" in t and math.isfinite(t["heldout_loss"])]
+    if not ok:
+        raise MpqkitError("method 'auto': no candidate method gave a plan under the budget: "
+                          + "; ".join(f"{t['method']}: {t.get('error')}" for t in trials))
+    best = min(ok, key=lambda t: (t["heldout_loss"], t["method"]))
+    best["chosen"] = True
+    plan = plans[best["method"]]
+    table = tables[best["method"]]
+    record = None
+    if opts.refine > 0:
+        measure, on_accept = engine_halves_measure(engine, ctx.problem.full(plan))
+        res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
+                     on_accept=on_accept)
+        record = res.record()
+        if res.moves:
+            r = held_engine.run([ctx.problem.full(res.assignment)], desc="auto: refined held-out", show=False)[0]
+            record.update(heldout_loss=r.loss, heldout_top1=r.top1, kept=r.loss <= best["heldout_loss"])
+            if record["kept"]:
+                plan = res.assignment
+        trials.append({"method": f"{best['method']} + refine", "probes": res.probes, "moves": len(res.moves),
+                       **({"heldout_loss": record["heldout_loss"], "heldout_top1": record["heldout_top1"],
+                           "kept": record["kept"]} if res.moves else {"kept": False})})
+    return SensitivityTable(w=table.w if table is not None else {}, a=table.a if table is not None else {},
+                            assignment=plan, trials=trials,
+                            meta={"score": f"the chosen method's ({best['method']})", "chosen": best["method"],
+                                  "heldout_n": len(held), "refine": record})

@@ -1,0 +1,51 @@
+"""auto: the plan of the candidate with the lowest held-out loss (images disjoint from the
+calibration draw), refined only where the held-out loss does not rise; every candidate is listed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import mpqkit
+from mpqkit import api
+
+KW = dict(calib_size=384, progress=False)
+
+
+def test_auto_keeps_the_best_held_out_plan_and_lists_what_it_tried():
+    opts = {"methods": "uniform,eval-delta,mixquant-ilp,mpqco,greedy", "heldout": 512, "refine": 0}
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=opts, **KW)
+    trials = res.table.trials
+    assert [t["method"] for t in trials] == opts["methods"].split(",")
+    ok = [t for t in trials if "heldout_loss" in t]
+    best = min(ok, key=lambda t: (t["heldout_loss"], t["method"]))
+    assert [t for t in trials if t.get("chosen")] == [best]
+    same = mpqkit.search("digits-cnn", "digits", "avg-bits=3", best["method"], **KW)
+    assert res.plan.assignment() == same.plan.assignment()  # no refinement: the chosen method's plan
+    assert res.plan.provenance["solver"]["trials"][0]["method"] == "uniform"
+    assert all(math.isfinite(t["heldout_loss"]) for t in ok)
+    # the held-out images are disjoint from the calibration draw
+    calib = api.calibration_set("digits", 384, 0)
+    held = api._heldout("digits", 384, 512, 0, None)
+    train = api.load_split("digits", "train")
+    key = {tuple(x.flatten().tolist()): i for i, x in enumerate(train.images)}
+    assert not {key[tuple(x.flatten().tolist())] for x in calib.images} & {key[tuple(x.flatten().tolist())]
+                                                                            for x in held.images}
+
+
+def test_auto_refines_and_keeps_only_what_holds_out():
+    opts = {"methods": "uniform,mixquant-ilp", "heldout": 512, "refine": 30}
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=opts, **KW)
+    last = res.table.trials[-1]
+    assert last["method"].endswith("+ refine") and last["probes"] <= 30
+    chosen = next(t for t in res.table.trials if t.get("chosen"))
+    if last.get("kept"):
+        assert last["heldout_loss"] <= chosen["heldout_loss"]
+    assert not res.solution.info.get("violations")
+
+
+def test_auto_needs_a_budget_and_no_recursion():
+    with pytest.raises(mpqkit.errors.MpqkitError, match="needs a --budget"):
+        mpqkit.search("digits-cnn", "digits", None, "auto", **KW)
+    with pytest.raises(mpqkit.errors.MpqkitError, match="cannot include auto"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options={"methods": "auto,uniform"}, **KW)
