@@ -18,4 +18,12 @@ $M bench -q --model resnet56 --methods "$BASE" --budgets "$AVG" --ptq default --
 # shared with benchmarks/clado_resnet20.py --model resnet56 --cache-dir ~/.cache/mpqkit)
 $M bench -q --model resnet56 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
-$M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md
+# K = 5 calibration draws (seeds 0-4) at avg-bits 3: paired comparisons with 95 % intervals and plan stability,
+# auto (which also runs hawq, greedy and infoq on each draw, first, so its search time is a cold one) and
+# the cheap methods; then --refine 60 on two of them
+$M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant-ilp --budgets avg-bits=3 --ptq default \
+    --splits test --draws 5 --out $R/draws_resnet20
+$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets avg-bits=3 --ptq default --splits test \
+    --draws 5 --refine 60 --out $R/draws_resnet20_refine
+$M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado \
+    $R/draws_resnet20 $R/draws_resnet20_refine --markdown docs/RESULTS.md

@@ -49,3 +49,11 @@ def test_auto_needs_a_budget_and_no_recursion():
         mpqkit.search("digits-cnn", "digits", None, "auto", **KW)
     with pytest.raises(mpqkit.errors.MpqkitError, match="cannot include auto"):
         mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options={"methods": "auto,uniform"}, **KW)
+
+
+def test_bench_solves_auto_anew_at_every_budget(tmp_path):
+    """auto's table holds a plan made for one budget: a sweep must not reuse it for the next."""
+    rows = api.sweep("digits-cnn", "digits", "auto", ["avg-bits=2.5", "avg-bits=4"], tmp_path / "s", splits=["test"],
+                     options={"auto": {"methods": "uniform,eval-delta", "heldout": 256, "refine": 0}}, **KW)
+    bits = {r["budget"]: r["avg_w_bits"] for r in rows if r["method"] == "auto"}
+    assert bits["avg-bits=2.5"] <= 2.5 + 1e-9 and bits["avg-bits=4"] > 2.5
