@@ -23,7 +23,10 @@ $M bench -q --model resnet56 --methods clado,clado-diag,eval-delta,uniform --w-c
 # the cheap methods; then --refine 60 on two of them
 $M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant-ilp --budgets avg-bits=3 --ptq default \
     --splits test --draws 5 --out $R/draws_resnet20
-$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets avg-bits=3 --ptq default --splits test \
-    --draws 5 --refine 60 --out $R/draws_resnet20_refine
+$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
+    --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
+$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets avg-bits=2.5 --ptq default --splits test \
+    --draws 5 --out $R/draws_resnet20
+.venv/bin/python benchmarks/refine_gain.py
 $M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado \
     $R/draws_resnet20 $R/draws_resnet20_refine --markdown docs/RESULTS.md
