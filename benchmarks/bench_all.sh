@@ -21,7 +21,7 @@ $M bench -q --model resnet56 --methods clado,clado-diag,eval-delta,uniform --w-c
 # K = 5 calibration draws (seeds 0-4) at avg-bits 3: paired comparisons with 95 % intervals and plan stability,
 # auto (which also runs hawq, greedy and infoq on each draw, first, so its search time is a cold one) and
 # the cheap methods; then --refine 60 on two of them
-$M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant-ilp --budgets avg-bits=3 --ptq default \
+$M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant-ilp,infoq,greedy,hawq --budgets avg-bits=3 --ptq default \
     --splits test --draws 5 --out $R/draws_resnet20
 $M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
