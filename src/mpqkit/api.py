@@ -193,7 +193,7 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     if table is None and m.sensitivity is not None:
         table = m.sensitivity(ctx)
     t_solve = time.perf_counter()
-    solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
+    solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms), method=m.name,
                                      search=s.search, w_bits=s.w_bits, a_bits=s.a_bits, alpha=s.alpha,
                                      time_limit=s.time_limit, seed=s.seed))
     refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None

@@ -72,9 +72,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
 
 def pareto_lines(rows: Sequence[dict]) -> tuple[str, dict[tuple, list[tuple[float, float]]]]:
     """(the top-1 column plotted, {(method, PTQ): [(size MB, top-1)]})."""
-    measured = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))
-                if any(r.get(k) is not None and r["method"] != "fp32" for r in rows)]
-    col = "top1_test" if "top1_test" in measured else (measured[0] if measured else "top1_test")
+    col = _metric(rows)
     points: dict[tuple, list[tuple[float, float]]] = {}  # (method, ptq, budget) -> one point per draw
     for r in rows:
         if r.get("error") or r.get("size_mb") is None or r.get(col) is None:

@@ -73,7 +73,7 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         try:
             table = m.sensitivity(sub) if m.sensitivity is not None else None
             sol = m.solver(SolveRequest(problem=ctx.problem, table=table, options=sub.options, has_budget=True,
-                                        search="w", alpha=getattr(s, "alpha", 1.0), time_limit=time_limit,
+                                        method=name, search="w", alpha=getattr(s, "alpha", 1.0), time_limit=time_limit,
                                         seed=ctx.seed))
         except MpqkitError as e:  # e.g. greedy finds no point under the budget: that candidate drops out
             trials.append({"method": name, "error": str(e)})

@@ -109,6 +109,7 @@ class SolveRequest:
     table: SensitivityTable | None
     options: MethodOptions
     has_budget: bool
+    method: str = "this method"  #: the method's name, for messages
     search: str = "w"
     w_bits: int | None = None
     a_bits: int | None = None

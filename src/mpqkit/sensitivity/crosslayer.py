@@ -91,11 +91,10 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
 
 def solve(req: SolveRequest):
     """CLADO's IQP on ½xᵀGx (G after the option's PSD treatment); needs a budget."""
-    from ..errors import BudgetError
     from ..solve import solve_iqp
+    from .solvers import need_budget
 
-    if not req.has_budget:
-        raise BudgetError("method 'clado' needs a --budget (e.g. avg-bits=4)")
+    need_budget(req)
     assert req.table is not None
     g, lin, info = quadratic_objective(req.table, req.problem, req.options.psd)  # type: ignore[attr-defined]
     solution = solve_iqp(req.problem, g, lin, time_limit=req.time_limit, seed=req.seed)

@@ -16,8 +16,7 @@ from ..budget import Ledger
 from dataclasses import dataclass
 
 from .base import METHODS, SearchContext, SensitivityTable
-from .options import RunnerOptions
-from .options import MethodOptions, option, positive
+from .options import MethodOptions, RunnerOptions, option, positive
 from .solvers import greedy as greedy_solver
 from .evalbased import eval_delta
 from .gradients import require_weight_search

@@ -110,8 +110,8 @@ def _coerce(f: dataclasses.Field, v: Any, method: str) -> Any:
 def positive(name: str, value: int | float | None, method: str, allow_zero: bool = False) -> None:
     """A shared check for counts and sizes in ``__post_init__``."""
     if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise MpqkitError(f"option '{name}' of method '{method}' must be {'≥ 0' if allow_zero else '> 0'}, "
-                          f"got {value!r}")
+        of = f" of method '{method}'" if method else ""
+        raise MpqkitError(f"option '{name}'{of} must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   interleaved blocks, batch 128, weight + α step): digits-cnn 33 ms per step vs 15 ms with ranges
   per epoch (min-max per step: 19 ms) — but a whole digits run (1,297 images, 4 epochs, M = 4) only
   1.7 vs 1.4 s, the Shapley evaluations dominate; ResNet-20 ≈ 0.89 vs 0.63 s per step (one MSE
-  measurement of all 18 layers × 6 bits ≈ 0.12 s, two per step), i.e. ≈ +40 s on the quick
-  preset's ≈ 260 s. Affordable, so per step is the default; per epoch is there for larger models.
+  measurement of all 18 layers × 6 bits ≈ 0.12 s, two per step). Measured on the whole quick preset
+  (``benchmarks/smpq_resnet20.py``): 457 s (training 161 s, Shapley 291 s) vs 260 s with the old fixed
+  min-max quantizer; Shapley grew too, because the better supernet truncates fewer permutations.
+  Per step stays the default (the supernet sees the quantizer the plan applies); per epoch is cheaper.
   Activations stay fp during the search (the plan is applied with the usual activation bits afterwards).
 * bi-level training on a train subset split in two halves: weights (SGD) on one half, α (Adam) on
   the other with the penalty λ·E[avg weight bits]/max bits under softmax(α); the first ``warmup``

@@ -20,15 +20,15 @@ def _need_table(req: "SolveRequest") -> "SensitivityTable":
     return req.table
 
 
-def _need_budget(req: SolveRequest, name: str) -> None:
+def need_budget(req: "SolveRequest") -> None:
     if not req.has_budget:
-        raise BudgetError(f"method '{name}' needs a --budget (e.g. avg-bits=4)")
+        raise BudgetError(f"method '{req.method}' needs a --budget (e.g. avg-bits=4)")
 
 
 def ilp(req: "SolveRequest") -> Solution:
     """The shared ILP on the table's weight (and, when searched, activation) scores."""
     table = _need_table(req)
-    _need_budget(req, "this method")
+    need_budget(req)
     p = req.problem
     zeros = {f: {b: 0.0 for b in p.w_bits} for f in p.layers}
     return solve_ilp(p, table.w if "w" in req.search else zeros, table.a if "a" in req.search else None,
