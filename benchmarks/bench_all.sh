@@ -18,15 +18,25 @@ $M bench -q --model resnet56 --methods "$BASE" --budgets "$AVG" --ptq default --
 # shared with benchmarks/clado_resnet20.py --model resnet56 --cache-dir ~/.cache/mpqkit)
 $M bench -q --model resnet56 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
-# K = 5 calibration draws (seeds 0-4) at avg-bits 3: paired comparisons with 95 % intervals and plan stability,
-# auto (which also runs hawq, greedy and infoq on each draw, first, so its search time is a cold one) and
-# the cheap methods; then --refine 60 on two of them
-$M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant-ilp,infoq,greedy,hawq --budgets avg-bits=3 --ptq default \
-    --splits test --draws 5 --out $R/draws_resnet20
+# The probe objective (issue 15, part 2): eval-delta and greedy with label cross-entropy and with KL to
+# the fp outputs (the default), on the same 5 draws; paired_objective.md gives the spread before and after
+for o in ce kl; do
+    $M bench -q --model resnet20 --methods eval-delta,greedy --budgets "$AVG" --ptq default --splits test \
+        --draws 5 --objective $o --out $R/objective_resnet20_$o
+done
+.venv/bin/python benchmarks/paired_dirs.py --base $R/objective_resnet20_ce --other $R/objective_resnet20_kl \
+    --name objective --base-label ce --other-label kl --title "Probe objective: KL to the fp outputs vs cross-entropy"
+# K = 5 calibration draws (seeds 0-4), every cheap method and auto at four budgets: paired comparisons with
+# 95 % intervals and plan stability. auto runs first on each draw, so its search time is a cold one.
+$M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant,mixquant-ilp,infoq,greedy,hawq \
+    --budgets "$AVG" --ptq default --splits test --draws 5 --out $R/draws_resnet20
+$M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --splits test \
+    --draws 5 --out $R/draws_resnet20
+# --refine 60 on two methods, paired with their own plans above
 $M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
-$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets avg-bits=2.5 --ptq default --splits test \
-    --draws 5 --out $R/draws_resnet20
-.venv/bin/python benchmarks/refine_gain.py
-$M report $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado \
-    $R/draws_resnet20 $R/draws_resnet20_refine --markdown docs/RESULTS.md
+.venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
+    --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"
+# the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
+$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine \
+    $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md

@@ -133,3 +133,21 @@ def test_greedy_pareto_list_and_max_drop(tmp_path):
     assert pareto[-1]["drop_pct"] > max(-100 * v for v in singles.values())
     with pytest.raises(MpqkitError, match="weight bits only"):
         mpqkit.search("digits-cnn", "digits", "bitops=1G", "greedy", search="wa", calib_size=256, progress=False)
+
+
+def test_hawq_traces_are_cached_with_the_probes(tmp_path, monkeypatch):
+    """A second HAWQ search on the same draw reads its Hessian traces from the probe cache
+    (auto runs hawq after a bench already did); another seed measures anew."""
+    model = make_tiny()
+    data = tiny_data(model, n=64)
+    kw = dict(input_shape=(3, 8, 8), w_candidates=(2, 4, 8), calib_size=64, progress=False, cache_dir=str(tmp_path))
+    first = mpqkit.search(model, data, "avg-bits=4", "hawq", **kw)
+    import mpqkit.sensitivity.hessian as hessian
+
+    real = hessian.hutchinson_traces
+    monkeypatch.setattr(hessian, "hutchinson_traces", lambda *a, **k: pytest.fail("traces measured again"))
+    again = mpqkit.search(model, data, "avg-bits=4", "hawq", **kw)
+    assert again.table.w == first.table.w
+    monkeypatch.setattr(hessian, "hutchinson_traces", real)
+    other = mpqkit.search(model, data, "avg-bits=4", "hawq", seed=1, **kw)
+    assert other.table.meta["traces"] != first.table.meta["traces"]

@@ -21,7 +21,7 @@ BITS = (2, 4, 8)
 def digits_clado(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
-                        progress=False, cache_dir=str(cache), options={"psd": "none"},
+                        progress=False, cache_dir=str(cache), options={"psd": "none", "pair_tol": 0},
                         time_limit=10, out=cache / "results")
     assert (cache / "results" / "clado_G.png").stat().st_size > 0  # the heatmap of G
     return res, cache
@@ -32,7 +32,7 @@ def _direct(config):
     bundle = get_model("digits-cnn")
     calib = mpqkit.api.calibration_set("digits", 256, 0)
     eng = ProbeEngine(bundle.model, discover(bundle.model, bundle.input_shape), calib.images, calib.labels,
-                      prefix=False, use_cache=False, progress=False)
+                      prefix=False, use_cache=False, progress=False, objective=mpqkit.api.RunSettings().objective)
     base = {f: (None, 8) for f in ["conv1", "conv2", "conv3", "fc"]}
     return eng.run([{}, config], base=base)
 
@@ -89,7 +89,7 @@ def test_psd_treatments():
 
 def test_killed_search_resumes_without_recomputing(tmp_path, monkeypatch):
     kw = dict(w_candidates=BITS, calib_size=128, progress=False, cache_dir=str(tmp_path),
-              time_limit=5)
+              time_limit=5, options={"pair_tol": 0})  # all pairs: the counts below are exact
     calls = {"n": 0}
     real_run = ProbeEngine.run
 
@@ -144,3 +144,28 @@ def test_clado_diag_measures_no_pairs_and_minimises_the_sum_of_singles(digits_cl
             feasible[a] = diag.table.w["conv2"][a[0]] + diag.table.w["conv3"][a[1]]
     chosen = (diag.plan.layers["conv2"].w_bits, diag.plan.layers["conv3"].w_bits)
     assert feasible[chosen] == pytest.approx(min(feasible.values()))
+
+
+def test_pair_selection_skips_only_pairs_whose_cross_term_bound_is_small(tmp_path):
+    """--pair-tol: singles first, then only the pairs whose second-order bound 2·sqrt(ΔL_a·ΔL_b)
+    reaches the threshold; those equal the all-pairs measurement (same probes, same cache), every
+    skipped one is under the threshold, and so is its measured cross term."""
+    from mpqkit.sensitivity.crosslayer import pair_bound
+
+    kw = dict(w_candidates=BITS, calib_size=256, progress=False, cache_dir=str(tmp_path), fixed=[], time_limit=10)
+    full = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={"pair_tol": 0}, **kw)
+    sel = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={"pair_tol": 0.3}, **kw)
+    meta, w = sel.table.meta, full.table.w
+    assert len(full.table.pairs) == 6 * 9  # 4 searched layers, 3 bit-widths
+    assert meta["pairs_skipped"] > 0 and len(sel.table.pairs) + meta["pairs_skipped"] == len(full.table.pairs)
+    assert sel.engine_stats["probes_run"] == 0  # every probe it needed was measured by the all-pairs run
+    assert sel.table.w == w and all(full.table.pairs[k] == v for k, v in sel.table.pairs.items())
+    for f, b, g, c in full.table.pairs.keys() - sel.table.pairs.keys():
+        assert pair_bound(w[f][b], w[g][c]) < meta["pair_threshold"]
+    for (f, b, g, c), v in sel.table.pairs.items():
+        assert pair_bound(w[f][b], w[g][c]) >= meta["pair_threshold"]
+    # the bound is second-order (measured cross/bound reaches ~2.4 for 2-bit pairs here), but what
+    # is skipped really is small: the measured cross terms of the skipped pairs stay under the threshold
+    cross = {k: abs(v - w[k[0]][k[1]] - w[k[2]][k[3]]) for k, v in full.table.pairs.items()}
+    skipped = full.table.pairs.keys() - sel.table.pairs.keys()
+    assert max(cross[k] for k in skipped) < meta["pair_threshold"] < max(cross.values())

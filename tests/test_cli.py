@@ -153,7 +153,7 @@ SETTINGS_ARGV = ["--checkpoint", "w.pt", "--models-dir", "m", "--random-init", "
                  "--a-bits", "6", "--fixed", "conv1", "--fixed-bits", "6,6", "--calib-size", "77", "--seed", "9",
                  "--w-per-tensor", "--w-symmetric", "--w-range", "minmax", "--a-symmetric", "--a-range", "percentile",
                  "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33",
-                 "--refine", "12"]
+                 "--refine", "12", "--objective", "ce"]
 
 
 @pytest.mark.parametrize("command", ["search", "sweep", "bench", "proxies"])

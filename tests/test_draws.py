@@ -63,3 +63,11 @@ def test_bench_with_draws_pairs_methods_on_the_same_draws(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert len((out / "rows.jsonl").read_text().splitlines()) == len(rows)
+    # `mpqkit report --markdown`: a directory's note.md heads its table, paired_*.md files follow it
+    (out / "note.md").write_text("Rows from an older protocol.\n")
+    (out / "paired_x.md").write_text("### paired table\n")
+    page = tmp_path / "RESULTS.md"
+    assert main(["report", str(out), "--markdown", str(page)]) == 0
+    text = page.read_text()
+    assert text.index("### ") < text.index("Rows from an older protocol.") < text.index("| method |") \
+        < text.index("### paired table")

@@ -55,3 +55,25 @@ def test_mixquant_ilp_uses_roundoff_as_sensitivity(tiny_outlier):
     assert r.plan.costs["avg_w_bits_searched"] <= 4 + 1e-9
     for s in r.table.w.values():
         assert s[2] > s[4] > s[8] > 0
+
+
+def test_rules_score_what_they_say_and_differ(tiny_outlier):
+    """--mixquant-rule: absolute compares QE itself with one network-wide threshold, so the layer with
+    the outlier (large round-off error at every width) gets the most bits — the opposite of the
+    relative rule; weighted scales QE by the layer's share of the weights."""
+    rel = _search(tiny_outlier, "avg-bits=4")
+    ab = _search(tiny_outlier, "avg-bits=4", rule="absolute")
+    wt = _search(tiny_outlier, "avg-bits=4", rule="weighted")
+    qe = rel.table.meta["qe"]
+    numel = {f: tiny_outlier.get_submodule(f).weight.numel() for f in qe}
+    for f in qe:
+        for b in (2, 4, 8):
+            assert ab.table.w[f][b] == pytest.approx(qe[f][b])
+            assert wt.table.w[f][b] == pytest.approx(qe[f][b] * numel[f] / sum(numel.values()))
+    for r in (ab, wt):
+        assert r.plan.costs["avg_w_bits_searched"] <= 4 + 1e-9 and r.plan.method_params["rule"] == r.table.meta["rule"]
+    bits = {name: {f: lq.w_bits for f, lq in r.plan.layers.items()} for name, r in (("rel", rel), ("abs", ab))}
+    assert bits["abs"]["conv2"] > bits["rel"]["conv2"]
+    assert bits["abs"]["conv2"] == max(bits["abs"].values())
+    with pytest.raises(mpqkit.errors.MpqkitError, match="rule"):
+        _search(tiny_outlier, "avg-bits=4", rule="median")

@@ -205,7 +205,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     layers = {f: LayerQuant(wb, ab, s.qconfig.w_granularity, s.qconfig.w_symmetric) for f, (wb, ab) in
               ((n, full[n]) for n in graph.names)}
     params = {"search": s.search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
-              "alpha": s.alpha, "time_limit": s.time_limit, "qconfig": s.qconfig.to_dict(), **opts.to_params()}
+              "objective": s.objective, "alpha": s.alpha, "time_limit": s.time_limit, "qconfig": s.qconfig.to_dict(),
+              **opts.to_params()}
     prov = provenance(s.seed, len(calib), calib.sha256())
     prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
     if refined is not None:

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from .errors import MpqkitError
-from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, RunSettings
+from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, OBJECTIVES, RunSettings
 
 OPT_PREFIX = "opt__"
 
@@ -63,6 +63,9 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
                    help=f"train images in the calibration / sensitivity set (default {CALIB_SIZE})")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration draw, projections and permutations "
                    "(default 0)")
+    g.add_argument("--objective", choices=list(OBJECTIVES), default=RunSettings.objective,
+                   help="what every probe measures on the sensitivity set: ce = cross-entropy to the labels, kl = KL "
+                   f"divergence from the fp model's outputs (label-free) (default {RunSettings.objective})")
     g = p.add_argument_group("quantizer")
     g.add_argument("--w-per-tensor", action="store_true", help="per-tensor weights (default per-channel)")
     g.add_argument("--w-symmetric", action="store_true", help="symmetric weights (default asymmetric)")
@@ -90,7 +93,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
     kw: dict[str, Any] = {}
     for name in ("checkpoint", "models_dir", "random_init", "data_root", "device", "search", "w_bits", "a_bits",
-                 "calib_size", "seed", "time_limit", "alpha", "cache_dir", "refine"):
+                 "calib_size", "seed", "objective", "time_limit", "alpha", "cache_dir", "refine"):
         if hasattr(args, name):
             kw[name] = getattr(args, name)
     if hasattr(args, "probe_batch_size"):

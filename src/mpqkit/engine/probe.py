@@ -42,13 +42,16 @@ from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
 
 log = logging.getLogger("mpqkit")
 ENGINE_VERSION = 2
+# what ProbeResult.loss measures; the engine's own default is plain cross-entropy, every run through
+# RunSettings (CLI, API) uses RunSettings.objective (default "kl")
+OBJECTIVES = ("ce", "kl")
 STAT_CHUNK = 128  # samples per chunk of ProbeResult.batch_losses
 Override = tuple[int | None, int | None]  # (w_bits, a_bits); None = fp32
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    loss: float  # mean cross-entropy over the set
+    loss: float  # mean objective over the set: cross-entropy to the labels, or KL from the fp outputs
     top1: float  # fraction correct
     n: int
     batch_losses: tuple[float, ...]  # mean loss of each STAT_CHUNK samples, for variance estimates
@@ -196,7 +199,9 @@ class ProbeEngine:
                  qconfig: QuantConfig | None = None, batch_size: int | None = None, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
                  progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048, fold_bn: bool = True,
-                 channels_last: bool = True):
+                 channels_last: bool = True, objective: str = "ce"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if len(images) == 0:
             raise DataError("the calibration/sensitivity set is empty")
         if len(images) != len(labels):
@@ -205,7 +210,7 @@ class ProbeEngine:
         self.spec: dict[str, Any] = dict(model=model, graph=graph, images=images, labels=labels, qconfig=qconfig,
                                          batch_size=batch_size, use_cache=use_cache, prefix=prefix, device=device,
                                          seed=seed, prefix_cache_mb=prefix_cache_mb, fold_bn=fold_bn,
-                                         channels_last=channels_last)
+                                         channels_last=channels_last, objective=objective)
         from ..device import resolve_device
 
         self.device = resolve_device(device)
@@ -229,7 +234,13 @@ class ProbeEngine:
             if missing:
                 log.warning("layers not found as modules in the traced graph (%s): full forward per probe", missing[:3])
                 self.program = None
-        context = {"engine": ENGINE_VERSION, "model": module_sha256(model), "data": tensor_sha256(images, labels),
+        self.objective = objective
+        self._fp_logp: list[Tensor] | None = None
+        if objective == "kl":  # the reference every probe is compared with, per batch, through the probes' own path
+            with torch.inference_mode():
+                self._fp_logp = [F.log_softmax(out.float(), dim=1) for out, _ in self._outputs(0, None, {}, {})]
+        context = {"engine": ENGINE_VERSION, "objective": objective,
+                   "model": module_sha256(model), "data": tensor_sha256(images, labels),
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
                    "kernels": {"fold_bn": fold_bn, "channels_last": channels_last, "batch_size": batch_size}}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
@@ -243,6 +254,16 @@ class ProbeEngine:
         self._layers: dict[tuple[str, int | None, int | None], nn.Module] = {}
         self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
         self.fp = self.run([{}], desc="fp reference", show=False)[0]
+
+    def _outputs(self, start: int, envs: list[dict] | None, swaps: Mapping[str, nn.Module],
+                 taps: Mapping[str, Callable[[Tensor], None]]) -> list[tuple[Tensor, Tensor]]:
+        """(logits, labels) per batch of a run from node ``start`` (``envs``: live tensors there;
+        None: from the input)."""
+        if self.program is None:
+            return self._run_fallback(swaps, taps)
+        if envs is None:
+            envs = [self.program.initial_env(x) for x, _ in self.batches]
+        return [(self.program.run(env, start, None, swaps, taps), y) for env, (_, y) in zip(envs, self.batches)]
 
     # ---- quantized layers, built once per (layer, bits) ----
     def observers(self):
@@ -312,11 +333,18 @@ class ProbeEngine:
         return min((self.program.cut[f] for f in (*changed, *record)), default=len(self.program.nodes) - 1)
 
     def _evaluate(self, outputs: Iterable[tuple[Tensor, Tensor]]) -> ProbeResult:
-        """Mean loss and top-1, plus the mean loss of every ``STAT_CHUNK`` consecutive samples (so
-        the spread of a measurement does not depend on the compute batch size)."""
+        """Mean objective and top-1, plus the mean objective of every ``STAT_CHUNK`` consecutive
+        samples (so the spread of a measurement does not depend on the compute batch size).
+        ``outputs`` come in the order of ``self.batches``. Objective "kl": Σ_c p_fp·(log p_fp − log p_q)
+        per image (0 for the fp model itself)."""
         losses, correct = [], 0
-        for logits, y in outputs:
-            losses.append(F.cross_entropy(logits.float(), y, reduction="none").double())
+        for j, (logits, y) in enumerate(outputs):
+            if self._fp_logp is None:
+                losses.append(F.cross_entropy(logits.float(), y, reduction="none").double())
+            else:
+                ref = self._fp_logp[j]
+                losses.append(F.kl_div(F.log_softmax(logits.float(), dim=1), ref, log_target=True,
+                                       reduction="none").sum(1).double())
             correct += int((logits.argmax(1) == y).sum())
         per_sample = torch.cat(losses)
         n = len(per_sample)
@@ -443,10 +471,8 @@ class ProbeEngine:
                 swaps = self._swaps(configs[i])
                 feats: dict[str, list[Tensor]] = {f: [] for f in record}
                 taps = {f: (lambda out, f=f: feats[f].append(pool_features(out))) for f in record}
-                if self.program is None:
-                    outs = self._run_fallback(swaps, taps)
-                else:
-                    start = starts[i]
+                start = starts[i]
+                if self.program is not None:
                     if envs is None:
                         envs, cut = self._base_envs(base, start, remember), start
                     elif start > cut:  # probes are sorted by start: the base is walked once, forward
@@ -454,8 +480,7 @@ class ProbeEngine:
                         cut = start
                         if remember:
                             self._keep(self._prefix_key(base, cut), envs)
-                    outs = [(self.program.run(env, start, None, swaps, taps), y)
-                            for env, (_, y) in zip(envs, self.batches)]
+                outs = self._outputs(start, envs, swaps, taps)
                 res = self._evaluate(outs)
                 if record:
                     res = dataclasses.replace(res, features={f: torch.cat(v) for f, v in feats.items()})

@@ -10,12 +10,19 @@ the reference snapshots plus one walk. Every probe is cached on disk: a killed s
 G (docs/METHODS.md): G[ℓb,ℓb] = 2·ΔL(ℓ,b); G[ℓb,mc] = ΔL(ℓ,b;m,c) − ΔL(ℓ,b) − ΔL(m,c); 0 within a layer,
 so ½xᵀGx is the second-order estimate of the joint loss increase. ``clado-diag`` is the paper's
 ablation without cross terms (pairs are not even measured).
+
+Which pairs (``--pair-tol``, default 0.05): the singles are measured first; a pair is then measured
+only where its cross term can matter, i.e. where the second-order bound 2·sqrt(ΔL(ℓ,b)·ΔL(m,c))
+reaches ``pair_tol`` × the median single ΔL at the smallest bit-width. Pairs of nearly lossless
+choices (5-8 bits) are skipped with a zero cross term; ``--pair-tol 0`` measures every pair (the
+paper's exact all-pairs mode).
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,9 +39,14 @@ class CladoOptions(RunnerOptions):
                            help="activation bits of every layer during CLADO probes (default 8; 'fp' keeps them fp32)")
     psd: str = option("project", choices=("project", "shift", "none"),
                       help="G treatment: eigenvalue projection (default), exact diagonal shift, or none")
+    pair_tol: float = option(0.05, flag="--pair-tol", help="clado: measure the pair (ℓ,b; m,c) only when its "
+                             "cross term can reach this fraction of the median 2-bit-like single ΔL (bound "
+                             "2·sqrt(ΔL(ℓ,b)·ΔL(m,c))); 0 measures all pairs (default 0.05)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (isinstance(self.pair_tol, (int, float)) and 0 <= self.pair_tol):
+            raise MpqkitError(f"option 'pair_tol' of method 'clado' must be ≥ 0, got {self.pair_tol!r}")
         if self.act_bits is None:
             object.__setattr__(self, "act_bits", "fp")
         if self.act_bits not in ("fp", "32") and not (self.act_bits.isdigit() and 1 <= int(self.act_bits) <= 16):
@@ -43,6 +55,41 @@ class CladoOptions(RunnerOptions):
     @property
     def act(self) -> int | None:
         return None if self.act_bits in ("fp", "32") else int(self.act_bits)
+
+
+def pair_bound(s_a: float, s_b: float) -> float:
+    """Size a cross term can have in a second-order model of the objective: with ΔL ≈ ½δᵀFδ
+    (F ⪰ 0), |G_ab| = |δ_aᵀFδ_b| ≤ sqrt(δ_aᵀFδ_a · δ_bᵀFδ_b) = 2·sqrt(ΔL_a·ΔL_b) (Cauchy–Schwarz).
+    A guide, not a guarantee: the probes start from the A8 reference, not from a minimum of the
+    objective, and 2-bit perturbations are not small (on the digits CNN the measured |G_ab| reached
+    2.4× the bound for 2-bit pairs; tests/test_clado.py)."""
+    return 2.0 * math.sqrt(max(s_a, 0.0) * max(s_b, 0.0))
+
+
+def select_pairs(singles: dict[str, dict[int, float]], layers: list[str], bits: list[int],
+                 tol: float) -> tuple[dict[tuple[str, int], list[tuple[str, int]]], dict[str, Any]]:
+    """Which pairs to measure: for each (ℓ, b), the later (m, c) whose cross-term bound reaches
+    ``tol`` × the median over layers of ΔL(ℓ, smallest bits) (the scale of the choices that matter);
+    ``tol`` = 0: every pair. Skipped pairs enter G with a zero cross term, as in clado-diag."""
+    lo = min(bits)
+    scale = float(np.median([max(singles[f][lo], 0.0) for f in layers])) if layers else 0.0
+    threshold = tol * scale
+    chosen: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    skipped, skipped_bound = 0, 0.0
+    for i, f in enumerate(layers):
+        for b in bits:
+            keep = []
+            for g in layers[i + 1:]:
+                for c in bits:
+                    bound = pair_bound(singles[f][b], singles[g][c])
+                    if tol == 0 or bound >= threshold:
+                        keep.append((g, c))
+                    else:
+                        skipped += 1
+                        skipped_bound = max(skipped_bound, bound)
+            chosen[(f, b)] = keep
+    return chosen, {"pair_tol": tol, "pair_threshold": threshold, "pairs_skipped": skipped,
+                    "largest_skipped_bound": skipped_bound}
 
 
 def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
@@ -57,31 +104,44 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     singles: dict[str, dict[int, float]] = {f: {} for f in layers}
     pairs: dict[tuple[str, int, str, int], float] = {}
     batch_deltas: list[float] = []
-    n_pairs = sum(len(layers) - i - 1 for i in range(len(layers))) * len(bits) ** 2 if with_pairs else 0
-    # trees run in parallel into the cache (with --workers / --runner ray); the loop below reads them
-    dispatch_options(engine, opts, lambda: [
-        ProbeJob([{}] + [{g: (c, act)} for g in layers[i + 1:] for c in bits] if with_pairs else [{}],
-                 base={**base, f: (b, act)}, warm=f, warm_base=base)
-        for i, f in enumerate(layers) for b in bits])
-    bar = tqdm(total=len(layers) * len(bits) + n_pairs, desc="clado probes", unit="probe",
-               disable=not engine.progress, leave=False)
-    for i, f in enumerate(layers):
-        engine.warm(base, f)  # the reference's live tensors at ℓ: every (ℓ, b) walk starts there
-        later = [(g, c) for g in layers[i + 1:] for c in bits] if with_pairs else []
-        for b in bits:
-            tree_base = {**base, f: (b, act)}
-            res = engine.run([{}] + [{g: (c, act)} for g, c in later], base=tree_base, remember=False, show=False)
-            singles[f][b] = res[0].loss - ref.loss
-            batch_deltas.append(statistics.pstdev(x - y for x, y in zip(res[0].batch_losses, ref.batch_losses))
-                                if len(ref.batch_losses) > 1 else 0.0)
-            for (g, c), r in zip(later, res[1:]):
-                pairs[(f, b, g, c)] = r.loss - ref.loss
-            bar.update(1 + len(later))
-    bar.close()
+
+    def trees(later_of: Callable[[str, int], list[tuple[str, int]]], desc: str) -> None:
+        """One walk per (ℓ, b) from ℓ's reference input: the single, then the chosen later pairs."""
+        # trees run in parallel into the cache (with --workers / --runner ray); the loop below reads them
+        dispatch_options(engine, opts, lambda: [
+            ProbeJob([{}] + [{g: (c, act)} for g, c in later_of(f, b)], base={**base, f: (b, act)}, warm=f,
+                     warm_base=base) for f in layers for b in bits])
+        bar = tqdm(total=sum(1 + len(later_of(f, b)) for f in layers for b in bits), desc=desc, unit="probe",
+                   disable=not engine.progress, leave=False)
+        for f in layers:
+            engine.warm(base, f)  # the reference's live tensors at ℓ: every (ℓ, b) walk starts there
+            for b in bits:
+                later = later_of(f, b)
+                res = engine.run([{}] + [{g: (c, act)} for g, c in later], base={**base, f: (b, act)},
+                                 remember=False, show=False)
+                if b not in singles[f]:
+                    singles[f][b] = res[0].loss - ref.loss
+                    batch_deltas.append(statistics.pstdev(x - y for x, y in zip(res[0].batch_losses,
+                                                                                ref.batch_losses))
+                                        if len(ref.batch_losses) > 1 else 0.0)
+                for (g, c), r in zip(later, res[1:]):
+                    pairs[(f, b, g, c)] = r.loss - ref.loss
+                bar.update(1 + len(later))
+        bar.close()
+
+    selection: dict[str, Any] = {}
+    if with_pairs and opts.pair_tol == 0:  # every pair, in the same walks as the singles
+        trees(lambda f, b: [(g, c) for g in layers[layers.index(f) + 1:] for c in bits], "clado probes")
+    else:
+        trees(lambda f, b: [], "clado singles")
+        if with_pairs:
+            chosen, selection = select_pairs(singles, layers, bits, opts.pair_tol)
+            trees(lambda f, b: chosen[(f, b)], "clado pairs")  # each walk's single is read from the cache
     nb = len(ref.batch_losses)
     return SensitivityTable(w=singles, pairs=pairs, meta={
-        "score": "delta loss (single and pair probes)", "ref_loss": ref.loss, "ref_top1": ref.top1,
-        "act_bits": act, "psd": opts.psd, "pairs_measured": len(pairs), "singles_measured": len(layers) * len(bits),
+        "score": f"delta loss ({engine.objective}; single and pair probes)", "ref_loss": ref.loss,
+        "ref_top1": ref.top1, "act_bits": act, "psd": opts.psd, "pairs_measured": len(pairs),
+        "singles_measured": len(layers) * len(bits), **selection,
         "sens_samples": ref.n, "stat_chunks": nb,
         "median_chunk_std_of_single_delta": float(np.median(batch_deltas)) if batch_deltas else 0.0,
         "note": "chunk std: spread of ΔL(ℓ,b) over chunks of 128 samples; the standard error of ΔL is "

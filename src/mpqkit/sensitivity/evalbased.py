@@ -37,6 +37,6 @@ def eval_delta(ctx: SearchContext) -> SensitivityTable:
     for (side, f, b), r in zip(index, results):
         (w if side == "w" else a).setdefault(f, {})[b] = r.loss - engine.fp.loss
         dtop1.setdefault(side, {})[f"{f}@{b}"] = r.top1 - engine.fp.top1
-    return SensitivityTable(w=w, a=a, meta={"score": "delta loss", "fp_loss": engine.fp.loss,
+    return SensitivityTable(w=w, a=a, meta={"score": f"delta loss ({engine.objective})", "fp_loss": engine.fp.loss,
                                            "fp_top1": engine.fp.top1, "delta_top1": dtop1,
                                            "probes": len(probes)})

@@ -6,6 +6,8 @@ iterations on a test net). Each layer stops once its running mean changed by les
 (relative) for ``patience`` iterations in a row, all at ``max_iter``. Layers whose double backward fails (an op without a second derivative on the
 path) get a warning and fall back to the empirical Fisher trace E_n‖∇_W ℓ_n‖² (Gauss–Newton-like).
 Options: ``hawq_samples`` (default 256 calibration images), ``max_iter`` (200), ``tol`` (1e-2).
+The traces are kept in the probe cache (``ProbeEngine.memo``), so a second search on the same draw
+reads them.
 """
 from __future__ import annotations
 
@@ -119,7 +121,16 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
 def hawq(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "hawq")
     o: HawqOptions = ctx.options  # type: ignore[assignment]
-    traces, info = hutchinson_traces(ctx, o.hawq_samples, o.max_iter, o.tol, seed=ctx.seed)
+
+    def measure() -> dict:
+        t, i = hutchinson_traces(ctx, o.hawq_samples, o.max_iter, o.tol, seed=ctx.seed)
+        return {"traces": t, "info": i}
+
+    # cached with the probes (same model, draw and quantizer): auto and a rerun read it instead of
+    # spending the ~3 minutes of Hessian products again (ResNet-20, 2 cores)
+    memo = ctx.engine.memo({"method": "hawq", "samples": o.hawq_samples, "max_iter": o.max_iter, "tol": o.tol,
+                            "patience": 3, "min_iter": 10}, measure)
+    traces, info = memo["traces"], memo["info"]
     deltas = weight_deltas(ctx)
     w = {}
     for f in ctx.searched:

@@ -1,9 +1,11 @@
 """MixQuant: per-layer weight bits from the quantize–dequantize round-off error (no data needed).
 
 QE(ℓ, b) = ‖W_ℓ − deq(q(W_ℓ, b))‖² / numel with the weight quantizer the plan will use.
-``mixquant``: the smallest b with QE(ℓ, b) ≤ QEM · QE(ℓ, b_ref) per layer (``solve/threshold.py``;
-with a budget and no ``--qem``, QEM is bisected until the budget holds). The table stores the ratio
-QE(ℓ, b) / QE(ℓ, b_ref) that the rule compares with QEM.
+``mixquant``: the smallest b whose score ≤ QEM per layer (``solve/threshold.py``; with a budget and
+no ``--qem``, QEM is bisected until the budget holds). ``--mixquant-rule`` picks the score:
+``relative`` QE(ℓ, b) / QE(ℓ, b_ref) (the paper's form; nearly the same for every layer, since QE
+falls ~4× per bit everywhere, so its plans are close to uniform), ``absolute`` QE(ℓ, b) against one
+network-wide threshold, ``weighted`` QE(ℓ, b) × numel_ℓ / Σ numel.
 ``mixquant-ilp``: the same round-off errors as a sensitivity for the shared ILP, as noise-to-signal
 ratios QE(ℓ, b) / mean(W_ℓ²) so layers of different weight scales are comparable [ours].
 """
@@ -19,10 +21,17 @@ from .options import MethodOptions, option, positive
 from .solvers import threshold
 
 
+RULES = ("relative", "absolute", "weighted")
+
+
 @dataclass(frozen=True)
 class MixQuantOptions(MethodOptions):
     qem: float | None = option(None, type=float, help="quantization error multiplier (default: bisected to the budget)")
-    bref: int = option(8, help="reference bits of the QE rule (default 8)")
+    bref: int = option(8, help="reference bits of the relative QE rule (default 8)")
+    rule: str = option("relative", flag="--mixquant-rule", choices=RULES,
+                       help="mixquant: what the threshold compares: relative = QE(b)/QE(b_ref) per layer, absolute "
+                       "= QE(b) against one network-wide threshold, weighted = QE(b) × the layer's share of the "
+                       "weights (default relative)")
 
     def __post_init__(self) -> None:
         positive("qem", self.qem, "mixquant")
@@ -45,10 +54,22 @@ def roundoff_errors(ctx: SearchContext, bits: list[int]) -> dict[str, dict[int, 
 @METHODS.register("mixquant", "round-off error rule: smallest bits with QE ≤ QEM·QE(b_ref); QEM bisected to a budget",
                   solver=threshold, options=MixQuantOptions)
 def mixquant(ctx: SearchContext) -> SensitivityTable:
-    bref = ctx.options.bref  # type: ignore[attr-defined]
+    opts: MixQuantOptions = ctx.options  # type: ignore[assignment]
+    bref = opts.bref
     qe = roundoff_errors(ctx, sorted({*ctx.w_bits, bref}))
-    ratio = {f: {b: e[b] / max(e[bref], 1e-30) for b in ctx.w_bits} for f, e in qe.items()}
-    return SensitivityTable(w=ratio, meta={"score": "QE(b)/QE(b_ref)", "bref": bref, "qe": qe, "data_free": True})
+    if opts.rule == "relative":
+        score = {f: {b: e[b] / max(e[bref], 1e-30) for b in ctx.w_bits} for f, e in qe.items()}
+        what = "QE(b)/QE(b_ref)"
+    elif opts.rule == "absolute":
+        score = {f: {b: e[b] for b in ctx.w_bits} for f, e in qe.items()}
+        what = "QE(b)"
+    else:
+        numel = {f: ctx.model.get_submodule(f).weight.numel() for f in ctx.searched}
+        total = sum(numel.values())
+        score = {f: {b: e[b] * numel[f] / total for b in ctx.w_bits} for f, e in qe.items()}
+        what = "QE(b) x numel/total"
+    return SensitivityTable(w=score, meta={"score": what, "rule": opts.rule, "bref": bref, "qe": qe,
+                                           "data_free": True})
 
 
 @METHODS.register("mixquant-ilp", "round-off noise-to-signal ratio per (layer, bits) + ILP")
