@@ -26,14 +26,22 @@ for o in ce kl; do
 done
 .venv/bin/python benchmarks/paired_dirs.py --base $R/objective_resnet20_ce --other $R/objective_resnet20_kl \
     --name objective --base-label ce --other-label kl --title "Probe objective: KL to the fp outputs vs cross-entropy"
-# K = 5 calibration draws (seeds 0-4), every cheap method and auto at four budgets: paired comparisons with
-# 95 % intervals and plan stability. auto runs first on each draw, so its search time is a cold one.
+# K = 5 calibration draws (seeds 0-4): paired comparisons with 95 % intervals and plan stability. auto runs
+# first on each draw, so its search time is a cold one; at avg-bits 2.5, 3.5 and 4 auto has one draw so far
+# (on draw 0: 1,673 s cold at 2.5, then 203-342 s per budget, while two other jobs shared the 2 cores).
 $M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant,mixquant-ilp,infoq,greedy,hawq \
+    --budgets avg-bits=3 --ptq default --splits test --draws 5 --out $R/draws_resnet20
+$M bench -q --model resnet20 --methods uniform,eval-delta,mpqco,mixquant,mixquant-ilp,greedy \
     --budgets "$AVG" --ptq default --splits test --draws 5 --out $R/draws_resnet20
+# not yet run to the end (infoq and hawq need ~5 min of 2 cores per draw): their K = 5 rows at 2.5, 3.5, 4
+$M bench -q --model resnet20 --methods infoq,hawq --budgets "$AVG" --ptq default --splits test --draws 5 \
+    --out $R/draws_resnet20
+$M bench -q --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=3.5;avg-bits=4" --ptq default \
+    --splits test --draws 1 --out $R/draws_resnet20
 $M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --splits test \
     --draws 5 --out $R/draws_resnet20
-# --refine 60 on two methods, paired with their own plans above
-$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
+# --refine 60 on three methods, paired with their own plans above
+$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp,mpqco --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
     --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"

@@ -61,9 +61,10 @@ def main() -> None:
         probes = f"{summarize([x.get('probes', 0) for x in refined]).mean:.0f}" if refined else ""
         moves = f"{summarize([len(x.get('moves', [])) for x in refined]).mean:.1f}" if refined else ""
         verdict = (f"**{ol} better**" if d.lo > 0 else f"**{ol} worse**") if d.significant else "not separated"
+        interval = "n/a (1 draw)" if d.n < 2 else f"[{d.lo:+.2f}, {d.hi:+.2f}]"
         lines.append(f"| {key[0]} | {key[1]} | {d.n} | {sb.mean:.2f} ± {sb.std:.2f} | "
                      f"{_agreement([base[key][k] for k in common])} | {sa.mean:.2f} ± {sa.std:.2f} | "
-                     f"{_agreement([rows[k] for k in common])} | {d.mean:+.2f} | [{d.lo:+.2f}, {d.hi:+.2f}] | "
+                     f"{_agreement([rows[k] for k in common])} | {d.mean:+.2f} | {interval} | "
                      f"{verdict} | {probes} | {moves} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(Path(args.other) / f"paired_{args.name}.md", text)

@@ -203,7 +203,12 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
     fp = [r for r in rows if r["method"] == "fp32" and r.get(metric) is not None]
     if fp:
         lines.append(f"| fp32 | - | - | 1 | 32 | {fp[0][metric]:.2f} | | | | |")
-    for (m, b, p), by_draw in groups.items():
+    def order(item):  # by budget and PTQ, then best mean first
+        (m, b, p), by_draw = item
+        vals = [r[metric] for r in by_draw.values() if r.get(metric) is not None]
+        return (b, p or "", -(sum(vals) / len(vals)) if vals else 0.0)
+
+    for (m, b, p), by_draw in sorted(groups.items(), key=order):
         vals = [r[metric] for r in by_draw.values() if r.get(metric) is not None]
         if not vals:
             continue
@@ -211,8 +216,9 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
         bits = [x for x in (_plan_bits(r) for r in by_draw.values()) if x is not None]
         agree = bits_agreement(bits) if len(bits) > 1 else None
         avg = summarize([r["avg_w_bits"] for r in by_draw.values()]).mean
-        lines.append(f"| {m} | {b} | {p or 'default'} | {st.n} | {avg:.3f} | {st.mean:.2f} | {st.std:.2f} | "
-                     f"{min(vals):.2f} | {max(vals):.2f} | {'' if agree is None else f'{agree:.2f}'} |")
+        spread = f"{st.std:.2f} | {min(vals):.2f} | {max(vals):.2f}" if st.n > 1 else " | | "  # one draw: no spread
+        lines.append(f"| {m} | {b} | {p or 'default'} | {st.n} | {avg:.3f} | {st.mean:.2f} | {spread} | "
+                     f"{'' if agree is None else f'{agree:.2f}'} |")
     failed = [r for r in rows if r.get("error")]
     for r in failed:
         lines.append(f"| {r['method']} | {r['budget']} | {r['ptq'] or 'default'} | draw {r.get('draw', 0)} | | "
