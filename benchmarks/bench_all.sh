@@ -45,6 +45,25 @@ $M bench -q --model resnet20 --methods eval-delta,mixquant-ilp,mpqco --budgets "
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
     --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"
+# issue 16: CLADO at the default six bit-widths (pairs chosen by --pair-tol 0.05) and CLADO-diag over 3 draws, and
+# the exact all-pairs mode (--pair-tol 0) on the same draws; MixQuant's threshold rules over 3 draws
+$M bench -q --model resnet20 --methods clado,clado-diag,uniform --budgets "$AVG" --ptq default --splits test \
+    --draws 3 --out $R/draws_resnet20_clado
+$M bench -q --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 3 \
+    --out $R/draws_resnet20_clado_allpairs
+.venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20_clado_allpairs --other $R/draws_resnet20_clado \
+    --name allpairs --base-label "all pairs" --other-label "pair-tol 0.05" \
+    --title "CLADO: pairs chosen by --pair-tol 0.05 (default) vs all pairs"
+for rule in absolute weighted; do
+    $M bench -q --model resnet20 --methods mixquant --mixquant-rule $rule --budgets "$AVG" --ptq default \
+        --splits test --draws 3 --out $R/draws_resnet20_mixquant_$rule
+done
+# the seed methods' claims, each as a paired difference over the draws above
+.venv/bin/python benchmarks/claims.py --out $R/draws_resnet20_clado/paired_claims.md \
+    --claim "CLADO > CLADO-diag;$R/draws_resnet20_clado;clado;$R/draws_resnet20_clado;clado-diag" \
+    --claim "CLADO > uniform;$R/draws_resnet20_clado;clado;$R/draws_resnet20_clado;uniform" \
+    --claim "InfoQ ≥ HAWQ;$R/draws_resnet20;infoq;$R/draws_resnet20;hawq"
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
-$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine \
+$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_clado \
+    $R/draws_resnet20_clado_allpairs $R/draws_resnet20_mixquant_absolute $R/draws_resnet20_mixquant_weighted \
     $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +212,39 @@ def test_corrupt_supernet_records_are_recomputed_not_trusted(tmp_path, monkeypat
     assert n["calls"] == 2
     assert third.table.meta["alpha_s"] == ref.table.meta["alpha_s"]
     assert third.table.meta["shapley"] == ref.table.meta["shapley"]
+
+
+def test_budget_penalty_draws_the_expected_cost_to_the_budget(tmp_path):
+    """penalty=budget pulls E[avg bits] under softmax(α) down toward a small budget and up toward a
+    large one (from the uniform start, 4.67 bits over {2,3,4,5,6,8}); the blind bits penalty pulls
+    both down, so one of its runs serves every budget while a budget-targeted run serves only its own."""
+    opts = {"train_size": 1000, "epochs": 4, "warmup": 1, "permutations": 1, "lam": 2.0}
+    kw = dict(calib_size=128, progress=False, cache_dir=str(tmp_path))
+    start = sum([2, 3, 4, 5, 6, 8]) / 6
+    runs = {}
+    for penalty in ("budget", "bits"):
+        for b in (3, 6):
+            res = mpqkit.search("digits-cnn", "digits", f"avg-bits={b}", "dmpq", **kw,
+                                options={**opts, "penalty": penalty})
+            runs[penalty, b] = res
+    got = {k: r.table.meta["history"][-1]["expected_avg_bits"] for k, r in runs.items()}
+    assert got["budget", 3] < start - 0.05 and got["budget", 6] > start + 0.05
+    assert got["bits", 3] < start and got["bits", 3] == got["bits", 6]  # one run, blind to the budget
+    usage = [h["budget_usage"] for h in runs["budget", 3].table.meta["history"]]
+    assert abs(usage[-1] - 1) < abs(usage[0] - 1)  # closer to the budget than after the warm-up epoch
+    assert runs["budget", 3].table.for_budget and not runs["budget", 3].table.reusable
+    assert not runs["bits", 3].table.for_budget and runs["bits", 3].table.reusable
+
+
+def test_bench_trains_a_budget_targeted_supernet_for_each_budget(tmp_path):
+    """A sweep must not solve a budget from a supernet trained for another one (the table is for_budget)."""
+    from mpqkit import api
+
+    opts = {"train_size": 600, "epochs": 2, "warmup": 1, "permutations": 1, "lam": 2.0}
+    rows = api.bench("digits-cnn", "digits", ["dmpq"], ["avg-bits=3", "avg-bits=6"], tmp_path / "b",
+                     options={"dmpq": opts}, splits=("test",), calib_size=128, progress=False,
+                     cache_dir=str(tmp_path / "c"))
+    plans = [r["plan"] for r in rows if r["method"] == "dmpq"]
+    final = [json.loads((Path(p).parent / "sensitivity.json").read_text())["meta"]["history"][-1] for p in plans]
+    assert final[0]["expected_avg_bits"] < final[1]["expected_avg_bits"]  # two runs, each drawn to its budget
+    assert final[0]["budget_usage"] != final[1]["budget_usage"]

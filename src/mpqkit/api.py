@@ -452,8 +452,8 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
                     for p in todo:
                         append({"method": method, "budget": budget, "ptq": p, **tag, "error": str(e)})
                     continue
-                # a table is reused for the next budget, unless it holds a plan made for this budget (auto)
-                table = res.table if res.table is None or res.table.assignment is None else None
+                # a table is reused for the next budget, unless it was made for this budget (auto, supernet)
+                table = res.table if res.table is not None and res.table.reusable else None
                 _bench_plan(res, bundle, data, todo, eval_sets, quiet, recon_options, pdir, tag, append)
     return rows
 

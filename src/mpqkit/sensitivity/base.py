@@ -68,8 +68,10 @@ class SensitivityTable:
     ``pairs`` (CLADO) holds the joint score of two layers' weight choices, keyed (ℓ, b, m, c).
     ``argmax_bits`` (supernet methods) is the per-layer bit choice of the method's own rule;
     ``pareto`` (greedy) the measured list of configurations its solver picks from; ``assignment``
-    a plan the method decided itself (auto), with ``trials`` what it tried. ``meta`` is
-    descriptive only (written to the results directory); no solver reads it."""
+    a plan the method decided itself (auto), with ``trials`` what it tried. ``for_budget``: the
+    measurement depends on the run's budget (auto, a budget-targeted supernet), so a sweep must not
+    reuse it for another budget. ``meta`` is descriptive only (written to the results directory);
+    no solver reads it."""
 
     w: dict[str, dict[int, float]]
     a: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -79,6 +81,12 @@ class SensitivityTable:
     pareto: list[dict[str, Any]] | None = None
     assignment: dict[str, tuple[int, int | None]] | None = None
     trials: list[dict[str, Any]] | None = None
+    for_budget: bool = False
+
+    @property
+    def reusable(self) -> bool:
+        """Whether a search for another budget may solve from this table instead of measuring again."""
+        return self.assignment is None and not self.for_budget
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"w": self.w, "a": self.a, "meta": self.meta}

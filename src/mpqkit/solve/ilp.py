@@ -70,6 +70,30 @@ class MilpModel:
         self.hi.append(hi)
         self.budget_row.append(budget)
 
+    def budget_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The budget rows as dense arrays over (layer, choice): costs[r, ℓ, k] (scaled by the limit,
+        as in the rows) and limits[r] of the network-wide rows, and allowed[ℓ, k], False where a
+        per-layer row (act-mem) excludes that choice. Plan a meets the budget iff
+        Σ_ℓ costs[r, ℓ, a_ℓ] ≤ limits[r] for every r and allowed[ℓ, a_ℓ]."""
+        L, K = len(self.layers), len(self.choices)
+        costs, limits = [], []
+        allowed = np.ones((L, K), dtype=bool)
+        for row, hi, is_budget in zip(self.rows, self.hi, self.budget_row):
+            if not is_budget:
+                continue
+            arr = np.zeros((L, K))
+            for j, v in row.items():
+                arr[j // K, j % K] = v
+            touched = {j // K for j in row}
+            if len(touched) == 1:  # a per-layer limit: exclude the choices that break it
+                layer = touched.pop()
+                allowed[layer] &= arr[layer] <= hi * (1 + 1e-12)
+            else:
+                costs.append(arr)
+                limits.append(hi)
+        return (np.array(costs) if costs else np.zeros((0, L, K)), np.array(limits) if limits else np.zeros(0),
+                allowed)
+
     def decode(self, x: np.ndarray) -> dict[str, Choice]:
         return {f: self.choices[int(np.argmax([x[self.col[(f, ch)]] for ch in self.choices]))] for f in self.layers}
 

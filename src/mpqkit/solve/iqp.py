@@ -140,24 +140,7 @@ def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None,
     L, K = len(model.layers), len(model.choices)
     obj = QuadraticObjective(np.asarray(g, dtype=float), lin, L, K)
 
-    # budget rows as arrays for the heuristic (the same rows the MILP uses)
-    costs, limits = [], []
-    allowed = np.ones((L, K), dtype=bool)
-    for row, hi, is_budget in zip(model.rows, model.hi, model.budget_row):
-        if not is_budget:
-            continue
-        arr = np.zeros((L, K))
-        for j, v in row.items():
-            arr[j // K, j % K] = v
-        touched = {j // K for j in row}
-        if len(touched) == 1:  # a per-layer limit: exclude the choices that break it
-            layer = touched.pop()
-            allowed[layer] &= arr[layer] <= hi * (1 + 1e-12)
-        else:
-            costs.append(arr)
-            limits.append(hi)
-    costs_a = np.array(costs) if costs else np.zeros((0, L, K))
-    limits_a = np.array(limits) if limits else np.zeros(0)
+    costs_a, limits_a, allowed = model.budget_arrays()  # the same rows the MILP uses, for the heuristic
 
     # start: the given plan, else the cheapest allowed choice per layer (feasible by check_feasible)
     if start is not None:

@@ -1,5 +1,6 @@
 """Supernet methods' pick (SMPQ / DMPQ): per layer the method's argmax bits when that plan meets the
-budget; otherwise the shared ILP on the method's costs (−Shapley, or −softmax(α))."""
+budget; otherwise the shared ILP on the method's costs (−log softmax of its α: the most probable plan
+within the budget)."""
 from __future__ import annotations
 
 import time
@@ -11,8 +12,8 @@ from .problem import Allocation, Solution
 
 def solve_supernet(problem: Allocation, argmax_bits: Mapping[str, int], costs: Mapping[str, Mapping[int, float]],
                    time_limit: float = 60.0, select: str = "argmax") -> Solution:
-    """``select="argmax"`` (the papers' rule, docs/METHODS.md) or ``"ilp"``: always the ILP on the costs,
-    which spends the whole budget (plans at equal size, for comparisons)."""
+    """``select="argmax"`` (the papers' rule, docs/METHODS.md) or ``"ilp"``: always the ILP on the costs
+    (the same plan as argmax where that fits the budget; the solver is then recorded as the ILP)."""
     t0 = time.perf_counter()
     a_bits = problem.a_bits[0]
     asg = {f: (int(argmax_bits[f]), a_bits) for f in problem.layers}

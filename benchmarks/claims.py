@@ -1,0 +1,88 @@
+"""The seed methods' claims (issue 16, part 5), each settled with paired calibration draws.
+
+    .venv/bin/python benchmarks/claims.py --out DIR/paired_claims.md \
+        --claim "CLADO > CLADO-diag;DIR;clado;DIR;clado-diag" \
+        --claim "MixQuant+BRECQ > uniform+BRECQ;DIR;mixquant@brecq;DIR2;uniform@brecq" ...
+
+A claim is ``text;dir_a;method_a[@ptq];dir_b;method_b[@ptq]`` (ptq default: ``default``): "A beats B".
+Per budget measured on both sides, rows are paired by calibration seed; the table gives each side's
+mean ± std, the mean of A − B with its 95 % t interval, and the verdict: the claim holds where the
+interval lies above 0, is reversed where it lies below 0, and is not settled otherwise. Written to
+``--out`` (a ``paired_*.md`` in a bench directory is picked up by ``mpqkit report``) and printed.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mpqkit.fileutil import atomic_write_text
+from mpqkit.report.bench import load_rows
+from mpqkit.report.stats import paired_difference, summarize
+
+
+def _side(spec_dir: str, spec_method: str) -> dict[str, dict[int, float]]:
+    """{budget: {seed: top-1 test}} of one method (and PTQ) in one bench directory."""
+    method, _, ptq = spec_method.partition("@")
+    ptq = ptq or "default"
+    out: dict[str, dict[int, float]] = {}
+    for r in load_rows(Path(spec_dir) / "rows.jsonl"):
+        if r["method"] != method or r.get("error") or (r.get("ptq") or "default") != ptq:
+            continue
+        out.setdefault(r["budget"], {})[int(r.get("seed", r.get("draw", 0)))] = float(r["top1_test"])
+    return out
+
+
+def _budget_key(budget: str) -> tuple:
+    name, _, value = budget.partition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        return name, 0.0
+
+
+def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str) -> list[str]:
+    a, b = _side(dir_a, method_a), _side(dir_b, method_b)
+    lines = []
+    for budget in sorted(set(a) & set(b), key=_budget_key):
+        d = paired_difference(a[budget], b[budget])
+        if d is None:
+            continue
+        seeds = sorted(set(a[budget]) & set(b[budget]))
+        sa, sb = summarize([a[budget][s] for s in seeds]), summarize([b[budget][s] for s in seeds])
+        if d.n < 2:
+            interval, verdict = "n/a (1 draw)", "not settled (1 draw)"
+        else:
+            interval = f"[{d.lo:+.2f}, {d.hi:+.2f}]"
+            verdict = ("**holds**" if d.lo > 0 else "**reversed**") if d.significant else "not settled"
+        std_a = f" ± {sa.std:.2f}" if d.n > 1 else ""
+        std_b = f" ± {sb.std:.2f}" if d.n > 1 else ""
+        lines.append(f"| {text} | {budget} | {d.n} | {sa.mean:.2f}{std_a} | {sb.mean:.2f}{std_b} | {d.mean:+.2f} | "
+                     f"{interval} | {verdict} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--claim", action="append", required=True,
+                    help="text;dir_a;method_a[@ptq];dir_b;method_b[@ptq] (A beats B)")
+    ap.add_argument("--out", required=True, help="markdown file to write (e.g. DIR/paired_claims.md)")
+    ap.add_argument("--title", default="The seed methods' claims, paired over calibration draws")
+    args = ap.parse_args()
+    lines = [f"### {args.title} (top-1 test)", "",
+             "A claim \"A > B\" holds where the 95 % t interval of A − B over paired draws (same calibration seed) "
+             "lies above 0, is reversed where it lies below 0, and is not settled otherwise.", "",
+             "| claim | budget | draws | A mean ± std | B mean ± std | A − B | 95 % interval | verdict |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for spec in args.claim:
+        parts = spec.split(";")
+        if len(parts) != 5:
+            ap.error(f"--claim needs text;dir_a;method_a;dir_b;method_b, got {spec!r}")
+        rows = claim_rows(*parts)
+        lines += rows or [f"| {parts[0]} | - | 0 | | | | | no paired rows yet |"]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(Path(args.out), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
