@@ -248,3 +248,51 @@ def test_bench_trains_a_budget_targeted_supernet_for_each_budget(tmp_path):
     final = [json.loads((Path(p).parent / "sensitivity.json").read_text())["meta"]["history"][-1] for p in plans]
     assert final[0]["expected_avg_bits"] < final[1]["expected_avg_bits"]  # two runs, each drawn to its budget
     assert final[0]["budget_usage"] != final[1]["budget_usage"]
+
+
+def test_prefix_values_equal_full_forwards_on_a_residual_net():
+    """Shapley coalition values started at the earliest changed layer (kept live tensors, skip branch
+    included) are exactly those of a full supernet forward, and run fewer layers."""
+    import torch
+    from torch import nn
+
+    from mpqkit.zoo.data import LabeledData
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.c3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.b1(self.c1(x)))
+            x = x + torch.relu(self.c3(torch.relu(self.c2(x))))  # skip branch live across c2, c3
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Res().eval()
+    sup = sh.Supernet(net, ["c1", "c2", "c3", "fc"], [2, 4, 8]).eval()
+    with torch.no_grad():
+        sup.alpha.normal_()
+    val = LabeledData(torch.randn(40, 3, 8, 8), torch.randint(0, 4, (40,)), "t", "test", 4)
+    for m in sup.mixers:
+        m.freeze(True)
+    players = [(i, j) for i in range(4) for j in range(3)]
+    for kind in ("soft", "top1"):
+        fast = sh._PrefixValue(sup, val, kind)
+
+        def full(present):
+            for i, m in enumerate(sup.mixers):
+                m.mask = torch.tensor([1.0 if (i, j) in present else 0.0 for j in range(3)])
+            try:
+                return sh._coalition_value(sup(val.images), val.labels, kind)
+            finally:
+                for m in sup.mixers:
+                    m.mask = torch.ones(3)
+
+        with torch.no_grad():
+            a = shapley_mc(players, fast, permutations=5, truncate=0, seed=1)
+            b = shapley_mc(players, full, permutations=5, truncate=0, seed=1)
+        assert a == b
+        assert 0 < fast.layer_runs < 5 * len(players) * 4  # fewer layers than full forwards

