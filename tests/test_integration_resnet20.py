@@ -65,3 +65,16 @@ def test_eval_delta_meets_budget_and_orders_bits(r20, test2k):
                       progress=False).plan  # largest uniform from {2,4,8} meeting 3 bits = W2
     uq = evaluate_model(mpqkit.apply_plan(r20, u, "cifar10"), test2k)["top1"]
     assert q > uq + 0.05, (q, uq)  # mixing 2/4/8 by sensitivity beats uniform 2-bit by a wide margin
+
+
+@pytest.mark.parametrize("avg", [3, 4])
+def test_mixquant_default_plan_differs_from_uniform_on_resnet20(r20, avg):
+    """The default rule (absolute round-off error) gives layers different bits at integer budgets,
+    where the paper's relative rule returns the uniform plan (issue 16)."""
+    kw = dict(budget=f"avg-bits={avg}", progress=False)
+    default = mpqkit.search(r20, "cifar10", method="mixquant", **kw)
+    relative = mpqkit.search(r20, "cifar10", method="mixquant", options={"rule": "relative"}, **kw)
+    bits = {name: [lq.w_bits for f, lq in r.plan.layers.items() if f not in ("conv1", "linear")]
+            for name, r in (("default", default), ("relative", relative))}
+    assert len(set(bits["default"])) > 1 and set(bits["relative"]) == {avg}
+    assert default.plan.costs["avg_w_bits_searched"] == pytest.approx(avg)

@@ -28,7 +28,7 @@ def _search(model, budget=None, method="mixquant", **opts):
 
 
 def test_rule_is_data_free_and_exact(tiny_outlier):
-    r = _search(tiny_outlier, qem=64.0)
+    r = _search(tiny_outlier, qem=64.0, rule="relative")
     assert r.engine_stats == {}  # no probe engine was ever built: MixQuant needs no data
     for f, lq in r.plan.layers.items():
         ratios = r.table.w[f]
@@ -39,14 +39,15 @@ def test_rule_is_data_free_and_exact(tiny_outlier):
     assert bits["conv2"] < bits["conv3"]  # flatter error curve → fewer bits for the same multiplier
 
 
-def test_bisection_meets_budget_with_most_bits(tiny_outlier):
-    r = _search(tiny_outlier, "avg-bits=4")
+@pytest.mark.parametrize("rule", ["absolute", "relative"])
+def test_bisection_meets_budget_with_most_bits(tiny_outlier, rule):
+    r = _search(tiny_outlier, "avg-bits=4", rule=rule)
     assert r.plan.costs["avg_w_bits_searched"] <= 4 + 1e-9
     qem = r.solution.info["qem"]
-    tighter = _search(tiny_outlier, qem=qem * 0.9)  # a slightly smaller QEM already breaks the budget
+    tighter = _search(tiny_outlier, qem=qem * 0.9, rule=rule)  # a slightly smaller QEM already breaks the budget
     assert tighter.plan.costs["avg_w_bits_searched"] > 4
     with pytest.raises(InfeasibleBudgetError, match="raise --qem"):
-        _search(tiny_outlier, "avg-bits=3", qem=1.0)
+        _search(tiny_outlier, "avg-bits=3", qem=1e-30 if rule == "absolute" else 1.0, rule=rule)
 
 
 def test_mixquant_ilp_uses_roundoff_as_sensitivity(tiny_outlier):
@@ -61,8 +62,8 @@ def test_rules_score_what_they_say_and_differ(tiny_outlier):
     """--mixquant-rule: absolute compares QE itself with one network-wide threshold, so the layer with
     the outlier (large round-off error at every width) gets the most bits — the opposite of the
     relative rule; weighted scales QE by the layer's share of the weights."""
-    rel = _search(tiny_outlier, "avg-bits=4")
-    ab = _search(tiny_outlier, "avg-bits=4", rule="absolute")
+    rel = _search(tiny_outlier, "avg-bits=4", rule="relative")
+    ab = _search(tiny_outlier, "avg-bits=4")  # the default rule
     wt = _search(tiny_outlier, "avg-bits=4", rule="weighted")
     qe = rel.table.meta["qe"]
     numel = {f: tiny_outlier.get_submodule(f).weight.numel() for f in qe}
@@ -70,6 +71,7 @@ def test_rules_score_what_they_say_and_differ(tiny_outlier):
         for b in (2, 4, 8):
             assert ab.table.w[f][b] == pytest.approx(qe[f][b])
             assert wt.table.w[f][b] == pytest.approx(qe[f][b] * numel[f] / sum(numel.values()))
+    assert ab.table.meta["rule"] == "absolute"
     for r in (ab, wt):
         assert r.plan.costs["avg_w_bits_searched"] <= 4 + 1e-9 and r.plan.method_params["rule"] == r.table.meta["rule"]
     bits = {name: {f: lq.w_bits for f, lq in r.plan.layers.items()} for name, r in (("rel", rel), ("abs", ab))}

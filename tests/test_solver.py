@@ -97,3 +97,25 @@ def test_uniform_picks_largest_feasible(ledger):
     assert set(solve_uniform(prob).assignment.values()) == {(4, 8)}
     with pytest.raises(InfeasibleBudgetError):
         solve_uniform(prob, w_bits=5, a_bits=8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ilp_min_fill_spends_the_budget_and_is_the_best_such_plan(ledger, seed):
+    """Scores that favour few bits leave the budget unspent; min_fill f gives the best plan spending at
+    least f of it (brute force over all plans), and no floor when no plan can."""
+    prob = Allocation(ledger, SEARCHED, [2, 3, 4, 8], [8], FIXED, ledger.resolve(parse_budget("avg-bits=5")))
+    rnd = random.Random(seed)
+    w = {f: {b: rnd.uniform(0, 1) + 0.1 * b for b in (2, 3, 4, 8)} for f in SEARCHED}  # more bits cost more
+    limit = prob.constraints[0].limit
+    plain = solve_ilp(prob, w)
+    assert ledger.value("avg-bits", prob.full(plain.assignment)) < 0.9 * limit
+    fill = solve_ilp(prob, w, min_fill=0.9)
+    spent = ledger.value("avg-bits", prob.full(fill.assignment))
+    assert 0.9 * limit - 1e-9 <= spent <= limit + 1e-9 and fill.info["min_fill"] == 0.9
+    best = min(sum(w[f][c[0]] for f, c in zip(prob.layers, combo))
+               for combo in itertools.product(prob.choices(), repeat=len(prob.layers))
+               if not prob.violations(dict(zip(prob.layers, combo)))
+               and ledger.value("avg-bits", prob.full(dict(zip(prob.layers, combo)))) >= 0.9 * limit - 1e-9)
+    assert fill.objective == pytest.approx(best)
+    impossible = solve_ilp(prob, w, min_fill=1.5)  # no plan spends 150 % of a budget it must meet
+    assert impossible.info["min_fill"] is None and impossible.assignment == plain.assignment

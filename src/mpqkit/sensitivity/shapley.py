@@ -156,8 +156,8 @@ class SupernetOptions(MethodOptions):
                              "batch, a continuous accuracy (default); top1 = its top-1 (the paper's)")
     select: str = option("argmax", choices=("argmax", "ilp"),
                          help="argmax α per layer (default; the ILP only when over budget) or always the ILP on "
-                              "−log softmax(α), the most probable plan within the budget (the argmax plan where "
-                              "that fits)")
+                              "−log softmax(α) with the plan spending ≥ 98 %% of the budget: the most probable plan "
+                              "of the budget's size (comparisons at equal size)")
 
     def __post_init__(self) -> None:
         for name in ("train_size", "epochs", "permutations"):

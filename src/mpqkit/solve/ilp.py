@@ -128,23 +128,41 @@ def milp_status(res: OptimizeResult) -> tuple[str, float | None, float | None]:
 
 
 def solve_ilp(problem: Allocation, w_scores: Scores, a_scores: Scores | None = None, alpha: float = 1.0,
-              time_limit: float = 60.0) -> Solution:
-    """Minimise total sensitivity under the problem's constraints; raises InfeasibleBudgetError."""
+              time_limit: float = 60.0, min_fill: float | None = None) -> Solution:
+    """Minimise total sensitivity under the problem's constraints; raises InfeasibleBudgetError.
+    ``min_fill`` f: the plan must also spend at least f × each network-wide budget (plans of equal
+    size when the scores alone do not reward more bits); without a plan that does, no floor."""
     problem.check_feasible()
     t0 = time.perf_counter()
-    model = MilpModel(problem)
-    c = np.zeros(model.n_cols)
-    for (f, (wb, ab)), j in model.col.items():
-        c[j] = float(w_scores[f][wb])
-        if a_scores is not None and len(problem.a_bits) > 1:
-            c[j] += alpha * float(a_scores[f][ab])
+
+    def build(floor: float | None) -> tuple[MilpModel, np.ndarray]:
+        model = MilpModel(problem)
+        if floor is not None:
+            for row, hi, is_budget in list(zip(model.rows, model.hi, model.budget_row)):
+                if is_budget and len({j // len(model.choices) for j in row}) > 1:
+                    model.add_row(row, floor * hi, np.inf)
+        c = np.zeros(model.n_cols)
+        for (f, (wb, ab)), j in model.col.items():
+            c[j] = float(w_scores[f][wb])
+            if a_scores is not None and len(problem.a_bits) > 1:
+                c[j] += alpha * float(a_scores[f][ab])
+        return model, c
+
+    model, c = build(min_fill)
     assignment, res = model.solve(c, time_limit)
+    floored = min_fill is not None and assignment is not None
+    if assignment is None and min_fill is not None:
+        model, c = build(None)
+        assignment, res = model.solve(c, time_limit)
     if assignment is None:
         raise InfeasibleBudgetError(joint_infeasible_message(problem, res.message))
     objective = float(sum(c[model.col[(f, ch)]] for f, ch in assignment.items()))
     status, gap, bound = milp_status(res)
+    info = {"variables": model.n_cols, "rows": len(model.rows)}
+    if min_fill is not None:
+        info["min_fill"] = min_fill if floored else None
     return Solution(assignment, objective, "ilp-highs", status, time.perf_counter() - t0, gap=gap, bound=bound,
-                    info={"variables": model.n_cols, "rows": len(model.rows)})
+                    info=info)
 
 
 def joint_infeasible_message(problem: Allocation, reason: str) -> str:
