@@ -296,3 +296,20 @@ def test_prefix_values_equal_full_forwards_on_a_residual_net():
             b = shapley_mc(players, full, permutations=5, truncate=0, seed=1)
         assert a == b
         assert 0 < fast.layer_runs < 5 * len(players) * 4  # fewer layers than full forwards
+
+
+def test_prefix_values_fall_back_to_full_forwards_beyond_the_memory_limit(monkeypatch):
+    import torch
+
+    from mpqkit.zoo.data import LabeledData
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    sup = sh.Supernet(net, ["0", "2"], [2, 8]).eval()
+    val = LabeledData(torch.randn(10, 3, 8, 8), torch.randint(0, 3, (10,)), "t", "test", 3)
+    for m in sup.mixers:
+        m.freeze(True)
+    with torch.no_grad():
+        assert sh._PrefixValue(sup, val, "soft").full_value > 0
+        monkeypatch.setattr(sh, "PREFIX_LIMIT_BYTES", 1000)
+        with pytest.raises(ValueError, match="MiB"):
+            sh._PrefixValue(sup, val, "soft")

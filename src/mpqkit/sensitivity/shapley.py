@@ -39,8 +39,8 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   std over permutations. SMPQ's α_s ← α_s + η·m, m ← μ·m + (1 − μ)·v̂, v̂ = Shapley normalised per layer
   (η 0.1, μ 0.8). Each removal changes one layer's mixture, so each coalition is evaluated from that
   layer on (``_PrefixValue``: the probe engine's traced program, live tensors kept at every searched
-  layer's input; values bitwise equal to full forwards, tested): one ResNet-20 permutation on 250
-  images took 20 s instead of 48 s. The history records the estimate's noise per epoch (``shapley_snr``: median |mean|
+  layer's input, at most ``PREFIX_LIMIT_BYTES``; values bitwise equal to full forwards, tested): one
+  ResNet-20 permutation on 250 images took 4.9 s instead of 11.3 s (2.3×; 20 vs 48 s under load). The history records the estimate's noise per epoch (``shapley_snr``: median |mean|
   over its standard error; ``shapley_negative``: share of candidates with mean − std < 0).
 * selection: per layer argmax of α + α_s (SMPQ) or of α (DMPQ); when that plan breaks the budget the
   shared ILP picks the most probable plan within it, cost −log softmax of the same parameters
@@ -55,7 +55,9 @@ budget (68.6 % at avg-bits 3 and 4); with the budget penalty but lr 0.01, E[bits
 permutations, 250 images), mean − std < 0 for 94-97 % of the candidates; so −Shapley as the ILP cost
 gave 57.0-57.2 % in both runs, and applying the update at every α step (Shapley-NAS's rate, α_s
 then moved by up to 6.9 against α's spread of 3.2) made SMPQ's plan 67.2 %. At the per-epoch rate
-the Shapley term moves few layers' argmax (0-1 of 18 with lr 0.01), so SMPQ stays close to DMPQ.
+(the default) the Shapley term moved no layer's argmax in the runs at avg-bits 3 and 4: SMPQ's plans
+were DMPQ's. An estimate that can steer the choice needs |mean| of several standard errors, i.e. ~6×
+the permutations (the full preset on a GPU; the prefix runs above make each one 2.4× cheaper).
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ from .gradients import require_weight_search
 log = logging.getLogger("mpqkit")
 SUPERNET_VERSION = 4  # bump when a change alters supernet results (part of the records' key)
 PENALTIES = ("budget", "bits")
+PREFIX_LIMIT_BYTES = 2 * 2**30  # Shapley prefix runs keep at most this much; beyond, full forwards
 VALUES = ("soft", "top1")
 
 
@@ -559,7 +562,7 @@ class _PrefixValue:
         from ..engine.probe import _Program, _trace
 
         self.sup, self.kind = sup, kind
-        self.x, self.y = val.images, val.labels
+        self.y = val.labels
         net = copy.deepcopy(sup.net).eval()
         gm = _trace(net)
         if gm is None:
@@ -572,6 +575,14 @@ class _PrefixValue:
         n = len(sup.bits)
         self.full_masks = tuple((1.0,) * n for _ in sup.layers)
         self.set_masks: list[tuple] = [()] * len(sup.layers)  # the masks the copy's weights now hold
+        # two sets of kept tensors (full coalition, last one): measured on one image, bounded
+        self.x = val.images[:1]
+        one, _ = self._run(self.full_masks, [None] * len(self.order), 0)
+        per_image = sum({id(t): t.numel() * t.element_size() for env in one for t in env.values()
+                         if isinstance(t, Tensor)}.values())
+        if 2 * per_image * len(val) > PREFIX_LIMIT_BYTES:
+            raise ValueError(f"kept tensors would take {2 * per_image * len(val) / 2**20:.0f} MiB")
+        self.x = val.images
         self.full_env, self.full_value = self._run(self.full_masks, [None] * len(self.order), 0)
         self.cur_env, self.cur_masks, self.cur_value = list(self.full_env), self.full_masks, self.full_value
         self.layer_runs = 0  # layers run, for the speed-up against full forwards
@@ -593,7 +604,7 @@ class _PrefixValue:
                 env_at[pos] = env
                 stop = cut[pos + 1] if pos + 1 < len(cut) else None
                 env = self.prog.run(env, cut[pos], stop, {})
-            return env_at, _coalition_value(env, self.y, self.kind)
+            return env_at, _coalition_value(env, self.y[:len(self.x)], self.kind)
 
     def __call__(self, present: frozenset) -> float:
         n = len(self.sup.bits)
@@ -633,7 +644,8 @@ def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
         with torch.no_grad():  # not inference_mode: the masks set here are used in training later
             try:
                 value: Callable[[frozenset], float] = _PrefixValue(sup, val, cfg.value)
-            except ValueError:  # untraceable model: a full forward per coalition (same values)
+            except ValueError as e:  # untraceable, or too large to keep: a full forward per coalition (same values)
+                log.info("smpq: Shapley values by full forwards (%s)", e)
                 value = full_forward
             mean, std, est = shapley_mc(players, value, cfg.permutations, cfg.truncate, seed)
     finally:
