@@ -29,7 +29,8 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   λ·|u − 1|, u = the largest E[cost_r]/limit_r over the run's budget rows (the shared ILP's rows, so
   any budget metric), which draws the expected cost to the budget; "bits" λ·E[avg weight bits]/max
   bits, blind to the budget. A budget-targeted run serves only its budget
-  (``SensitivityTable.for_budget``). Accuracies come from the shared ``evaluation.evaluate_model``.
+  (``SensitivityTable.for_budget``). Per-epoch accuracies come from the shared
+  ``evaluation.evaluate_model``; a coalition's value from one forward on the batch (``_coalition_value``).
 * Shapley (after each post-warm-up epoch): players = (layer, bits) candidates; value of a coalition
   (option ``value``) = exp(−mean cross-entropy) of the supernet on a fixed batch of the α half
   ("soft", default: a continuous accuracy) or its top-1 ("top1", the paper's); for each of M
@@ -40,8 +41,9 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   (η 0.1, μ 0.8). Each removal changes one layer's mixture, so each coalition is evaluated from that
   layer on (``_PrefixValue``: the probe engine's traced program, live tensors kept at every searched
   layer's input, at most ``PREFIX_LIMIT_BYTES``; values bitwise equal to full forwards, tested): one
-  ResNet-20 permutation on 250 images took 4.9 s instead of 11.3 s (2.3×; 20 vs 48 s under load). The history records the estimate's noise per epoch (``shapley_snr``: median |mean|
-  over its standard error; ``shapley_negative``: share of candidates with mean − std < 0).
+  ResNet-20 permutation on 250 images took 4.9 s instead of 11.3 s (2.3×; 20 vs 48 s under load).
+  The history records the estimate's noise per epoch (``shapley_snr``: median |mean| over its
+  standard error; ``shapley_negative``: share of candidates with mean − std < 0).
 * selection: per layer argmax of α + α_s (SMPQ) or of α (DMPQ); when that plan breaks the budget the
   shared ILP picks the most probable plan within it, cost −log softmax of the same parameters
   (``solve/supernet.py``).
@@ -57,7 +59,7 @@ gave 57.0-57.2 % in both runs, and applying the update at every α step (Shapley
 then moved by up to 6.9 against α's spread of 3.2) made SMPQ's plan 67.2 %. At the per-epoch rate
 (the default) the Shapley term moved no layer's argmax in the runs at avg-bits 3 and 4: SMPQ's plans
 were DMPQ's. An estimate that can steer the choice needs |mean| of several standard errors, i.e. ~6×
-the permutations (the full preset on a GPU; the prefix runs above make each one 2.4× cheaper).
+the permutations (the full preset on a GPU; the prefix runs above make each one 2.3× cheaper).
 """
 from __future__ import annotations
 
