@@ -573,6 +573,7 @@ class _PrefixValue:
         if any(f not in self.prog.cut for f in sup.layers):
             raise ValueError("a searched layer is not a traced module call")
         self.order = sorted(range(len(sup.layers)), key=lambda i: self.prog.cut[sup.layers[i]])
+        self.cuts = [self.prog.cut[sup.layers[i]] for i in self.order]  # node index of each kept input
         self.weights = [self.prog.modules[f].weight for f in sup.layers]
         n = len(sup.bits)
         self.full_masks = tuple((1.0,) * n for _ in sup.layers)
@@ -600,7 +601,7 @@ class _PrefixValue:
                     m.mask = torch.ones(len(self.sup.bits))
                     self.set_masks[i] = masks[i]
             env_at = list(env_at)
-            cut = [self.prog.cut[self.sup.layers[i]] for i in self.order]
+            cut = self.cuts
             env = env_at[k] if k > 0 else self.prog.run(self.prog.initial_env(self.x), 0, cut[0], {})
             for pos in range(k, len(cut)):
                 env_at[pos] = env

@@ -70,6 +70,13 @@ class MilpModel:
         self.hi.append(hi)
         self.budget_row.append(budget)
 
+    def budget_rows(self) -> list[tuple[dict[int, float], float, bool]]:
+        """(row, upper limit, network-wide) of every budget row; not network-wide = a per-layer
+        limit (act-mem), whose row touches one layer only."""
+        K = len(self.choices)
+        return [(row, hi, len({j // K for j in row}) > 1)
+                for row, hi, is_budget in zip(self.rows, self.hi, self.budget_row) if is_budget]
+
     def budget_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The budget rows as dense arrays over (layer, choice): costs[r, ℓ, k] (scaled by the limit,
         as in the rows) and limits[r] of the network-wide rows, and allowed[ℓ, k], False where a
@@ -78,19 +85,16 @@ class MilpModel:
         L, K = len(self.layers), len(self.choices)
         costs, limits = [], []
         allowed = np.ones((L, K), dtype=bool)
-        for row, hi, is_budget in zip(self.rows, self.hi, self.budget_row):
-            if not is_budget:
-                continue
+        for row, hi, network in self.budget_rows():
             arr = np.zeros((L, K))
             for j, v in row.items():
                 arr[j // K, j % K] = v
-            touched = {j // K for j in row}
-            if len(touched) == 1:  # a per-layer limit: exclude the choices that break it
-                layer = touched.pop()
-                allowed[layer] &= arr[layer] <= hi * (1 + 1e-12)
-            else:
+            if network:
                 costs.append(arr)
                 limits.append(hi)
+            else:  # a per-layer limit: exclude the choices that break it
+                layer = next(iter(row)) // K
+                allowed[layer] &= arr[layer] <= hi * (1 + 1e-12)
         return (np.array(costs) if costs else np.zeros((0, L, K)), np.array(limits) if limits else np.zeros(0),
                 allowed)
 
@@ -138,8 +142,8 @@ def solve_ilp(problem: Allocation, w_scores: Scores, a_scores: Scores | None = N
     def build(floor: float | None) -> tuple[MilpModel, np.ndarray]:
         model = MilpModel(problem)
         if floor is not None:
-            for row, hi, is_budget in list(zip(model.rows, model.hi, model.budget_row)):
-                if is_budget and len({j // len(model.choices) for j in row}) > 1:
+            for row, hi, network in model.budget_rows():
+                if network:
                     model.add_row(row, floor * hi, np.inf)
         c = np.zeros(model.n_cols)
         for (f, (wb, ab)), j in model.col.items():
