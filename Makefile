@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mpqkit-installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,ray]'
+	$(PY) -m pip install --quiet -e '.[test,ray,zoo]'
 	touch $(STAMP)
 
 venv: $(STAMP)

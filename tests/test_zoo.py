@@ -86,7 +86,7 @@ def test_resnet20_accuracy_first_1000(cifar_head):
 
 @pytest.mark.integration
 def test_mismatched_checkpoint(shared):
-    r32 = shared[1] / CIFAR_MODELS["resnet32"][1]
+    r32 = shared[1] / CIFAR_MODELS["resnet32-orig"][1]
     with pytest.raises(CheckpointError, match="does not match architecture CifarResNet\\(20\\)"):
         get_model("resnet20", checkpoint=r32)
 

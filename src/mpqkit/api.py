@@ -22,7 +22,7 @@ from torch import nn
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
 from .budget import Ledger, parse_budget
 from .errors import CheckpointError, DataError, MissingResourceError, MpqkitError
-from .evaluation import evaluate_model
+from .evaluation import check_outputs, evaluate_model
 from .graph import discover
 from .plan import LayerQuant, Plan, provenance
 from .quant.apply import apply_plan as _apply_plan
@@ -35,7 +35,7 @@ from .sensitivity.options import MethodOptions
 from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, FIXED_BITS, RunSettings, resolve_settings
 from .solve import Allocation
 from .zoo.data import LabeledData, load_data
-from .zoo.models import CIFAR_MODELS, ModelBundle, get_model, state_dict_sha256
+from .zoo.models import FIXED_RESOLUTION, ModelBundle, get_model, state_dict_sha256
 
 log = logging.getLogger("mpqkit")
 
@@ -104,7 +104,7 @@ def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
     if len(shape) != len(bundle.input_shape) or shape[0] != bundle.input_shape[0]:
         raise DataError(f"data {data.name}/{data.split} has images of shape {shape}, but model {bundle.name} "
                         f"expects {bundle.input_shape}")
-    fixed_resolution = bundle.name in CIFAR_MODELS or bundle.name == "digits-cnn"  # trained at one input size
+    fixed_resolution = bundle.name in FIXED_RESOLUTION  # trained at one input size
     if fixed_resolution and shape != tuple(bundle.input_shape):
         raise DataError(f"data {data.name}/{data.split} has images of shape {shape}, but model {bundle.name} "
                         f"expects {bundle.input_shape}")
@@ -190,8 +190,14 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
                         load_heldout=lambda n: _heldout(data, s.calib_size, n, s.seed, s.data_root),
                         problem=problem, settings=s)
     t_sens = time.perf_counter()
+    warnings: list[str] = []
     if table is None and m.sensitivity is not None:
+        check_outputs(bundle.model, calib.images)
         table = m.sensitivity(ctx)
+        if table.assignment is None and flat_table(table):
+            warnings.append(f"{method}: every sensitivity of the table is the same value, so the plan carries no "
+                            f"information from the measurement (any allocation within the budget is 'optimal')")
+            log.warning(warnings[-1])
     t_solve = time.perf_counter()
     solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms), method=m.name,
                                      search=s.search, w_bits=s.w_bits, a_bits=s.a_bits, alpha=s.alpha,
@@ -211,6 +217,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
     if refined is not None:
         prov["refine"] = {"max_probes": s.refine, **refined.record()}
+    if warnings:
+        prov["warnings"] = warnings
     plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
                 method_params=params, budget=budget, costs=ledger.summary(full),
                 provenance={**prov, "solver": solution.record(), "data": calib.name})
@@ -222,6 +230,15 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
 
         result.results_dir = write_results(Path(out), result)
     return result
+
+
+def flat_table(table: SensitivityTable) -> bool:
+    """Whether every weight and activation score of ``table`` is the same number (no signal)."""
+    values = [v for part in (table.w, table.a) for scores in part.values() for v in scores.values()]
+    values += list(table.pairs.values())
+    if table.argmax_bits is not None or table.pareto is not None or not values:
+        return False
+    return max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values)))
 
 
 def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,

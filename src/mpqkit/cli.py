@@ -170,6 +170,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                  f"{ref['objective_before']['half_a']:.4f} / {ref['objective_before']['half_b']:.4f} → "
                  f"{ref['objective_after']['half_a']:.4f} / {ref['objective_after']['half_b']:.4f}, "
                  f"{len(ref['moves'])} moves ({ref['stopped']})")
+    for w in res.plan.provenance.get("warnings", []):
+        text += f"\nWARNING: {w}"
     if "eval" in out:
         text += f"\ntop-1 on {args.data}/{args.eval_split}: {100 * out['eval']['top1']:.2f} %"
     text += f"\nplan written to {plan_file}; results (per-layer table, bits chart, sensitivities) in {results_dir}/"

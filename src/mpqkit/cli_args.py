@@ -28,16 +28,16 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     """Model source, data, device and output flags; with ``search``: candidates, calibration,
     quantizer, solver and probe-cache flags too. A command gets only the groups it honours."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet20", help="resnet20/32/44/56, resnet20-orig, digits-cnn, or a "
-                   "torchvision name (default resnet20)")
+    g.add_argument("--model", default="resnet20", help="resnet20/32/44/56 (JPEG fine-tuned), resnet20/32/44/56-orig, "
+                   "convmixer, mobilenetv2, efficientnet-lite0, digits-cnn, or a torchvision name (default resnet20)")
     g.add_argument("--checkpoint", help="weights file (overrides the models directory)")
     g.add_argument("--random-init", action="store_true", help="use random weights (explicit opt-in; needed for "
                    "torchvision models without --checkpoint)")
     g.add_argument("--models-dir", help="models directory (default $MPQKIT_MODELS, else ../shared/models)")
     if data:
         g = p.add_argument_group("data")
-        g.add_argument("--data", default="cifar10", help="cifar10, digits, or an ImageFolder directory "
-                       "(default cifar10)")
+        g.add_argument("--data", default="cifar10", help="cifar10, imagenet-subset, digits, or an ImageFolder "
+                       "directory (default cifar10)")
         g.add_argument("--data-root", help="data root (default $MPQKIT_DATA, else ../shared/data)")
     g = p.add_argument_group("output")
     if device:

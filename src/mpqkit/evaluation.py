@@ -37,3 +37,28 @@ def evaluate_model(model: nn.Module, data: LabeledData, batch_size: int = 500, p
     model.train(was_training)
     secs = time.perf_counter() - t0
     return {"top1": correct / n, "loss": loss / n, "n": n, "seconds": secs, "images_per_s": n / secs}
+
+
+@torch.inference_mode()
+def check_outputs(model: nn.Module, images: torch.Tensor, what: str = "the calibration set", n: int = 64) -> None:
+    """DataError when the model's logits on (the first ``n`` of) ``images`` are NaN/Inf or the same for
+    every image: a sensitivity measured on such a model is zero or meaningless, and a solver would
+    return an "optimal" plan from it in silence."""
+    x = images[:n].to(model_device(model))
+    if len(x) == 0:
+        raise DataError(f"{what} is empty")
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x).float()
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        raise DataError(f"the model's logits are NaN or Inf on {bad} of the first {len(x)} images of {what}: "
+                        f"check the weights and the input normalisation before searching a plan")
+    spread = float((logits - logits[:1]).abs().max())
+    if len(x) > 1 and spread <= 1e-6 * max(1.0, float(logits.abs().max())):
+        raise DataError(f"the model's logits are the same for all of the first {len(x)} images of {what} "
+                        f"(it ignores its input: random or broken weights, or a wrong input size?): every "
+                        f"sensitivity would be 0 and any plan 'optimal'")

