@@ -199,3 +199,85 @@ def test_flat_sensitivity_table_warns_in_the_plan(caplog):
     assert "same value" in caplog.text
     ok = api.search(net, _rand_data(), "avg-bits=4", "eval-delta", input_shape=(3, 8, 8), fixed=[])
     assert "warnings" not in ok.plan.provenance
+
+
+# --------------------------------------------------------------------------- attention
+def _tiny_vit():
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=10).eval()
+    nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head: constant logits
+    return vit
+
+
+def test_vit_attention_projections_become_searchable_layers():
+    from mpqkit.attention import expose_attention
+
+    vit = _tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        before = vit(x)
+    assert len(discover(vit, (3, 32, 32))) == 6  # conv_proj, 2 x (mlp.0, mlp.3), head: attention is invisible
+    assert expose_attention(vit) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), before)
+    g = discover(vit, (3, 32, 32))
+    names = [n for n in g.names if "self_attention" in n]
+    assert len(names) == 8 and names[:4] == [f"encoder.layers.encoder_layer_0.self_attention.{p}_proj"
+                                             for p in ("q", "k", "v", "out")]
+    assert tuple(names[:3]) in g.tie_groups  # q/k/v read one tensor: one activation quantizer
+    res = api.search(vit, _rand_data_shaped(32, (3, 32, 32)), "avg-bits=4", "eval-delta", input_shape=(3, 32, 32),
+                     calib_size=16)
+    assert all(res.plan.layers[n].w_bits in (2, 3, 4, 5, 6, 8) for n in names)
+    q = api.apply_plan(vit, res.plan, _rand_data_shaped(32, (3, 32, 32)), input_shape=(3, 32, 32), calib_size=16)
+    assert type(q.get_submodule(names[0])).__name__ == "QuantLinear"
+
+
+def test_torchvision_checkpoint_with_fused_in_proj_loads(tmp_path, monkeypatch):
+    import torchvision
+
+    vit = _tiny_vit()
+    path = tmp_path / "vit.pt"
+    torch.save(vit.state_dict(), path)  # nn.MultiheadAttention keys: in_proj_weight / in_proj_bias
+    assert any(k.endswith("in_proj_weight") for k in vit.state_dict())
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, **kw: torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10))
+    b = get_model("vit_b_16", checkpoint=path, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model.eval()(x), vit(x))
+    assert "encoder.layers.encoder_layer_1.self_attention.v_proj" in discover(b.model, (3, 32, 32))
+
+
+def test_transformer_encoder_with_padding_mask_is_unchanged_on_real_tokens():
+    from mpqkit.attention import ExposedAttention, expose_attention
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2).eval()
+    y = torch.randn(2, 5, 16)
+    kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        a = enc(y, src_key_padding_mask=kpm)
+    expose_attention(enc)
+    assert isinstance(enc.layers[0].self_attn, ExposedAttention)
+    with torch.no_grad():
+        b = enc(y, src_key_padding_mask=kpm)
+    torch.testing.assert_close(b[0], a[0])
+    torch.testing.assert_close(b[1, :3], a[1, :3])  # the fused path zeroes padded positions; real ones agree
+    mha = nn.MultiheadAttention(16, 4).eval()  # sequence-first, with an additive mask and per-head weights
+    q, k, am = torch.randn(5, 2, 16), torch.randn(7, 2, 16), torch.randn(5, 7)
+    with torch.no_grad():
+        o1, w1 = mha(q, k, k, attn_mask=am, average_attn_weights=False)
+        o2, w2 = ExposedAttention.from_mha(mha)(q, k, k, attn_mask=am, average_attn_weights=False)
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(w2, w1)
+
+
+def _rand_data_shaped(n: int, shape: tuple[int, ...]):
+    from mpqkit.zoo.data import LabeledData
+
+    g = torch.Generator().manual_seed(1)
+    return LabeledData(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g), "rand",
+                       "train", 10)

@@ -58,6 +58,9 @@ def load_model(model: str | nn.Module | ModelBundle, settings: RunSettings | Non
         for name, t in model.state_dict().items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CheckpointError(f"model tensor '{name}' contains NaN or Inf")
+        from .attention import expose_attention
+
+        expose_attention(model)  # in place: the same function, with searchable attention projections
         return ModelBundle(model.eval(), type(model).__name__, tuple(s.input_shape), -1, None, state_dict_sha256(model))
     return get_model(model, checkpoint=s.checkpoint, models_dir=s.models_dir, random_init=s.random_init)
 

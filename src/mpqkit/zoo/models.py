@@ -320,6 +320,9 @@ def get_model(
         if name in ("inception_v3", "googlenet") and ckpt is not None:
             kwargs["init_weights"] = False  # skip the slow truncated-normal init; the checkpoint overwrites it
         model = torchvision.models.get_model(name, weights=None, **kwargs)
+        from mpqkit.attention import expose_attention
+
+        expose_attention(model)  # attention projections become Linear layers (checkpoints map in below)
         shape = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
         arch = f"{name} (num_classes={n_cls})"
     else:
@@ -329,6 +332,8 @@ def get_model(
             f"or any torchvision classification model name (e.g. resnet18, mobilenet_v2)"
         )
     if ckpt is not None:
-        _apply_state_dict(model, load_checkpoint(ckpt, setting), ckpt, arch)
+        from mpqkit.attention import exposed_state_dict
+
+        _apply_state_dict(model, exposed_state_dict(dict(load_checkpoint(ckpt, setting)), model), ckpt, arch)
     model.eval()
     return ModelBundle(model, name, shape, n_cls, ckpt, state_dict_sha256(model))
