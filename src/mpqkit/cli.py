@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "data") and args.data is None:
+        from .zoo.models import FIXED_RESOLUTION
+
+        args.data = FIXED_RESOLUTION.get(getattr(args, "model", ""), "cifar10")
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s")
     from .export.cli import cmd_export

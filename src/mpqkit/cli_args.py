@@ -36,8 +36,9 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g.add_argument("--models-dir", help="models directory (default $MPQKIT_MODELS, else ../shared/models)")
     if data:
         g = p.add_argument_group("data")
-        g.add_argument("--data", default="cifar10", help="cifar10, imagenet-subset, digits, or an ImageFolder "
-                       "directory (default cifar10)")
+        g.add_argument("--data", default=None, help="cifar10, imagenet-subset, sst2, digits, or an ImageFolder "
+                       "directory (default: the zoo model's own data, e.g. imagenet-subset for mobilenetv2; "
+                       "else cifar10)")
         g.add_argument("--data-root", help="data root (default $MPQKIT_DATA, else ../shared/data)")
     g = p.add_argument_group("output")
     if device:

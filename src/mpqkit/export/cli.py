@@ -58,7 +58,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # widened types are listed in the output below
-            rep = export_onnx(qmodel, plan, bundle.input_shape, args.out, opset=args.opset)
+            rep = export_onnx(qmodel, plan, bundle.input_shape, args.out, opset=args.opset,
+                              input_dtype=bundle.input_dtype)
         out["export"] = rep.to_dict()
         text = f"ONNX (opset {rep.opset}, {rep.bytes} bytes) written to {rep.path}"
         if rep.widened:

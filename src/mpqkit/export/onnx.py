@@ -165,11 +165,12 @@ def _marked_copy(qmodel: nn.Module) -> nn.Module:
     return model
 
 
-def _torchscript_export(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> bytes:
+def _torchscript_export(model: nn.Module, input_shape: tuple[int, ...], opset: int,
+                        input_dtype: torch.dtype = torch.float32) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notices are not the user's concern
-        torch.onnx.export(model, (torch.zeros(1, *input_shape),), buf, dynamo=False,
+        torch.onnx.export(model, (torch.zeros(1, *input_shape, dtype=input_dtype),), buf, dynamo=False,
                           opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           custom_opsets={MARK_DOMAIN: 1}, do_constant_folding=True)
@@ -277,8 +278,9 @@ def lower_marks(model_bytes: bytes, layers: dict[str, _QuantMixin], opset: int) 
 
 
 def export_onnx(qmodel: nn.Module, plan: Plan, input_shape: tuple[int, ...], path: str | Path,
-                opset: int = 21) -> ExportReport:
+                opset: int = 21, input_dtype: torch.dtype = torch.float32) -> ExportReport:
     """Write ``qmodel`` (from :func:`mpqkit.apply_plan`) as a QDQ ONNX model with a dynamic batch axis.
+    ``input_dtype``: the input's type (``torch.long`` for token ids).
 
     ``plan`` is the plan the model was quantized with: the file records it in its metadata, and
     every planned layer must be a quantized layer of ``qmodel``. Unquantized layers stay float.
@@ -295,7 +297,8 @@ def export_onnx(qmodel: nn.Module, plan: Plan, input_shape: tuple[int, ...], pat
     uncalibrated = [f for f, m in layers.items() if not m.activation_calibrated]
     if uncalibrated:
         raise ExportError(f"activation quantizers of {uncalibrated[:5]} are not calibrated")
-    model, report = lower_marks(_torchscript_export(_marked_copy(qmodel), tuple(input_shape), opset), layers, opset)
+    graph = _torchscript_export(_marked_copy(qmodel), tuple(input_shape), opset, input_dtype)
+    model, report = lower_marks(graph, layers, opset)
     onnx.helper.set_model_props(model, {"mpqkit_plan": json.dumps(plan.to_dict(), separators=(",", ":"))})
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())  # temp file + rename: never a half-written .onnx

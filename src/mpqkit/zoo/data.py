@@ -3,7 +3,9 @@
 Datasets: ``cifar10`` (the reconstructed torchvision-layout batches in ``<data_root>/cifar10``; splits
 ``test``, ``exact``, ``train``), ``digits`` (scikit-learn's bundled 8x8 digits; splits ``train``, ``test``),
 ``imagenet-subset`` (the 1,300 labelled ILSVRC2012 validation images in ``<data_root>/imagenet_val_subset``,
-split by a fixed seed into 400 ``train`` images for calibration and 900 ``test`` images) and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing; it has no
+split by a fixed seed into 400 ``train`` images for calibration and 900 ``test`` images), ``sst2`` (GLUE SST-2
+in ``<data_root>/text``: ``train`` = the 67,349 train phrases, ``test`` = GLUE dev, 872 sentences; "images"
+are MiniLM token ids, N x 64 int64) and any image-folder directory (torchvision ``ImageFolder`` layout, ImageNet preprocessing; it has no
 splits of its own, so ``test``, ``train`` and ``val`` all name every image in it).
 Everything fits in memory, so a dataset is just two tensors plus metadata.
 """
@@ -43,7 +45,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 #: dataset name -> available splits
 DATASETS: dict[str, tuple[str, ...]] = {"cifar10": ("test", "exact", "train"), "digits": ("train", "test"),
-                                        "imagenet-subset": ("train", "test")}
+                                        "imagenet-subset": ("train", "test"), "sst2": ("train", "test")}
 #: splits accepted for an image folder: each names the whole folder (calibration draws a seeded subset)
 IMAGE_FOLDER_SPLITS: tuple[str, ...] = ("test", "train", "val")
 
@@ -126,6 +128,8 @@ def load_data(
         data = _load_digits(split, limit)
     elif name == "imagenet-subset":
         data = _load_imagenet_subset(split, root, limit)
+    elif name == "sst2":
+        data = _load_sst2(split, root, limit)
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
         if split not in IMAGE_FOLDER_SPLITS:
@@ -136,7 +140,7 @@ def load_data(
         return _load_image_folder(folder, limit)
     else:
         raise UnknownNameError(
-            f"unknown dataset {name!r}: use cifar10, digits, imagenet-subset, or the path of an existing image folder "
+            f"unknown dataset {name!r}: use cifar10, digits, imagenet-subset, sst2, or the path of an existing image folder "
             f"(ImageFolder layout: one sub-folder per class)"
         )
     if len(data) == 0:
@@ -309,6 +313,31 @@ def _load_imagenet_subset(split: str, root: str | Path | None, limit: int | None
         out[j] = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
     y = torch.tensor([labels[i] for i in idx], dtype=torch.long)
     return LabeledData(normalize(out, "imagenet-subset"), y, "imagenet-subset", split, 1000)
+
+
+# --------------------------------------------------------------------------- SST-2
+def _load_sst2(split: str, root: str | Path | None, limit: int | None) -> LabeledData:
+    """GLUE SST-2 as MiniLM token ids (``train``: GLUE train; ``test``: GLUE dev, the split papers report)."""
+    import csv
+
+    from mpqkit.zoo.text import tokenize
+
+    _check_split("sst2", split)
+    path = data_root(root) / "text" / ("sst2_train.tsv" if split == "train" else "sst2_dev.tsv")
+    if not path.is_file():
+        raise MissingResourceError(f"SST-2 file {path} not found. Set --data-root or $MPQKIT_DATA to the folder "
+                                   f"that holds text/")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    if limit is not None:
+        rows = rows[:limit]
+    try:
+        labels = torch.tensor([int(r[1]) for r in rows], dtype=torch.long)
+    except (IndexError, ValueError) as e:
+        raise DataError(f"{path} is not a 'sentence<TAB>label' table: {e}") from None
+    if len(rows) == 0:
+        raise DataError(f"{path} holds no sentences")
+    return LabeledData(tokenize([r[0] for r in rows]), labels, "sst2", split, 2)
 
 
 # --------------------------------------------------------------------------- image folders

