@@ -13,10 +13,11 @@ $M bench -q --model resnet20 --methods "$BASE" --budgets avg-bits=3 --ptq brecq 
 $M proxies -q --model resnet20 --out $R/bench_resnet20
 $M bench -q --model resnet20 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet20_clado
-$M bench -q --model resnet56 --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet56
+# legacy: the original akamaster ResNet-56 (trained on the original pixels; `resnet56` is the JPEG fine-tune now)
+$M bench -q --model resnet56-orig --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet56
 # CLADO on ResNet-56 with 256 sensitivity images: 13k probes, ~40 min on one core (the probes are
-# shared with benchmarks/clado_resnet20.py --model resnet56 --cache-dir ~/.cache/mpqkit)
-$M bench -q --model resnet56 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
+# shared with benchmarks/clado_resnet20.py --model resnet56-orig --cache-dir ~/.cache/mpqkit)
+$M bench -q --model resnet56-orig --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
 # The probe objective (issue 15, part 2): eval-delta and greedy with label cross-entropy and with KL to
 # the fp outputs (the default), on the same 5 draws; paired_objective.md gives the spread before and after
@@ -82,8 +83,29 @@ $M bench -q --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bit
     --claim "SMPQ > uniform;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;uniform" \
     --claim "SMPQ > DMPQ (equal size);$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq_fill;dmpq" \
     --claim "SMPQ (equal size) > uniform;$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq;uniform"
+# Issue 17: models beyond CIFAR ResNets. The fine-tuned ResNet-56 is made first (~35 min of one core):
+test -f ../shared/models/cifar10_resnet56_jpegft/resnet56_jpegft.th || \
+    PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth 56 --epochs 3
+$M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,hawq,infoq,auto --budgets avg-bits=3:4:1 \
+    --ptq default --out $R/bench_resnet56_ft
+# MobileNetV2 (depthwise: uniform 3 and 4 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
+$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq --budgets avg-bits=3:5:1 \
+    --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
+$M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq --budgets avg-bits=3:5:1 \
+    --ptq default --draws 2 --out $R/bench_convmixer
+# MiniLM-L6 on SST-2 (needs `make text`) and EfficientNet-Lite0 (the [zoo] extra): one draw
+$M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,hawq,infoq,clado-diag --budgets avg-bits=4:6:2 \
+    --ptq default --splits test --calib-size 128 --out $R/bench_minilm_sst2
+$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco,clado-diag --budgets avg-bits=4:6:2 \
+    --ptq default --splits test --calib-size 128 --out $R/bench_efficientnet_lite0
+# ONNX export checked in onnxruntime: a MobileNetV2 plan (first 100 test images) and a MiniLM plan
+$M export --model mobilenetv2 --plan $R/bench_mobilenetv2/plans/eval-delta/avg-bits=4/plan.json --out \
+    /tmp/mobilenetv2.onnx --check --limit 100
+$M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-bits=4/plan.json --out \
+    /tmp/minilm.onnx --check
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
+    $R/bench_mobilenetv2 $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
     $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md

