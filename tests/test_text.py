@@ -82,8 +82,11 @@ def test_token_model_exports_to_onnx_with_integer_input(tmp_path):
     pytest.importorskip("onnxruntime")
     from mpqkit.export import check_onnx, export_onnx
 
+    from mpqkit.quant.config import QuantConfig
+
     net, data = _tiny(), _tokens()
-    plan = api.search(net, data, "avg-bits=4", "eval-delta", input_shape=(8,), calib_size=32).plan
+    plan = api.search(net, data, "avg-bits=4", "eval-delta", input_shape=(8,), calib_size=32,
+                      qconfig=QuantConfig(matmul_a_bits=8)).plan  # the matmul taps export as float ops
     q = api.apply_plan(net, plan, data, input_shape=(8,), calib_size=32)
     path = tmp_path / "bert.onnx"
     export_onnx(q, plan, (8,), path, input_dtype=torch.long)
@@ -92,3 +95,28 @@ def test_token_model_exports_to_onnx_with_integer_input(tmp_path):
     assert onnx.load(str(path)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     res = check_onnx(path, q, data)
     assert res["argmax_agreement"] >= 0.95 and res["max_abs_logit_diff"] < 0.1, res
+
+
+def test_matmul_inputs_quantize_only_when_asked():
+    from mpqkit.quant.config import QuantConfig
+    from mpqkit.quant.modules import QuantAct
+
+    net, data = _tiny(), _tokens()
+    plain = api.search(net, data, "avg-bits=8", "uniform", input_shape=(8,), calib_size=32, w_bits=8).plan
+    q = api.apply_plan(net, plain, data, input_shape=(8,), calib_size=32)
+    assert not any(isinstance(m, QuantAct) for m in q.modules())  # default: attention matmuls stay fp32
+    res = api.search(net, data, "avg-bits=8", "uniform", input_shape=(8,), calib_size=32, w_bits=8,
+                     qconfig=QuantConfig(matmul_a_bits=4))
+    assert res.plan.method_params["qconfig"]["matmul_a_bits"] == 4  # recorded, so apply reproduces it
+    q4 = api.apply_plan(net, res.plan, data, input_shape=(8,), calib_size=32)
+    taps = [n for n, m in q4.named_modules() if isinstance(m, QuantAct)]
+    assert len(taps) == 8 and "encoder.layer.0.attn_in" in taps  # q, k, v, probabilities x 2 layers
+    with torch.no_grad():
+        x = data.images
+        d8 = (q(x) - net(x)).abs().max()
+        d4 = (q4(x) - net(x)).abs().max()
+    assert d4 > d8  # 4-bit attention inputs perturb the logits more than fp32 ones
+    probs = q4.get_submodule("encoder.layer.0.attn_in")
+    assert float(probs.a_scale) * (probs._a_range[1] - probs._a_range[0]) <= 1.0 + 1e-3  # probabilities in [0, 1]
+    with pytest.raises(ValueError, match="matmul_a_bits"):
+        QuantConfig(matmul_a_bits=1)

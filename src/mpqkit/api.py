@@ -305,7 +305,8 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
     prov = plan.provenance or {}
     calib_prov = prov.get("calib") if isinstance(prov.get("calib"), dict) else {}
     calib_images = None
-    if recon is not None or any(lq.a_bits is not None for lq in plan.layers.values()):
+    if recon is not None or any(lq.a_bits is not None for lq in plan.layers.values()) or \
+            (qconfig is not None and qconfig.matmul_a_bits is not None):
         if data is None:
             raise DataError("the plan quantizes activations (or PTQ reconstruction was asked for): pass calibration data")
         n, seed = int(calib_prov.get("n", s.calib_size)), int(prov.get("seed", s.seed))

@@ -16,9 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ExposedAttention", "expose_attention", "exposed_state_dict"]
+__all__ = ["ExposedAttention", "MatMulInput", "expose_attention", "exposed_state_dict"]
 
 log = logging.getLogger("mpqkit")
+
+
+class MatMulInput(nn.Identity):
+    """Marks an activation that feeds an attention matmul (Q, K, V, the attention probabilities).
+
+    An identity in the float model; with ``QuantConfig.matmul_a_bits`` (``--matmul-a-bits``),
+    ``apply_plan`` calibrates it like a layer input and swaps it for a fake-quantizer."""
 
 
 class ExposedAttention(nn.Module):
@@ -39,6 +46,7 @@ class ExposedAttention(nn.Module):
         self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.q_in, self.k_in, self.v_in, self.attn_in = (MatMulInput() for _ in range(4))
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention) -> ExposedAttention:
@@ -76,7 +84,7 @@ class ExposedAttention(nn.Module):
         q = self.q_proj(query).reshape(n, tgt, h, d).transpose(1, 2)
         k = self.k_proj(key).reshape(n, src, h, d).transpose(1, 2)
         v = self.v_proj(value).reshape(n, src, h, d).transpose(1, 2)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        scores = self.q_in(q) @ self.k_in(k).transpose(-2, -1) / math.sqrt(d)
         if attn_mask is not None:
             m = attn_mask.reshape(-1, h, tgt, src) if attn_mask.dim() == 3 else attn_mask
             scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
@@ -89,7 +97,7 @@ class ExposedAttention(nn.Module):
         attn = scores.softmax(-1)
         if self.training and self.dropout > 0:
             attn = F.dropout(attn, self.dropout)
-        out = self.out_proj((attn @ v).transpose(1, 2).reshape(n, tgt, self.embed_dim))
+        out = self.out_proj((self.attn_in(attn) @ self.v_in(v)).transpose(1, 2).reshape(n, tgt, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:

@@ -75,6 +75,9 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g.add_argument("--a-symmetric", action="store_true", help="symmetric activations (default asymmetric)")
     g.add_argument("--a-range", choices=["mse", "minmax", "percentile"], default="mse",
                    help="activation range estimator (default mse)")
+    g.add_argument("--matmul-a-bits", type=int, default=None,
+                   help="bits of the attention matmul inputs (Q, K, V, probabilities) of transformer models; "
+                        "default fp32. Recorded in the plan; not searched, not in the cost ledger")
     g = p.add_argument_group("solver and probe engine")
     g.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds (default 60)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP (default 1)")
@@ -111,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     if hasattr(args, "w_range"):
         try:
             kw["qconfig"] = QuantConfig(w_per_channel=not args.w_per_tensor, w_symmetric=args.w_symmetric,
-                                        w_range=args.w_range, a_symmetric=args.a_symmetric, a_range=args.a_range)
+                                        w_range=args.w_range, a_symmetric=args.a_symmetric, a_range=args.a_range,
+                                        matmul_a_bits=args.matmul_a_bits)
         except ValueError as e:
             raise MpqkitError(str(e)) from None
     return RunSettings(**kw)

@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import DataError, PlanError
 from ..plan import Plan
 from .config import QuantConfig
-from .modules import quantize_module
+from .modules import QuantAct, quantize_module
 from .calibration import calibrate, model_device  # noqa: F401  (model_device re-exported)
 from .observers import ActivationObserver
 
@@ -59,9 +59,33 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
             a_qparams = observers[fqn].qparams(a_spec) if observers is not None else \
                 (torch.ones(()), torch.zeros(()), *a_spec.qrange)  # placeholder: overwritten by state_dict
         set_submodule(qmodel, fqn, quantize_module(module, w_spec, a_spec, a_qparams=a_qparams))
+    _quantize_matmul_inputs(model, qmodel, plan, calib_images, qconfig, state_dict is not None)
     if state_dict is not None:
         try:
             qmodel.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             raise PlanError(f"the saved quantized weights do not match this model and plan: {e}") from None
     return qmodel
+
+
+def _quantize_matmul_inputs(model: nn.Module, qmodel: nn.Module, plan: Plan, calib_images: torch.Tensor | None,
+                            qconfig: QuantConfig, from_state_dict: bool) -> None:
+    """With ``qconfig.matmul_a_bits``: swap every ``MatMulInput`` tap of ``qmodel`` for a fake-quantizer
+    whose range is calibrated on the fp ``model`` through the same path as the layer inputs."""
+    from ..attention import MatMulInput
+
+    if qconfig.matmul_a_bits is None:
+        return
+    taps = [n for n, m in model.named_modules() if isinstance(m, MatMulInput)]
+    if not taps:
+        return
+    spec = qconfig.a_spec(qconfig.matmul_a_bits)
+    if from_state_dict:
+        qparams = {t: (torch.ones(()), torch.zeros(()), *spec.qrange) for t in taps}  # overwritten by state_dict
+    else:
+        if calib_images is None:
+            raise DataError("matmul_a_bits quantizes attention activations: calibration data is required")
+        obs = calibrate(model, taps, calib_images, seed=int((plan.provenance or {}).get("seed", 0)))
+        qparams = {t: obs[t].qparams(spec) for t in taps}
+    for t in taps:
+        set_submodule(qmodel, t, QuantAct(spec, qparams[t]))

