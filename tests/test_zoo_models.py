@@ -2,6 +2,7 @@
 the ImageNet subset, and the degenerate-model checks of ``search``."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -281,3 +282,19 @@ def _rand_data_shaped(n: int, shape: tuple[int, ...]):
     g = torch.Generator().manual_seed(1)
     return LabeledData(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g), "rand",
                        "train", 10)
+
+
+def test_discover_warns_about_layers_used_only_through_their_weights(caplog):
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.weights_only = nn.Linear(4, 4)  # like swin_t's qkv/proj: F.linear on .weight
+
+        def forward(self, x):
+            return F.linear(self.used(x), self.weights_only.weight, self.weights_only.bias)
+
+    with caplog.at_level(logging.WARNING, logger="mpqkit"):
+        g = discover(Functional(), (4,))
+    assert g.names == ["used"]
+    assert "1 Conv2d/Linear module(s) never ran as modules" in caplog.text and "weights_only" in caplog.text

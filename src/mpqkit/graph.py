@@ -152,6 +152,13 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
             h.remove()
         model.train(was_training)
 
+    silent = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and n not in records]
+    if silent:
+        import logging
+
+        logging.getLogger("mpqkit").warning(
+            "%d Conv2d/Linear module(s) never ran as modules in the forward pass (their weights are used "
+            "functionally, e.g. %s): they are not searchable and stay fp32", len(silent), ", ".join(silent[:3]))
     layers = []
     for name, rec in sorted(records.items(), key=lambda kv: kv[1]["index"]):
         m = rec["module"]
