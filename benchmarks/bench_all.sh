@@ -83,21 +83,31 @@ $M bench -q --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bit
     --claim "SMPQ > uniform;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;uniform" \
     --claim "SMPQ > DMPQ (equal size);$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq_fill;dmpq" \
     --claim "SMPQ (equal size) > uniform;$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq;uniform"
-# Issue 17: models beyond CIFAR ResNets. The fine-tuned ResNet-56 is made first (~35 min of one core):
+# Issue 17: models beyond CIFAR ResNets. The fine-tuned ResNets are made first (ResNet-56: ~36 min of one core):
+for d in 32 44; do test -f ../shared/models/cifar10_resnet${d}_jpegft/resnet${d}_jpegft.th || \
+    PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth $d --epochs 2; done
 test -f ../shared/models/cifar10_resnet56_jpegft/resnet56_jpegft.th || \
     PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth 56 --epochs 3
-$M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,hawq,infoq,auto --budgets avg-bits=3:4:1 \
+$M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=3:4:1 \
     --ptq default --out $R/bench_resnet56_ft
-# MobileNetV2 (depthwise: uniform 3 and 4 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
+# MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images: draw 0 for
+# six methods, draw 1 for four
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq --budgets avg-bits=3:5:1 \
+    --ptq default --splits test --calib-size 128 --out $R/bench_mobilenetv2
+$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco --budgets avg-bits=3:5:1 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
 $M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq --budgets avg-bits=3:5:1 \
     --ptq default --draws 2 --out $R/bench_convmixer
 # MiniLM-L6 on SST-2 (needs `make text`) and EfficientNet-Lite0 (the [zoo] extra): one draw
-$M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,hawq,infoq,clado-diag --budgets avg-bits=4:6:2 \
+$M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,clado-diag --budgets avg-bits=4:6:2 \
     --ptq default --splits test --calib-size 128 --out $R/bench_minilm_sst2
-$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco,clado-diag --budgets avg-bits=4:6:2 \
+$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco --budgets avg-bits=4:6:2 \
     --ptq default --splits test --calib-size 128 --out $R/bench_efficientnet_lite0
+.venv/bin/python benchmarks/claims.py --out $R/bench_mobilenetv2/paired_claims.md \
+    --claim "eval-delta > uniform;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;uniform" \
+    --claim "clado-diag > uniform;$R/bench_mobilenetv2;clado-diag;$R/bench_mobilenetv2;uniform" \
+    --claim "mpqco > uniform;$R/bench_mobilenetv2;mpqco;$R/bench_mobilenetv2;uniform" \
+    --claim "eval-delta > clado-diag;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;clado-diag"
 # ONNX export checked in onnxruntime: a MobileNetV2 plan (first 100 test images) and a MiniLM plan
 $M export --model mobilenetv2 --plan $R/bench_mobilenetv2/plans/eval-delta/avg-bits=4/plan.json --out \
     /tmp/mobilenetv2.onnx --check --limit 100

@@ -153,7 +153,7 @@ SETTINGS_ARGV = ["--checkpoint", "w.pt", "--models-dir", "m", "--random-init", "
                  "--a-bits", "6", "--fixed", "conv1", "--fixed-bits", "6,6", "--calib-size", "77", "--seed", "9",
                  "--w-per-tensor", "--w-symmetric", "--w-range", "minmax", "--a-symmetric", "--a-range", "percentile",
                  "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33",
-                 "--refine", "12", "--objective", "ce"]
+                 "--refine", "12", "--objective", "ce", "--matmul-a-bits", "6"]
 
 
 @pytest.mark.parametrize("command", ["search", "sweep", "bench", "proxies"])
@@ -172,7 +172,7 @@ def test_every_settings_flag_reaches_the_settings(command):
     unchanged = [f.name for f in dataclasses.fields(RunSettings) if getattr(s, f.name) == getattr(default, f.name)]
     assert unchanged == ["input_shape"]  # Python-only (a bare nn.Module's input shape)
     assert s.qconfig.to_dict() == {"w_per_channel": False, "w_symmetric": True, "w_range": "minmax",
-                                   "a_symmetric": True, "a_range": "percentile"}
+                                   "a_symmetric": True, "a_range": "percentile", "matmul_a_bits": 6}
 
 
 def test_random_init_is_honoured(capsys):
