@@ -196,3 +196,8 @@ def test_bench_honours_data_root_and_seed(tmp_path, capsys):
     assert code == 0
     plan = json.loads(next((tmp_path / "b1" / "plans").rglob("plan.json")).read_text())
     assert plan["provenance"]["seed"] == 5 and plan["provenance"]["calib"]["n"] == 64
+
+
+def test_data_defaults_to_the_zoo_models_own(capsys):
+    code, out, _ = run(capsys, "eval", "--model", "digits-cnn", "--json", "-q")  # no --data: digits, not cifar10
+    assert code == 0 and json.loads(out)["n"] == 500
