@@ -41,13 +41,14 @@ def _resolve(override: str | Path | None, env: str, sub: str, what: str, flag: s
 
 
 def data_root(override: str | Path | None = None) -> Path:
-    """Folder that holds ``cifar10/``: override, else $MPQKIT_DATA, else ../shared/data, else shared/data beside the repo."""
-    return _resolve(override, "MPQKIT_DATA", "data", "CIFAR-10 data", "--data-root", "cifar10/")
+    """Folder that holds ``cifar10/`` (and ``imagenet_val_subset/``, ``text/``): override, else $MPQKIT_DATA, else ../shared/data, else shared/data beside the repo."""
+    return _resolve(override, "MPQKIT_DATA", "data", "Data folder", "--data-root",
+                    "cifar10/ (and imagenet_val_subset/, text/ for those datasets)")
 
 
 def models_dir(override: str | Path | None = None) -> Path:
     """Folder that holds the checkpoint folders: override, else $MPQKIT_MODELS, else ../shared/models, else beside the repo."""
     return _resolve(
         override, "MPQKIT_MODELS", "models", "Model checkpoints", "--models-dir",
-        "cifar10_resnet20_jpegft/ and cifar10_resnet_akamaster/",
+        "cifar10_resnet20_jpegft/, cifar10_resnet_akamaster/ and the other model folders",
     )
