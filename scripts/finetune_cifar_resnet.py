@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import time
 from pathlib import Path
 
@@ -93,10 +94,13 @@ def main() -> None:
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"state_dict": sd, "best_prec1": after[0]}, out)
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    if (src.parent / "LICENSE").is_file():  # BSD-2-Clause: the licence travels with derived weights
+        shutil.copyfile(src.parent / "LICENSE", out_dir / "LICENSE")
     (out_dir / "README.md").write_text(
         f"# ResNet-{args.depth} (CIFAR-10), fine-tuned on the JPEG-reconstructed CIFAR-10 train split\n\n"
         f"Made by mpqkit's `scripts/finetune_cifar_resnet.py --depth {args.depth} --epochs {args.epochs}` from\n"
-        f"`{src.relative_to(root)}` (BSD-2-Clause, (c) 2018 Yerlan Idelbayev). Same architecture and file format.\n\n"
+        f"`{src.relative_to(root)}` (BSD-2-Clause, (c) 2018 Yerlan Idelbayev; LICENSE copied beside this file).\n"
+        f"Same architecture and file format.\n\n"
         f"sha256 {sha}  {out.name}\n\n"
         f"| evaluation set | original | this checkpoint |\n|---|---:|---:|\n"
         f"| cifar10 test_batch (10k, JPEG pixels) | {before[0]:.2f} % | {after[0]:.2f} % |\n"
