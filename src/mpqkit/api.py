@@ -197,7 +197,7 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     if table is None and m.sensitivity is not None:
         check_outputs(bundle.model, calib.images)
         table = m.sensitivity(ctx)
-        if table.assignment is None and flat_table(table):
+        if table.flat:
             warnings.append(f"{method}: every sensitivity of the table is the same value, so the plan carries no "
                             f"information from the measurement (any allocation within the budget is 'optimal')")
             log.warning(warnings[-1])
@@ -233,15 +233,6 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
 
         result.results_dir = write_results(Path(out), result)
     return result
-
-
-def flat_table(table: SensitivityTable) -> bool:
-    """Whether every weight and activation score of ``table`` is the same number (no signal)."""
-    values = [v for part in (table.w, table.a) for scores in part.values() for v in scores.values()]
-    values += list(table.pairs.values())
-    if table.argmax_bits is not None or table.pareto is not None or not values:
-        return False
-    return max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values)))
 
 
 def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,

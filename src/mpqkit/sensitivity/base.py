@@ -88,6 +88,17 @@ class SensitivityTable:
         """Whether a search for another budget may solve from this table instead of measuring again."""
         return self.assignment is None and not self.for_budget
 
+    @property
+    def flat(self) -> bool:
+        """Whether every score (weights, activations, pairs) is the same number: a measurement with no
+        signal, from which any allocation within the budget would be 'optimal'. Tables that carry a
+        decision of their own (assignment, argmax bits, Pareto list) are never flat."""
+        values = [v for part in (self.w, self.a) for scores in part.values() for v in scores.values()]
+        values += list(self.pairs.values())
+        if self.assignment is not None or self.argmax_bits is not None or self.pareto is not None or not values:
+            return False
+        return max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values)))
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"w": self.w, "a": self.a, "meta": self.meta}
         if self.pairs:
