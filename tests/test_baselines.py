@@ -94,11 +94,13 @@ def test_hawq_falls_back_per_layer_when_double_backward_fails(caplog):
     assert res.table.w["conv1"][2] > res.table.w["conv1"][4] > res.table.w["conv1"][8]
 
 
-def test_mpqco_equals_a_per_sample_loop():
+@pytest.mark.parametrize("output", ["prob", "logit"])
+def test_mpqco_equals_a_per_sample_loop(output):
     model = make_tiny()
     data = tiny_data(model, n=40)
     res = mpqkit.search(model, data, "avg-bits=4", "mpqco", input_shape=(3, 8, 8), w_candidates=(2, 4, 8),
-                        calib_size=40, progress=False)
+                        calib_size=40, progress=False, options={"mpqco_output": output})
+    assert res.table.meta["output"] == output
     f = "conv2"
     w = model.get_submodule(f).weight
     x, y = data.sample(40, 0).images, data.sample(40, 0).labels  # the search's calibration subset
@@ -106,7 +108,8 @@ def test_mpqco_equals_a_per_sample_loop():
     w.requires_grad_(True)
     try:
         for i in range(len(x)):
-            z = model(x[i:i + 1])[0, y[i]]
+            out = model(x[i:i + 1])[0]
+            z = (out.softmax(0) if output == "prob" else out)[y[i]]  # ∇p_y / p_y, literally
             g = torch.autograd.grad(z, w)[0]
             for b in expected:
                 d = quantize_weight(w.detach(), mpqkit.api.QuantConfig().w_spec(b)) - w.detach()
@@ -115,6 +118,30 @@ def test_mpqco_equals_a_per_sample_loop():
         w.requires_grad_(False)
     for b in expected:
         assert res.table.w[f][b] == pytest.approx(expected[b] / (2 * len(x)), rel=1e-3)
+
+
+def test_mpqco_prob_is_not_ruled_by_one_near_zero_logit():
+    """An image whose true-class logit is ~0 rules the logit form (METHODS.md's wording); the
+    probability form (default) is bounded: ∇p_y / p_y = ∇ log p_y."""
+    from mpqkit.zoo.data import LabeledData
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(32, 1, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        model[3].bias -= model(x)[0, y[0]] - 1e-4  # image 0's true-class logit becomes 1e-4, its argmax stays
+        assert model(x)[0].argmax() == y[0]
+    data = LabeledData(images=x, labels=y, name="toy", split="train", classes=3)
+
+    def table(output):
+        return mpqkit.search(model, data, "avg-bits=4", "mpqco", input_shape=(1, 8), w_candidates=(2, 4, 8),
+                             calib_size=32, progress=False, options={"mpqco_output": output}).table
+
+    logit, prob = table("logit"), table("prob")
+    assert logit.meta["tiny_logits"] == 0  # 1e-4 is above the division floor: nothing flags it
+    # the logit table is ~all image 0: ≥ 1e5 × the probability table, whose terms are bounded
+    assert logit.w["3"][2] > 1e5 * prob.w["3"][2]
 
 
 def test_greedy_pareto_list_and_max_drop(tmp_path):
