@@ -252,6 +252,40 @@ def test_torchvision_checkpoint_with_fused_in_proj_loads(tmp_path, monkeypatch):
     assert "encoder.layers.encoder_layer_1.self_attention.v_proj" in discover(b.model, (3, 32, 32))
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_window_attention_becomes_searchable(v2, caplog):
+    """torchvision Swin passes qkv/proj weights to a functional kernel; exposed, they are layers, same output."""
+    import copy
+
+    from torchvision.models.swin_transformer import (SwinTransformer, SwinTransformerBlock,
+                                                     SwinTransformerBlockV2, PatchMerging, PatchMergingV2)
+    from mpqkit.attention import expose_attention
+
+    torch.manual_seed(0)
+    block, merge = (SwinTransformerBlockV2, PatchMergingV2) if v2 else (SwinTransformerBlock, PatchMerging)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10, block=block, downsample_layer=merge).eval()
+    with torch.no_grad():  # non-zero position-bias tables, so the bias path is exercised
+        for name, p in swin.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 40, 36)  # 10 x 9 patches: padded windows and shifted ones
+    with torch.no_grad():
+        ref = copy.deepcopy(swin)(x)
+    with caplog.at_level(logging.WARNING, logger="mpqkit"):
+        before = discover(swin, (3, 40, 36))
+    assert "4 attention module(s)" in caplog.text and not any(n.endswith(".attn.qkv") for n in before.names)
+    assert expose_attention(swin) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(swin(x), ref)
+    names = discover(swin, (3, 40, 36)).names
+    attn = [n for n in names if ".attn.qkv" in n or ".attn.proj" in n]
+    assert len(attn) == 8 and attn[:2] == ["features.1.0.attn.qkv", "features.1.0.attn.proj"]
+    q = api.apply_plan(swin, api.search(swin, _rand_data_shaped(16, (3, 40, 36)), "avg-bits=4", "eval-delta",
+                                        input_shape=(3, 40, 36), calib_size=8).plan,
+                       _rand_data_shaped(16, (3, 40, 36)), input_shape=(3, 40, 36), calib_size=8)
+    assert type(q.get_submodule("features.1.0.attn.qkv")).__name__ == "QuantLinear"
+
+
 def test_transformer_encoder_with_padding_mask_is_unchanged_on_real_tokens():
     from mpqkit.attention import ExposedAttention, expose_attention
 

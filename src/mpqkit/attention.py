@@ -6,6 +6,10 @@ vit_b_16 plan would leave all of its attention in fp32. :func:`expose_attention`
 for :class:`ExposedAttention`, which computes the same function with ``q_proj``, ``k_proj``, ``v_proj``
 and ``out_proj`` as ordinary Linear layers (self-attention: q/k/v read one tensor, so the graph ties
 their activation bits). Weights are copied, the result is numerically the same up to float rounding.
+
+torchvision's Swin blocks (``ShiftedWindowAttention`` and its V2) own ``qkv`` and ``proj`` Linear
+modules but pass their weights to a functional kernel; :func:`expose_attention` makes them call the
+modules (same parameter names, so checkpoints load unchanged) with :class:`MatMulInput` taps.
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
-__all__ = ["ExposedAttention", "MatMulInput", "expose_attention", "exposed_state_dict"]
+__all__ = ["ExposedAttention", "ExposedWindowAttention", "ExposedWindowAttentionV2", "MatMulInput",
+           "expose_attention", "expose_window_attention", "exposed_state_dict", "unexposed_attention"]
 
 log = logging.getLogger("mpqkit")
 
@@ -106,8 +112,8 @@ class ExposedAttention(nn.Module):
 
 
 def expose_attention(model: nn.Module) -> int:
-    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by :class:`ExposedAttention`;
-    returns how many were replaced."""
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by :class:`ExposedAttention` and make
+    every torchvision Swin window attention call its ``qkv``/``proj`` modules; returns how many changed."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, mha in targets:
         parent_name, _, child = name.rpartition(".")
@@ -119,7 +125,95 @@ def expose_attention(model: nn.Module) -> int:
     if targets:
         log.info("attention: %d nn.MultiheadAttention module(s) now expose q/k/v/out projections as Linear layers",
                  len(targets))
-    return len(targets)
+    return len(targets) + expose_window_attention(model)
+
+
+def expose_window_attention(model: nn.Module) -> int:
+    """Make torchvision Swin attention modules (in place) run ``qkv`` and ``proj`` as modules; returns how many."""
+    classes = {ShiftedWindowAttention: ExposedWindowAttention, ShiftedWindowAttentionV2: ExposedWindowAttentionV2}
+    n = 0
+    for m in model.modules():
+        new_cls = classes.get(type(m))
+        if new_cls is None:
+            continue
+        m.__class__ = new_cls  # same attributes and parameter names: only forward changes
+        m.q_in, m.k_in, m.v_in, m.attn_in = (MatMulInput() for _ in range(4))
+        if new_cls is ExposedWindowAttentionV2 and m.qkv.bias is not None:
+            with torch.no_grad():  # the V2 kernel zeroes the key bias on every call: do it once
+                length = m.qkv.bias.numel() // 3
+                m.qkv.bias[length:2 * length].zero_()
+        n += 1
+    if n:
+        log.info("attention: %d Swin window attention module(s) now run qkv/proj as Linear layers", n)
+    return n
+
+
+def unexposed_attention(model: nn.Module) -> list[str]:
+    """Names of attention modules whose projections no hook can see (expose_attention would convert them)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) or type(m) in (ShiftedWindowAttention, ShiftedWindowAttentionV2)]
+
+
+def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], device: torch.device) -> torch.Tensor:
+    """(windows, tokens, tokens) additive mask: −100 between tokens that the cyclic shift brought from
+    different image regions into one window (Swin's shifted-window rule), 0 elsewhere."""
+    region = torch.zeros(pad_h, pad_w, device=device)
+    count = 0
+    for h0, h1 in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for w0, w1 in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            region[h0:h1, w0:w1] = count
+            count += 1
+    region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
+    region = region.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1])
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+def _window_attention(m: nn.Module, x: torch.Tensor, bias: torch.Tensor, logit_scale: torch.Tensor | None):
+    """Swin's (shifted) window self-attention on (B, H, W, C), with ``m.qkv``/``m.proj`` called as modules."""
+    b, h, w, c = x.shape
+    win, shift = list(m.window_size), list(m.shift_size)
+    pad_r, pad_b = (win[1] - w % win[1]) % win[1], (win[0] - h % win[0]) % win[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    ph, pw = x.shape[1], x.shape[2]
+    shift = [0 if win[i] >= (ph, pw)[i] else shift[i] for i in range(2)]  # one window: nothing to shift
+    if any(shift):
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    nw, t = (ph // win[0]) * (pw // win[1]), win[0] * win[1]
+    x = x.view(b, ph // win[0], win[0], pw // win[1], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, t, c)
+    heads = m.num_heads
+    q, k, v = m.qkv(x).reshape(b * nw, t, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = m.q_in(q), m.k_in(k), m.v_in(v)
+    if logit_scale is not None:  # V2: cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + bias
+    if any(shift):
+        mask = _shift_mask(ph, pw, win, shift, x.device)
+        attn = (attn.view(b, nw, heads, t, t) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, t, t)
+    attn = F.dropout(attn.softmax(-1), p=m.attention_dropout, training=m.training)
+    x = m.proj((m.attn_in(attn) @ v).transpose(1, 2).reshape(b * nw, t, c))
+    x = F.dropout(x, p=m.dropout, training=m.training)
+    x = x.view(b, ph // win[0], pw // win[1], win[0], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+    if any(shift):
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
+class ExposedWindowAttention(ShiftedWindowAttention):
+    """torchvision Swin window attention whose ``qkv``/``proj`` run as modules (made by expose_attention)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _window_attention(self, x, self.get_relative_position_bias(), None)
+
+
+class ExposedWindowAttentionV2(ShiftedWindowAttentionV2):
+    """Swin V2 (cosine attention, continuous position bias) with ``qkv``/``proj`` run as modules."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _window_attention(self, x, self.get_relative_position_bias(), self.logit_scale)
 
 
 def exposed_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

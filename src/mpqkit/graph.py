@@ -109,12 +109,14 @@ def _macs(module: nn.Module, out: torch.Tensor) -> int:
 
 def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
     """Run one forward pass (batch 1, zeros) and record every Conv2d/Linear in execution order."""
-    hidden = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    from .attention import unexposed_attention
+
+    hidden = unexposed_attention(model)
     if hidden:
         import logging
 
         logging.getLogger("mpqkit").warning(
-            "%d nn.MultiheadAttention module(s) (%s) keep their projections out of reach: they stay fp32 unless "
+            "%d attention module(s) (%s) keep their projections out of reach: they stay fp32 unless "
             "you call mpqkit.attention.expose_attention(model) first (load_model does)", len(hidden), hidden[0])
     records: dict[str, dict] = {}
     inputs: list[tuple[str, torch.Tensor]] = []  # keep inputs alive so tensor identity is meaningful
