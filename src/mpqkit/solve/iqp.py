@@ -6,15 +6,24 @@ Two parts, no licence or external binary:
   relaxation; HiGHS (``scipy.optimize.milp``) proves optimality where it can within the time limit;
 - a heuristic: multi-start local search over one-hot assignments with single-layer and two-layer
   moves (the latter walk along the budget boundary), budget repair and random restarts.
-Both run within ``time_limit``; the best feasible plan is returned with its objective, the MILP's
-lower bound and the gap. Exact solvers stall on large instances (≥ 50 layers × 6 bits), where the
-local search finds better plans sooner: that is why both exist.
+- a convex lower bound: when G is PSD (CLADO projects or shifts it so), ½xᵀGx + lin·x over the
+  relaxed polytope (x ≥ 0, one unit per layer, the budget rows) is convex and agrees with the IQP on
+  one-hot x, so its minimum bounds the IQP from below. Frank-Wolfe (an LP per step) walks towards it,
+  and every step certifies f(x) + ∇f(x)·(s − x) ≤ min f (a tangent plane of a convex function).
+  On ResNet-56 (54 layers × W{2,4,8}) this bound is far tighter than the RLT relaxation's, whose
+  fractional products reach large negative cross terms (benchmarks/iqp_resnet56.py).
+All run within ``time_limit``; the best feasible plan is returned with its objective, the best
+lower bound and the gap; a plan already within ``gap_tol`` of the convex bound skips the MILP.
+Exact solvers stall on large instances (≥ 50 layers × 6 bits), where the local search finds better
+plans sooner: that is why both exist.
 """
 from __future__ import annotations
 
 import time
 
 import numpy as np
+
+from scipy.optimize import linprog
 
 from ..errors import InfeasibleBudgetError
 from .ilp import MilpModel, joint_infeasible_message, milp_status
@@ -129,11 +138,59 @@ def _local_search(obj: QuadraticObjective, costs: np.ndarray, limits: np.ndarray
     return best, best_val, restarts
 
 
+def convex_bound(g: np.ndarray, lin: np.ndarray, costs: np.ndarray, limits: np.ndarray, allowed: np.ndarray,
+                 deadline: float, rel_tol: float = 1e-3) -> tuple[float | None, int]:
+    """Certified lower bound on min ½xᵀGx + lin·x over one-hot x meeting the budget rows, from the
+    convex relaxation (None unless G is PSD on the directions that keep one unit per layer). Returns
+    (bound, Frank-Wolfe steps). The diagonal is first moved into the linear term as far as convexity
+    allows (β = λ_min there; x² = x on one-hot x, so the IQP is unchanged): a tighter relaxation."""
+    n = len(g)
+    L, K = allowed.shape
+    if n == 0 or K < 2:
+        return None, 0
+    g = (g + g.T) / 2
+    zk = np.linalg.svd(np.ones((1, K)))[2][1:].T  # orthonormal basis of {d ∈ R^K: Σ d = 0}
+    z = np.kron(np.eye(L), zk)
+    lam = float(np.linalg.eigvalsh(z.T @ g @ z).min())
+    if lam < -1e-9 * (float(np.abs(g).max()) or 1.0):
+        return None, 0
+    beta = max(lam, 0.0) * (1 - 1e-9)
+    g, lin = g - beta * np.eye(n), lin + beta / 2
+    a_eq = np.kron(np.eye(L), np.ones((1, K)))
+    a_ub = costs.reshape(len(costs), n) if len(costs) else None
+    bounds = [(0.0, 1.0 if ok else 0.0) for ok in allowed.reshape(-1)]
+
+    def vertex(c: np.ndarray) -> np.ndarray | None:  # the LP oracle: argmin c·s over the relaxed polytope
+        r = linprog(c, A_ub=a_ub, b_ub=limits if a_ub is not None else None, A_eq=a_eq, b_eq=np.ones(L),
+                    bounds=bounds, method="highs")
+        return r.x if r.status == 0 else None
+
+    x = vertex(lin + np.diag(g) / 2)  # start: the best plan without cross terms, relaxed
+    if x is None:
+        return None, 0
+    best, steps = -np.inf, 0
+    while time.perf_counter() < deadline:
+        grad = g @ x + lin
+        s = vertex(grad)
+        if s is None:
+            break
+        d = s - x
+        fx = float(0.5 * x @ g @ x + lin @ x)
+        best = max(best, fx + float(grad @ d))  # tangent plane at x, minimised over the polytope
+        steps += 1
+        if fx - best <= rel_tol * max(abs(fx), 1e-12):
+            break
+        curv = float(d @ g @ d)
+        x = x + (1.0 if curv <= 0 else min(1.0, max(0.0, -float(grad @ d) / curv))) * d  # exact line search
+    return (float(best) if steps else None), steps
+
+
 def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None, time_limit: float = 60.0,
               heuristic_share: float = 0.25, exact: bool = True, seed: int = 0,
-              start: dict[str, Choice] | None = None) -> Solution:
+              start: dict[str, Choice] | None = None, bound_share: float = 0.15, gap_tol: float = 1e-4) -> Solution:
     """Best feasible plan for min ½xᵀGx + lin·x within ``time_limit`` seconds (G in the order of
-    ``problem.choices()`` per layer, layers in ``problem.layers`` order)."""
+    ``problem.choices()`` per layer, layers in ``problem.layers`` order). ``bound_share``: at most this
+    share of the time goes to the convex bound (0: none)."""
     problem.check_feasible()
     t0 = time.perf_counter()
     model = MilpModel(problem)
@@ -159,6 +216,16 @@ def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None,
             heuristic, v_h = None, np.inf
 
     best, best_val, status, gap, bound, solver = heuristic, v_h, "heuristic (no bound)", None, None, "iqp-local-search"
+    g_arr = np.asarray(g, dtype=float)
+    lin_arr = np.zeros(len(g_arr)) if lin is None else np.asarray(lin, dtype=float)
+    cvx = None
+    if exact and bound_share > 0:
+        t_b = time.perf_counter()
+        cvx, steps = convex_bound(g_arr, lin_arr, costs_a, limits_a, allowed, t_b + bound_share * time_limit)
+        info.update(convex_bound=cvx, convex_bound_steps=steps, convex_bound_s=time.perf_counter() - t_b)
+    if cvx is not None and best is not None and best_val - cvx <= gap_tol * max(abs(best_val), 1e-12):
+        exact = False  # the heuristic's plan is within gap_tol of a certified bound: nothing left to prove
+        bound, gap, status = cvx, max(0.0, (best_val - cvx) / max(abs(best_val), 1e-12)), "optimal (convex bound)"
     if exact:
         remaining = max(0.5, time_limit - (time.perf_counter() - t0))
         cx = obj.d.reshape(-1)  # x columns come first, layer-major, as in MilpModel
@@ -179,6 +246,9 @@ def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None,
         c = np.r_[cx, np.array(cy)]
         assignment, res = model.solve(c, remaining)
         st, gap, bound = milp_status(res)
+        info["milp_bound"] = bound
+        if cvx is not None and (bound is None or cvx > bound):
+            bound = cvx  # both are valid lower bounds: keep the tighter
         info.update({"milp_status": st, "milp_variables": model.n_cols, "milp_rows": len(model.rows),
                      "linearised_pairs": n_pairs})
         if assignment is not None:
