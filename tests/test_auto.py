@@ -57,3 +57,12 @@ def test_bench_solves_auto_anew_at_every_budget(tmp_path):
                      options={"auto": {"methods": "uniform,eval-delta", "heldout": 256, "refine": 0}}, **KW)
     bits = {r["budget"]: r["avg_w_bits"] for r in rows if r["method"] == "auto"}
     assert bits["avg-bits=2.5"] <= 2.5 + 1e-9 and bits["avg-bits=4"] > 2.5
+
+
+def test_auto_with_a_small_calibration_set_skips_refinement_with_a_warning():
+    """128 images are one chunk: refinement cannot choose on one half and confirm on the other."""
+    opts = {"methods": "uniform,mixquant-ilp", "heldout": 256, "refine": 30}
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=opts, calib_size=128, progress=False)
+    assert "refinement skipped" in res.table.meta["refine"]["skipped"]
+    assert any("refinement skipped" in w for w in res.plan.provenance["warnings"])
+    assert not any(t["method"].endswith("+ refine") for t in res.table.trials)

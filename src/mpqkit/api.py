@@ -201,6 +201,7 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
             warnings.append(f"{method}: every sensitivity of the table is the same value, so the plan carries no "
                             f"information from the measurement (any allocation within the budget is 'optimal')")
             log.warning(warnings[-1])
+        warnings += list(table.meta.get("warnings", []))  # what the method itself flagged (already logged)
     t_solve = time.perf_counter()
     solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms), method=m.name,
                                      search=s.search, w_bits=s.w_bits, a_bits=s.a_bits, alpha=s.alpha,

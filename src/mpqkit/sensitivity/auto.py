@@ -14,6 +14,7 @@ The table of what was tried (method, held-out loss and top-1, seconds) travels i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from ..errors import MpqkitError
 from .base import METHODS, SearchContext, SensitivityTable, SolveRequest
 from .options import MethodOptions, option, positive
 from .solvers import chosen
+
+log = logging.getLogger("mpqkit")
 
 # The methods that pay off, by measurement (ResNet-20, 5 draws at avg-bits 3 with the ce objective and
 # draw 0 at avg-bits 2.5/3/3.5/4 with kl): the held-out choice fell on mpqco 4×, eval-delta 2×,
@@ -52,7 +55,7 @@ class AutoOptions(MethodOptions):
 @METHODS.register("auto", "runs the cheap methods, keeps the plan with the lowest loss on held-out images, "
                   "refines it by measured moves", solver=chosen, options=AutoOptions)
 def auto(ctx: SearchContext) -> SensitivityTable:
-    from ..engine.probe import ProbeEngine
+    from ..engine.probe import STAT_CHUNK, ProbeEngine
     from ..solve.refine import engine_halves_measure, refine
 
     opts: AutoOptions = ctx.options  # type: ignore[assignment]
@@ -98,8 +101,13 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     best["chosen"] = True
     plan = plans[best["method"]]
     table = tables[best["method"]]
-    record = None
-    if opts.refine > 0:
+    record, warnings = None, []
+    if opts.refine > 0 and engine.fp.n <= STAT_CHUNK:  # refine chooses on one half and confirms on the other
+        warnings.append(f"auto: refinement skipped: it needs more than {STAT_CHUNK} calibration images (two halves "
+                        f"of {STAT_CHUNK}-image chunks), the calibration set has {engine.fp.n}")
+        log.warning(warnings[-1])
+        record = {"skipped": warnings[-1]}
+    elif opts.refine > 0:
         measure, on_accept = engine_halves_measure(engine, ctx.problem.full(plan))
         res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
                      on_accept=on_accept)
@@ -115,4 +123,5 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     return SensitivityTable(w=table.w if table is not None else {}, a=table.a if table is not None else {},
                             assignment=plan, trials=trials,
                             meta={"score": f"the chosen method's ({best['method']})", "chosen": best["method"],
-                                  "heldout_n": len(held), "refine": record})
+                                  "heldout_n": len(held), "refine": record,
+                                  **({"warnings": warnings} if warnings else {})})
