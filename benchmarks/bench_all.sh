@@ -19,6 +19,8 @@ $M bench -q --model resnet56-orig --methods "$BASE" --budgets "$AVG" --ptq defau
 # shared with benchmarks/clado_resnet20.py --model resnet56-orig --cache-dir ~/.cache/mpqkit)
 $M bench -q --model resnet56-orig --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
+# CLADO's IQP on that measured G (issue 16, part 2): gap without and with the convex bound, 60 s each, no probes
+PYTHONPATH=src .venv/bin/python benchmarks/iqp_resnet56.py
 # The probe objective (issue 15, part 2): eval-delta and greedy with label cross-entropy and with KL to
 # the fp outputs (the default), on the same 5 draws; paired_objective.md gives the spread before and after
 for o in ce kl; do
@@ -32,6 +34,10 @@ done
 # (on draw 0: 1,673 s cold at 2.5, then 203-342 s per budget, while two other jobs shared the 2 cores).
 $M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant,mixquant-ilp,infoq,greedy,hawq \
     --budgets avg-bits=3 --ptq default --splits test --draws 5 --out $R/draws_resnet20
+# mpqco's logit form (the default before 04fe2d3) on the same draws; the auto rows in that directory were made
+# by 927a871, whose auto tried the logit form (see its note.md)
+$M bench -q --model resnet20 --methods mpqco --mpqco-output logit --budgets "$AVG" --ptq default --splits test \
+    --draws 5 --out $R/draws_resnet20_mpqco_logit
 $M bench -q --model resnet20 --methods uniform,eval-delta,mpqco,mixquant,mixquant-ilp,greedy \
     --budgets "$AVG" --ptq default --splits test --draws 5 --out $R/draws_resnet20
 # not yet run to the end (infoq and hawq need ~5 min of 2 cores per draw): their K = 5 rows at 2.5, 3.5, 4
@@ -44,6 +50,8 @@ $M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq b
 # --refine 60 on three methods, paired with their own plans above
 $M bench -q --model resnet20 --methods eval-delta,mixquant-ilp,mpqco --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
+$M bench -q --model resnet20 --methods mpqco --mpqco-output logit --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
+    --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine_mpqco_logit
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
     --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"
 # issue 16: CLADO at the default six bit-widths (pairs chosen by --pair-tol 0.05) and CLADO-diag over 3 draws, and
@@ -92,8 +100,12 @@ $M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto 
     --ptq default --out $R/bench_resnet56_ft
 # MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
 # (hawq and infoq not run: HAWQ's traces took 15 min on ConvMixer, more here)
-$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco --budgets avg-bits=3:5:1 \
+# (auto: 128 images are one chunk, so its refinement is skipped with a warning)
+$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto --budgets avg-bits=3:5:1 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
+# mpqco's logit form on the same draws (collapses on draw 1: one near-zero true-class logit rules its table)
+$M bench -q --model mobilenetv2 --methods mpqco --mpqco-output logit --budgets avg-bits=3:5:1 \
+    --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2_mpqco_logit
 # ConvMixer: draw 0 of six methods (a second draw not run yet)
 $M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq --budgets avg-bits=3:5:1 \
     --ptq default --out $R/bench_convmixer
