@@ -118,7 +118,9 @@ $M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco --budg
     --claim "eval-delta > uniform;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;uniform" \
     --claim "clado-diag > uniform;$R/bench_mobilenetv2;clado-diag;$R/bench_mobilenetv2;uniform" \
     --claim "mpqco > uniform;$R/bench_mobilenetv2;mpqco;$R/bench_mobilenetv2;uniform" \
-    --claim "eval-delta > clado-diag;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;clado-diag"
+    --claim "eval-delta > clado-diag;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;clado-diag" \
+    --claim "auto > uniform;$R/bench_mobilenetv2;auto;$R/bench_mobilenetv2;uniform" \
+    --claim "mpqco (prob) > mpqco (logit);$R/bench_mobilenetv2;mpqco;$R/bench_mobilenetv2_mpqco_logit;mpqco"
 # ONNX export checked in onnxruntime: a MobileNetV2 plan (first 100 test images) and a MiniLM plan
 $M export --model mobilenetv2 --plan $R/bench_mobilenetv2/plans/eval-delta/avg-bits=4/plan.json --out \
     /tmp/mobilenetv2.onnx --check --limit 100
@@ -128,5 +130,5 @@ $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-b
 $M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
-    $R/bench_mobilenetv2 $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
+    $R/bench_mobilenetv2 $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
     $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md
