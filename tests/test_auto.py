@@ -66,3 +66,26 @@ def test_auto_with_a_small_calibration_set_skips_refinement_with_a_warning():
     assert "refinement skipped" in res.table.meta["refine"]["skipped"]
     assert any("refinement skipped" in w for w in res.plan.provenance["warnings"])
     assert not any(t["method"].endswith("+ refine") for t in res.table.trials)
+
+
+def test_auto_passes_candidate_flags_to_its_candidates():
+    """`--method auto --mpqco-output logit` runs auto's mpqco candidate with that option (and the plan
+    records it); a flag no candidate has, or an option for a method that is not a candidate, is an error."""
+    opts = api.method_options_for(["auto"], {"mpqco_output": "logit", "methods": "mpqco", "refine": 0,
+                                             "heldout": 256})["auto"]
+    assert opts.candidate_map() == {"mpqco": {"mpqco_output": "logit"}}
+    tables = {}
+    for form in ("logit", "prob"):
+        o = opts.replace(candidate_options={"mpqco": {"mpqco_output": form}})
+        res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=o, **KW)
+        direct = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "mpqco", options={"mpqco_output": form}, **KW)
+        assert res.table.w == direct.table.w
+        assert res.plan.method_params["candidate_options"] == f'{{"mpqco": {{"mpqco_output": "{form}"}}}}'
+        tables[form] = res.table.w
+    assert tables["logit"] != tables["prob"]  # the option reached the candidate
+    with pytest.raises(mpqkit.errors.MpqkitError, match="--psd is an option of clado"):
+        api.method_options_for(["auto"], {"psd": "project"})
+    with pytest.raises(mpqkit.errors.MpqkitError, match="not one of its candidates"):
+        api.method_options_for(["auto"], {"candidate_options": '{"clado": {}}'})
+    with pytest.raises(mpqkit.errors.MpqkitError, match="not JSON"):
+        api.method_options_for(["auto"], {"candidate_options": "{mpqco"})

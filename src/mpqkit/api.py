@@ -379,6 +379,9 @@ def method_options_for(methods: Sequence[str], given: Mapping[str, Any]) -> dict
         mine = {k: v for k, v in given.items() if k in fields}
         used |= set(mine)
         out[name] = m.make_options(mine)
+    if "auto" in out:  # the flags of auto's candidate methods go to those candidates
+        out["auto"], passed = _auto_candidate_options(out["auto"], given)
+        used |= passed
     unused = sorted(set(given) - used)
     if unused:
         from .sensitivity.options import field_flag
@@ -391,6 +394,19 @@ def method_options_for(methods: Sequence[str], given: Mapping[str, Any]) -> dict
                  for k in unused]
         raise MpqkitError(f"{'; '.join(parts)}, not of {', '.join(methods)}")
     return out
+
+
+def _auto_candidate_options(auto: MethodOptions, given: Mapping[str, Any]) -> tuple[MethodOptions, set[str]]:
+    """auto's options with each candidate method's given flags merged into ``candidate_options``
+    (explicit ``--auto-options`` entries win); also the names of the flags so passed on."""
+    cands = auto.candidate_map()  # type: ignore[attr-defined]
+    passed = set()
+    for m in [METHODS.get(n.strip()) for n in auto.methods.split(",") if n.strip()]:  # type: ignore[attr-defined]
+        mine = {f.name: given[f.name] for f in m.options.option_fields() if f.name in given}
+        if mine:
+            cands[m.name] = {**mine, **cands.get(m.name, {})}
+            passed |= set(mine)
+    return (auto.replace(candidate_options=cands) if passed else auto), passed
 
 
 def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str], budgets: Sequence[str],

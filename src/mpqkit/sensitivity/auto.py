@@ -14,6 +14,7 @@ The table of what was tried (method, held-out loss and top-1, seconds) travels i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -41,6 +42,11 @@ class AutoOptions(MethodOptions):
                           "on which the plans are compared (default 1024)")
     refine: int = option(60, flag="--auto-refine", help="auto: probes for refining the chosen plan (default 60; "
                          "0: no refinement)")
+    candidate_options: str = option("", flag="--auto-options", type=lambda v: v,
+                                    help="auto: the candidate methods' options as JSON, e.g. "
+                                         "'{\"mpqco\": {\"mpqco_output\": \"logit\"}}'; a candidate's own flags "
+                                         "(e.g. --mpqco-output) given beside --method auto land here "
+                                         "(default: each candidate's defaults)")
 
     def __post_init__(self) -> None:
         positive("heldout", self.heldout, "auto")
@@ -50,6 +56,31 @@ class AutoOptions(MethodOptions):
             raise MpqkitError("option 'methods' of method 'auto' names no method")
         if "auto" in names:
             raise MpqkitError("option 'methods' of method 'auto' cannot include auto itself")
+        # canonical JSON (sorted, each candidate's options checked by its own class), so the plan records it
+        object.__setattr__(self, "candidate_options", json.dumps(self.candidate_map(), sort_keys=True)
+                           if self.candidate_options else "")
+
+    def candidate_map(self) -> dict[str, dict]:
+        """Per candidate method (canonical name), its given options; unknown methods or options are errors."""
+        raw = self.candidate_options
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError as e:
+                raise MpqkitError(f"option 'candidate_options' of method 'auto' is not JSON ({e}): {raw!r}") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+            raise MpqkitError("option 'candidate_options' of method 'auto' must map method names to option "
+                              f"mappings, e.g. {{\"mpqco\": {{\"mpqco_output\": \"logit\"}}}}; got {raw!r}")
+        names = {METHODS.get(m.strip()).name for m in self.methods.split(",") if m.strip()}
+        out = {}
+        for m, values in raw.items():
+            name = METHODS.get(m).name
+            if name not in names:
+                raise MpqkitError(f"option 'candidate_options' of method 'auto' names {name}, which is not one of "
+                                  f"its candidates ({', '.join(sorted(names))}; see --auto-methods)")
+            METHODS.get(name).make_options(values)  # refuses unknown names and bad values now
+            out[name] = dict(sorted(values.items()))
+        return out
 
 
 @METHODS.register("auto", "runs the cheap methods, keeps the plan with the lowest loss on held-out images, "
@@ -64,6 +95,7 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     if ctx.search_a:
         raise MpqkitError("method 'auto' searches weight bits (use --search w)")
     names = [METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()]
+    given = opts.candidate_map()
     if ctx.load_heldout is None:
         raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")
     held = ctx.load_heldout(opts.heldout)
@@ -76,7 +108,7 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     for name in names:
         m = METHODS.get(name)
         t0 = time.perf_counter()
-        sub = dataclasses.replace(ctx, options=m.make_options(None))
+        sub = dataclasses.replace(ctx, options=m.make_options(given.get(name)))
         try:
             table = m.sensitivity(sub) if m.sensitivity is not None else None
             sol = m.solver(SolveRequest(problem=ctx.problem, table=table, options=sub.options, has_budget=True,
