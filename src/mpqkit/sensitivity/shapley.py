@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.cache import ProbeCache
+from ..errors import MpqkitError
 from ..evaluation import evaluate_model
 from ..quant.config import QuantConfig
 from ..quant.observers import QuantSpec, weight_qparams
@@ -88,10 +89,12 @@ from .solvers import supernet as supernet_solver
 from .gradients import require_weight_search
 
 log = logging.getLogger("mpqkit")
-SUPERNET_VERSION = 4  # bump when a change alters supernet results (part of the records' key)
+SUPERNET_VERSION = 5  # bump when a change alters supernet results (part of the records' key)
 PENALTIES = ("budget", "bits")
 PREFIX_LIMIT_BYTES = 2 * 2**30  # Shapley prefix runs keep at most this much; beyond, full forwards
 VALUES = ("soft", "top1")
+GAMES = ("global", "layer")
+LAYER_GAME_MAX_BITS = 10  # the layer game evaluates 2^n coalitions per layer
 
 
 @dataclass(frozen=True)
@@ -112,16 +115,17 @@ class SupernetConfig:
     seed: int = 0
     ranges: str = "step"  # quantizer ranges measured every training step, or once per epoch ("epoch")
     penalty: str = "budget"  # |E[cost]/budget - 1| (the run's budget), or E[avg bits]/max bits ("bits")
+    game: str = "global"  # Shapley game: all (layer, bits) players by Monte Carlo, or exact per layer ("layer")
 
     def __post_init__(self) -> None:
-        from ..errors import MpqkitError
-
         if self.ranges not in ("step", "epoch"):
             raise MpqkitError(f"supernet ranges must be 'step' or 'epoch', got {self.ranges!r}")
         if self.value not in VALUES:
             raise MpqkitError(f"Shapley value must be one of {', '.join(VALUES)}, got {self.value!r}")
         if self.penalty not in PENALTIES:
             raise MpqkitError(f"supernet penalty must be one of {', '.join(PENALTIES)}, got {self.penalty!r}")
+        if self.game not in GAMES:
+            raise MpqkitError(f"Shapley game must be one of {', '.join(GAMES)}, got {self.game!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SupernetConfig":
@@ -130,8 +134,6 @@ class SupernetConfig:
         presets = {"quick": {"lr_alpha": 0.05}, "full": {"train_size": 50_000, "epochs": 30, "warmup": 10, "permutations": 10,
                                          "val_size": 1000}}
         if name not in presets:
-            from ..errors import MpqkitError
-
             raise MpqkitError(f"unknown SMPQ preset '{name}': use quick or full")
         return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -159,6 +161,15 @@ class SupernetOptions(MethodOptions):
     value: str = option("soft", choices=VALUES, flag="--shapley-value",
                         help="value of a Shapley coalition: soft = exp(−mean cross-entropy) of the supernet on the "
                              "batch, a continuous accuracy (default); top1 = its top-1 (the paper's)")
+    game: str = option("global", choices=GAMES, flag="--shapley-game",
+                       help="Shapley game: global = every (layer, bits) candidate a player, Monte-Carlo "
+                            "permutations (Shapley-NAS; default); layer = per layer its bit candidates the players, "
+                            "the other layers at their full mixtures, computed exactly (2^n coalitions per layer: "
+                            "no sampling noise)")
+    score: str = option("alpha", choices=("alpha", "shapley"), flag="--smpq-score",
+                        help="smpq: choose by α + α_s (the Shapley-updated α; default) or by the Shapley values "
+                             "themselves, averaged over the post-warm-up epochs: argmax per layer, and over budget "
+                             "the ILP maximising their sum")
     select: str = option("argmax", choices=("argmax", "ilp"),
                          help="argmax α per layer (default; the ILP only when over budget) or always the ILP on "
                               "−log softmax(α) with the plan spending ≥ 98 %% of the budget: the most probable plan "
@@ -173,7 +184,7 @@ class SupernetOptions(MethodOptions):
     def config(self, seed: int) -> SupernetConfig:
         return SupernetConfig.preset(self.preset, train_size=self.train_size, epochs=self.epochs,
                                      warmup=self.warmup, permutations=self.permutations, lam=self.lam, seed=seed,
-                                     ranges=self.ranges, penalty=self.penalty, value=self.value)
+                                     ranges=self.ranges, penalty=self.penalty, value=self.value, game=self.game)
 
 
 # ------------------------------------------------------------------ Monte-Carlo Shapley
@@ -206,6 +217,27 @@ def shapley_mc(players: Sequence, value: Callable[[frozenset], float], permutati
     mean = {p: float(np.mean(v)) for p, v in samples.items()}
     std = {p: float(np.std(v)) for p, v in samples.items()}
     return mean, std, {p: mean[p] - std[p] for p in players}
+
+
+def shapley_layer_exact(n_layers: int, n_bits: int, value: Callable[[frozenset], float]) -> dict:
+    """Exact Shapley values of the per-layer games: for layer i the players are its ``n_bits``
+    candidates, every other layer keeps all of its candidates (players ``(layer, bits index)`` as in
+    ``shapley_mc``). Each layer's 2^n coalitions are evaluated once, in layer order (so a prefix
+    runner starts every evaluation at that layer), and φ_j = Σ_{S ∌ j} |S|!(n−|S|−1)!/n! ·
+    (v(S ∪ {j}) − v(S)). Deterministic: no permutations, no sampling noise."""
+    if n_bits > LAYER_GAME_MAX_BITS:
+        raise MpqkitError(f"the layer Shapley game evaluates 2^n coalitions per layer; {n_bits} bit candidates are "
+                          f"too many (at most {LAYER_GAME_MAX_BITS}): use --shapley-game global")
+    weight = [math.factorial(k) * math.factorial(n_bits - k - 1) / math.factorial(n_bits) for k in range(n_bits)]
+    everyone = frozenset((i, j) for i in range(n_layers) for j in range(n_bits))
+    out = {}
+    for i in range(n_layers):
+        others = everyone - {(i, j) for j in range(n_bits)}
+        v = [value(others | {(i, j) for j in range(n_bits) if mask >> j & 1}) for mask in range(2 ** n_bits)]
+        for j in range(n_bits):
+            out[(i, j)] = float(sum(weight[bin(mask).count("1")] * (v[mask | 1 << j] - v[mask])
+                                    for mask in range(2 ** n_bits) if not mask >> j & 1))
+    return out
 
 
 # ------------------------------------------------------------------ supernet
@@ -522,9 +554,11 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
             row["shapley_s"] = time.perf_counter() - t1
             # noise of the estimate: |mean| over its standard error (median over candidates), and the
             # share of candidates whose mean − std is negative (std larger than the mean itself)
-            m_, s_ = np.array(list(mean_.values())), np.array(list(std_.values()))
-            row["shapley_snr"] = float(np.median(np.abs(m_) / (s_ / math.sqrt(cfg.permutations) + 1e-12)))
-            row["shapley_negative"] = float(np.mean(m_ - s_ < 0))
+            if cfg.game == "global":  # the layer game is exact: no sampling noise to report
+                m_, s_ = np.array(list(mean_.values())), np.array(list(std_.values()))
+                row["shapley_snr"] = float(np.median(np.abs(m_) / (s_ / math.sqrt(cfg.permutations) + 1e-12)))
+                row["shapley_negative"] = float(np.mean(m_ - s_ < 0))
+            row["shapley_grid"] = shap  # raw values: SMPQ's --smpq-score shapley averages them
             # how far Shapley moved the choice: layers whose argmax of α + α_s differs from argmax α
             row["shapley_moved_layers"] = int(((sup.alpha.detach() + alpha_s).argmax(1)
                                                != sup.alpha.detach().argmax(1)).sum())
@@ -538,7 +572,9 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
         est, _, _ = _shapley(sup, val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
         shap = _grid(est, len(sup.layers), len(sup.bits))
+    grids = [r["shapley_grid"] for r in history if "shapley_grid" in r] or [shap]
     result = {"alpha": alpha.tolist(), "alpha_s": final_alpha_s.tolist(), "shapley": shap,
+              "shapley_mean": np.mean(np.asarray(grids, dtype=float), axis=0).tolist(),
               "history": history, "layers": list(sup.layers), "bits": list(sup.bits), "config": asdict(cfg),
               "budget_targeted": budget is not None,
               "quantizer": ctx.qconfig.to_dict(), "train_images": len(data)}
@@ -650,7 +686,11 @@ def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
             except ValueError as e:  # untraceable, or too large to keep: a full forward per coalition (same values)
                 log.info("smpq: Shapley values by full forwards (%s)", e)
                 value = full_forward
-            mean, std, est = shapley_mc(players, value, cfg.permutations, cfg.truncate, seed)
+            if cfg.game == "layer":
+                est = shapley_layer_exact(len(sup.layers), len(sup.bits), value)
+                mean, std = est, {p: 0.0 for p in est}
+            else:
+                mean, std, est = shapley_mc(players, value, cfg.permutations, cfg.truncate, seed)
     finally:
         for m in sup.mixers:
             m.freeze(False)
@@ -668,12 +708,19 @@ def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
     budget, the ILP cost −log softmax of the same parameters: the plan the method's own distribution
     rates most probable among those within the budget (the argmax plan when it fits)."""
     layers, bits = run["layers"], run["bits"]
-    choice = np.asarray(run["alpha_s"] if which == "smpq" else run["alpha"], dtype=float)
-    z = choice - choice.max(1, keepdims=True)
-    cost = -(z - np.log(np.exp(z).sum(1, keepdims=True)))
+    by_shapley = which == "smpq" and getattr(ctx.options, "score", "alpha") == "shapley"
+    if by_shapley:  # the Shapley values themselves: the plan maximising their sum within the budget
+        choice = np.asarray(run.get("shapley_mean", run["shapley"]), dtype=float)
+        cost = choice.max(1, keepdims=True) - choice
+        score = "max Shapley - Shapley (mean over the post-warm-up epochs)"
+    else:
+        choice = np.asarray(run["alpha_s"] if which == "smpq" else run["alpha"], dtype=float)
+        z = choice - choice.max(1, keepdims=True)
+        cost = -(z - np.log(np.exp(z).sum(1, keepdims=True)))
+        score = "-log softmax(alpha + alpha_s)" if which == "smpq" else "-log softmax(alpha)"
     w = {f: {b: float(cost[i, j]) for j, b in enumerate(bits)} for i, f in enumerate(layers)}
     argmax = {f: bits[int(np.argmax(choice[i]))] for i, f in enumerate(layers)}
-    meta = {"score": "-log softmax(alpha + alpha_s)" if which == "smpq" else "-log softmax(alpha)",
+    meta = {"score": score, "shapley_mean": run.get("shapley_mean"),
             "alpha": run["alpha"], "alpha_s": run["alpha_s"], "shapley": run["shapley"], "history": run["history"],
             "supernet_config": run["config"], "supernet_quantizer": run["quantizer"],
             "train_images": run["train_images"], "budget_targeted": run.get("budget_targeted", False)}
