@@ -50,6 +50,21 @@ def test_hutchinson_matches_exact_trace_and_is_seed_stable():
     assert info["iterations"] <= 250 and not info["fisher_fallback"]
 
 
+def test_hutchinson_in_smaller_chunks_for_large_inputs_gives_the_same_traces(monkeypatch):
+    """The Hessian-vector chunk shrinks with the input size (memory), never the result."""
+    from mpqkit.sensitivity import hessian
+
+    assert hessian.hvp_chunk(torch.zeros(4, 3, 224, 224)) == 32 and hessian.hvp_chunk(torch.zeros(4, 3, 32, 32)) == 128
+    model = make_tiny()
+    data = tiny_data(model, n=96)
+    ctx = _ctx(model, data, ["conv3", "fc"])
+    one, _ = hutchinson_traces(ctx, n_samples=96, max_iter=20, tol=1e-3, seed=0)
+    monkeypatch.setattr(hessian, "HVP_CHUNK_ELEMENTS", 24 * 3 * 8 * 8)  # 24 images per chunk: 4 chunks
+    assert hessian.hvp_chunk(data.images) == 24
+    four, _ = hutchinson_traces(ctx, n_samples=96, max_iter=20, tol=1e-3, seed=0)
+    assert four == pytest.approx(one, rel=1e-4)
+
+
 class _NoSecondDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -15,6 +15,7 @@ import logging
 import time
 
 import torch
+from torch import Tensor
 
 from dataclasses import dataclass
 
@@ -65,12 +66,23 @@ def _fisher_traces(model, params, names, ctx, n_samples: int) -> dict[str, float
     return {f: v / max(n, 1) for f, v in acc.items()}
 
 
+HVP_CHUNK_ELEMENTS = 32 * 3 * 224 * 224  # input elements per Hessian-vector chunk (32 ImageNet images)
+
+
+def hvp_chunk(images: Tensor) -> int:
+    """Images per chunk of a Hessian-vector product: the double backward keeps the whole graph of a
+    chunk alive, so the chunk shrinks with the input size (128 CIFAR images, 32 at 224 × 224: the
+    128-image ImageNet chunk was killed for memory on a 24 GiB machine)."""
+    per = max(1, images[0].numel()) if len(images) else 1
+    return max(1, min(128, HVP_CHUNK_ELEMENTS // per))
+
+
 def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 200, tol: float = 1e-2,
                       patience: int = 3, min_iter: int = 10, seed: int = 0) -> tuple[dict[str, float], dict]:
     """Per-layer Hessian traces of the calibration loss; returns (traces, info)."""
     model, params = grad_model(ctx)
     n = min(n_samples, len(ctx.calib_images))
-    chunks = list(calib_chunks(ctx, n))
+    chunks = list(calib_chunks(ctx, n, chunk=hvp_chunk(ctx.calib_images)))
     gen = torch.Generator().manual_seed(seed)
     names = list(params)
     failed: list[str] = []
