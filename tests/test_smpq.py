@@ -359,3 +359,29 @@ def test_prefix_values_fall_back_to_full_forwards_beyond_the_memory_limit(monkey
         monkeypatch.setattr(sh, "PREFIX_LIMIT_BYTES", 1000)
         with pytest.raises(ValueError, match="MiB"):
             sh._PrefixValue(sup, val, "soft")
+
+
+def test_shapley_on_pretrained_weights_plays_on_the_model_the_plan_is_applied_to(tmp_path, monkeypatch):
+    """--shapley-weights pretrained: the game mixes the pretrained weights with the trained α (the
+    supernet's own weights drift during training and are co-trained with α's favourite bits)."""
+    import torch
+
+    seen = []
+    real = sh._shapley
+
+    def spy(net, val, cfg, seed):
+        seen.append(({k: v.clone() for k, v in net.net.state_dict().items()}, net.alpha.detach().clone()))
+        return real(net, val, cfg, seed)
+
+    monkeypatch.setattr(sh, "_shapley", spy)
+    opts = {"train_size": 600, "epochs": 2, "warmup": 1, "game": "layer"}
+    kw = dict(calib_size=128, progress=False, cache_dir=str(tmp_path))
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "smpq", options={**opts, "shapley_weights": "pretrained"},
+                        **kw)
+    pre = mpqkit.api.load_model("digits-cnn", mpqkit.api.resolve_settings(None, {})).model.state_dict()
+    weights, alpha = seen[-1]
+    assert all(torch.equal(weights[k], pre[k]) for k in pre)  # the pretrained weights, untouched
+    assert torch.allclose(alpha, torch.tensor(res.table.meta["alpha"]))  # mixed by the trained α
+    mpqkit.search("digits-cnn", "digits", "avg-bits=3", "smpq", options=opts, **kw)  # the default: supernet weights
+    weights, _ = seen[-1]
+    assert not all(torch.equal(weights[k], pre[k]) for k in pre)

@@ -100,6 +100,7 @@ PENALTIES = ("budget", "bits")
 PREFIX_LIMIT_BYTES = 2 * 2**30  # Shapley prefix runs keep at most this much; beyond, full forwards
 VALUES = ("soft", "top1")
 GAMES = ("global", "layer")
+SHAPLEY_WEIGHTS = ("supernet", "pretrained")
 LAYER_GAME_MAX_BITS = 10  # the layer game evaluates 2^n coalitions per layer
 
 
@@ -122,6 +123,7 @@ class SupernetConfig:
     ranges: str = "step"  # quantizer ranges measured every training step, or once per epoch ("epoch")
     penalty: str = "budget"  # |E[cost]/budget - 1| (the run's budget), or E[avg bits]/max bits ("bits")
     game: str = "global"  # Shapley game: all (layer, bits) players by Monte Carlo, or exact per layer ("layer")
+    shapley_weights: str = "supernet"  # the game's weights: the supernet's trained ones, or the pretrained ones
 
     def __post_init__(self) -> None:
         if self.ranges not in ("step", "epoch"):
@@ -132,6 +134,9 @@ class SupernetConfig:
             raise MpqkitError(f"supernet penalty must be one of {', '.join(PENALTIES)}, got {self.penalty!r}")
         if self.game not in GAMES:
             raise MpqkitError(f"Shapley game must be one of {', '.join(GAMES)}, got {self.game!r}")
+        if self.shapley_weights not in SHAPLEY_WEIGHTS:
+            raise MpqkitError(f"Shapley weights must be one of {', '.join(SHAPLEY_WEIGHTS)}, got "
+                              f"{self.shapley_weights!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SupernetConfig":
@@ -172,6 +177,10 @@ class SupernetOptions(MethodOptions):
                             "permutations (Shapley-NAS; default); layer = per layer its bit candidates the players, "
                             "the other layers at their full mixtures, computed exactly (2^n coalitions per layer: "
                             "no sampling noise)")
+    shapley_weights: str = option("supernet", choices=SHAPLEY_WEIGHTS, flag="--shapley-weights",
+                                  help="weights the Shapley game quantizes: the supernet's trained ones (default; "
+                                       "co-trained with α's mixture) or the pretrained ones the plan is applied "
+                                       "to (mixed by the trained α)")
     score: str = option("alpha", choices=("alpha", "shapley"), flag="--smpq-score",
                         help="smpq: choose by α + α_s (the Shapley-updated α; default) or by the Shapley values "
                              "themselves, averaged over the post-warm-up epochs: argmax per layer, and over budget "
@@ -190,7 +199,8 @@ class SupernetOptions(MethodOptions):
     def config(self, seed: int) -> SupernetConfig:
         return SupernetConfig.preset(self.preset, train_size=self.train_size, epochs=self.epochs,
                                      warmup=self.warmup, permutations=self.permutations, lam=self.lam, seed=seed,
-                                     ranges=self.ranges, penalty=self.penalty, value=self.value, game=self.game)
+                                     ranges=self.ranges, penalty=self.penalty, value=self.value, game=self.game,
+                                     shapley_weights=self.shapley_weights)
 
 
 # ------------------------------------------------------------------ Monte-Carlo Shapley
@@ -461,8 +471,11 @@ def _run_spec(ctx: SearchContext, cfg: SupernetConfig, data_sha: str,
               budget: _BudgetPenalty | None) -> dict[str, Any]:
     """What, besides the engine's cache context (model weights, calibration data, quantizer config,
     seed, engine version), decides the run's result (with a budget-targeted penalty: the budget)."""
+    config = asdict(cfg)
+    if cfg.shapley_weights == "supernet":  # the default: runs recorded before the option keep their key
+        del config["shapley_weights"]
     return {"version": SUPERNET_VERSION, "layers": list(ctx.searched), "bits": list(ctx.w_bits),
-            "config": asdict(cfg), "train_data": data_sha, "qconfig": ctx.qconfig.to_dict(),
+            "config": config, "train_data": data_sha, "qconfig": ctx.qconfig.to_dict(),
             "device": torch.device(ctx.device).type, "budget_costs": None if budget is None else budget.spec()}
 
 
@@ -493,6 +506,18 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
                 torch.optim.Adam([sup.alpha], lr=cfg.lr_alpha))
 
     sup, opt_w, opt_a = fresh()
+    pretrained: list[Supernet] = []
+
+    def game_net(trained: Supernet) -> Supernet:
+        """The supernet the Shapley game plays on: the trained one, or the pretrained weights mixed by its α."""
+        if cfg.shapley_weights == "supernet":
+            return trained
+        if not pretrained:
+            pretrained.append(Supernet(ctx.model, ctx.searched, ctx.w_bits, ctx.qconfig).to(dev).eval())
+        with torch.no_grad():
+            pretrained[0].alpha.copy_(trained.alpha)
+        return pretrained[0]
+
     numel = torch.tensor([float(ctx.model.get_submodule(f).weight.numel()) for f in ctx.searched], device=dev)
     alpha_s = torch.zeros_like(sup.alpha)
     mom = torch.zeros_like(sup.alpha)
@@ -551,7 +576,7 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
             row["budget_usage"] = float(budget.usage(sup.alpha.detach()))
         if epoch >= cfg.warmup:
             t1 = time.perf_counter()
-            est, mean_, std_ = _shapley(sup, val, cfg, seed=cfg.seed * 1000 + epoch)
+            est, mean_, std_ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + epoch)
             shap = _grid(est, len(sup.layers), len(sup.bits))
             v = torch.tensor(shap, device=dev)
             vhat = v / (v.abs().sum(1, keepdim=True) + 1e-12)
@@ -576,7 +601,7 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     alpha = sup.alpha.detach().cpu()
     final_alpha_s = alpha + alpha_s.cpu()
     if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
-        est, _, _ = _shapley(sup, val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
+        est, _, _ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
         shap = _grid(est, len(sup.layers), len(sup.bits))
     grids = [r["shapley_grid"] for r in history if "shapley_grid" in r] or [shap]
     result = {"alpha": alpha.tolist(), "alpha_s": final_alpha_s.tolist(), "shapley": shap,
