@@ -121,6 +121,29 @@ def test_infoq_scores_follow_information_loss_and_target():
     assert 0.5 < lab.table.meta["smi_ref"]["fc"] < 2.31
 
 
+def test_infoq_auto_target_leaves_labels_with_too_few_images_per_class():
+    """With (nearly) one image per class the k-NN MI against the labels is 0 for every layer; the
+    default target then measures against the fp embedding and says so in the plan."""
+    import torch
+
+    from mpqkit.sensitivity.infoflow import _auto_target
+
+    assert _auto_target(torch.arange(10).repeat(20), 3, "knn") == ("labels", None)
+    target, why = _auto_target(torch.arange(128), 3, "knn")
+    assert target == "input" and "too few" in why
+    data = mpqkit.zoo.load_data("digits", "train")
+    n = 60  # about 6 images of each digit: enough others of its class for k = 2, not for k = 20
+    kw = dict(calib_size=n, progress=False)
+    res = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq", options={"projections": 16, "knn_k": 20}, **kw)
+    assert res.table.meta["target_used"] == "input"
+    assert any("too few for the k-NN MI" in w for w in res.plan.provenance["warnings"])
+    forced = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq",
+                           options={"projections": 16, "knn_k": 20, "target": "input"}, **kw)
+    assert forced.table.w == res.table.w
+    ok = mpqkit.search("digits-cnn", data, "avg-bits=3", "infoq", options={"projections": 16, "knn_k": 2}, **kw)
+    assert ok.table.meta["target_used"] == "labels" and "warnings" not in ok.plan.provenance
+
+
 def test_infoq_observer_choice_and_resume(tmp_path):
     cache = {"cache_dir": str(tmp_path)}
     kw = dict(calib_size=256, progress=False, **cache)
