@@ -70,16 +70,20 @@ $M bench -q --model resnet20 --methods mixquant --mixquant-rule relative --budge
 $M bench -q --model resnet20 --methods mixquant --mixquant-rule weighted --budgets "$AVG" --ptq default \
     --splits test --draws 3 --out $R/draws_resnet20_mixquant_weighted
 # MixQuant + BRECQ vs uniform + BRECQ at equal size (avg-bits 3: uniform+BRECQ has 5 draws above)
-$M bench -q --model resnet20 --methods mixquant --budgets "avg-bits=3;avg-bits=4" --ptq brecq --splits test \
-    --draws 1 --out $R/draws_resnet20
-$M bench -q --model resnet20 --methods uniform --budgets avg-bits=4 --ptq brecq --splits test --draws 1 \
-    --out $R/draws_resnet20
+$M bench -q --model resnet20 --methods mixquant,uniform --budgets "avg-bits=3;avg-bits=4" --ptq brecq --splits test \
+    --draws 3 --out $R/draws_resnet20
 # SMPQ and DMPQ (quick preset; one supernet per budget and draw, ~10-15 min of 2 cores each): the papers'
 # argmax pick, and --select ilp (the most probable plan spending >= 98 % of the budget: equal size)
 $M bench -q --model resnet20 --methods smpq,dmpq,uniform --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 1 --out $R/draws_resnet20_smpq
 $M bench -q --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 1 --out $R/draws_resnet20_smpq_fill
+# the exact per-layer Shapley game (no sampling noise), on the supernet's weights and on the pretrained ones,
+# plan by the Shapley values (avg-bits 3, draw 0; the avg-bits 4 runs were stopped for CPU time: see note.md)
+$M bench -q --model resnet20 --methods smpq --shapley-game layer --smpq-score shapley --budgets avg-bits=3 \
+    --ptq default --splits test --draws 1 --out $R/draws_resnet20_smpq_layer
+$M bench -q --model resnet20 --methods smpq --shapley-game layer --shapley-weights pretrained --smpq-score shapley \
+    --budgets avg-bits=3 --ptq default --splits test --draws 1 --out $R/draws_resnet20_smpq_layer_pretrained
 # the seed methods' claims, each as a paired difference over the draws above
 .venv/bin/python benchmarks/claims.py --out $R/draws_resnet20/paired_claims.md \
     --claim "CLADO > CLADO-diag;$R/draws_resnet20_clado;clado;$R/draws_resnet20_clado;clado-diag" \
@@ -101,19 +105,22 @@ $M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto 
 # MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
 # (hawq and infoq not run: HAWQ's traces took 15 min on ConvMixer, more here)
 # (auto: 128 images are one chunk, so its refinement is skipped with a warning)
-$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto --budgets avg-bits=3:5:1 \
-    --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
+# hawq with 32 of the 128 images (its Hessian-vector products on 224 x 224 inputs: CPU time)
+$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
+    --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
 # mpqco's logit form on the same draws (collapses on draw 1: one near-zero true-class logit rules its table)
 $M bench -q --model mobilenetv2 --methods mpqco --mpqco-output logit --budgets avg-bits=3:5:1 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2_mpqco_logit
 # ConvMixer: draw 0 of six methods (a second draw not run yet)
-$M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq --budgets avg-bits=3:5:1 \
-    --ptq default --out $R/bench_convmixer
+$M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq,auto --budgets avg-bits=3:5:1 \
+    --ptq default --draws 2 --out $R/bench_convmixer
+$M bench -q --model convmixer --methods uniform,eval-delta,auto --budgets avg-bits=3 --ptq brecq --draws 1 \
+    --out $R/bench_convmixer
 # MiniLM-L6 on SST-2 (needs `make text`) and EfficientNet-Lite0 (the [zoo] extra): one draw
-$M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,clado-diag --budgets avg-bits=4:6:2 \
-    --ptq default --splits test --calib-size 128 --out $R/bench_minilm_sst2
-$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco --budgets avg-bits=4:6:2 \
-    --ptq default --splits test --calib-size 128 --out $R/bench_efficientnet_lite0
+$M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=4:6:2 \
+    --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_minilm_sst2
+$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco,auto --budgets avg-bits=4:6:2 \
+    --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_efficientnet_lite0
 .venv/bin/python benchmarks/claims.py --out $R/bench_mobilenetv2/paired_claims.md --title "MobileNetV2: mixed plans vs uniform, paired over calibration draws" \
     --claim "eval-delta > uniform;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;uniform" \
     --claim "clado-diag > uniform;$R/bench_mobilenetv2;clado-diag;$R/bench_mobilenetv2;uniform" \
@@ -128,7 +135,7 @@ $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-b
     /tmp/minilm.onnx --check
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_clado \
-    $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill \
+    $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
     $R/bench_mobilenetv2 $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
     $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md

@@ -66,6 +66,14 @@ then moved by up to 6.9 against α's spread of 3.2) made SMPQ's plan 67.2 %. At 
 (the default) the Shapley term moved no layer's argmax in the runs at avg-bits 3 and 4: SMPQ's plans
 were DMPQ's. An estimate that can steer the choice needs |mean| of several standard errors, i.e. ~6×
 the permutations (the full preset on a GPU; the prefix runs above make each one 2.3× cheaper).
+The exact layer game removes that noise but not the problem (issue 16, same draw, avg-bits 3, plan by
+``--smpq-score shapley``): on the supernet's weights 83.26 % (DMPQ 83.80 %), on the pretrained weights
+75.62 %. The exact values are not monotone in the bits (``layer3.2.conv1`` on the pretrained weights:
+−0.073 / 0.183 / 0.127 / 0.098 / 0.098 / 0.098 for 2/3/4/5/6/8 bits, α mostly on 3 bits): removing a
+candidate with a small mixing weight hardly changes the layer's weight, so in this game a candidate's
+value follows its share of softmax(α) more than the quality of its bit-width. The defaults stay
+``game="global"``, ``shapley_weights="supernet"``, ``score="alpha"`` (runs in
+``benchmarks/results/draws_resnet20_smpq_layer*``).
 """
 from __future__ import annotations
 
