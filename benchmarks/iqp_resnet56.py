@@ -57,8 +57,8 @@ def main() -> None:
         budget = f"avg-bits={b}"
         prob = Allocation(ledger, searched, BITS, [8], fixed, ledger.resolve(parse_budget(budget)))
         g, lin, _ = quadratic_objective(table, prob)
-        for mode, share in (("RLT MILP bound only (before)", 0.0), ("+ convex bound (default)", 0.15)):
-            sol = solve_iqp(prob, g, lin, time_limit=args.time_limit, bound_share=share)
+        for mode, convex in (("RLT MILP bound only (before)", False), ("+ convex bound (default)", True)):
+            sol = solve_iqp(prob, g, lin, time_limit=args.time_limit, convex=convex)
             row = {"budget": budget, "solver_config": mode, "objective": sol.objective, "bound": sol.bound,
                    "gap": sol.gap, "status": sol.status, "solve_s": sol.seconds,
                    "milp_bound": sol.info.get("milp_bound"), "convex_bound": sol.info.get("convex_bound"),
