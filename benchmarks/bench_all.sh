@@ -109,6 +109,9 @@ $M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto 
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
     --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
 # mpqco's logit form on the same draws (collapses on draw 1: one near-zero true-class logit rules its table)
+# BRECQ on MobileNetV2 (avg-bits 4, draw 0; 500 iterations per block on 128 images)
+$M bench -q --model mobilenetv2 --methods eval-delta,uniform --budgets avg-bits=4 --ptq brecq --splits test \
+    --calib-size 128 --draws 1 --out $R/bench_mobilenetv2_brecq
 $M bench -q --model mobilenetv2 --methods mpqco --mpqco-output logit --budgets avg-bits=3:5:1 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2_mpqco_logit
 # ConvMixer: draw 0 of six methods (a second draw not run yet)
@@ -137,5 +140,5 @@ $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-b
 $M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
-    $R/bench_mobilenetv2 $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
+    $R/bench_mobilenetv2 $R/bench_mobilenetv2_brecq $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
     $R/bench_resnet20 $R/bench_resnet20_clado $R/bench_resnet56 $R/bench_resnet56_clado --markdown docs/RESULTS.md
