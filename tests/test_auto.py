@@ -83,6 +83,8 @@ def test_auto_passes_candidate_flags_to_its_candidates():
         assert res.plan.method_params["candidate_options"] == f'{{"mpqco": {{"mpqco_output": "{form}"}}}}'
         tables[form] = res.table.w
     assert tables["logit"] != tables["prob"]  # the option reached the candidate
+    run = api.method_options_for(["auto"], {"workers": 2})["auto"]  # execution only: reaches eval-delta, not the plan
+    assert run.candidate_map() == {"eval-delta": {"workers": 2}} and run.to_params()["candidate_options"] == ""
     with pytest.raises(mpqkit.errors.MpqkitError, match="--psd is an option of clado"):
         api.method_options_for(["auto"], {"psd": "project"})
     with pytest.raises(mpqkit.errors.MpqkitError, match="not one of its candidates"):

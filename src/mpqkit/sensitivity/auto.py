@@ -56,9 +56,27 @@ class AutoOptions(MethodOptions):
             raise MpqkitError("option 'methods' of method 'auto' names no method")
         if "auto" in names:
             raise MpqkitError("option 'methods' of method 'auto' cannot include auto itself")
-        # canonical JSON (sorted, each candidate's options checked by its own class), so the plan records it
-        object.__setattr__(self, "candidate_options", json.dumps(self.candidate_map(), sort_keys=True)
-                           if self.candidate_options else "")
+        # canonical JSON (sorted, each candidate's options checked by its own class)
+        try:
+            canonical = json.dumps(self.candidate_map(), sort_keys=True) if self.candidate_options else ""
+        except TypeError as e:
+            raise MpqkitError(f"option 'candidate_options' of method 'auto' holds a value JSON cannot carry ({e}); "
+                              "pass it to that method directly") from None
+        object.__setattr__(self, "candidate_options", canonical)
+
+    def to_params(self) -> dict:
+        """As every method's, and of the candidates' options only those that change results (e.g. not
+        ``--workers``), so the same inputs give the same plan bytes on any runner."""
+        out = super().to_params()
+        kept = {}
+        for name, values in self.candidate_map().items():
+            fields = {f.name: f for f in METHODS.get(name).options.option_fields()}
+            mine = {k: v for k, v in values.items()
+                    if not (fields[k].metadata.get("execution") or fields[k].metadata.get("python_only"))}
+            if mine:
+                kept[name] = mine
+        out["candidate_options"] = json.dumps(kept, sort_keys=True) if kept else ""
+        return out
 
     def candidate_map(self) -> dict[str, dict]:
         """Per candidate method (canonical name), its given options; unknown methods or options are errors."""

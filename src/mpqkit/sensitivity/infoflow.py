@@ -10,8 +10,8 @@ of the observer layers j > ℓ. Score (docs/METHODS.md, Eq. 4 as quoted):
 SMI is measured against the labels (``target="labels"``) or against an input embedding
 (``target="input"``: the fp model's penultimate features, or ``embedding=callable`` from Python);
 ``target="auto"`` (default) takes the labels unless the calibration set has too few images per class
-for the k-NN estimator (MobileNetV2's 128 ImageNet images over 725 classes gave SMI 0 for every
-layer and an all-equal table), then the embedding, with a warning in the plan.
+for the k-NN estimator (MobileNetV2's 128 calibration images fell in 120 classes, none with 4 images:
+SMI 0 for every layer and an all-equal table), then the embedding, with a warning in the plan.
 Per-probe SMI values are memoised in the engine's cache, so a killed search resumes.
 """
 from __future__ import annotations

@@ -745,7 +745,8 @@ def _run(ctx: SearchContext) -> dict:
 def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
     """The method's choice per layer (argmax of α + α_s for SMPQ, of α for DMPQ) and, for plans over
     budget, the ILP cost −log softmax of the same parameters: the plan the method's own distribution
-    rates most probable among those within the budget (the argmax plan when it fits)."""
+    rates most probable among those within the budget (the argmax plan when it fits). SMPQ with
+    ``score="shapley"``: the mean Shapley values instead, cost max − value (the ILP maximises their sum)."""
     layers, bits = run["layers"], run["bits"]
     by_shapley = which == "smpq" and getattr(ctx.options, "score", "alpha") == "shapley"
     if by_shapley:  # the Shapley values themselves: the plan maximising their sum within the budget
