@@ -153,7 +153,8 @@ SETTINGS_ARGV = ["--checkpoint", "w.pt", "--models-dir", "m", "--random-init", "
                  "--a-bits", "6", "--fixed", "conv1", "--fixed-bits", "6,6", "--calib-size", "77", "--seed", "9",
                  "--w-per-tensor", "--w-symmetric", "--w-range", "minmax", "--a-symmetric", "--a-range", "percentile",
                  "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33",
-                 "--refine", "12", "--objective", "ce", "--matmul-a-bits", "6"]
+                 "--refine", "12", "--objective", "ce", "--matmul-a-bits", "6",
+                 "--prefix-cache-mb", "64"]
 
 
 @pytest.mark.parametrize("command", ["search", "sweep", "bench", "proxies"])

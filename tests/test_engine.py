@@ -186,3 +186,30 @@ def test_kl_objective_is_divergence_from_the_fp_outputs(tmp_path):
     assert ce.stats["probes_run"] == len(PROBES)
     with pytest.raises(ValueError, match="objective"):
         _engine(model, data, objective="mse")
+
+
+def test_prefix_cache_cap_bounds_kept_tensors_and_never_changes_a_result():
+    """``prefix_cache_mb`` (``--prefix-cache-mb``) bounds the kept layer-cut tensors; with no room at
+    all every probe starts from the input, with the same numbers."""
+    model = make_tiny()
+    data = tiny_data(model)
+    roomy = _engine(model, data, use_cache=False)
+    probes = [{f: (2, None)} for f in ("conv2", "conv3", "conv4", "fc")] + PROBES
+    ref = roomy.run(probes)
+    assert roomy._snapshots  # the default keeps the cut tensors
+    one = max(roomy._snapshot_bytes.values())
+    for cap_mb in (0.0, 1.5 * one / 2**20):
+        tight = _engine(model, data, use_cache=False, prefix_cache_mb=cap_mb)
+        for a, b in zip(ref, tight.run(probes)):
+            _close(a, b)
+        assert sum(tight._snapshot_bytes.values()) <= cap_mb * 2**20
+        assert (len(tight._snapshots) == 0) if cap_mb == 0 else (0 < len(tight._snapshots) < len(roomy._snapshots))
+
+
+def test_prefix_cache_setting_reaches_the_search_engine():
+    from mpqkit import api
+
+    with pytest.raises(Exception, match="prefix-cache-mb"):
+        api.RunSettings(prefix_cache_mb=-1)
+    s = api.RunSettings(prefix_cache_mb=3.0, progress=False, use_cache=False, calib_size=64)
+    assert s.engine_kwargs()["prefix_cache_mb"] == 3.0

@@ -308,3 +308,34 @@ def test_bad_sweep_ranges(spec, match):
 def test_sweep_values_are_exact():
     assert expand_budgets("avg-bits=2.5:4:0.1")[3] == "avg-bits=2.8"
     assert expand_budgets("avg-bits=2.5:4:0.5") == ["avg-bits=2.5", "avg-bits=3", "avg-bits=3.5", "avg-bits=4"]
+
+
+def _write_cifar(root: Path, batches: int = 2, per: int = 30) -> None:
+    """A small CIFAR-10 folder in torchvision's batch layout (random pixels)."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name in [f"data_batch_{i + 1}" for i in range(batches)] + ["test_batch"]:
+        d = {"data": rng.randint(0, 256, (per, 3072), dtype=np.uint8), "labels": list(rng.randint(0, 10, per))}
+        (folder / name).write_bytes(pickle.dumps(d))
+
+
+def test_sample_data_draws_the_same_bytes_without_converting_the_split(tmp_path):
+    """The calibration, held-out and training draws read the uint8 split and convert only the drawn
+    images, to the same tensors (and sha256, hence probe-cache keys) as the draw from the whole split."""
+    from mpqkit.zoo.data import sample_data
+
+    _write_cifar(tmp_path)
+    full = load_data("cifar10", "train", root=tmp_path)
+    assert len(full) == 60
+    for n, seed, offset in ((16, 0, 0), (16, 3, 0), (10, 3, 16), (100, 1, 0), (5, 2, 58)):
+        want = full.sample(n, seed, offset)
+        got = sample_data("cifar10", "train", n, seed, offset, root=tmp_path)
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+        assert got.sha256() == want.sha256() and (got.name, got.split) == ("cifar10", "train")
+    digits_draw = sample_data("digits", "train", 20, 4)  # other datasets: the plain draw
+    assert torch.equal(digits_draw.images, load_data("digits", "train").sample(20, 4).images)

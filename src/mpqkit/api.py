@@ -34,7 +34,7 @@ from .sensitivity.base import METHODS, SearchContext, SensitivityTable, SolveReq
 from .sensitivity.options import MethodOptions
 from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, FIXED_BITS, RunSettings, resolve_settings
 from .solve import Allocation
-from .zoo.data import LabeledData, load_data
+from .zoo.data import LabeledData, load_data, sample_data
 from .zoo.models import FIXED_RESOLUTION, ModelBundle, get_model, state_dict_sha256
 
 log = logging.getLogger("mpqkit")
@@ -83,19 +83,20 @@ def calibration_set(data: str | LabeledData, n: int = CALIB_SIZE, seed: int = 0,
 @functools.lru_cache(maxsize=8)
 def _named_calibration_set(data: str, n: int, seed: int, data_root: str | None, _env: str | None) -> LabeledData:
     """Kept per process: the subset is small, the train split it is drawn from is not."""
-    return load_data(data, "train", root=data_root).sample(n, seed)
+    return sample_data(data, "train", n, seed, root=data_root)
 
 
 def _train_subset(data: str | LabeledData, n: int, seed: int, data_root: str | None) -> LabeledData:
     """Up to ``n`` training images (all of them when the split is smaller), fixed seed."""
-    full = data if isinstance(data, LabeledData) else load_data(data, "train", root=data_root)
-    return full.sample(min(n, len(full)), seed)
+    if isinstance(data, LabeledData):
+        return data.sample(min(n, len(data)), seed)
+    return sample_data(data, "train", n, seed, root=data_root)
 
 
 def _heldout(data: str | LabeledData, calib_n: int, n: int, seed: int, data_root: str | None) -> LabeledData:
     """Up to ``n`` training images disjoint from ``calibration_set(data, calib_n, seed)``."""
-    full = data if isinstance(data, LabeledData) else load_data(data, "train", root=data_root)
-    held = full.sample(n, seed, offset=calib_n)
+    held = data.sample(n, seed, offset=calib_n) if isinstance(data, LabeledData) else \
+        sample_data(data, "train", n, seed, offset=calib_n, root=data_root)
     if len(held) == 0:
         raise DataError(f"no training images are left beside the {calib_n}-image calibration draw for a held-out "
                         f"set: lower --calib-size")

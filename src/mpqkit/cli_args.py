@@ -89,6 +89,9 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g.add_argument("--no-cache", action="store_true", help="do not read or write the probe cache")
     g.add_argument("--batch-size", dest="probe_batch_size", type=int,
                    help="probe batch size (default: ~16 MB for the largest layer input)")
+    g.add_argument("--prefix-cache-mb", type=float,
+                   help="memory for the probe engine's kept layer-cut tensors, in MB (default 2048; lower it on a "
+                        "small machine: slower probes, same results)")
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -102,6 +105,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             kw[name] = getattr(args, name)
     if hasattr(args, "probe_batch_size"):
         kw["batch_size"] = args.probe_batch_size
+    if getattr(args, "prefix_cache_mb", None) is not None:
+        kw["prefix_cache_mb"] = args.prefix_cache_mb
     if hasattr(args, "quiet"):
         kw["progress"] = not args.quiet
     if hasattr(args, "no_cache"):

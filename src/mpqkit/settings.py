@@ -37,6 +37,9 @@ class RunSettings:
     cache_dir: str | None = None  #: probe cache; default $MPQKIT_CACHE, else ~/.cache/mpqkit
     use_cache: bool = True
     batch_size: int | None = None  #: probe batch size (default ~16 MB for the largest layer input)
+    #: memory (MB) for the live tensors the probe engine keeps at layer cuts so later probes start there
+    #: instead of at the input; lower it on a small machine (slower probes, same results)
+    prefix_cache_mb: float = 2048.0
     # -- what is searched
     search: str = "w"  #: "w", "a" or "wa"
     w_candidates: tuple[int, ...] = DEFAULT_W_BITS
@@ -85,6 +88,9 @@ class RunSettings:
             raise MpqkitError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise MpqkitError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if isinstance(self.prefix_cache_mb, bool) or not isinstance(self.prefix_cache_mb, (int, float)) \
+                or not self.prefix_cache_mb >= 0:
+            raise MpqkitError(f"--prefix-cache-mb must be a number of megabytes ≥ 0, got {self.prefix_cache_mb!r}")
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise MpqkitError(f"--refine takes a number of probes ≥ 0, got {self.refine!r}")
         if not self.time_limit > 0:
@@ -103,7 +109,7 @@ class RunSettings:
     def engine_kwargs(self) -> dict[str, Any]:
         """Probe-engine keyword arguments these settings imply."""
         return {"cache_dir": self.cache_dir, "use_cache": self.use_cache, "batch_size": self.batch_size,
-                "progress": self.progress, "objective": self.objective}
+                "progress": self.progress, "objective": self.objective, "prefix_cache_mb": self.prefix_cache_mb}
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "models_dir": self.models_dir, "random_init": self.random_init,
