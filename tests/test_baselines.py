@@ -109,8 +109,17 @@ def test_hawq_falls_back_per_layer_when_double_backward_fails(caplog):
     assert res.table.w["conv1"][2] > res.table.w["conv1"][4] > res.table.w["conv1"][8]
 
 
-@pytest.mark.parametrize("output", ["prob", "logit"])
-def test_mpqco_equals_a_per_sample_loop(output):
+@pytest.mark.parametrize("output,chunk", [("prob", None), ("logit", None), ("prob", 7)])
+def test_mpqco_equals_a_per_sample_loop(output, chunk, monkeypatch):
+    """... whatever the chunk of the vmapped per-sample gradients (it shrinks with the input size:
+    memory, never the result)."""
+    from mpqkit.sensitivity import mpqco
+    from mpqkit.sensitivity.gradients import chunk_size
+
+    assert chunk_size(torch.zeros(2, 3, 224, 224), mpqco.CHUNK_ELEMENTS, 32) == 8
+    assert chunk_size(torch.zeros(2, 3, 32, 32), mpqco.CHUNK_ELEMENTS, 32) == 32
+    if chunk:
+        monkeypatch.setattr(mpqco, "CHUNK_ELEMENTS", chunk * 3 * 8 * 8)  # 7 images per chunk: 6 chunks
     model = make_tiny()
     data = tiny_data(model, n=40)
     res = mpqkit.search(model, data, "avg-bits=4", "mpqco", input_shape=(3, 8, 8), w_candidates=(2, 4, 8),

@@ -37,6 +37,13 @@ def calib_chunks(ctx: SearchContext, n: int | None = None, chunk: int = 128) -> 
                ctx.calib_labels[i:min(i + chunk, n)].to(ctx.device))
 
 
+def chunk_size(images: Tensor, elements: int, cap: int) -> int:
+    """Images per chunk of a pass whose memory grows with the chunk's input (a double backward, a
+    vmapped per-sample gradient): ``elements`` input elements, at most ``cap`` images."""
+    per = max(1, images[0].numel()) if len(images) else 1
+    return max(1, min(cap, elements // per))
+
+
 def loss_sum(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y, reduction="sum")
 

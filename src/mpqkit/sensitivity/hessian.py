@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .base import METHODS, SearchContext, SensitivityTable
 from .options import MethodOptions, option, positive
-from .gradients import calib_chunks, grad_model, loss_sum, require_weight_search, weight_deltas
+from .gradients import calib_chunks, chunk_size, grad_model, loss_sum, require_weight_search, weight_deltas
 
 log = logging.getLogger("mpqkit")
 
@@ -73,8 +73,7 @@ def hvp_chunk(images: Tensor) -> int:
     """Images per chunk of a Hessian-vector product: the double backward keeps the whole graph of a
     chunk alive, so the chunk shrinks with the input size (128 CIFAR images, 32 at 224 × 224: the
     128-image ImageNet chunk was killed for memory on a 24 GiB machine)."""
-    per = max(1, images[0].numel()) if len(images) else 1
-    return max(1, min(128, HVP_CHUNK_ELEMENTS // per))
+    return chunk_size(images, HVP_CHUNK_ELEMENTS, 128)
 
 
 def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 200, tol: float = 1e-2,

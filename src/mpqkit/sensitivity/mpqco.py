@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 from .base import METHODS, SearchContext, SensitivityTable
 from .options import MethodOptions, option, positive
-from .gradients import calib_chunks, grad_model, require_weight_search, weight_deltas
+from .gradients import calib_chunks, chunk_size, grad_model, require_weight_search, weight_deltas
 
 EPS = 1e-6  # |z_y| floor: the score divides by the logit
+#: input elements per vmapped chunk (8 images at 224 × 224, 32 on CIFAR): the per-sample gradients and
+#: the vmapped backward of a chunk live at once (MobileNetV2, 32 images: peak 5.28 GB in one chunk, 2.18 GB in 8s)
+CHUNK_ELEMENTS = 8 * 3 * 224 * 224
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def mpqco(ctx: SearchContext) -> SensitivityTable:
     acc = {f: {b: 0.0 for b in ctx.w_bits} for f in ctx.searched}
     n = 0
     small = 0
-    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=32):
+    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=chunk_size(ctx.calib_images, CHUNK_ELEMENTS, 32)):
         g, z = per_sample(sel, x, y)
         if prob:  # g is already ∇ log p_y
             zinv = torch.ones_like(z)
