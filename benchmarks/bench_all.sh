@@ -30,8 +30,7 @@ done
 .venv/bin/python benchmarks/paired_dirs.py --base $R/objective_resnet20_ce --other $R/objective_resnet20_kl \
     --name objective --base-label ce --other-label kl --title "Probe objective: KL to the fp outputs vs cross-entropy"
 # K = 5 calibration draws (seeds 0-4): paired comparisons with 95 % intervals and plan stability. auto runs
-# first on each draw, so its search time is a cold one; at avg-bits 2.5, 3.5 and 4 auto has one draw so far
-# (on draw 0: 1,673 s cold at 2.5, then 203-342 s per budget, while two other jobs shared the 2 cores).
+# first on each draw at avg-bits 3, so its search time there is a cold one.
 $M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant,mixquant-ilp,infoq,greedy,hawq \
     --budgets avg-bits=3 --ptq default --splits test --draws 5 --out $R/draws_resnet20
 # mpqco's logit form (the default before 04fe2d3) on the same draws; the auto rows in that directory were made
@@ -40,11 +39,11 @@ $M bench -q --model resnet20 --methods mpqco --mpqco-output logit --budgets "$AV
     --draws 5 --out $R/draws_resnet20_mpqco_logit
 $M bench -q --model resnet20 --methods uniform,eval-delta,mpqco,mixquant,mixquant-ilp,greedy \
     --budgets "$AVG" --ptq default --splits test --draws 5 --out $R/draws_resnet20
-# not yet run to the end (infoq and hawq need ~5 min of 2 cores per draw): their K = 5 rows at 2.5, 3.5, 4
+# infoq and hawq (~5 min of 2 cores per draw) at the other budgets
 $M bench -q --model resnet20 --methods infoq,hawq --budgets "$AVG" --ptq default --splits test --draws 5 \
     --out $R/draws_resnet20
 $M bench -q --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=3.5;avg-bits=4" --ptq default \
-    --splits test --draws 1 --out $R/draws_resnet20
+    --splits test --draws 5 --out $R/draws_resnet20
 $M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --splits test \
     --draws 5 --out $R/draws_resnet20
 # --refine 60 on three methods, paired with their own plans above
@@ -54,10 +53,10 @@ $M bench -q --model resnet20 --methods mpqco --mpqco-output logit --budgets "avg
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine_mpqco_logit
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
     --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"
-# issue 16: CLADO at the default six bit-widths (pairs chosen by --pair-tol 0.05) and CLADO-diag over 3 draws, and
+# issue 16: CLADO at the default six bit-widths (pairs chosen by --pair-tol 0.05) and CLADO-diag over 5 draws, and
 # the exact all-pairs mode (--pair-tol 0) on the same draws; MixQuant's threshold rules over 3 draws
 $M bench -q --model resnet20 --methods clado,clado-diag,uniform --budgets "$AVG" --ptq default --splits test \
-    --draws 3 --out $R/draws_resnet20_clado
+    --draws 5 --out $R/draws_resnet20_clado
 $M bench -q --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 1 \
     --out $R/draws_resnet20_clado_allpairs
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20_clado_allpairs --other $R/draws_resnet20_clado \
@@ -105,24 +104,24 @@ test -f ../shared/models/cifar10_resnet56_jpegft/resnet56_jpegft.th || \
 $M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=3:4:1 \
     --ptq default --out $R/bench_resnet56_ft
 # MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
-# (hawq and infoq not run: HAWQ's traces took 15 min on ConvMixer, more here)
 # (auto: 128 images are one chunk, so its refinement is skipped with a warning)
 # hawq with 32 of the 128 images (its Hessian-vector products on 224 x 224 inputs: CPU time)
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
     --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
+# BRECQ on MobileNetV2 (avg-bits 4, draw 0, 128 images), 100 iterations per block: not run to the end. The default
+# 500 did not reconstruct one plan in 40 min on a loaded 2-core machine; with 100, blocks 0-1 took 7 min and block 2 ran
+# at 11 s per iteration (19 min for 100) on a 2-core machine shared by four jobs: hours per plan there
+$M bench -q --model mobilenetv2 --methods eval-delta,uniform --budgets avg-bits=4 --ptq brecq --recon-iters 100 \
+    --splits test --calib-size 128 --draws 1 --out $R/bench_mobilenetv2_brecq
 # mpqco's logit form on the same draws (collapses on draw 1: one near-zero true-class logit rules its table)
-# BRECQ on MobileNetV2 (avg-bits 4, draw 0; 500 iterations per block on 128 images): not finished yet (stopped
-# after 40 min on a loaded 2-core machine, before its first plan was reconstructed)
-$M bench -q --model mobilenetv2 --methods eval-delta,uniform --budgets avg-bits=4 --ptq brecq --splits test \
-    --calib-size 128 --draws 1 --out $R/bench_mobilenetv2_brecq
 $M bench -q --model mobilenetv2 --methods mpqco --mpqco-output logit --budgets avg-bits=3:5:1 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2_mpqco_logit
-# ConvMixer: draw 0 of six methods (a second draw not run yet)
+# ConvMixer: two draws of seven methods, BRECQ on draw 0
 $M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq,auto --budgets avg-bits=3:5:1 \
     --ptq default --draws 2 --out $R/bench_convmixer
 $M bench -q --model convmixer --methods uniform,eval-delta,auto --budgets avg-bits=3 --ptq brecq --draws 1 \
     --out $R/bench_convmixer
-# MiniLM-L6 on SST-2 (needs `make text`) and EfficientNet-Lite0 (the [zoo] extra): one draw
+# MiniLM-L6 on SST-2 (needs `make text`) and EfficientNet-Lite0 (the [zoo] extra)
 $M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=4:6:2 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_minilm_sst2
 $M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco,auto --budgets avg-bits=4:6:2 \
