@@ -75,6 +75,8 @@ $M bench -q --model resnet20 --methods mixquant,uniform --budgets "avg-bits=3;av
 # argmax pick, and --select ilp (the most probable plan spending >= 98 % of the budget: equal size)
 $M bench -q --model resnet20 --methods smpq,dmpq,uniform --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 1 --out $R/draws_resnet20_smpq
+$M bench -q --model resnet20 --methods smpq,dmpq,uniform --budgets avg-bits=3 --ptq default --splits test --draws 3 \
+    --out $R/draws_resnet20_smpq
 $M bench -q --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 1 --out $R/draws_resnet20_smpq_fill
 # the exact per-layer Shapley game (no sampling noise), on the supernet's weights and on the pretrained ones,
