@@ -107,7 +107,8 @@ $M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto 
     --ptq default --out $R/bench_resnet56_ft
 # MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
 # (auto: 128 images are one chunk, so its refinement is skipped with a warning)
-# hawq with 32 of the 128 images (its Hessian-vector products on 224 x 224 inputs: CPU time)
+# hawq with 32 of the 128 images: not run to the end (12 Hutchinson iterations of up to 200 took 70 min of a loaded
+# 2-core machine; see the note.md): a GPU job
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
     --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
 # BRECQ on MobileNetV2 (avg-bits 4, draw 0, 128 images), 100 iterations per block: not run to the end. The default
