@@ -206,10 +206,11 @@ def test_prefix_cache_cap_bounds_kept_tensors_and_never_changes_a_result():
         assert (len(tight._snapshots) == 0) if cap_mb == 0 else (0 < len(tight._snapshots) < len(roomy._snapshots))
 
 
-def test_prefix_cache_setting_reaches_the_search_engine():
+def test_prefix_cache_setting_reaches_the_engine_kwargs():
     from mpqkit import api
+    from mpqkit.errors import MpqkitError
 
-    with pytest.raises(Exception, match="prefix-cache-mb"):
+    with pytest.raises(MpqkitError, match="prefix-cache-mb"):
         api.RunSettings(prefix_cache_mb=-1)
     s = api.RunSettings(prefix_cache_mb=3.0, progress=False, use_cache=False, calib_size=64)
     assert s.engine_kwargs()["prefix_cache_mb"] == 3.0
