@@ -46,6 +46,12 @@ $M bench -q --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=3.5
     --splits test --draws 5 --out $R/draws_resnet20
 $M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --splits test \
     --draws 5 --out $R/draws_resnet20
+# the same with 2,000 reconstruction iterations per block (4x the CPU default; ~4x the time)
+$M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --recon-iters 2000 --splits test \
+    --draws 5 --out $R/draws_resnet20_brecq2000
+# auto's held-out choice at 3.5 (it picks mixquant-ilp, eval-delta scores higher on test): other rules on the same plans
+.venv/bin/python benchmarks/auto_selection.py --budgets avg-bits=3.5 --heldout 4096 \
+    --out $R/draws_resnet20/paired_auto_selection.md
 # --refine 60 on three methods, paired with their own plans above
 $M bench -q --model resnet20 --methods eval-delta,mixquant-ilp,mpqco --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
@@ -74,9 +80,7 @@ $M bench -q --model resnet20 --methods mixquant,uniform --budgets "avg-bits=3;av
 # SMPQ and DMPQ (quick preset; one supernet per budget and draw, ~10-15 min of 2 cores each): the papers'
 # argmax pick, and --select ilp (the most probable plan spending >= 98 % of the budget: equal size)
 $M bench -q --model resnet20 --methods smpq,dmpq,uniform --budgets "avg-bits=3;avg-bits=4" --ptq default \
-    --splits test --draws 1 --out $R/draws_resnet20_smpq
-$M bench -q --model resnet20 --methods smpq,dmpq,uniform --budgets avg-bits=3 --ptq default --splits test --draws 3 \
-    --out $R/draws_resnet20_smpq
+    --splits test --draws 5 --out $R/draws_resnet20_smpq
 $M bench -q --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 1 --out $R/draws_resnet20_smpq_fill
 # the exact per-layer Shapley game (no sampling noise), on the supernet's weights and on the pretrained ones,
@@ -92,6 +96,8 @@ $M bench -q --model resnet20 --methods smpq --shapley-game layer --shapley-weigh
     --claim "InfoQ ≥ HAWQ;$R/draws_resnet20;infoq;$R/draws_resnet20;hawq" \
     --claim "MixQuant > uniform;$R/draws_resnet20;mixquant;$R/draws_resnet20;uniform" \
     --claim "MixQuant+BRECQ > uniform+BRECQ;$R/draws_resnet20;mixquant@brecq;$R/draws_resnet20;uniform@brecq" \
+    --claim "auto+BRECQ > uniform+BRECQ;$R/draws_resnet20;auto@brecq;$R/draws_resnet20;uniform@brecq" \
+    --claim "auto+BRECQ > uniform+BRECQ (2,000 iterations);$R/draws_resnet20_brecq2000;auto@brecq;$R/draws_resnet20_brecq2000;uniform@brecq" \
     --claim "SMPQ > DMPQ;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;dmpq" \
     --claim "SMPQ > uniform;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;uniform" \
     --claim "SMPQ > DMPQ (equal size);$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq_fill;dmpq" \
@@ -142,7 +148,7 @@ $M export --model mobilenetv2 --plan $R/bench_mobilenetv2/plans/eval-delta/avg-b
 $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-bits=4/plan.json --out \
     /tmp/minilm.onnx --check
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
-$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_clado \
+$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
     $R/bench_mobilenetv2 $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \

@@ -202,3 +202,17 @@ def test_bench_honours_data_root_and_seed(tmp_path, capsys):
 def test_data_defaults_to_the_zoo_models_own(capsys):
     code, out, _ = run(capsys, "eval", "--model", "digits-cnn", "--json", "-q")  # no --data: digits, not cifar10
     assert code == 0 and json.loads(out)["n"] == 500
+
+
+def test_bench_title_names_a_non_default_reconstruction(tmp_path, capsys):
+    """Rows reconstructed with --recon-iters N are not the default's: the section title (docs/RESULTS.md) says so."""
+    out = tmp_path / "b"
+    code, _, _ = run(capsys, "bench", "--model", "digits-cnn", "--data", "digits", "--methods", "uniform",
+                     "--budgets", "avg-bits=4", "--ptq", "adaround", "--recon-iters", "4", "--calib-size", "64",
+                     "--splits", "test", "--out", str(out), "-q")
+    assert code == 0
+    assert (out / "title.txt").read_text().startswith("digits-cnn / digits (--recon-iters 4): uniform")
+    code, _, _ = run(capsys, "bench", "--model", "digits-cnn", "--data", "digits", "--methods", "uniform",
+                     "--budgets", "avg-bits=4", "--ptq", "default", "--recon-iters", "4", "--calib-size", "64",
+                     "--splits", "test", "--out", str(tmp_path / "c"), "-q")
+    assert code == 0 and "recon" not in (tmp_path / "c" / "title.txt").read_text()  # no reconstruction ran

@@ -231,7 +231,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      options=options, splits=[s for s in args.splits.split(",") if s], draws=args.draws,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None)
     name = api.load_model(args.model, settings).name
-    title = bench_title(f"{name} / {args.data}" + (f" (--refine {settings.refine})" if settings.refine else ""), rows)
+    # the settings that change every row beside the methods' own: the report's section says them
+    changed = ([f"--refine {settings.refine}"] if settings.refine else []) + \
+        ([f"--recon-iters {args.recon_iters}"] if args.recon_iters and any(ptqs) else [])
+    title = bench_title(f"{name} / {args.data}" + (f" ({', '.join(changed)})" if changed else ""), rows)
     paths = write_outputs(rows, Path(args.out), title)
     text = paths["md"].read_text() + f"\nwritten: {paths['csv']}, {paths['pareto']}, {paths['html']}"
     _print({"rows": rows, "files": {k: str(v) for k, v in paths.items()}}, args.json, text)
