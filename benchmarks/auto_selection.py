@@ -49,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="benchmarks/results/draws_resnet20")
     ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default="cifar10")
     ap.add_argument("--budgets", default="avg-bits=3.5")
     ap.add_argument("--methods", default="eval-delta,mpqco,mixquant-ilp,greedy")
     ap.add_argument("--draws", type=int, default=5)
@@ -71,8 +72,8 @@ def main() -> None:
     for budget in args.budgets.split(","):
         picks: dict[tuple[str, int], list[str]] = {}
         for d in range(args.draws):
-            calib = calibration_set("cifar10", args.calib_size, d)
-            held = _heldout("cifar10", args.calib_size, args.heldout, d, None)
+            calib = calibration_set(args.data, args.calib_size, d)
+            held = _heldout(args.data, args.calib_size, args.heldout, d, None)
             fp = _logits(model, held.images)
             scored = {}
             for m in methods:

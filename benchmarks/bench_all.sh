@@ -49,6 +49,10 @@ $M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq b
 # the same with 2,000 reconstruction iterations per block (4x the CPU default; ~4x the time)
 $M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --recon-iters 2000 --splits test \
     --draws 5 --out $R/draws_resnet20_brecq2000
+# and 5,000 (~18 min of one core per plan), seeds 1-4; seed 0 by `mpqkit eval --model resnet20 --data cifar10 --plan
+# $R/draws_resnet20_brecq2000/plans/auto/avg-bits=3/plan.json --ptq brecq --recon-iters 5000` (see the note.md)
+$M bench -q --model resnet20 --methods auto --budgets avg-bits=3 --ptq brecq --recon-iters 5000 --splits test \
+    --seed 1 --draws 4 --out $R/draws_resnet20_brecq5000
 # auto's held-out choice at 3.5 (it picks mixquant-ilp, eval-delta scores higher on test): other rules on the same plans
 .venv/bin/python benchmarks/auto_selection.py --budgets avg-bits=3.5 --heldout 4096 \
     --out $R/draws_resnet20/paired_auto_selection.md
@@ -98,6 +102,7 @@ $M bench -q --model resnet20 --methods smpq --shapley-game layer --shapley-weigh
     --claim "MixQuant+BRECQ > uniform+BRECQ;$R/draws_resnet20;mixquant@brecq;$R/draws_resnet20;uniform@brecq" \
     --claim "auto+BRECQ > uniform+BRECQ;$R/draws_resnet20;auto@brecq;$R/draws_resnet20;uniform@brecq" \
     --claim "auto+BRECQ > uniform+BRECQ (2,000 iterations);$R/draws_resnet20_brecq2000;auto@brecq;$R/draws_resnet20_brecq2000;uniform@brecq" \
+    --claim "auto+BRECQ, 5,000 iterations > 2,000;$R/draws_resnet20_brecq5000;auto@brecq;$R/draws_resnet20_brecq2000;auto@brecq" \
     --claim "SMPQ > DMPQ;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;dmpq" \
     --claim "SMPQ > uniform;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;uniform" \
     --claim "SMPQ > DMPQ (equal size);$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq_fill;dmpq" \
@@ -148,7 +153,7 @@ $M export --model mobilenetv2 --plan $R/bench_mobilenetv2/plans/eval-delta/avg-b
 $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-bits=4/plan.json --out \
     /tmp/minilm.onnx --check
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
-$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_clado \
+$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
     $R/bench_mobilenetv2 $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \
