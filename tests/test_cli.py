@@ -213,6 +213,6 @@ def test_bench_title_names_a_non_default_reconstruction(tmp_path, capsys):
     assert code == 0
     assert (out / "title.txt").read_text().startswith("digits-cnn / digits (--recon-iters 4): uniform")
     code, _, _ = run(capsys, "bench", "--model", "digits-cnn", "--data", "digits", "--methods", "uniform",
-                     "--budgets", "avg-bits=4", "--ptq", "default", "--recon-iters", "4", "--calib-size", "64",
+                     "--budgets", "avg-bits=4", "--ptq", "default,mse", "--recon-iters", "4", "--calib-size", "64",
                      "--splits", "test", "--out", str(tmp_path / "c"), "-q")
     assert code == 0 and "recon" not in (tmp_path / "c" / "title.txt").read_text()  # no reconstruction ran

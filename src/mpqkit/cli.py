@@ -230,10 +230,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = api.bench(args.model, args.data, methods, budgets, args.out, ptqs=ptqs, settings=settings,
                      options=options, splits=[s for s in args.splits.split(",") if s], draws=args.draws,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None)
+    from .quant.brecq import recon_config
+
     name = api.load_model(args.model, settings).name
     # the settings that change every row beside the methods' own: the report's section says them
     changed = ([f"--refine {settings.refine}"] if settings.refine else []) + \
-        ([f"--recon-iters {args.recon_iters}"] if args.recon_iters and any(ptqs) else [])
+        ([f"--recon-iters {args.recon_iters}"] if args.recon_iters and any(
+            p is not None and recon_config(p) is not None for p in ptqs) else [])
     title = bench_title(f"{name} / {args.data}" + (f" ({', '.join(changed)})" if changed else ""), rows)
     paths = write_outputs(rows, Path(args.out), title)
     text = paths["md"].read_text() + f"\nwritten: {paths['csv']}, {paths['pareto']}, {paths['html']}"
