@@ -7,91 +7,94 @@ M="${MPQKIT:-.venv/bin/mpqkit}"
 R=benchmarks/results
 BASE=uniform,eval-delta,hawq,mpqco,mixquant,mixquant-ilp,greedy,infoq
 AVG=avg-bits=2.5:4:0.5
+# the directories below were measured with nearest rounding (the quantizer before GPTQ became the default): pinned,
+# so a rerun reproduces them
+RTN="--rounding nearest"
 
-$M bench -q --model resnet20 --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet20
-$M bench -q --model resnet20 --methods "$BASE" --budgets avg-bits=3 --ptq brecq --out $R/bench_resnet20
-$M proxies -q --model resnet20 --out $R/bench_resnet20
-$M bench -q --model resnet20 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 \
+$M bench -q $RTN --model resnet20 --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet20
+$M bench -q $RTN --model resnet20 --methods "$BASE" --budgets avg-bits=3 --ptq brecq --out $R/bench_resnet20
+$M proxies -q $RTN --model resnet20 --out $R/bench_resnet20
+$M bench -q $RTN --model resnet20 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet20_clado
 # legacy: the original akamaster ResNet-56 (trained on the original pixels; `resnet56` is the JPEG fine-tune now)
-$M bench -q --model resnet56-orig --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet56
+$M bench -q $RTN --model resnet56-orig --methods "$BASE" --budgets "$AVG" --ptq default --out $R/bench_resnet56
 # CLADO on ResNet-56 with 256 sensitivity images: 13k probes, ~40 min on one core (the probes are
 # shared with benchmarks/clado_resnet20.py --model resnet56-orig --cache-dir ~/.cache/mpqkit)
-$M bench -q --model resnet56-orig --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
+$M bench -q $RTN --model resnet56-orig --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
     --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
 # CLADO's IQP on that measured G (issue 16, part 2): gap without and with the convex bound, 60 s each, no probes
 PYTHONPATH=src .venv/bin/python benchmarks/iqp_resnet56.py
 # The probe objective (issue 15, part 2): eval-delta and greedy with label cross-entropy and with KL to
 # the fp outputs (the default), on the same 5 draws; paired_objective.md gives the spread before and after
 for o in ce kl; do
-    $M bench -q --model resnet20 --methods eval-delta,greedy --budgets "$AVG" --ptq default --splits test \
+    $M bench -q $RTN --model resnet20 --methods eval-delta,greedy --budgets "$AVG" --ptq default --splits test \
         --draws 5 --objective $o --out $R/objective_resnet20_$o
 done
 .venv/bin/python benchmarks/paired_dirs.py --base $R/objective_resnet20_ce --other $R/objective_resnet20_kl \
     --name objective --base-label ce --other-label kl --title "Probe objective: KL to the fp outputs vs cross-entropy"
 # K = 5 calibration draws (seeds 0-4): paired comparisons with 95 % intervals and plan stability. auto runs
 # first on each draw at avg-bits 3, so its search time there is a cold one.
-$M bench -q --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant,mixquant-ilp,infoq,greedy,hawq \
+$M bench -q $RTN --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixquant,mixquant-ilp,infoq,greedy,hawq \
     --budgets avg-bits=3 --ptq default --splits test --draws 5 --out $R/draws_resnet20
 # mpqco's logit form (the default before 04fe2d3) on the same draws; the auto rows in that directory were made
 # by 927a871, whose auto tried the logit form (see its note.md)
-$M bench -q --model resnet20 --methods mpqco --mpqco-output logit --budgets "$AVG" --ptq default --splits test \
+$M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets "$AVG" --ptq default --splits test \
     --draws 5 --out $R/draws_resnet20_mpqco_logit
-$M bench -q --model resnet20 --methods uniform,eval-delta,mpqco,mixquant,mixquant-ilp,greedy \
+$M bench -q $RTN --model resnet20 --methods uniform,eval-delta,mpqco,mixquant,mixquant-ilp,greedy \
     --budgets "$AVG" --ptq default --splits test --draws 5 --out $R/draws_resnet20
 # infoq and hawq (~5 min of 2 cores per draw) at the other budgets
-$M bench -q --model resnet20 --methods infoq,hawq --budgets "$AVG" --ptq default --splits test --draws 5 \
+$M bench -q $RTN --model resnet20 --methods infoq,hawq --budgets "$AVG" --ptq default --splits test --draws 5 \
     --out $R/draws_resnet20
-$M bench -q --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=3.5;avg-bits=4" --ptq default \
+$M bench -q $RTN --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=3.5;avg-bits=4" --ptq default \
     --splits test --draws 5 --out $R/draws_resnet20
-$M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --splits test \
+$M bench -q $RTN --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --splits test \
     --draws 5 --out $R/draws_resnet20
 # the same with 2,000 reconstruction iterations per block (4x the CPU default; ~4x the time)
-$M bench -q --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --recon-iters 2000 --splits test \
+$M bench -q $RTN --model resnet20 --methods auto,uniform --budgets avg-bits=3 --ptq brecq --recon-iters 2000 --splits test \
     --draws 5 --out $R/draws_resnet20_brecq2000
 # and 5,000 (~18 min of one core per plan), seeds 1-4; seed 0 by `mpqkit eval --model resnet20 --data cifar10 --plan
 # $R/draws_resnet20_brecq2000/plans/auto/avg-bits=3/plan.json --ptq brecq --recon-iters 5000` (see the note.md)
-$M bench -q --model resnet20 --methods auto --budgets avg-bits=3 --ptq brecq --recon-iters 5000 --splits test \
+$M bench -q $RTN --model resnet20 --methods auto --budgets avg-bits=3 --ptq brecq --recon-iters 5000 --splits test \
     --seed 1 --draws 4 --out $R/draws_resnet20_brecq5000
 # auto's held-out choice at 3.5 (it picks mixquant-ilp, eval-delta scores higher on test): other rules on the same plans
 .venv/bin/python benchmarks/auto_selection.py --budgets avg-bits=3.5 --heldout 4096 \
     --out $R/draws_resnet20/paired_auto_selection.md
 # --refine 60 on three methods, paired with their own plans above
-$M bench -q --model resnet20 --methods eval-delta,mixquant-ilp,mpqco --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
+$M bench -q $RTN --model resnet20 --methods eval-delta,mixquant-ilp,mpqco --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine
-$M bench -q --model resnet20 --methods mpqco --mpqco-output logit --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
+$M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets "avg-bits=2.5;avg-bits=3" --ptq default \
     --splits test --draws 5 --refine 60 --out $R/draws_resnet20_refine_mpqco_logit
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
     --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"
 # issue 16: CLADO at the default six bit-widths (pairs chosen by --pair-tol 0.05) and CLADO-diag over 5 draws, and
 # the exact all-pairs mode (--pair-tol 0) on the same draws; MixQuant's threshold rules over 3 draws
-$M bench -q --model resnet20 --methods clado,clado-diag,uniform --budgets "$AVG" --ptq default --splits test \
+$M bench -q $RTN --model resnet20 --methods clado,clado-diag,uniform --budgets "$AVG" --ptq default --splits test \
     --draws 5 --out $R/draws_resnet20_clado
-$M bench -q --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 1 \
+$M bench -q $RTN --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 1 \
     --out $R/draws_resnet20_clado_allpairs
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20_clado_allpairs --other $R/draws_resnet20_clado \
     --name allpairs --base-label "all pairs" --other-label "pair-tol 0.05" \
     --title "CLADO: pairs chosen by --pair-tol 0.05 (default) vs all pairs"
 # MixQuant: the default rule (absolute) is measured in draws_resnet20 above; the other two rules here (the
 # relative rows were measured in draws_resnet20 while relative was the default, then moved; see its note.md)
-$M bench -q --model resnet20 --methods mixquant --mixquant-rule relative --budgets "$AVG" --ptq default \
+$M bench -q $RTN --model resnet20 --methods mixquant --mixquant-rule relative --budgets "$AVG" --ptq default \
     --splits test --draws 5 --out $R/draws_resnet20_mixquant_relative
-$M bench -q --model resnet20 --methods mixquant --mixquant-rule weighted --budgets "$AVG" --ptq default \
+$M bench -q $RTN --model resnet20 --methods mixquant --mixquant-rule weighted --budgets "$AVG" --ptq default \
     --splits test --draws 3 --out $R/draws_resnet20_mixquant_weighted
 # MixQuant + BRECQ vs uniform + BRECQ at equal size (avg-bits 3: uniform+BRECQ has 5 draws above)
-$M bench -q --model resnet20 --methods mixquant,uniform --budgets "avg-bits=3;avg-bits=4" --ptq brecq --splits test \
+$M bench -q $RTN --model resnet20 --methods mixquant,uniform --budgets "avg-bits=3;avg-bits=4" --ptq brecq --splits test \
     --draws 3 --out $R/draws_resnet20
 # SMPQ and DMPQ (quick preset; one supernet per budget and draw, ~10-15 min of 2 cores each): the papers'
 # argmax pick, and --select ilp (the most probable plan spending >= 98 % of the budget: equal size)
-$M bench -q --model resnet20 --methods smpq,dmpq,uniform --budgets "avg-bits=3;avg-bits=4" --ptq default \
+$M bench -q $RTN --model resnet20 --methods smpq,dmpq,uniform --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 5 --out $R/draws_resnet20_smpq
-$M bench -q --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bits=3;avg-bits=4" --ptq default \
+$M bench -q $RTN --model resnet20 --methods smpq,dmpq --select ilp --budgets "avg-bits=3;avg-bits=4" --ptq default \
     --splits test --draws 1 --out $R/draws_resnet20_smpq_fill
 # the exact per-layer Shapley game (no sampling noise), on the supernet's weights and on the pretrained ones,
 # plan by the Shapley values (avg-bits 3, draw 0; the avg-bits 4 runs were stopped for CPU time: see note.md)
-$M bench -q --model resnet20 --methods smpq --shapley-game layer --smpq-score shapley --budgets avg-bits=3 \
+$M bench -q $RTN --model resnet20 --methods smpq --shapley-game layer --smpq-score shapley --budgets avg-bits=3 \
     --ptq default --splits test --draws 1 --out $R/draws_resnet20_smpq_layer
-$M bench -q --model resnet20 --methods smpq --shapley-game layer --shapley-weights pretrained --smpq-score shapley \
+$M bench -q $RTN --model resnet20 --methods smpq --shapley-game layer --shapley-weights pretrained --smpq-score shapley \
     --budgets avg-bits=3 --ptq default --splits test --draws 1 --out $R/draws_resnet20_smpq_layer_pretrained
 # the seed methods' claims, each as a paired difference over the draws above
 .venv/bin/python benchmarks/claims.py --out $R/draws_resnet20/paired_claims.md \
@@ -114,31 +117,31 @@ for d in 32 44; do test -f ../shared/models/cifar10_resnet${d}_jpegft/resnet${d}
     PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth $d --epochs 2; done
 test -f ../shared/models/cifar10_resnet56_jpegft/resnet56_jpegft.th || \
     PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth 56 --epochs 3
-$M bench -q --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=3:4:1 \
+$M bench -q $RTN --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=3:4:1 \
     --ptq default --out $R/bench_resnet56_ft
 # MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
 # (auto: 128 images are one chunk, so its refinement is skipped with a warning)
 # hawq with 32 of the 128 images: not run to the end (12 Hutchinson iterations of up to 200 took 70 min of a loaded
 # 2-core machine; see the note.md): a GPU job
-$M bench -q --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
+$M bench -q $RTN --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
     --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
 # BRECQ on MobileNetV2 (avg-bits 4, draw 0, 128 images), 100 iterations per block: not run to the end. The default
 # 500 did not reconstruct one plan in 40 min on a loaded 2-core machine; with 100, blocks 0-1 took 7 min and block 2 ran
 # at 11 s per iteration (19 min for 100) on a 2-core machine shared by four jobs: hours per plan there
-$M bench -q --model mobilenetv2 --methods eval-delta,uniform --budgets avg-bits=4 --ptq brecq --recon-iters 100 \
+$M bench -q $RTN --model mobilenetv2 --methods eval-delta,uniform --budgets avg-bits=4 --ptq brecq --recon-iters 100 \
     --splits test --calib-size 128 --draws 1 --out $R/bench_mobilenetv2_brecq
 # mpqco's logit form on the same draws (collapses on draw 1: one near-zero true-class logit rules its table)
-$M bench -q --model mobilenetv2 --methods mpqco --mpqco-output logit --budgets avg-bits=3:5:1 \
+$M bench -q $RTN --model mobilenetv2 --methods mpqco --mpqco-output logit --budgets avg-bits=3:5:1 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2_mpqco_logit
 # ConvMixer: two draws of seven methods, BRECQ on draw 0
-$M bench -q --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq,auto --budgets avg-bits=3:5:1 \
+$M bench -q $RTN --model convmixer --methods uniform,eval-delta,clado-diag,mpqco,hawq,infoq,auto --budgets avg-bits=3:5:1 \
     --ptq default --draws 2 --out $R/bench_convmixer
-$M bench -q --model convmixer --methods uniform,eval-delta,auto --budgets avg-bits=3 --ptq brecq --draws 1 \
+$M bench -q $RTN --model convmixer --methods uniform,eval-delta,auto --budgets avg-bits=3 --ptq brecq --draws 1 \
     --out $R/bench_convmixer
 # MiniLM-L6 on SST-2 (needs `make text`) and EfficientNet-Lite0 (the [zoo] extra)
-$M bench -q --model minilm-sst2 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=4:6:2 \
+$M bench -q $RTN --model minilm-sst2 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=4:6:2 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_minilm_sst2
-$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta,mpqco,auto --budgets avg-bits=4:6:2 \
+$M bench -q $RTN --model efficientnet-lite0 --methods uniform,eval-delta,mpqco,auto --budgets avg-bits=4:6:2 \
     --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_efficientnet_lite0
 .venv/bin/python benchmarks/claims.py --out $R/bench_mobilenetv2/paired_claims.md --title "MobileNetV2: mixed plans vs uniform, paired over calibration draws" \
     --claim "eval-delta > uniform;$R/bench_mobilenetv2;eval-delta;$R/bench_mobilenetv2;uniform" \

@@ -25,6 +25,10 @@ import mpqkit
 from mpqkit.api import load_model, load_split
 from mpqkit.evaluation import evaluate_model
 from mpqkit.plan import atomic_write_text
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 
 def _rss_mb(field: str) -> float:
@@ -63,11 +67,11 @@ def main() -> None:
 
     plans: dict[str, mpqkit.Plan] = {}
     for wb in (4, 3, 2):
-        plans[f"uniform W{wb}A8"] = mpqkit.search(bundle, "cifar10", None, "uniform", w_bits=wb, progress=False).plan
+        plans[f"uniform W{wb}A8"] = mpqkit.search(bundle, "cifar10", None, "uniform", w_bits=wb, progress=False, qconfig=NEAREST).plan
     for b in args.budgets.split(","):
         for method in ("mixquant", "mixquant-ilp"):
             plans[f"{method} avg-bits={b}"] = mpqkit.search(bundle, "cifar10", f"avg-bits={b}", method,
-                                                            progress=False).plan
+                                                            progress=False, qconfig=NEAREST).plan
     same_as = {}  # identical assignments are measured once
     for name, plan in plans.items():
         for other in list(plans)[:list(plans).index(name)]:

@@ -23,6 +23,10 @@ from mpqkit.graph import discover
 from mpqkit.plan import atomic_write_text
 from mpqkit.sensitivity.crosslayer import build_g, make_psd
 from mpqkit.solve.iqp import QuadraticObjective
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 BITS = (2, 4, 8)
 
@@ -38,7 +42,7 @@ def main() -> None:
     bundle = load_model(args.model)
     graph = discover(bundle.model, bundle.input_shape)
     calib = calibration_set("cifar10", args.sens_samples, 0)
-    engine = ProbeEngine(bundle.model, graph, calib.images, calib.labels, progress=False)  # search's cache context
+    engine = ProbeEngine(bundle.model, graph, calib.images, calib.labels, progress=False, qconfig=NEAREST)  # search's cache context
     base = {f: (None, 8) for f in graph.names}
     ref = engine.run([{}], base=base, show=False)[0]
     bench = out / "results.json"
@@ -48,7 +52,7 @@ def main() -> None:
     for b in args.budgets.split(","):
         budget = f"avg-bits={b}"
         res = {m: mpqkit.search(bundle, "cifar10", budget, m, w_candidates=BITS, calib_size=args.sens_samples,
-                                progress=False) for m in ("clado", "clado-diag")}
+                                progress=False, qconfig=NEAREST) for m in ("clado", "clado-diag")}
         layers = res["clado"].ledger.searched
         g, _ = build_g(res["clado"].table, layers, list(BITS))
         objectives = {mode: QuadraticObjective(make_psd(g, mode)[0], None, len(layers), len(BITS))

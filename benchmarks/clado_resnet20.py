@@ -38,6 +38,10 @@ from mpqkit.graph import discover
 from mpqkit.plan import atomic_write_text
 from mpqkit.sensitivity.crosslayer import quadratic_objective
 from mpqkit.solve.iqp import QuadraticObjective
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 BITS = (2, 4, 8)
 
@@ -70,7 +74,7 @@ def main() -> None:
     # ---- CLADO sensitivity, cold ----
     t0 = time.perf_counter()
     first = mpqkit.search(bundle, "cifar10", budgets[0], "clado", w_candidates=BITS,
-                          cache_dir=cache, **common)
+                          cache_dir=cache, **common, qconfig=NEAREST)
     sens_s = first.seconds["sensitivity"]
     print(json.dumps({"clado_sensitivity_s": sens_s, "pairs": len(first.table.pairs),
                       "singles": first.table.meta["singles_measured"], "engine": first.engine_stats}), flush=True)
@@ -89,15 +93,15 @@ def main() -> None:
     ed_cache = tempfile.mkdtemp(prefix="ed-bench-")
     for budget in budgets:
         clado = first if budget == budgets[0] else mpqkit.search(
-            bundle, "cifar10", budget, "clado", w_candidates=BITS, cache_dir=cache, **common)
+            bundle, "cifar10", budget, "clado", w_candidates=BITS, cache_dir=cache, **common, qconfig=NEAREST)
         record("clado", budget, clado)
         diag = mpqkit.search(bundle, "cifar10", budget, "clado-diag", w_candidates=BITS,
-                             cache_dir=cache, **common)
+                             cache_dir=cache, **common, qconfig=NEAREST)
         record("clado-diag", budget, diag)
         ed = mpqkit.search(bundle, "cifar10", budget, "eval-delta", w_candidates=BITS,
-                           cache_dir=ed_cache, **common)
+                           cache_dir=ed_cache, **common, qconfig=NEAREST)
         record("eval-delta (ILP)", budget, ed)
-        uni = mpqkit.search(bundle, "cifar10", budget, "uniform", **common)
+        uni = mpqkit.search(bundle, "cifar10", budget, "uniform", **common, qconfig=NEAREST)
         record("uniform", budget, uni)
         # IQP quality on the measured G: CLADO's plan vs the diagonal-only plan and uniform W2/W4
         g, lin, _ = quadratic_objective(clado.table, _problem(clado))
@@ -124,12 +128,12 @@ def main() -> None:
         {f: (b, 8), g: (c, 8)} for i, f in enumerate(layers) for g in layers[i + 1:] for b in BITS for c in BITS]
     plain = dict(use_cache=False, progress=False, prefix=False, fold_bn=False, channels_last=False,
                  batch_size=args.naive_batch)
-    naive = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **plain)
-    naive_k = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **plain)
+    naive = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **plain, qconfig=NEAREST)
+    naive_k = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **plain, qconfig=NEAREST)
     for f in graph.names:  # every activation of the naive loop goes through the stock kernel
         for b in (None, *BITS):
             _stock_activation_kernel(naive.quant_layer(f, b, 8))
-    fast = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False, prefix=False)
+    fast = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False, prefix=False, qconfig=NEAREST)
     cost_batch = fast.batch_size
     sample = random.Random(0).sample(probes, min(args.naive_sample, len(probes)))
     naive_t, naive_k_t, full_t = [], [], []

@@ -22,6 +22,10 @@ from mpqkit.budget import Ledger
 from mpqkit.graph import discover
 from mpqkit.evaluation import evaluate_model
 from mpqkit.plan import atomic_write_text
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 
 def _secs(v: float | None) -> str:
@@ -55,17 +59,17 @@ def main() -> None:
 
     record("fp32", "-", None)
     for wb in (8, 6, 4, 3, 2):
-        r = mpqkit.search(bundle, "cifar10", None, "uniform", w_bits=wb, a_bits=8, progress=False)
+        r = mpqkit.search(bundle, "cifar10", None, "uniform", w_bits=wb, a_bits=8, progress=False, qconfig=NEAREST)
         record(f"uniform W{wb}A8", "-", r.plan)
     for b in args.budgets.split(","):
         with tempfile.TemporaryDirectory() as cache:  # fresh probe cache: the search time is a cold search
             budget = f"avg-bits={b}"
             t0 = time.perf_counter()
             r = mpqkit.search(bundle, "cifar10", budget, "eval-delta", out=out / f"eval-delta-{b}", progress=False,
-                              cache_dir=cache)
+                              cache_dir=cache, qconfig=NEAREST)
             secs = time.perf_counter() - t0
         record("eval-delta", budget, r.plan, secs)
-        u = mpqkit.search(bundle, "cifar10", budget, "uniform", progress=False)
+        u = mpqkit.search(bundle, "cifar10", budget, "uniform", progress=False, qconfig=NEAREST)
         record(f"uniform (largest meeting {budget})", budget, u.plan)
 
     lines = [f"# {args.model} / CIFAR-10: uniform vs eval-delta (W search, A8; first/last layer 8/8)", "",

@@ -23,6 +23,10 @@ from mpqkit.api import calibration_set, load_model
 from mpqkit.engine.probe import ProbeEngine
 from mpqkit.graph import discover
 from mpqkit.plan import atomic_write_text
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 
 def main() -> None:
@@ -41,7 +45,7 @@ def main() -> None:
     engines = {}
     for mode, prefix in (("prefix", True), ("full", False)):
         eng = ProbeEngine(bundle.model, graph, calib.images, calib.labels, batch_size=args.batch_size,
-                          use_cache=False, prefix=prefix, progress=False)
+                          use_cache=False, prefix=prefix, progress=False, qconfig=NEAREST)
         eng.observers()
         for p in probes:  # build quantized layers first, so both modes time only the forward passes
             (f, (wb, ab)), = p.items()

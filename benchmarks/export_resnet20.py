@@ -22,6 +22,10 @@ from mpqkit.export import check_onnx, export_onnx, load_packed, save_packed
 from mpqkit.export.cli import compare_models
 from mpqkit.plan import atomic_write_text
 from mpqkit.zoo.data import LabeledData
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 
 def main() -> None:
@@ -34,7 +38,7 @@ def main() -> None:
     test = load_split("cifar10", "test")
     rows = []
     for bits in (4, 3):
-        plan = mpqkit.search(bundle, "cifar10", f"avg-bits={bits}", "eval-delta", progress=False).plan
+        plan = mpqkit.search(bundle, "cifar10", f"avg-bits={bits}", "eval-delta", progress=False, qconfig=NEAREST).plan
         q = mpqkit.apply_plan(bundle, plan, "cifar10")
         onnx_rep = export_onnx(q, plan, bundle.input_shape, tmp / f"r20_{bits}.onnx")
         onnx_chk = check_onnx(onnx_rep.path, q, test)
@@ -54,7 +58,7 @@ def main() -> None:
     mb = load_model("mobilenet_v2", random_init=True)
     torch.manual_seed(0)
     imgs = LabeledData(torch.randn(8, 3, 224, 224), torch.zeros(8, dtype=torch.long), "random", "train", 1000)
-    plan = mpqkit.search(mb, imgs, None, "uniform", w_bits=8, a_bits=8, calib_size=8, progress=False).plan
+    plan = mpqkit.search(mb, imgs, None, "uniform", w_bits=8, a_bits=8, calib_size=8, progress=False, qconfig=NEAREST).plan
     q = mpqkit.apply_plan(mb, plan, imgs)
     rep = export_onnx(q, plan, mb.input_shape, tmp / "mbv2.onnx")
     chk = check_onnx(rep.path, q, imgs, batch_size=8)

@@ -28,6 +28,10 @@ from mpqkit.engine.probe import ProbeEngine
 from mpqkit.evaluation import evaluate_model
 from mpqkit.graph import discover
 from mpqkit.plan import atomic_write_text
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 W_BUDGETS = ["avg-bits=2.5", "avg-bits=3", "avg-bits=4"]
 WA_BUDGETS = ["bitops=1.0G", "bitops=0.75G"]
@@ -52,7 +56,7 @@ def main() -> None:
                 for budget in budgets:
                     t0 = time.perf_counter()
                     r = mpqkit.search(bundle, "cifar10", budget, method, search=mode, progress=False,
-                                      cache_dir=cache, options=opts)
+                                      cache_dir=cache, options=opts, qconfig=NEAREST)
                     secs = time.perf_counter() - t0
                     if mode == "w" and method != "uniform" and budget == budgets[0]:
                         tables[method] = r.table
@@ -69,7 +73,7 @@ def main() -> None:
     graph = discover(bundle.model, bundle.input_shape)
     searched = graph.names[1:-1]
     bits = [2, 3, 4, 5, 6, 8]
-    eng = ProbeEngine(bundle.model, graph, test.images, test.labels, batch_size=500, progress=False)
+    eng = ProbeEngine(bundle.model, graph, test.images, test.labels, batch_size=500, progress=False, qconfig=NEAREST)
     keys = [(f, b) for f in searched for b in bits]
     t0 = time.perf_counter()
     drops = {k: eng.fp.top1 - r.top1 for k, r in zip(keys, eng.run([{f: (b, None)} for f, b in keys]))}
@@ -81,7 +85,7 @@ def main() -> None:
                 t = tables["infoq"]
             else:
                 t = mpqkit.search(bundle, "cifar10", "avg-bits=3", "infoq", progress=False,
-                                  options={**opts, "target": target, "observers": obs}).table
+                                  options={**opts, "target": target, "observers": obs}, qconfig=NEAREST).table
             variants[f"infoq target={target} observers={obs}"] = t
     variants["eval-delta ΔL (calibration set)"] = tables["eval-delta"]
     proxy = []
@@ -96,7 +100,7 @@ def main() -> None:
 
     # ---- 3. cost of a cold InfoQ search ----
     calib = calibration_set("cifar10", 1024, 0)
-    fwd = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False)
+    fwd = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False, qconfig=NEAREST)
     t0 = time.perf_counter()
     fwd.run([{"conv1": (8, None)}], show=False)  # one full forward of the sensitivity set (starts at layer 0)
     forward_s = time.perf_counter() - t0

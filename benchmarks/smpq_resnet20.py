@@ -20,6 +20,10 @@ from pathlib import Path
 import mpqkit
 from mpqkit.plan import atomic_write_text
 from mpqkit.sensitivity.shapley import SupernetConfig
+from mpqkit.quant.config import QuantConfig
+
+# measured with nearest rounding, before GPTQ became the default quantizer: pinned, so a rerun reproduces it
+NEAREST = QuantConfig(rounding="nearest")
 
 
 def main() -> None:
@@ -36,7 +40,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     first = mpqkit.search("resnet20", "cifar10", f"avg-bits={args.budgets.split(',')[0]}", "smpq",
-                          options=base, progress=False)
+                          options=base, progress=False, qconfig=NEAREST)
     supernet_s = time.perf_counter() - t0
     hist = first.table.meta["history"]
     for b in args.budgets.split(","):
@@ -45,7 +49,7 @@ def main() -> None:
         for m in ("smpq", "dmpq"):
             runs += [(f"{m} (argmax)", m, base), (f"{m} (ilp, fills budget)", m, {**base, "select": "ilp"})]
         for label, method, opts in runs:
-            res = mpqkit.search("resnet20", "cifar10", budget, method, options=opts, progress=False)
+            res = mpqkit.search("resnet20", "cifar10", budget, method, options=opts, progress=False, qconfig=NEAREST)
             ev = mpqkit.evaluate("resnet20", "cifar10", "test", res.plan)
             row = {"budget": budget, "plan": label, "avg_w_bits": res.plan.costs["avg_w_bits_searched"],
                    "top1_test": 100 * ev["top1"], "solver": f"{res.solution.solver}: {res.solution.status}",

@@ -95,7 +95,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("export with a truncated plan", ["export", "--model", "digits-cnn", "--plan", str(tmp / "trunc.json"),
                                           "--format", "onnx", "--out", str(tmp / "m.onnx")]),
         ("unknown PTQ backend in bench", ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=3",
-                                          "--ptq", "gptq", "--out", str(tmp / "b")]),
+                                          "--ptq", "gptq+foo", "--out", str(tmp / "b")]),
         ("results directory not writable", ["sweep", *D, "--method", "uniform", "--budgets", "avg-bits=3",
                                             "--out", str(tmp / "ro_file" / "x")]),
         ("CUDA forced on a machine without it", ["eval", *D, "--device", "cuda"]),

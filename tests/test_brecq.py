@@ -9,6 +9,7 @@ from mpqkit import api
 from mpqkit.errors import DataError, MpqkitError
 from mpqkit.plan import LayerQuant, Plan
 from mpqkit.quant.apply import apply_plan
+from mpqkit.quant.config import QuantConfig
 from mpqkit.quant.brecq import ReconConfig, find_units, reconstruct, recon_config
 from mpqkit.quant.modules import _QuantMixin
 from mpqkit.quant.primitives import fake_quant
@@ -30,7 +31,7 @@ def _calib(n: int = 128, seed: int = 1) -> list[torch.Tensor]:
 
 def _quantized(net: nn.Module, w_bits: int = 3, a_bits: int | None = 8) -> nn.Module:
     layers = {f: LayerQuant(w_bits, a_bits) for f, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    return apply_plan(net, Plan(layers=layers), torch.cat(_calib()))
+    return apply_plan(net, Plan(layers=layers), torch.cat(_calib()), QuantConfig(rounding="nearest"))  # recon starts there
 
 
 def test_units_are_residual_blocks_and_layers():

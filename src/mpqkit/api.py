@@ -186,7 +186,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     problem.check_feasible()
     _check_out_dir(out, "search results directory", s)  # after the cheap checks, before the long work
 
-    ctx = SearchContext(model=bundle.model, graph=graph, calib_images=calib.images, calib_labels=calib.labels,
+    from .quant.ptq import prepare_fp
+
+    ctx = SearchContext(model=prepare_fp(bundle.model, s.qconfig), graph=graph, calib_images=calib.images, calib_labels=calib.labels,
                         searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in s.search,
                         search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
                         engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
@@ -260,7 +262,7 @@ def plan_qconfig(plan: Plan) -> QuantConfig | None:
     if not isinstance(q, dict):
         return None
     try:
-        return QuantConfig(**q)
+        return QuantConfig.from_dict(q)
     except (TypeError, ValueError) as e:
         from .errors import PlanError
 
@@ -275,33 +277,40 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
     calibration set the search used (size, seed and data from the plan's provenance) through the
     same path as the probe engine, so the plan evaluates the way it was searched.
 
-    ``ptq`` picks the post-training quantizer: None keeps the plan's quantizer config (default:
-    MSE ranges); "minmax" / "mse" set the range estimator of weights and activations; "adaround"
-    (layer-wise), "brecq" (block-wise, LSQ activation steps) and "qdrop" (BRECQ + QDrop) then
-    reconstruct on the calibration set; ``recon_options`` override :class:`ReconConfig` fields
-    (e.g. ``{"iters": 2000}``). The quantized copy lives on ``settings.device``.
+    ``ptq`` picks the post-training quantizer (``quant/ptq.py``): None or "default" is the quantizer
+    the plan was searched under (its ``qconfig``: rounding, bias correction, equalization, ranges);
+    a recipe such as "gptq+bc", "cle+gptq+bc", "brecq", "brecq+bc", "mse" replaces those steps (a
+    step not named is off). "adaround" (layer-wise), "brecq" (block-wise, LSQ activation steps) and
+    "qdrop" (BRECQ + QDrop) reconstruct on the calibration set; ``recon_options`` override
+    :class:`ReconConfig` fields (e.g. ``{"iters": 2000}``). The quantized copy lives on
+    ``settings.device``; its ``mpqkit_qconfig`` attribute is the quantizer config that built it.
     """
-    from dataclasses import replace
-
-    from .quant.brecq import recon_config, reconstruct
+    from .quant.brecq import recon_config
+    from .quant.ptq import parse_ptq
 
     s = resolve_settings(settings, overrides)
-    recon = recon_config(ptq, **(recon_options or {})) if ptq is not None else None
+    recipe = parse_ptq(ptq) if ptq not in (None, "default") else None
+    recon = None
+    if recipe is not None and recipe.recon:
+        recon = recon_config(recipe.recon, **(recon_options or {}))
+    elif any(v is not None for v in (recon_options or {}).values()):
+        raise MpqkitError(f"reconstruction options ({', '.join(k for k, v in recon_options.items() if v is not None)}) "
+                          f"need a reconstruction step in --ptq (adaround, brecq or qdrop), not {ptq or 'default'}")
     bundle = load_model(model, s)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     graph = discover(bundle.model, bundle.input_shape)
     plan.validate(graph, None if allow_other_model else bundle.sha256)
-    qconfig = plan_qconfig(plan)
-    if ptq in ("minmax", "mse"):
-        qconfig = replace(qconfig or QuantConfig(), w_range=ptq, a_range=ptq)
+    qconfig = plan_qconfig(plan) or QuantConfig.from_dict({})
+    if recipe is not None:
+        qconfig = recipe.qconfig(qconfig)
     prov = plan.provenance or {}
     calib_prov = prov.get("calib") if isinstance(prov.get("calib"), dict) else {}
     calib_images = None
-    if recon is not None or any(lq.a_bits is not None for lq in plan.layers.values()) or \
-            (qconfig is not None and qconfig.matmul_a_bits is not None):
+    if recon is not None or qconfig.layer_ptq or any(lq.a_bits is not None for lq in plan.layers.values()) or \
+            qconfig.matmul_a_bits is not None:
         if data is None:
-            raise DataError("the plan quantizes activations (or PTQ reconstruction was asked for): pass calibration data")
+            raise DataError("the plan quantizes activations (or its PTQ needs calibration data): pass calibration data")
         n, seed = int(calib_prov.get("n", s.calib_size)), int(prov.get("seed", s.seed))
         calib = calibration_set(data, n, seed, s.data_root)
         check_compatible(bundle, calib)
@@ -311,12 +320,21 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
                         str(calib_prov["sha256"])[:12])
         calib_images = calib.images
     fp = on_device(bundle.model, s.device)
-    qmodel = _apply_plan(fp, plan, calib_images, qconfig)
-    if recon is not None:
-        assert calib_images is not None
-        batches = [calib_images[i:i + CALIB_CHUNK] for i in range(0, len(calib_images), CALIB_CHUNK)]
-        reconstruct(qmodel, fp, batches, recon, progress=s.progress)
-    return qmodel
+    store = _layer_store(fp, calib_images, qconfig, int(prov.get("seed", s.seed)), s)
+    return _apply_plan(fp, plan, calib_images, qconfig, recon=recon, store=store, progress=s.progress)
+
+
+def _layer_store(fp: nn.Module, images: torch.Tensor | None, qconfig: QuantConfig, seed: int, s: RunSettings):
+    """The probe-cache folder of the layers a search built on its own (GPTQ on the fp inputs): a plan is
+    applied with the very layers its search measured, computed only when not cached."""
+    from .engine.cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
+    from .quant.layerwise import layer_ptq_context
+    from .quant.ptq import prepare_fp
+
+    if qconfig.rounding != "gptq" or images is None or not s.use_cache:
+        return None
+    return ProbeCache(Path(s.cache_dir) if s.cache_dir else default_cache_dir(), layer_ptq_context(
+        module_sha256(prepare_fp(fp, qconfig)), tensor_sha256(images), qconfig, seed))
 
 
 def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
@@ -326,7 +344,9 @@ def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     from .fileutil import atomic_write_bytes
 
     buf = io.BytesIO()
-    torch.save({"mpqkit_quantized": 1, "plan": plan.to_dict(), "state_dict": qmodel.state_dict()}, buf)
+    qconfig = getattr(qmodel, "mpqkit_qconfig", None)  # the quantizer that built it (--ptq may differ from the plan's)
+    torch.save({"mpqkit_quantized": 1, "plan": plan.to_dict(), "state_dict": qmodel.state_dict(),
+                "qconfig": qconfig.to_dict() if qconfig is not None else None}, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
 
@@ -341,15 +361,16 @@ def load_quantized(model: str | nn.Module | ModelBundle, path: str | Path, *, se
         obj = torch.load(Path(path), map_location="cpu", weights_only=True)
         plan = Plan.from_dict(obj["plan"], source=str(path))
         state = obj["state_dict"]
+        qconfig = QuantConfig.from_dict(obj["qconfig"]) if obj.get("qconfig") is not None else plan_qconfig(plan)
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
         raise CheckpointError(f"{path} is not an mpqkit quantized model file: {str(e).splitlines()[0]}") from None
     plan.validate(discover(bundle.model, bundle.input_shape))
-    return _apply_plan(bundle.model, plan, qconfig=plan_qconfig(plan), state_dict=state)
+    return _apply_plan(bundle.model, plan, qconfig=qconfig or QuantConfig.from_dict({}), state_dict=state)
 
 
 def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
              split: str = "test", plan: Plan | str | Path | None = None, *, settings: RunSettings | None = None,
-             limit: int | None = None, batch_size: int = 500, ptq: str | None = None,
+             limit: int | None = None, batch_size: int | None = None, ptq: str | None = None,
              recon_options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Top-1 / loss of the fp model, or of the model quantized by ``plan``, on a split."""
     s = resolve_settings(settings, overrides)
@@ -425,15 +446,15 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     fails at a budget gets a row with the error. ``options``: per method name, its options
     (methods not named use their defaults).
     """
-    from .quant.brecq import PTQ_BACKENDS
+    from .quant.ptq import parse_ptq
     from .report.bench import append_row, load_rows
 
     s = resolve_settings(settings, overrides)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise MpqkitError(f"--draws must be a positive integer, got {draws!r}")
     for p in ptqs:
-        if p is not None and p not in PTQ_BACKENDS:
-            raise MpqkitError(f"unknown PTQ backend '{p}', expected default or one of {sorted(PTQ_BACKENDS)}")
+        if p is not None:
+            parse_ptq(p)  # an unknown recipe fails before any work
     methods = [METHODS.get(m).name for m in methods]
     opts = {m: METHODS.get(m).make_options((options or {}).get(m)) for m in methods}
     out = Path(out)
@@ -492,11 +513,13 @@ def _bench_plan(res: SearchResult, bundle: ModelBundle, data: str, ptqs: Sequenc
                 eval_sets: Mapping[str, LabeledData], settings: RunSettings, recon_options: dict[str, Any] | None,
                 pdir: Path, tag: dict[str, Any], append: Any) -> None:
     """Quantize one searched plan with each PTQ backend, evaluate it, append one row each."""
+    from .quant.ptq import parse_ptq
+
     c = res.plan.costs
     for p in ptqs:
         t0 = time.perf_counter()
         q = apply_plan(bundle, res.plan, data, settings=settings, ptq=p,
-                       recon_options=recon_options if p in ("adaround", "brecq", "qdrop") else None)
+                       recon_options=recon_options if p is not None and parse_ptq(p).recon else None)
         ptq_s = time.perf_counter() - t0
         with torch.inference_mode():
             ev = {sp: evaluate_model(q, d) for sp, d in eval_sets.items()}
@@ -527,7 +550,8 @@ def proxies(model: str | nn.Module | ModelBundle, data: str, out: str | Path,
     graph = discover(bundle.model, bundle.input_shape)
     searched = [n for n in graph.names if n not in (graph.default_fixed() if s.fixed is None else s.fixed)]
     bits = list(s.w_candidates)
-    truth = true_drops(bundle, graph, load_split(data, "test", s), searched, bits, s)
+    truth = true_drops(bundle, graph, load_split(data, "test", s), searched, bits, s,
+                       calib=calibration_set(data, s.calib_size, s.seed, s.data_root))
     tables, corr = {}, {}
     for m in methods:
         res = search(bundle, data, "avg-bits=8", m, settings=s, options=(options or {}).get(m))

@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--budgets", required=True, help="key=start:stop:step (e.g. avg-bits=2.5:4:0.25) or "
                        "budgets separated by ';'")
         b.add_argument("--ptq", default="default" if name == "sweep" else "default,brecq",
-                       help="comma-separated PTQ backends: default (the plan's quantizer), minmax, mse, adaround, "
-                            "brecq, qdrop")
+                       help="comma-separated PTQ recipes: default (the quantizer the plan was searched under), "
+                            "or steps joined by + (cle, minmax|mse, nearest|gptq|adaround|brecq|qdrop, bc; e.g. "
+                            "gptq+bc)")
         b.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 500)")
         b.add_argument("--splits", default="test,exact", help="evaluation splits (default test,exact)")
         b.add_argument("--draws", type=int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
@@ -230,13 +231,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = api.bench(args.model, args.data, methods, budgets, args.out, ptqs=ptqs, settings=settings,
                      options=options, splits=[s for s in args.splits.split(",") if s], draws=args.draws,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None)
-    from .quant.brecq import recon_config
+    from .quant.ptq import parse_ptq
 
     name = api.load_model(args.model, settings).name
     # the settings that change every row beside the methods' own: the report's section says them
     changed = ([f"--refine {settings.refine}"] if settings.refine else []) + \
         ([f"--recon-iters {args.recon_iters}"] if args.recon_iters and any(
-            p is not None and recon_config(p) is not None for p in ptqs) else [])
+            p is not None and parse_ptq(p).recon is not None for p in ptqs) else [])
     title = bench_title(f"{name} / {args.data}" + (f" ({', '.join(changed)})" if changed else ""), rows)
     paths = write_outputs(rows, Path(args.out), title)
     text = paths["md"].read_text() + f"\nwritten: {paths['csv']}, {paths['pareto']}, {paths['html']}"

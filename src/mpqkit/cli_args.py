@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from .errors import MpqkitError
+from .quant.config import ROUNDINGS, QuantConfig
 from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, OBJECTIVES, RunSettings
 
 OPT_PREFIX = "opt__"
@@ -75,6 +76,16 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g.add_argument("--a-symmetric", action="store_true", help="symmetric activations (default asymmetric)")
     g.add_argument("--a-range", choices=["mse", "minmax", "percentile"], default="mse",
                    help="activation range estimator (default mse)")
+    dq = QuantConfig()
+    g.add_argument("--rounding", choices=list(ROUNDINGS), default=dq.rounding,
+                   help="how weights are rounded on their grid, in the search's probes and in the plan's default "
+                        f"PTQ: nearest, or gptq (second-order, on the calibration set) (default {dq.rounding})")
+    g.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=dq.bias_correction,
+                   help="remove each quantized layer's mean output shift on the calibration set "
+                        f"(default {'on' if dq.bias_correction else 'off'})")
+    g.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=dq.equalize,
+                   help="cross-layer equalization of consecutive convs before quantizing (same fp outputs) "
+                        f"(default {'on' if dq.equalize else 'off'})")
     g.add_argument("--matmul-a-bits", type=int, default=None,
                    help="bits of the attention matmul inputs (Q, K, V, probabilities) of transformer models; "
                         "default fp32. Recorded in the plan; not searched, not in the cost ledger")
@@ -96,8 +107,6 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """RunSettings from the flags this command declares (absent groups keep their defaults)."""
-    from .quant.config import QuantConfig
-
     kw: dict[str, Any] = {}
     for name in ("checkpoint", "models_dir", "random_init", "data_root", "device", "search", "w_bits", "a_bits",
                  "calib_size", "seed", "objective", "time_limit", "alpha", "cache_dir", "refine"):
@@ -120,7 +129,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         try:
             kw["qconfig"] = QuantConfig(w_per_channel=not args.w_per_tensor, w_symmetric=args.w_symmetric,
                                         w_range=args.w_range, a_symmetric=args.a_symmetric, a_range=args.a_range,
-                                        matmul_a_bits=args.matmul_a_bits)
+                                        matmul_a_bits=args.matmul_a_bits, rounding=args.rounding,
+                                        bias_correction=args.bias_correction, equalize=args.equalize)
         except ValueError as e:
             raise MpqkitError(str(e)) from None
     return RunSettings(**kw)
@@ -168,18 +178,22 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_ptq(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("post-training quantizer")
-    g.add_argument("--ptq", choices=["minmax", "mse", "adaround", "brecq", "qdrop"],
-                   help="minmax/mse: range estimator of weights and activations; adaround (layer-wise), brecq "
-                        "(block-wise + LSQ activation steps), qdrop (brecq + QDrop): reconstruct on the "
-                        "calibration set (default: the plan's quantizer, MSE ranges, no reconstruction)")
+    g.add_argument("--ptq", help="PTQ recipe, steps joined by +: cle (cross-layer equalization), minmax|mse (ranges), "
+                        "nearest|gptq (rounding) or adaround|brecq|qdrop (reconstruction), bc (bias correction); "
+                        "e.g. gptq+bc, brecq, brecq+bc, mse. A step not named is off. Default: the quantizer the "
+                        "plan was searched under (its qconfig)")
     g.add_argument("--recon-iters", type=int, help="reconstruction iterations per block/layer (default 500)")
     g.add_argument("--recon-batch", type=int, help="reconstruction batch size (default 32)")
     g.add_argument("--qdrop", type=float, help="QDrop probability of keeping an activation fp (qdrop: 0.5)")
 
 
 def ptq_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from .quant.ptq import parse_ptq
+
     opts = {"iters": args.recon_iters, "batch_size": args.recon_batch, "drop": args.qdrop}
     opts = {k: v for k, v in opts.items() if v is not None}
-    if opts and args.ptq is None:
-        raise MpqkitError("--recon-iters/--recon-batch/--qdrop need --ptq adaround|brecq|qdrop")
+    recipe = parse_ptq(args.ptq) if args.ptq not in (None, "default") else None
+    if opts and (recipe is None or recipe.recon is None):
+        raise MpqkitError("--recon-iters/--recon-batch/--qdrop need --ptq with a reconstruction step "
+                          "(adaround, brecq or qdrop)")
     return {"ptq": args.ptq, "recon_options": opts or None}

@@ -20,14 +20,13 @@ import dataclasses
 from collections import OrderedDict
 import logging
 import math
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import DataError
@@ -35,9 +34,10 @@ from ..graph import ModelGraph
 from ..quant.apply import set_submodule
 from ..quant.calibration import calibrate
 from ..quant.config import QuantConfig
-from ..quant.fold import bn_affine, conv_bn_nodes
 from ..quant.modules import quantize_module
+from ..quant.layerwise import LOCAL_GPTQ, LocalLayerBuilder, install, layer_ptq_context
 from ..quant.observers import weight_qparams
+from ..tracing import Program, trace_model
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
 
 log = logging.getLogger("mpqkit")
@@ -70,128 +70,6 @@ def probe_spec(probe: Mapping[str, Override]) -> list[list[Any]]:
     return [[k, v[0], v[1]] for k, v in sorted(probe.items())]
 
 
-_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                      operator.itruediv: operator.truediv}
-
-
-def _trace(model: nn.Module) -> fx.GraphModule | None:
-    """Trace with torch.fx and rewrite in-place ops, which would corrupt cached tensors."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the fallback
-        log.warning("torch.fx could not trace the model (%s): probes run a full forward each", e)
-        return None
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
-            node.target = _INPLACE_FUNCTIONS[node.target]
-        elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
-                and not node.target.startswith("_") and hasattr(torch.Tensor, node.target[:-1]):
-            node.target = node.target[:-1]
-        if "inplace" in node.kwargs:
-            node.kwargs = {**node.kwargs, "inplace": False}
-    for m in gm.modules():
-        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
-            m.inplace = False
-    gm.recompile()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        log.warning("model takes %d inputs; the probe engine supports one: full forward per probe", len(placeholders))
-        return None
-    return gm
-
-
-class _Program:
-    """A traced model as a list of nodes that can be run from any cut point."""
-
-    def __init__(self, gm: fx.GraphModule, layer_names: Iterable[str], fold_bn: bool = True,
-                 channels_last: bool = False):
-        self.gm = gm
-        self.channels_last = channels_last
-        self.nodes = list(gm.graph.nodes)
-        self.modules = dict(gm.named_modules())
-        index = {n: i for i, n in enumerate(self.nodes)}
-        self.last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in self.nodes}
-        self.frees: list[list[fx.Node]] = [[] for _ in self.nodes]  # nodes dead after node i ran
-        for n, last in self.last_use.items():
-            if n.op != "output":
-                self.frees[last].append(n)
-        self.cut: dict[str, int] = {}
-        for i, n in enumerate(self.nodes):
-            if n.op == "call_module" and n.target in layer_names and n.target not in self.cut:
-                self.cut[n.target] = i
-        # conv → BatchNorm pairs (eval-mode BN, conv output used only by it): run as one fused conv
-        self.bn_after: dict[fx.Node, nn.BatchNorm2d] = {}
-        if fold_bn:
-            for conv, bn in conv_bn_nodes(self.nodes, self.modules):
-                if self.modules[conv.target].padding_mode == "zeros":
-                    self.bn_after[conv] = self.modules[bn.target]
-        self._fused: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-
-    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-        """BN(conv(x)) as one conv with the BN folded into the (possibly quantized) weight and bias."""
-        key = (id(conv), id(bn))
-        if key not in self._fused:
-            w = conv.quantized_weight() if hasattr(conv, "quantized_weight") else conv.weight
-            scale, shift = bn_affine(bn, conv.bias)
-            wf = (w * scale.reshape(-1, 1, 1, 1)).detach()
-            if self.channels_last:
-                wf = wf.contiguous(memory_format=torch.channels_last)
-            self._fused[key] = (wf, shift)
-        wf, bf = self._fused[key]
-        if hasattr(conv, "quantize_input"):
-            x = conv.quantize_input(x)
-        return F.conv2d(x, wf, bf, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    def initial_env(self, x: Tensor) -> dict[fx.Node, Tensor]:
-        return {self.nodes[0]: x}
-
-    def run(self, env: dict[fx.Node, Any], start: int, stop: int | None,
-            swaps: Mapping[str, nn.Module], taps: Mapping[str, Callable[[Tensor], None]] | None = None) -> Any:
-        """Run nodes [start, stop) on a copy of ``env``; returns the env (or the output at the end).
-        ``taps`` receive the output of the named modules as they run."""
-        env = dict(env)
-        stop = len(self.nodes) if stop is None else stop
-        fused: set[fx.Node] = set()  # BN nodes already applied inside their conv in this run
-        for i in range(start, stop):
-            node = self.nodes[i]
-            if node.op == "placeholder":
-                continue
-            if node in fused:
-                env[node] = env[node.args[0]]
-                for dead in self.frees[i]:
-                    env.pop(dead, None)
-                continue
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node.op == "call_module":
-                mod = swaps[node.target] if node.target in swaps else self.modules[node.target]
-                bn = self.bn_after.get(node)
-                tapped = bool(taps) and node.target in taps
-                if bn is not None and not kwargs and len(args) == 1:
-                    env[node] = self._conv_bn(mod, bn, args[0])
-                    fused.add(next(iter(node.users)))
-                    if tapped:  # the tap sees the conv's own output; the network goes on with the fused one
-                        taps[node.target](mod(*args))
-                else:
-                    env[node] = mod(*args, **kwargs)
-                    if tapped:
-                        taps[node.target](env[node])
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "get_attr":
-                obj: Any = self.gm
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                env[node] = obj
-            elif node.op == "output":
-                return args[0]
-            for dead in self.frees[i]:
-                env.pop(dead, None)
-        return env
-
-
 class ProbeEngine:
     """Runs probes on a fixed labelled calibration set (images already normalized)."""
 
@@ -199,7 +77,10 @@ class ProbeEngine:
                  qconfig: QuantConfig | None = None, batch_size: int | None = None, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
                  progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048, fold_bn: bool = True,
-                 channels_last: bool = True, objective: str = "ce"):
+                 channels_last: bool = True, objective: str = "ce", layers_from: "ProbeEngine | None" = None):
+        """``layers_from``: another engine (same model and quantizer) whose quantized layers this one
+        uses — e.g. plans measured on held-out images with the layers built, activation ranges
+        calibrated and GPTQ fitted on the calibration set, as the shipped plan is."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if len(images) == 0:
@@ -227,8 +108,8 @@ class ProbeEngine:
             self.model.to(memory_format=fmt)  # conv kernels run faster on NHWC on CPU (oneDNN)
         self.batches = [(images[i:i + batch_size].to(self.device).contiguous(memory_format=fmt),
                          labels[i:i + batch_size].to(self.device)) for i in range(0, len(images), batch_size)]
-        gm = _trace(self.model)
-        self.program = _Program(gm, graph.names, fold_bn, fmt is torch.channels_last) if gm is not None else None
+        gm = trace_model(self.model)
+        self.program = Program(gm, graph.names, fold_bn, fmt is torch.channels_last) if gm is not None else None
         if self.program is not None:
             missing = [n for n in graph.names if n not in self.program.cut]
             if missing:
@@ -239,8 +120,13 @@ class ProbeEngine:
         if objective == "kl":  # the reference every probe is compared with, per batch, through the probes' own path
             with torch.inference_mode():
                 self._fp_logp = [F.log_softmax(out.float(), dim=1) for out, _ in self._outputs(0, None, {}, {})]
-        context = {"engine": ENGINE_VERSION, "objective": objective,
-                   "model": module_sha256(model), "data": tensor_sha256(images, labels),
+        gptq_context = {"gptq": LOCAL_GPTQ.to_dict()} if self.qconfig.rounding != "nearest" else {}
+        self.data_sha256 = tensor_sha256(images, labels)
+        self._layers_from = layers_from
+        if layers_from is not None:
+            gptq_context["layers_from"] = layers_from.data_sha256
+        context = {"engine": ENGINE_VERSION, "objective": objective, **gptq_context,
+                   "model": module_sha256(model), "data": self.data_sha256,
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
                    "kernels": {"fold_bn": fold_bn, "channels_last": channels_last, "batch_size": batch_size}}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
@@ -252,7 +138,14 @@ class ProbeEngine:
         self._seed = seed
         self._wq: dict[tuple[str, int], tuple] = {}
         self._layers: dict[tuple[str, int | None, int | None], nn.Module] = {}
+        self._builder = None
+        if self.qconfig.layer_ptq and layers_from is None:  # GPTQ / bias correction per (layer, bits), cached
+            store = ProbeCache(cache_dir or default_cache_dir(), layer_ptq_context(
+                module_sha256(model), tensor_sha256(images), self.qconfig, seed)) if use_cache else None
+            self._builder = LocalLayerBuilder(model, images, self.qconfig, seed, store, self.device)
         self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
+        if self._builder is not None:
+            self.stats.update(ptq_layers_built=0, ptq_layers_cached=0, ptq_seconds=0.0)
         self.fp = self.run([{}], desc="fp reference", show=False)[0]
 
     def _outputs(self, start: int, envs: list[dict] | None, swaps: Mapping[str, nn.Module],
@@ -273,6 +166,8 @@ class ProbeEngine:
         return self._observers
 
     def quant_layer(self, fqn: str, w_bits: int | None, a_bits: int | None) -> nn.Module:
+        if self._layers_from is not None:
+            return self._layers_from.quant_layer(fqn, w_bits, a_bits)
         key = (fqn, w_bits, a_bits)
         if key not in self._layers:
             module = self.model.get_submodule(fqn)
@@ -285,6 +180,10 @@ class ProbeEngine:
                 wq = self._wq[(fqn, w_bits)]
             aq = self.observers()[fqn].qparams(a_spec) if a_spec is not None else None
             q = quantize_module(module, w_spec, a_spec, w_qparams=wq, a_qparams=aq)
+            if self._builder is not None:
+                install(q, self._builder.build(fqn, q, w_bits, a_bits))
+                b = self._builder
+                self.stats.update(ptq_layers_built=b.built, ptq_layers_cached=b.cached, ptq_seconds=b.seconds)
             q.freeze_weight = True
             self._layers[key] = q
         return self._layers[key]

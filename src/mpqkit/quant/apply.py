@@ -14,7 +14,7 @@ from ..errors import DataError, PlanError
 from ..plan import Plan
 from .config import QuantConfig
 from .modules import QuantAct, quantize_module
-from .calibration import calibrate, model_device  # noqa: F401  (model_device re-exported)
+from .calibration import calibrate, model_device
 from .observers import ActivationObserver
 
 
@@ -27,24 +27,34 @@ def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None = None,
                qconfig: QuantConfig | None = None,
                observers: dict[str, ActivationObserver] | None = None,
-               state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+               state_dict: dict[str, torch.Tensor] | None = None, recon: object | None = None,
+               store: object | None = None, progress: bool = False) -> nn.Module:
     """Return a quantized copy of ``model`` following ``plan``; ``model`` itself is never changed.
 
+    Stages (``quant/ptq.py``): the fp model equalized when ``qconfig.equalize``; every layer's grid
+    and activation ranges; GPTQ rounding when ``qconfig.rounding`` says so (layer-local layers from
+    ``store``, the probe cache the search wrote, when given); reconstruction when ``recon`` (a
+    ``brecq.ReconConfig``); bias correction when ``qconfig.bias_correction``.
+
     ``calib_images`` (the calibration set's inputs, calibrated with the plan's seed through
-    ``quant.calibration.calibrate``) are needed when the plan quantizes any activation, unless
-    ready ``observers`` are given, or a saved quantized ``state_dict`` supplies every quantizer's
-    parameters (``mpqkit apply --out`` files).
+    ``quant.calibration.calibrate``) are needed when the plan quantizes any activation or its PTQ
+    learns from data, unless ready ``observers`` are given, or a saved quantized ``state_dict``
+    supplies every quantizer's parameters (``mpqkit apply --out`` files; no PTQ then runs).
     """
+    from .ptq import layer_steps, prepare_fp
+
     qconfig = qconfig or QuantConfig()
     names = {n for n, m in model.named_modules()}
     for fqn in plan.layers:
         if fqn not in names:
             raise PlanError(f"plan names layer '{fqn}', which the model does not have")
+    model = prepare_fp(model, qconfig)
+    seed = int((plan.provenance or {}).get("seed", 0))
     act_layers = [f for f, lq in plan.layers.items() if lq.a_bits is not None]
     if act_layers and observers is None and state_dict is None:
         if calib_images is None:
             raise DataError("the plan quantizes activations: calibration data is required")
-        observers = calibrate(model, act_layers, calib_images, seed=int((plan.provenance or {}).get("seed", 0)))
+        observers = calibrate(model, act_layers, calib_images, seed=seed)
     qmodel = copy.deepcopy(model)
     qmodel.eval()
     for fqn, lq in plan.layers.items():
@@ -61,10 +71,27 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
         set_submodule(qmodel, fqn, quantize_module(module, w_spec, a_spec, a_qparams=a_qparams))
     _quantize_matmul_inputs(model, qmodel, plan, calib_images, qconfig, state_dict is not None)
     if state_dict is not None:
+        for fqn in plan.layers:  # bias correction gives a bias to a layer that had none (no BN after it)
+            m = qmodel.get_submodule(fqn)
+            if f"{fqn}.bias" in state_dict and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
+                m.bias = nn.Parameter(torch.zeros_like(state_dict[f"{fqn}.bias"]))
         try:
             qmodel.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
             raise PlanError(f"the saved quantized weights do not match this model and plan: {e}") from None
+    elif qconfig.layer_ptq or recon is not None:
+        if calib_images is None:
+            raise DataError("the quantizer (GPTQ, bias correction or reconstruction) learns from the calibration "
+                            "set: calibration data is required")
+        from .calibration import CALIB_CHUNK
+        from .layerwise import LocalLayerBuilder
+
+        dev = model_device(model)
+        batches = [calib_images[i:i + CALIB_CHUNK].to(dev) for i in range(0, len(calib_images), CALIB_CHUNK)]
+        builder = LocalLayerBuilder(model, calib_images, qconfig, seed, store, dev) \
+            if qconfig.rounding == "gptq" else None
+        qmodel.mpqkit_ptq = layer_steps(qmodel, model, batches, qconfig, recon, builder, progress)
+    qmodel.mpqkit_qconfig = qconfig  # the quantizer that built it (saved beside the weights)
     return qmodel
 
 

@@ -28,12 +28,18 @@ DEFAULT_METHODS = ("eval-delta", "hawq", "mpqco", "mixquant", "mixquant-ilp", "i
 
 
 def true_drops(bundle, graph, ds, searched: Sequence[str], bits: Sequence[int],
-               settings) -> dict[str, dict[int, dict[str, float]]]:
-    """{layer: {bits: {"drop_pct", "dloss"}}} measured on ``ds`` (weights of one layer quantized)."""
+               settings, calib=None) -> dict[str, dict[int, dict[str, float]]]:
+    """{layer: {bits: {"drop_pct", "dloss"}}} measured on ``ds`` (weights of one layer quantized). The
+    quantized layers are the ones a plan ships with: built on ``calib`` (the calibration set: GPTQ,
+    bias correction), never fitted on ``ds``."""
     from ..engine.probe import ProbeEngine
+    from ..quant.ptq import prepare_fp
 
-    engine = ProbeEngine(bundle.model, graph, ds.images, ds.labels, qconfig=settings.qconfig, seed=settings.seed,
-                         device=settings.device, **settings.engine_kwargs())
+    model = prepare_fp(bundle.model, settings.qconfig)
+    kw = dict(qconfig=settings.qconfig, seed=settings.seed, device=settings.device, **settings.engine_kwargs())
+    source = ProbeEngine(model, graph, calib.images, calib.labels, **kw) \
+        if calib is not None and settings.qconfig.layer_ptq else None
+    engine = ProbeEngine(model, graph, ds.images, ds.labels, layers_from=source, **kw)
     probes = [{f: (b, None)} for f in searched for b in bits]
     res = engine.run(probes, desc=f"true Δtop-1 on {ds.split}")
     out: dict[str, dict[int, dict[str, float]]] = {}

@@ -118,8 +118,9 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")
     held = ctx.load_heldout(opts.heldout)
     engine = ctx.engine  # built first: every candidate method shares it
+    # the plans are measured on held-out images with the layers the calibration set built (ranges, GPTQ)
     held_engine = ProbeEngine(ctx.model, ctx.graph, held.images, held.labels, qconfig=ctx.qconfig, seed=ctx.seed,
-                              **ctx.engine_kwargs)
+                              layers_from=engine, **ctx.engine_kwargs)
     s = ctx.settings
     time_limit = getattr(s, "time_limit", 60.0)
     trials, tables, plans = [], {}, {}

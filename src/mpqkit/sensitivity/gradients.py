@@ -49,12 +49,18 @@ def loss_sum(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def weight_deltas(ctx: SearchContext) -> dict[str, dict[int, Tensor]]:
-    """Ŵ_{ℓ,b} − W_ℓ for every searched layer and candidate bits, with the configured quantizer."""
+    """Ŵ_{ℓ,b} − W_ℓ for every searched layer and candidate bits, with the configured quantizer: the
+    probe engine's quantized layer when the run rounds with GPTQ (the weights the plan ships with),
+    else nearest rounding on the grid."""
     out: dict[str, dict[int, Tensor]] = {}
     with torch.no_grad():
         for f in ctx.searched:
             w = ctx.model.get_submodule(f).weight.detach()
-            out[f] = {b: (quantize_weight(w, ctx.qconfig.w_spec(b)) - w).to(ctx.device) for b in ctx.w_bits}
+            if ctx.qconfig.rounding == "gptq":
+                q = {b: ctx.engine.quant_layer(f, b, None).weight.detach().to(w) for b in ctx.w_bits}
+            else:
+                q = {b: quantize_weight(w, ctx.qconfig.w_spec(b)) for b in ctx.w_bits}
+            out[f] = {b: (q[b] - w).contiguous().to(ctx.device) for b in ctx.w_bits}
     return out
 
 

@@ -631,20 +631,20 @@ def _coalition_value(logits: Tensor, labels: Tensor, kind: str) -> float:
 class _PrefixValue:
     """Coalition values of the supernet, each forward starting at the earliest layer whose mixture
     differs from the last coalition evaluated (or from the full one), from the live tensors kept at
-    every searched layer's input: the probe engine's traced program (``engine.probe._Program``) on a
+    every searched layer's input: the probe engine's traced program (``tracing.Program``) on a
     copy of the supernet's network whose searched weights are set to the coalition's mixtures. A
     Shapley permutation removes one player at a time, so each value runs from that layer on."""
 
     def __init__(self, sup: Supernet, val: LabeledData, kind: str) -> None:
-        from ..engine.probe import _Program, _trace
+        from ..tracing import Program, trace_model
 
         self.sup, self.kind = sup, kind
         self.y = val.labels
         net = copy.deepcopy(sup.net).eval()
-        gm = _trace(net)
+        gm = trace_model(net)
         if gm is None:
             raise ValueError("not traceable")
-        self.prog = _Program(gm, sup.layers, fold_bn=False)  # weights change between calls: nothing fused
+        self.prog = Program(gm, sup.layers, fold_bn=False)  # weights change between calls: nothing fused
         if any(f not in self.prog.cut for f in sup.layers):
             raise ValueError("a searched layer is not a traced module call")
         self.order = sorted(range(len(sup.layers)), key=lambda i: self.prog.cut[sup.layers[i]])

@@ -1,0 +1,280 @@
+"""Layer-wise PTQ steps on a quantized model whose grids are set: GPTQ rounding and empirical bias
+correction, in execution order.
+
+A *walk* runs the calibration set through the quantized network one quantized layer at a time
+(the traced program of :mod:`mpqkit.tracing`, keeping the live tensors of every batch at the
+current layer): each layer is processed on the inputs the network before it — already processed —
+gives it, then the walk runs on through it. So GPTQ rounds every layer against the quantized
+network's own inputs (the paper's sequential order), and bias correction removes each layer's
+output shift including the drift of the layers before it:
+
+* GPTQ (``quant/gptq.py``): ``H`` of the layer's (input-quantized) inputs, weights rounded on the
+  layer's grid and written into its weight tensor;
+* bias correction: ``δ = W·μ_fp − Ŵ·μ̂`` per output channel, with ``μ_fp`` the mean input row of the fp
+  model's layer and ``μ̂`` that of the quantized layer's actual (quantized) input, so that the
+  quantized layer's mean output equals the fp layer's on the calibration set. ``δ`` goes into the
+  bias of the BatchNorm right after a conv (exact: ``BN(z + δ) = BN(z) + δ·γ/σ``), else the layer's
+  own bias (created when it has none): the parameters of a conv+BN model, and so its size, stay as
+  they were.
+
+The same arithmetic on the fp model's inputs (:func:`local_weight_and_bias`) builds one quantized
+layer on its own, for the probe engine: there a layer's quantization depends only on its own bits.
+Models torch.fx cannot trace are walked by one forward per layer (same result, slower).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MpqkitError
+from ..tracing import Program, trace_model
+from .config import QuantConfig
+from .fold import bn_affine, conv_bn_nodes
+from .gptq import GptqConfig, InputStats, gptq_weight, layer_groups
+from .modules import _QuantMixin
+
+#: GPTQ's settings (dampening, blocks, act-order) for every layer mpqkit rounds
+LOCAL_GPTQ = GptqConfig()
+LAYER_PTQ_VERSION = 1
+
+log = logging.getLogger("mpqkit")
+
+
+class _Stop(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------ walking
+def _walk_traced(program: Program, batches: Sequence[Tensor], layers: list[str]) -> Iterator[tuple[str, list[Tensor]]]:
+    envs = [program.initial_env(x) for x in batches]
+    cur = 0
+    for fqn in sorted(layers, key=program.cut.__getitem__):
+        cut = program.cut[fqn]
+        envs = [program.run(env, cur, cut, {}) for env in envs]
+        cur = cut
+        node = program.nodes[cut]
+        if len(node.args) != 1 or node.kwargs:
+            raise MpqkitError(f"layer {fqn} is called with more than one argument: it cannot be walked")
+        yield fqn, [env[node.args[0]] for env in envs]
+
+
+def _walk_hooked(model: nn.Module, batches: Sequence[Tensor], layers: list[str]) -> Iterator[tuple[str, list[Tensor]]]:
+    """One forward per layer, stopped at the layer (models that do not trace)."""
+    for fqn in layers:
+        got: list[Tensor] = []
+
+        def hook(_m, args):
+            got.append(args[0].detach())
+            raise _Stop
+
+        h = model.get_submodule(fqn).register_forward_pre_hook(hook)
+        try:
+            for x in batches:
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        yield fqn, got
+
+
+@torch.no_grad()
+def fp_input_means(model: nn.Module, batches: Sequence[Tensor], layers: Sequence[nn.Module | str]) -> dict[str, Tensor]:
+    """``(G, D)`` mean input row of each named layer of the (fp) model over the batches, one forward."""
+    stats = {f: InputStats(model.get_submodule(f), hessian=False) for f in layers}
+    hs = [model.get_submodule(f).register_forward_pre_hook(lambda m, a, f=f: stats[f].add(a[0])) for f in stats]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return {f: s.mean for f, s in stats.items()}
+
+
+# ------------------------------------------------------------------------------ bias correction
+def output_mean(weight: Tensor, mu: Tensor) -> Tensor:
+    """Mean output per channel (without bias) of a layer with ``weight`` on mean input rows ``mu`` (G, D)."""
+    g = mu.shape[0]
+    w3 = weight.detach().double().reshape(g, weight.shape[0] // g, -1)
+    return torch.einsum("grd,gd->gr", w3, mu.double()).reshape(-1)
+
+
+def bias_shift(fp_weight: Tensor, mu_fp: Tensor, q_weight: Tensor, mu_q: Tensor) -> Tensor:
+    """``δ = W·μ_fp − Ŵ·μ̂`` per output channel (float32): add it to the quantized layer's output."""
+    return (output_mean(fp_weight, mu_fp) - output_mean(q_weight, mu_q)).float()
+
+
+def _add_layer_bias(layer: nn.Module, delta: Tensor) -> None:
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros_like(delta))
+    layer.bias.data.add_(delta.to(layer.bias))
+
+
+def _add_output_bias(layer: nn.Module, bn: nn.BatchNorm2d | None, delta: Tensor) -> None:
+    """Shift the layer's output by ``delta``: through the BN right after it when there is one (and it
+    has a bias), else the layer's own bias."""
+    if bn is not None and bn.bias is not None:
+        scale, _ = bn_affine(bn, None)
+        bn.bias.data.add_((delta * scale).to(bn.bias))
+    else:
+        _add_layer_bias(layer, delta)
+
+
+# ------------------------------------------------------------------------------ the sequential pass
+@torch.no_grad()
+def sequential_ptq(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[Tensor], gptq: GptqConfig | None,
+                   bias_correction: bool) -> dict:
+    """GPTQ (when ``gptq``) and/or bias correction of every quantized layer of ``qmodel`` (a quantized
+    copy of ``fp_model``, changed in place), in execution order on the calibration ``batches``, each
+    on the inputs of the network before it as already processed. Returns per-layer statistics and
+    the seconds taken."""
+    if gptq is None and not bias_correction:
+        return {}
+    t0 = time.perf_counter()
+    qmodel.eval()
+    fp_model.eval()
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, _QuantMixin)]
+    fp_mods = dict(fp_model.named_modules())
+    mu_fp = fp_input_means(fp_model, batches, names) if bias_correction else {}
+    gm = trace_model(qmodel)
+    program = Program(gm, names, fold_bn=False) if gm is not None else None
+    if program is not None and any(n not in program.cut for n in names):
+        program = None
+    bn_after = ({program.modules[c.target]: program.modules[b.target] for c, b in conv_bn_nodes(program.nodes, program.modules)}
+                if program is not None else {})
+    walk = _walk_traced(program, batches, names) if program is not None else _walk_hooked(qmodel, batches, names)
+    rows = []
+    for fqn, inputs in walk:
+        layer = qmodel.get_submodule(fqn)
+        rounds = gptq is not None and layer.w_spec is not None
+        stats = InputStats(layer, hessian=rounds)
+        for x in inputs:
+            stats.add(layer.quantize_input(x))
+        row: dict = {"layer": fqn}
+        if rounds:
+            w, info = gptq_weight(layer, stats.hessian, gptq)
+            layer.weight.data.copy_(w)
+            layer._w_cache = None
+            row.update(info)
+        if bias_correction:
+            delta = bias_shift(fp_mods[fqn].weight, mu_fp[fqn], layer.quantized_weight(), stats.mean)
+            _add_output_bias(layer, bn_after.get(layer), delta)
+            row["bias_shift_abs_mean"] = float(delta.abs().mean())
+        rows.append(row)
+    return {"layers": rows, "seconds": time.perf_counter() - t0, "walk": "traced" if program is not None else "hooked"}
+
+
+# ------------------------------------------------------------------------------ one layer on its own
+def layer_ptq_context(model_sha256: str, images_sha256: str, qconfig: QuantConfig, seed: int) -> dict:
+    """What a layer built on its own depends on (the key space of its cache entries): the fp weights,
+    the calibration images, the quantizer (grid, rounding, bias correction, GPTQ settings) and the
+    activation observers' seed. The probe engine and ``apply_plan`` use the same context, so a plan
+    is applied with the very layers its search measured."""
+    return {"layer_ptq": LAYER_PTQ_VERSION, "model": model_sha256, "data": images_sha256,
+            "qconfig": qconfig.to_dict(), "gptq": LOCAL_GPTQ.to_dict(), "seed": seed}
+
+
+class LocalLayerBuilder:
+    """Builds quantized layers on the fp model's inputs alone (layer-local PTQ): GPTQ rounding on the
+    layer's grid (``qconfig.rounding`` "gptq" or "gptq-seq") and the bias correction
+    ``δ = W·μ_fp − Ŵ·μ̂_fp`` (``qconfig.bias_correction``), for a given (layer, w_bits, a_bits).
+
+    Statistics of every layer's fp input (Hessian, mean; through the layer's ``a_bits`` input
+    quantizer) are gathered in one forward of a private copy of ``model`` over ``images`` in
+    ``CALIB_CHUNK`` chunks, the first time a layer needs them. ``store`` (optional; ``get_tensors`` /
+    ``put_tensors`` / ``key``, e.g. an ``engine.cache.ProbeCache`` with :func:`layer_ptq_context`)
+    keeps every built layer on disk: a layer is computed once per context, then read."""
+
+    def __init__(self, model: nn.Module, images: Tensor, qconfig: QuantConfig, seed: int = 0,
+                 store: Any = None, device: torch.device | None = None) -> None:
+        self.model = copy.deepcopy(model).eval()
+        if device is not None:
+            self.model.to(device)
+        self.images, self.qconfig, self.seed, self.store = images, qconfig, seed, store
+        self._stats: dict[int | None, dict[str, InputStats]] = {}
+        self._observers: dict | None = None
+        self.built = self.cached = 0
+        self.seconds = 0.0
+
+    def build(self, fqn: str, qlayer: nn.Module, w_bits: int | None, a_bits: int | None) -> dict[str, Tensor]:
+        """``{"weight": …, "bias": …}`` (the entries that change) for ``qlayer``, the quantized
+        ``fqn`` at (``w_bits``, ``a_bits``) with its grid set; empty when nothing changes."""
+        gptq = self.qconfig.rounding != "nearest" and w_bits is not None
+        bc = self.qconfig.bias_correction and (w_bits is not None or a_bits is not None)
+        if not (gptq or bc):
+            return {}
+        t0 = time.perf_counter()
+        key = self.store.key({"layer": [fqn, w_bits, a_bits]}) if self.store is not None else None
+        got = self.store.get_tensors(key) if key is not None else None
+        if got is None:
+            stats = self._input_stats(a_bits, want_h=gptq)[fqn]
+            weight = gptq_weight(qlayer, stats.hessian, LOCAL_GPTQ)[0] if gptq else None
+            bias = None
+            if bc:
+                fp_layer = self.model.get_submodule(fqn)
+                w_hat = weight if weight is not None else qlayer.quantized_weight()
+                delta = bias_shift(fp_layer.weight, self._input_stats(None, want_h=gptq)[fqn].mean, w_hat, stats.mean)
+                bias = delta if fp_layer.bias is None else fp_layer.bias.detach() + delta
+            got = {k: v.detach().cpu() for k, v in (("weight", weight), ("bias", bias)) if v is not None}
+            if key is not None:
+                self.store.put_tensors(key, got)
+            self.built += 1
+        else:
+            self.cached += 1
+        self.seconds += time.perf_counter() - t0
+        return got
+
+    @torch.no_grad()
+    def _input_stats(self, a_bits: int | None, want_h: bool) -> dict[str, InputStats]:
+        if a_bits not in self._stats:
+            from .calibration import CALIB_CHUNK, calibrate
+            from .primitives import fake_quant
+
+            names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            stats = {f: InputStats(self.model.get_submodule(f), hessian=want_h) for f in names}
+            aq = {}
+            if a_bits is not None:
+                if self._observers is None:
+                    self._observers = calibrate(self.model, names, self.images, seed=self.seed)
+                aq = {f: self._observers[f].qparams(self.qconfig.a_spec(a_bits)) for f in names}
+
+            def hook(f: str):
+                def fn(_m, args):
+                    stats[f].add(fake_quant(args[0], *aq[f]) if f in aq else args[0])
+                return fn
+
+            hs = [self.model.get_submodule(f).register_forward_pre_hook(hook(f)) for f in names]
+            device = next(self.model.parameters()).device
+            try:
+                for i in range(0, len(self.images), CALIB_CHUNK):
+                    self.model(self.images[i:i + CALIB_CHUNK].to(device))
+            finally:
+                for h in hs:
+                    h.remove()
+            self._stats[a_bits] = stats
+        return self._stats[a_bits]
+
+
+def install(qlayer: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Give a quantized layer its own weight/bias tensors (the fp model's stay as they are)."""
+    params = dict(qlayer._parameters)
+    for name, t in tensors.items():
+        ref = params.get(name)
+        t = t.to(ref.device if ref is not None else qlayer.weight.device)
+        if ref is not None and t.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) \
+                and not ref.is_contiguous():
+            t = t.contiguous(memory_format=torch.channels_last)
+        params[name] = nn.Parameter(t, requires_grad=False)
+    qlayer._parameters = params
+    qlayer._w_cache = None
+
+
+__all__ = ["sequential_ptq", "LocalLayerBuilder", "layer_ptq_context", "install", "fp_input_means", "bias_shift",
+           "layer_groups"]
