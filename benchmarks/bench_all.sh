@@ -155,6 +155,33 @@ $M export --model mobilenetv2 --plan $R/bench_mobilenetv2/plans/eval-delta/avg-b
     /tmp/mobilenetv2.onnx --check --limit 100
 $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-bits=4/plan.json --out \
     /tmp/minilm.onnx --check
+# Issue 27: GPTQ (the default quantizer since 300b78c), bias correction, equalization; plans chosen under the quantizer
+# that ships. ResNet-20, the default path (auto + the default PTQ), 5 draws; then the PTQ steps on the same plans
+$M bench -q --model resnet20 --methods auto,uniform,eval-delta --budgets "avg-bits=2.5;avg-bits=3;avg-bits=4" \
+    --ptq default --splits test --draws 5 --out $R/draws_resnet20_gptq
+$M bench -q --model resnet20 --methods auto,uniform,eval-delta --budgets "avg-bits=2.5;avg-bits=3;avg-bits=4" \
+    --ptq nearest,gptq+bc,gptq-seq,cle+gptq --splits test --draws 5 --out $R/draws_resnet20_gptq
+$M bench -q --model resnet20 --methods auto,uniform --budgets "avg-bits=2.5;avg-bits=3;avg-bits=4" \
+    --ptq brecq --splits test --draws 5 --out $R/draws_resnet20_gptq
+# the allocation chosen under nearest rounding, applied with the shipped GPTQ (paired with the rows above)
+$M bench -q --model resnet20 $RTN --methods auto,eval-delta --budgets "avg-bits=2.5;avg-bits=3" \
+    --ptq gptq --splits test --draws 5 --out $R/draws_resnet20_rtnalloc
+# MobileNetV2 and EfficientNet-Lite0 (ImageNet subset, 128 calibration images), 3 draws; the PTQ steps at avg-bits 4
+$M bench -q --model mobilenetv2 --methods uniform,eval-delta --budgets "avg-bits=3:5:1" --ptq default --splits test \
+    --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
+$M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default --splits test \
+    --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
+$M bench -q --model mobilenetv2 --methods uniform,eval-delta --budgets avg-bits=4 \
+    --ptq nearest,bc,gptq+bc,cle+gptq,cle+gptq+bc,gptq-seq --splits test --calib-size 128 --draws 3 \
+    --out $R/bench_mobilenetv2_gptq
+$M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
+    --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
+$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta --budgets "avg-bits=3:5:1" --ptq default \
+    --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
+$M bench -q --model efficientnet-lite0 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default \
+    --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
+$M bench -q --model convmixer --methods uniform,eval-delta,auto --budgets "avg-bits=3:5:1" --ptq default \
+    --splits test --draws 2 --out $R/bench_convmixer_gptq
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \

@@ -159,29 +159,33 @@ def test_kl_objective_is_divergence_from_the_fp_outputs(tmp_path):
     prefix, full-forward and fallback paths, and cached apart from the cross-entropy results."""
     import torch.nn.functional as F
 
+    from mpqkit.quant.config import QuantConfig
+
+    RTN = QuantConfig(rounding="nearest")  # a damage large enough to compare KLs to 1e-4 (GPTQ's is 10x smaller)
+
     model = make_tiny()
     data = tiny_data(model)
-    kl = _engine(model, data, objective="kl", cache_dir=str(tmp_path))
+    kl = _engine(model, data, objective="kl", cache_dir=str(tmp_path), qconfig=RTN)
     assert kl.fp.loss == pytest.approx(0.0, abs=1e-9)
     probe = {"conv2": (2, 4), "fc": (3, None)}
     got = kl.run([probe])[0]
-    qmodel = apply_plan(model, Plan(layers={f: LayerQuant(w, a) for f, (w, a) in probe.items()}), data.images)
+    qmodel = apply_plan(model, Plan(layers={f: LayerQuant(w, a) for f, (w, a) in probe.items()}), data.images, RTN)
     with torch.no_grad():
         p_fp = F.log_softmax(model(data.images), 1)
         p_q = F.log_softmax(qmodel(data.images), 1)
     expected = float((p_fp.exp() * (p_fp - p_q)).sum(1).mean())
-    assert expected > 1e-6 and got.loss == pytest.approx(expected, rel=1e-3)  # 4-bit ranges: last-digit kernel noise
+    assert expected > 1e-4 and got.loss == pytest.approx(expected, rel=1e-4)
     # shuffled labels: same KL (label-free); the top-1 still counts against the labels
     shuffled = dataclasses.replace(data, labels=data.labels[torch.randperm(len(data.labels))])
-    other = _engine(model, shuffled, objective="kl", use_cache=False)
+    other = _engine(model, shuffled, objective="kl", use_cache=False, qconfig=RTN)
     assert other.run([probe])[0].loss == pytest.approx(got.loss, rel=1e-6)
-    slow = _engine(model, data, objective="kl", use_cache=False, prefix=False)
-    fallback = _engine(make_tiny(cls=UntraceableNet), data, objective="kl", use_cache=False)
+    slow = _engine(model, data, objective="kl", use_cache=False, prefix=False, qconfig=RTN)
+    fallback = _engine(make_tiny(cls=UntraceableNet), data, objective="kl", use_cache=False, qconfig=RTN)
     for a, b, c in zip(kl.run(PROBES), slow.run(PROBES), fallback.run(PROBES)):
         assert a.loss >= 0
         _close(a, b)
         _close(a, c)
-    ce = _engine(model, data, cache_dir=str(tmp_path))  # same cache directory, other objective: no shared entry
+    ce = _engine(model, data, cache_dir=str(tmp_path), qconfig=RTN)  # same cache directory, other objective: no shared entry
     ce.run(PROBES)
     assert ce.stats["probes_run"] == len(PROBES)
     with pytest.raises(ValueError, match="objective"):

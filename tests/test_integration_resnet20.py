@@ -64,7 +64,8 @@ def test_eval_delta_meets_budget_and_orders_bits(r20, test2k):
     u = mpqkit.search(r20, "cifar10", "avg-bits=3", "uniform", w_candidates=(2, 4, 8), calib_size=256,
                       progress=False).plan  # largest uniform from {2,4,8} meeting 3 bits = W2
     uq = evaluate_model(mpqkit.apply_plan(r20, u, "cifar10"), test2k)["top1"]
-    assert q > uq + 0.05, (q, uq)  # mixing 2/4/8 by sensitivity beats uniform 2-bit by a wide margin
+    # mixing 2/4/8 by sensitivity beats uniform 2-bit (by ~2 points under GPTQ; ~60 under nearest rounding)
+    assert q > uq + 0.01, (q, uq)
 
 
 @pytest.mark.parametrize("avg", [3, 4])

@@ -158,7 +158,7 @@ def tensor_sha256(*tensors: "torch.Tensor") -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()
 
 

@@ -145,7 +145,7 @@ class ProbeEngine:
             self._builder = LocalLayerBuilder(model, images, self.qconfig, seed, store, self.device)
         self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
         if self._builder is not None:
-            self.stats.update(ptq_layers_built=0, ptq_layers_cached=0, ptq_seconds=0.0)
+            self.stats.update(ptq_built=0, ptq_cached=0, ptq_seconds=0.0)
         self.fp = self.run([{}], desc="fp reference", show=False)[0]
 
     def _outputs(self, start: int, envs: list[dict] | None, swaps: Mapping[str, nn.Module],
@@ -183,7 +183,7 @@ class ProbeEngine:
             if self._builder is not None:
                 install(q, self._builder.build(fqn, q, w_bits, a_bits))
                 b = self._builder
-                self.stats.update(ptq_layers_built=b.built, ptq_layers_cached=b.cached, ptq_seconds=b.seconds)
+                self.stats.update(ptq_built=b.built, ptq_cached=b.cached, ptq_seconds=b.seconds)
             q.freeze_weight = True
             self._layers[key] = q
         return self._layers[key]

@@ -14,10 +14,12 @@ independently, all rows at once:
 * grouped and depthwise convolutions have one Hessian per group (``G`` groups of ``R`` rows and
   ``D`` columns), processed as a batch.
 
-The grid (scale, zero point, integer range per output row) is the layer's own, fixed before the
-rounding, so the result lies exactly on it. :func:`gptq_weight` keeps, per output row, GPTQ's
-rounding only where its error on the calibration inputs (undamped ``H``) is below round-to-nearest's:
-the layer's output error is therefore never above RTN's. Written from the paper's Algorithm 1.
+The grid (scale, zero point, integer range per output row) is fixed before the rounding, so the
+result lies exactly on it. :func:`gptq_weight` runs GPTQ on a few candidate grids per row (the
+layer's own, MSE-searched one and shrunk min–max ranges), keeps per row the one with the lowest
+error on the calibration inputs (undamped ``H``), and keeps round-to-nearest on the layer's own grid
+where that is lower still: the layer's output error is therefore never above RTN's. Written from the
+paper's Algorithm 1.
 """
 from __future__ import annotations
 
@@ -228,23 +230,70 @@ def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor, int, int]:
     return scale.reshape(g, c_out // g, 1), zp.reshape(g, c_out // g, 1), qmin, qmax
 
 
+#: shrink factors of each output channel's min–max range tried as GPTQ grids, beside the layer's own
+#: (MSE-searched) grid: the wider grids lose to MSE clipping under nearest rounding but can win once GPTQ
+#: spreads the rounding error (ResNet-20, uniform W2A8: 79.47 % on the MSE grid, 83.18 % on min–max)
+GRID_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)
+
+
+def candidate_grids(layer: nn.Module, w3: Tensor, shrink: tuple[float, ...] = GRID_SHRINK) -> tuple[Tensor, Tensor]:
+    """``(K, G, R, 1)`` scales and zero points: the layer's own grid first, then the min–max range of each
+    row (of the whole tensor for a per-tensor grid) shrunk by each factor, on the layer's integer grid."""
+    from .primitives import qparams
+
+    scale, zp, _, _ = layer_grid(layer)
+    per_tensor = layer.w_scale.numel() == 1 and layer.weight.shape[0] > 1
+    if per_tensor:
+        lo, hi = (t.reshape(1, 1, 1).expand_as(scale) for t in torch.aminmax(w3))
+    else:
+        lo, hi = (t.unsqueeze(-1) for t in torch.aminmax(w3, dim=2))
+    spec = layer.w_spec
+    scales, zps = [scale.double()], [zp.double()]
+    for a in shrink:
+        s_, z_ = qparams(lo * a, hi * a, spec.bits, spec.symmetric)
+        scales.append(s_.double())
+        zps.append(z_.double())
+    return torch.stack(scales), torch.stack(zps)
+
+
 @torch.no_grad()
-def gptq_weight(layer: nn.Module, h: Tensor, cfg: GptqConfig = GptqConfig()) -> tuple[Tensor, dict]:
-    """GPTQ-rounded weight of a quantized Conv2d/Linear (``QuantConv2d``/``QuantLinear``, grid
-    already set), same shape and dtype as its weight, on its grid. Rows whose GPTQ error on the
-    calibration inputs would exceed round-to-nearest's keep nearest rounding. Returns the weight and
-    ``{"rows": R_total, "rows_nearest": k, "err_gptq": …, "err_nearest": …}``."""
+def gptq_weight(layer: nn.Module, h: Tensor, cfg: GptqConfig = GptqConfig()) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """GPTQ-rounded weight of a quantized Conv2d/Linear (``QuantConv2d``/``QuantLinear``, grid already
+    set) and the grid it lies on. GPTQ runs on each candidate grid (:func:`candidate_grids`: the layer's
+    own and shrunk min–max ranges, all in one batched pass: rows are independent); per output channel
+    (per layer for a per-tensor grid) the candidate with the lowest error on the calibration inputs,
+    ``(w − ŵ)ᵀH(w − ŵ)``, wins, and nearest rounding on the layer's own grid is kept where it is lower
+    still: the output error never exceeds round-to-nearest's. Returns (weight, w_scale, w_zero_point)
+    shaped like the layer's and ``{"rows", "rows_nearest", "grid_counts", "err_gptq", "err_nearest"}``."""
     w = layer.weight.detach()
     g = layer_groups(layer)
     w3 = w.reshape(g, w.shape[0] // g, -1)
-    if h.shape != (g, w3.shape[2], w3.shape[2]):
+    G, R, D = w3.shape
+    if h.shape != (G, D, D):
         raise MpqkitError(f"GPTQ: Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
-    scale, zp, qmin, qmax = layer_grid(layer)
-    q = gptq_round(w3, h, scale, zp, qmin, qmax, cfg)
-    rtn = _fq(w3.double(), scale.double(), zp.double(), qmin, qmax)
-    e_q, e_rtn = row_errors(w3, q, h), row_errors(w3, rtn, h)
-    worse = e_q > e_rtn
-    q = torch.where(worse[:, :, None], rtn, q)
-    info = {"rows": int(worse.numel()), "rows_nearest": int(worse.sum()),
-            "err_gptq": float(torch.minimum(e_q, e_rtn).sum()), "err_nearest": float(e_rtn.sum())}
-    return q.reshape(w.shape).to(w.dtype), info
+    scales, zps = candidate_grids(layer, w3)
+    K = scales.shape[0]
+    _, _, qmin, qmax = layer_grid(layer)
+    stack = lambda t: t.permute(1, 0, 2, 3).reshape(G, K * R, -1)  # noqa: E731  (K, G, R, x) -> (G, K·R, x)
+    q = gptq_round(w3.repeat(1, K, 1), h, stack(scales), stack(zps), qmin, qmax, cfg)  # (G, K·R, D)
+    err = row_errors(w3.repeat(1, K, 1), q, h).reshape(G, K, R)
+    rtn = _fq(w3.double(), scales[0], zps[0], qmin, qmax)
+    err = torch.cat([err, row_errors(w3, rtn, h)[:, None]], 1)  # candidate K: nearest on the layer's grid
+    q = torch.cat([q.reshape(G, K, R, D), rtn[:, None]], 1)
+    scales, zps = torch.cat([scales, scales[:1]]), torch.cat([zps, zps[:1]])
+    if layer.w_scale.numel() == 1 and w.shape[0] > 1:  # one grid for the whole layer
+        best = err.sum(dim=(0, 2)).argmin().expand(G, R)
+    else:
+        best = err.argmin(dim=1)  # (G, R)
+    pick = lambda t: t.gather(1, best[:, None, :, None].expand(G, 1, R, t.shape[-1]))[:, 0]  # noqa: E731
+    out = pick(q)
+    s_out = pick(scales.permute(1, 0, 2, 3))
+    z_out = pick(zps.permute(1, 0, 2, 3))
+    info = {"rows": G * R, "rows_nearest": int((best == K).sum()),
+            "grid_counts": [int((best == k).sum()) for k in range(K)],
+            "err_gptq": float(err.gather(1, best[:, None]).sum()), "err_nearest": float(err[:, K].sum())}
+    shape = layer.w_scale.shape
+    s_out = s_out.reshape(-1)[: 1 if layer.w_scale.numel() == 1 else None].reshape(shape)
+    z_out = z_out.reshape(-1)[: 1 if layer.w_scale.numel() == 1 else None].reshape(shape)
+    return (out.reshape(w.shape).to(w.dtype), s_out.to(layer.w_scale.dtype), z_out.to(layer.w_zero_point.dtype),
+            info)

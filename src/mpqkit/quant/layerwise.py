@@ -40,7 +40,7 @@ from .modules import _QuantMixin
 
 #: GPTQ's settings (dampening, blocks, act-order) for every layer mpqkit rounds
 LOCAL_GPTQ = GptqConfig()
-LAYER_PTQ_VERSION = 1
+LAYER_PTQ_VERSION = 3
 
 log = logging.getLogger("mpqkit")
 
@@ -159,9 +159,8 @@ def sequential_ptq(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[Ten
             stats.add(layer.quantize_input(x))
         row: dict = {"layer": fqn}
         if rounds:
-            w, info = gptq_weight(layer, stats.hessian, gptq)
-            layer.weight.data.copy_(w)
-            layer._w_cache = None
+            w, scale, zp, info = gptq_weight(layer, stats.hessian, gptq)
+            set_weight(layer, {"weight": w, "w_scale": scale, "w_zero_point": zp})
             row.update(info)
         if bias_correction:
             delta = bias_shift(fp_mods[fqn].weight, mu_fp[fqn], layer.quantized_weight(), stats.mean)
@@ -200,29 +199,42 @@ class LocalLayerBuilder:
         self.images, self.qconfig, self.seed, self.store = images, qconfig, seed, store
         self._stats: dict[int | None, dict[str, InputStats]] = {}
         self._observers: dict | None = None
-        self.built = self.cached = 0
+        self.built = self.cached = 0  # tensors (GPTQ weights, corrected biases) computed / read from the store
         self.seconds = 0.0
 
     def build(self, fqn: str, qlayer: nn.Module, w_bits: int | None, a_bits: int | None) -> dict[str, Tensor]:
         """``{"weight": …, "bias": …}`` (the entries that change) for ``qlayer``, the quantized
-        ``fqn`` at (``w_bits``, ``a_bits``) with its grid set; empty when nothing changes."""
+        ``fqn`` at (``w_bits``, ``a_bits``) with its grid set; empty when nothing changes. The GPTQ
+        weight depends on (layer, w_bits) only — ``H`` is taken on the fp input itself, so a
+        weight-only probe and a plan's layer with quantized input share it; the corrected bias on
+        (layer, w_bits, a_bits)."""
         gptq = self.qconfig.rounding != "nearest" and w_bits is not None
         bc = self.qconfig.bias_correction and (w_bits is not None or a_bits is not None)
-        if not (gptq or bc):
-            return {}
+        out: dict[str, Tensor] = {}
+        if gptq:
+            def rounded() -> dict[str, Tensor]:
+                w, scale, zp, _ = gptq_weight(qlayer, self._input_stats(None, want_h=True)[fqn].hessian, LOCAL_GPTQ)
+                return {"weight": w, "w_scale": scale, "w_zero_point": zp}
+
+            out.update(self._entry(["weight", fqn, w_bits], rounded))
+        if bc:
+            def bias() -> Tensor:
+                fp_layer = self.model.get_submodule(fqn)
+                w_hat = out["weight"] if "weight" in out else qlayer.quantized_weight()
+                mu_q = self._input_stats(a_bits, want_h=False)[fqn].mean
+                delta = bias_shift(fp_layer.weight, self._input_stats(None, want_h=False)[fqn].mean, w_hat, mu_q)
+                return delta if fp_layer.bias is None else fp_layer.bias.detach() + delta
+
+            out.update(self._entry(["bias", fqn, w_bits, a_bits], lambda: {"bias": bias()}))
+        return out
+
+    def _entry(self, spec: list, compute: Any) -> dict[str, Tensor]:
+        """One built entry (named tensors): read from the store, or computed (and stored)."""
         t0 = time.perf_counter()
-        key = self.store.key({"layer": [fqn, w_bits, a_bits]}) if self.store is not None else None
+        key = self.store.key({"layer": spec}) if self.store is not None else None
         got = self.store.get_tensors(key) if key is not None else None
         if got is None:
-            stats = self._input_stats(a_bits, want_h=gptq)[fqn]
-            weight = gptq_weight(qlayer, stats.hessian, LOCAL_GPTQ)[0] if gptq else None
-            bias = None
-            if bc:
-                fp_layer = self.model.get_submodule(fqn)
-                w_hat = weight if weight is not None else qlayer.quantized_weight()
-                delta = bias_shift(fp_layer.weight, self._input_stats(None, want_h=gptq)[fqn].mean, w_hat, stats.mean)
-                bias = delta if fp_layer.bias is None else fp_layer.bias.detach() + delta
-            got = {k: v.detach().cpu() for k, v in (("weight", weight), ("bias", bias)) if v is not None}
+            got = {k: v.detach().cpu() for k, v in compute().items()}
             if key is not None:
                 self.store.put_tensors(key, got)
             self.built += 1
@@ -233,7 +245,9 @@ class LocalLayerBuilder:
 
     @torch.no_grad()
     def _input_stats(self, a_bits: int | None, want_h: bool) -> dict[str, InputStats]:
-        if a_bits not in self._stats:
+        """Per layer, statistics of the fp input (through its ``a_bits`` input quantizer when given),
+        Hessians included when ``want_h`` (gathered again if an earlier pass skipped them)."""
+        if a_bits not in self._stats or (want_h and any(st.xx is None for st in self._stats[a_bits].values())):
             from .calibration import CALIB_CHUNK, calibrate
             from .primitives import fake_quant
 
@@ -263,9 +277,13 @@ class LocalLayerBuilder:
 
 
 def install(qlayer: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Give a quantized layer its own weight/bias tensors (the fp model's stay as they are)."""
+    """Give a quantized layer its own weight/bias tensors and grid (the fp model's tensors, which the
+    layer shares until then, stay as they are)."""
     params = dict(qlayer._parameters)
     for name, t in tensors.items():
+        if name in ("w_scale", "w_zero_point"):
+            qlayer._buffers[name] = t.to(qlayer._buffers[name])
+            continue
         ref = params.get(name)
         t = t.to(ref.device if ref is not None else qlayer.weight.device)
         if ref is not None and t.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) \
@@ -276,5 +294,13 @@ def install(qlayer: nn.Module, tensors: dict[str, Tensor]) -> None:
     qlayer._w_cache = None
 
 
-__all__ = ["sequential_ptq", "LocalLayerBuilder", "layer_ptq_context", "install", "fp_input_means", "bias_shift",
-           "layer_groups"]
+@torch.no_grad()
+def set_weight(qlayer: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Write a rounded weight and its grid into a quantized layer's own tensors, in place."""
+    for name, t in tensors.items():
+        getattr(qlayer, name).copy_(t.to(getattr(qlayer, name)))
+    qlayer._w_cache = None
+
+
+__all__ = ["sequential_ptq", "LocalLayerBuilder", "layer_ptq_context", "install", "set_weight", "fp_input_means",
+           "bias_shift", "layer_groups"]

@@ -109,7 +109,7 @@ def layer_steps(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[torch.
     images: cached, the same layers the search measured), or sequential GPTQ; then reconstruction
     (``recon``, a ``brecq.ReconConfig``) and bias correction, walked layer by layer. Returns what
     each stage did."""
-    from .layerwise import LocalLayerBuilder, sequential_ptq
+    from .layerwise import LocalLayerBuilder, sequential_ptq, set_weight
     from .modules import _QuantMixin
 
     stats: dict = {}
@@ -119,8 +119,7 @@ def layer_steps(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[torch.
         for fqn, m in qmodel.named_modules():
             if isinstance(m, _QuantMixin) and m.w_spec is not None:
                 got = builder.build(fqn, m, m.w_spec.bits, m.a_spec.bits if m.a_spec is not None else None)
-                m.weight.data.copy_(got["weight"].to(m.weight))  # a copy's own tensor: on the grid
-                m._w_cache = None
+                set_weight(m, {k: got[k] for k in ("weight", "w_scale", "w_zero_point")})  # the copy's own tensors
         stats["gptq"] = {"built": builder.built, "cached": builder.cached, "seconds": builder.seconds}
     elif qconfig.rounding == "gptq-seq":
         stats["gptq-seq"] = sequential_ptq(qmodel, fp_model, batches, GptqConfig(), False)
