@@ -182,8 +182,35 @@ $M bench -q --model efficientnet-lite0 --methods uniform --budgets "avg-bits=6;a
     --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
 $M bench -q --model convmixer --methods uniform,eval-delta,auto --budgets "avg-bits=3:5:1" --ptq default \
     --splits test --draws 2 --out $R/bench_convmixer_gptq
+PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model resnet20 --bits 2,3,4
+PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model mobilenetv2 --bits 3,4 --calib-size 128
+$M bench -q --model minilm-sst2 --methods uniform,eval-delta --budgets "avg-bits=4:6:2" --ptq default \
+    --splits test --calib-size 128 --draws 2 --out $R/bench_minilm_sst2_gptq
+# issue 27's claims, each a paired difference over the calibration draws (equal size: integer budgets vs uniform)
+G=$R/draws_resnet20_gptq
+.venv/bin/python benchmarks/claims.py --out $G/paired_claims.md --title "The quantizer the plans deserve (issue 27)" \
+    --claim "GPTQ > nearest rounding (auto's plans);$G;auto;$G;auto@nearest" \
+    --claim "GPTQ > BRECQ-500 (auto's plans);$G;auto;$G;auto@brecq" \
+    --claim "GPTQ+BC > GPTQ (auto's plans);$G;auto@gptq+bc;$G;auto" \
+    --claim "sequential GPTQ > layer-local GPTQ (auto's plans);$G;auto@gptq-seq;$G;auto" \
+    --claim "CLE+GPTQ > GPTQ (auto's plans);$G;auto@cle+gptq;$G;auto" \
+    --claim "auto > uniform (GPTQ, equal size);$G;auto;$G;uniform;avg-bits=3,avg-bits=4" \
+    --claim "auto > eval-delta (GPTQ);$G;auto;$G;eval-delta" \
+    --claim "auto: allocation under GPTQ > under nearest rounding (both shipped with GPTQ);$G;auto;$R/draws_resnet20_rtnalloc;auto@gptq" \
+    --claim "eval-delta: allocation under GPTQ > under nearest rounding;$G;eval-delta;$R/draws_resnet20_rtnalloc;eval-delta@gptq"
+B=$R/bench_mobilenetv2_gptq
+.venv/bin/python benchmarks/claims.py --out $B/paired_claims.md --title "MobileNetV2: the quantizer and the allocation (issue 27)" \
+    --claim "eval-delta > uniform (equal size);$B;eval-delta;$B;uniform;avg-bits=3,avg-bits=4,avg-bits=5" \
+    --claim "GPTQ > nearest rounding (eval-delta's plans);$B;eval-delta;$B;eval-delta@nearest" \
+    --claim "GPTQ+BC > GPTQ (eval-delta's plans);$B;eval-delta@gptq+bc;$B;eval-delta" \
+    --claim "CLE+GPTQ > GPTQ (eval-delta's plans);$B;eval-delta@cle+gptq;$B;eval-delta" \
+    --claim "sequential GPTQ > layer-local GPTQ (eval-delta's plans);$B;eval-delta@gptq-seq;$B;eval-delta" \
+    --claim "BC > nearest (eval-delta's plans);$B;eval-delta@bc;$B;eval-delta@nearest" \
+    --claim "eval-delta: allocation under GPTQ > under nearest rounding;$B;eval-delta;$R/bench_mobilenetv2_rtnalloc;eval-delta@gptq"
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
-$M report $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
+$M report $R/draws_resnet20_gptq $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
+    $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq \
+    $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
     $R/bench_mobilenetv2 $R/bench_mobilenetv2_mpqco_logit $R/draws_resnet20_mpqco_logit $R/bench_convmixer $R/bench_resnet56_ft $R/bench_minilm_sst2 $R/bench_efficientnet_lite0 \

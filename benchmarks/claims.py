@@ -4,7 +4,8 @@
         --claim "CLADO > CLADO-diag;DIR;clado;DIR;clado-diag" \
         --claim "MixQuant+BRECQ > uniform+BRECQ;DIR;mixquant@brecq;DIR2;uniform@brecq" ...
 
-A claim is ``text;dir_a;method_a[@ptq];dir_b;method_b[@ptq]`` (ptq default: ``default``): "A beats B".
+A claim is ``text;dir_a;method_a[@ptq];dir_b;method_b[@ptq][;budgets]`` (ptq default: ``default``;
+budgets: only these, comma-separated): "A beats B".
 Per budget measured on both sides, rows are paired by calibration seed; the table gives each side's
 mean ± std, the mean of A − B with its 95 % t interval, and the verdict: the claim holds where the
 interval lies above 0, is reversed where it lies below 0, and is not settled otherwise. Written to
@@ -40,10 +41,15 @@ def _budget_key(budget: str) -> tuple:
         return name, 0.0
 
 
-def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str) -> list[str]:
+def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str, budgets: str = "") -> list[str]:
+    """One table row per budget both sides measured (only ``budgets``, comma-separated, when given)."""
     a, b = _side(dir_a, method_a), _side(dir_b, method_b)
+    common = set(a) & set(b)
+    only = {t.strip() for t in budgets.split(",") if t.strip()}
+    if only:
+        common &= only
     lines = []
-    for budget in sorted(set(a) & set(b), key=_budget_key):
+    for budget in sorted(common, key=_budget_key):
         d = paired_difference(a[budget], b[budget])
         if d is None:
             continue
@@ -64,7 +70,8 @@ def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str) 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--claim", action="append", required=True,
-                    help="text;dir_a;method_a[@ptq];dir_b;method_b[@ptq] (A beats B)")
+                    help="text;dir_a;method_a[@ptq];dir_b;method_b[@ptq][;budget,budget] (A beats B; only at the "
+                         "budgets listed, e.g. the integer ones where a mixed plan and uniform have equal size)")
     ap.add_argument("--out", required=True, help="markdown file to write (e.g. DIR/paired_claims.md)")
     ap.add_argument("--title", default="The seed methods' claims, paired over calibration draws")
     args = ap.parse_args()
@@ -75,8 +82,8 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---|---|"]
     for spec in args.claim:
         parts = spec.split(";")
-        if len(parts) != 5:
-            ap.error(f"--claim needs text;dir_a;method_a;dir_b;method_b, got {spec!r}")
+        if len(parts) not in (5, 6):
+            ap.error(f"--claim needs text;dir_a;method_a;dir_b;method_b[;budgets], got {spec!r}")
         rows = claim_rows(*parts)
         lines += rows or [f"| {parts[0]} | - | 0 | | | | | no paired rows yet |"]
     text = "\n".join(lines) + "\n"

@@ -36,21 +36,33 @@ from ..errors import MpqkitError
 _STAT_CHUNK_ELEMS = 1 << 24
 
 
+#: shrink factors of each output channel's min–max range tried as GPTQ grids, beside the layer's own
+#: (MSE-searched) grid: the wider grids lose to MSE clipping under nearest rounding but can win once GPTQ
+#: spreads the rounding error (benchmarks/results/gptq_grid_resnet20/table.md)
+GRID_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)
+
+
 @dataclass(frozen=True)
 class GptqConfig:
-    """GPTQ settings: dampening (fraction of the mean diagonal of H), columns per lazy block, and
-    act-order (columns by decreasing ``H_ii``). Which inputs ``H`` is taken on is the caller's choice
-    (``quant/layerwise.py``: the fp model's, or the already-quantized network's)."""
+    """GPTQ settings: dampening (fraction of the mean diagonal of H), columns per lazy block, act-order
+    (columns by decreasing ``H_ii``), and the candidate grids (``own_grid``: the layer's own, MSE-searched
+    grid; ``shrink``: each channel's min–max range times these factors). Which inputs ``H`` is taken on
+    is the caller's choice (``quant/layerwise.py``: the fp model's, or the already-quantized network's)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
+    own_grid: bool = True
+    shrink: tuple[float, ...] = GRID_SHRINK
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0.0 < self.damp < 10.0):
             raise MpqkitError(f"GPTQ dampening must be in (0, 10), got {self.damp!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise MpqkitError(f"GPTQ block size must be a positive integer, got {self.block_size!r}")
+        object.__setattr__(self, "shrink", tuple(float(a) for a in self.shrink))
+        if not all(0.0 < a <= 1.0 for a in self.shrink) or not (self.own_grid or self.shrink):
+            raise MpqkitError(f"GPTQ grids: shrink factors in (0, 1] and at least one grid, got {self.shrink!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,15 +242,11 @@ def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor, int, int]:
     return scale.reshape(g, c_out // g, 1), zp.reshape(g, c_out // g, 1), qmin, qmax
 
 
-#: shrink factors of each output channel's min–max range tried as GPTQ grids, beside the layer's own
-#: (MSE-searched) grid: the wider grids lose to MSE clipping under nearest rounding but can win once GPTQ
-#: spreads the rounding error (ResNet-20, uniform W2A8: 79.47 % on the MSE grid, 83.18 % on min–max)
-GRID_SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6)
-
-
-def candidate_grids(layer: nn.Module, w3: Tensor, shrink: tuple[float, ...] = GRID_SHRINK) -> tuple[Tensor, Tensor]:
-    """``(K, G, R, 1)`` scales and zero points: the layer's own grid first, then the min–max range of each
-    row (of the whole tensor for a per-tensor grid) shrunk by each factor, on the layer's integer grid."""
+def candidate_grids(layer: nn.Module, w3: Tensor, shrink: tuple[float, ...] = GRID_SHRINK,
+                    own_grid: bool = True) -> tuple[Tensor, Tensor]:
+    """``(K, G, R, 1)`` scales and zero points: the layer's own grid first (``own_grid``), then the
+    min–max range of each row (of the whole tensor for a per-tensor grid) shrunk by each factor, on the
+    layer's integer grid."""
     from .primitives import qparams
 
     scale, zp, _, _ = layer_grid(layer)
@@ -248,7 +256,7 @@ def candidate_grids(layer: nn.Module, w3: Tensor, shrink: tuple[float, ...] = GR
     else:
         lo, hi = (t.unsqueeze(-1) for t in torch.aminmax(w3, dim=2))
     spec = layer.w_spec
-    scales, zps = [scale.double()], [zp.double()]
+    scales, zps = ([scale.double()], [zp.double()]) if own_grid else ([], [])
     for a in shrink:
         s_, z_ = qparams(lo * a, hi * a, spec.bits, spec.symmetric)
         scales.append(s_.double())
@@ -271,16 +279,17 @@ def gptq_weight(layer: nn.Module, h: Tensor, cfg: GptqConfig = GptqConfig()) -> 
     G, R, D = w3.shape
     if h.shape != (G, D, D):
         raise MpqkitError(f"GPTQ: Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
-    scales, zps = candidate_grids(layer, w3)
+    scales, zps = candidate_grids(layer, w3, cfg.shrink, cfg.own_grid)
     K = scales.shape[0]
-    _, _, qmin, qmax = layer_grid(layer)
+    own_scale, own_zp, qmin, qmax = layer_grid(layer)
     stack = lambda t: t.permute(1, 0, 2, 3).reshape(G, K * R, -1)  # noqa: E731  (K, G, R, x) -> (G, K·R, x)
     q = gptq_round(w3.repeat(1, K, 1), h, stack(scales), stack(zps), qmin, qmax, cfg)  # (G, K·R, D)
     err = row_errors(w3.repeat(1, K, 1), q, h).reshape(G, K, R)
-    rtn = _fq(w3.double(), scales[0], zps[0], qmin, qmax)
+    own_scale, own_zp = own_scale.double()[None], own_zp.double()[None]
+    rtn = _fq(w3.double(), own_scale[0], own_zp[0], qmin, qmax)
     err = torch.cat([err, row_errors(w3, rtn, h)[:, None]], 1)  # candidate K: nearest on the layer's grid
     q = torch.cat([q.reshape(G, K, R, D), rtn[:, None]], 1)
-    scales, zps = torch.cat([scales, scales[:1]]), torch.cat([zps, zps[:1]])
+    scales, zps = torch.cat([scales, own_scale]), torch.cat([zps, own_zp])
     if layer.w_scale.numel() == 1 and w.shape[0] > 1:  # one grid for the whole layer
         best = err.sum(dim=(0, 2)).argmin().expand(G, R)
     else:

@@ -192,7 +192,8 @@ class LocalLayerBuilder:
     keeps every built layer on disk: a layer is computed once per context, then read."""
 
     def __init__(self, model: nn.Module, images: Tensor, qconfig: QuantConfig, seed: int = 0,
-                 store: Any = None, device: torch.device | None = None) -> None:
+                 store: Any = None, device: torch.device | None = None, gptq: GptqConfig = LOCAL_GPTQ) -> None:
+        self.gptq = gptq  # (its settings are part of the store's context: pass the store made for them)
         self.model = copy.deepcopy(model).eval()
         if device is not None:
             self.model.to(device)
@@ -213,7 +214,7 @@ class LocalLayerBuilder:
         out: dict[str, Tensor] = {}
         if gptq:
             def rounded() -> dict[str, Tensor]:
-                w, scale, zp, _ = gptq_weight(qlayer, self._input_stats(None, want_h=True)[fqn].hessian, LOCAL_GPTQ)
+                w, scale, zp, _ = gptq_weight(qlayer, self._input_stats(None, want_h=True)[fqn].hessian, self.gptq)
                 return {"weight": w, "w_scale": scale, "w_zero_point": zp}
 
             out.update(self._entry(["weight", fqn, w_bits], rounded))
