@@ -188,9 +188,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
 
     from .quant.ptq import prepare_fp
 
-    ctx = SearchContext(model=prepare_fp(bundle.model, s.qconfig), graph=graph, calib_images=calib.images, calib_labels=calib.labels,
-                        searched=searched, w_bits=w_cands, a_bits=a_cands, search_w="w" in s.search,
-                        search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
+    ctx = SearchContext(model=prepare_fp(bundle.model, s.qconfig), graph=graph, calib_images=calib.images,
+                        calib_labels=calib.labels, searched=searched, w_bits=w_cands, a_bits=a_cands,
+                        search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
                         engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
                         load_train=lambda n, seed: _train_subset(data, n, seed, s.data_root),
                         load_heldout=lambda n: _heldout(data, s.calib_size, n, s.seed, s.data_root),
@@ -452,9 +452,8 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     s = resolve_settings(settings, overrides)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise MpqkitError(f"--draws must be a positive integer, got {draws!r}")
-    for p in ptqs:
-        if p is not None:
-            parse_ptq(p)  # an unknown recipe fails before any work
+    # canonical recipe names (an unknown one fails before any work): "bc+gptq" and "gptq+bc" are one row key
+    ptqs = [None if p in (None, "default") else parse_ptq(p).name for p in ptqs]
     methods = [METHODS.get(m).name for m in methods]
     opts = {m: METHODS.get(m).make_options((options or {}).get(m)) for m in methods}
     out = Path(out)

@@ -40,7 +40,8 @@ def trace_model(model: nn.Module) -> fx.GraphModule | None:
         graph = _Tracer().trace(model)
         gm = fx.GraphModule(model, graph, type(model).__name__)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: use the fallback
-        log.warning("torch.fx could not trace the model (%s): probes run a full forward each", e)
+        log.warning("torch.fx could not trace the model (%s): falling back to full forwards (same results, "
+                    "slower)", e)
         return None
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:

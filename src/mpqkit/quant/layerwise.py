@@ -17,9 +17,10 @@ output shift including the drift of the layers before it:
   own bias (created when it has none): the parameters of a conv+BN model, and so its size, stay as
   they were.
 
-The same arithmetic on the fp model's inputs (:func:`local_weight_and_bias`) builds one quantized
-layer on its own, for the probe engine: there a layer's quantization depends only on its own bits.
-Models torch.fx cannot trace are walked by one forward per layer (same result, slower).
+The same arithmetic on the fp model's inputs (:class:`LocalLayerBuilder`) builds one quantized layer
+on its own — its quantization then depends only on its own bits — for the probe engine and for
+``apply_plan`` under the default ``rounding="gptq"``, both reading one cache. Models torch.fx cannot
+trace are walked by one forward per layer (same result, slower).
 """
 from __future__ import annotations
 
