@@ -336,3 +336,13 @@ def test_grid_per_channel_is_never_worse_than_any_single_grid(kind):
     assert sum(info["grid_counts"][1:]) > 0  # a shrunk min-max grid won somewhere
     with pytest.raises(MpqkitError):
         GptqConfig(own_grid=False, shrink=())
+
+
+def test_bench_rows_name_the_canonical_recipe(tmp_path):
+    from mpqkit import api
+
+    rows = api.bench("digits-cnn", "digits", ["uniform"], ["avg-bits=4"], tmp_path / "b", ptqs=["bc+GPTQ", None],
+                     splits=["test"], calib_size=128, progress=False)
+    assert sorted(str(r["ptq"]) for r in rows if r["method"] == "uniform") == ["None", "gptq+bc"]
+    with pytest.raises(MpqkitError, match="unknown PTQ step"):
+        api.bench("digits-cnn", "digits", ["uniform"], ["avg-bits=4"], tmp_path / "c", ptqs=["gptq+x"])
