@@ -154,16 +154,34 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
     many budgets from one measurement); the method's measurement is then skipped.
     """
-    from .device import resolve_device
+    from .profile import profiling
 
-    s = resolve_settings(settings, overrides)
+    with profiling() as prof:
+        result = _search(model, data, budget, method, resolve_settings(settings, overrides), options, table, out)
+    result.profile = prof.to_dict()
+    if out is not None:
+        from .report.results import write_results
+
+        result.results_dir = write_results(Path(out), result)
+    return result
+
+
+def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budget: str | None, method: str,
+            s: RunSettings, options: MethodOptions | Mapping[str, Any] | None, table: SensitivityTable | None,
+            out: str | Path | None = None) -> SearchResult:
+    """``search`` inside its profile: measure (unless ``table``), solve, refine; writes no file (``out`` is
+    only checked, before the long work)."""
+    from .device import resolve_device
+    from .profile import stage
+
     t_start = time.perf_counter()
     m = METHODS.get(method)
     opts = m.make_options(options)
     terms = parse_budget(budget)
     dev = resolve_device(s.device)
     bundle = load_model(model, s)
-    calib = calibration_set(data, s.calib_size, s.seed, s.data_root)
+    with stage("calibration set"):
+        calib = calibration_set(data, s.calib_size, s.seed, s.data_root)
     check_compatible(bundle, calib)
     graph = discover(bundle.model, bundle.input_shape)
     fixed_names = list(graph.default_fixed() if s.fixed is None else s.fixed)
@@ -206,10 +224,12 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
             log.warning(warnings[-1])
         warnings += list(table.meta.get("warnings", []))  # what the method itself flagged (already logged)
     t_solve = time.perf_counter()
-    solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms), method=m.name,
-                                     search=s.search, w_bits=s.w_bits, a_bits=s.a_bits, alpha=s.alpha,
-                                     time_limit=s.time_limit, seed=s.seed))
-    refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None
+    with stage("solver"):
+        solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
+                                         method=m.name, search=s.search, w_bits=s.w_bits, a_bits=s.a_bits,
+                                         alpha=s.alpha, time_limit=s.time_limit, seed=s.seed))
+    with stage("refine"):
+        refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None
     if refined is not None:
         solution.assignment = refined.assignment
     t_end = time.perf_counter()
@@ -229,14 +249,9 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
                 method_params=params, budget=budget, costs=ledger.summary(full),
                 provenance={**prov, "solver": solution.record(), "data": calib.name})
-    result = SearchResult(plan, solution, table, graph, ledger,
-                          {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve,
-                           "total": t_end - t_start}, ctx.engine_stats())
-    if out is not None:
-        from .report.results import write_results
-
-        result.results_dir = write_results(Path(out), result)
-    return result
+    return SearchResult(plan, solution, table, graph, ledger,
+                        {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve, "total": t_end - t_start},
+                        ctx.engine_stats())
 
 
 def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,

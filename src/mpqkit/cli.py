@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "NAME-results/); default: results/search-MODEL-METHOD")
     s.add_argument("--eval", dest="eval_split", choices=["test", "exact", "train"],
                    help="evaluate the plan on this split after the search")
+    s.add_argument("--profile", action="store_true", help="print where the search's time went (stages, probes by "
+                   "start layer, peak memory); it is always in summary.json")
     add_ptq(s)
     add_method_options(s)
 
@@ -177,6 +179,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                  f"{len(ref['moves'])} moves ({ref['stopped']})")
     for w in res.plan.provenance.get("warnings", []):
         text += f"\nWARNING: {w}"
+    if args.profile:
+        from .profile import format_profile
+
+        out["profile"] = res.profile
+        text += "\n" + format_profile(res.profile)
     if "eval" in out:
         text += f"\ntop-1 on {args.data}/{args.eval_split}: {100 * out['eval']['top1']:.2f} %"
     text += f"\nplan written to {plan_file}; results (per-layer table, bits chart, sensitivities) in {results_dir}/"

@@ -22,3 +22,5 @@ class SearchResult:
     seconds: dict[str, float]
     engine_stats: dict[str, Any] = field(default_factory=dict)
     results_dir: Path | None = None
+    #: where the search's time went (``mpqkit.profile``): stages, probes by start layer, peak memory
+    profile: dict[str, Any] = field(default_factory=dict)

@@ -37,6 +37,7 @@ from ..quant.config import QuantConfig
 from ..quant.modules import quantize_module
 from ..quant.layerwise import LOCAL_GPTQ, LocalLayerBuilder, install, layer_ptq_context
 from ..quant.observers import weight_qparams
+from ..profile import probe_done, stage
 from ..tracing import Program, trace_model
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
 
@@ -146,7 +147,7 @@ class ProbeEngine:
         self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
         if self._builder is not None:
             self.stats.update(ptq_built=0, ptq_cached=0, ptq_seconds=0.0)
-        self.fp = self.run([{}], desc="fp reference", show=False)[0]
+        self.fp = self.run([{}], desc="fp reference", show=False, stage_name="fp reference")[0]
 
     def _outputs(self, start: int, envs: list[dict] | None, swaps: Mapping[str, nn.Module],
                  taps: Mapping[str, Callable[[Tensor], None]]) -> list[tuple[Tensor, Tensor]]:
@@ -161,8 +162,9 @@ class ProbeEngine:
     # ---- quantized layers, built once per (layer, bits) ----
     def observers(self):
         if self._observers is None:
-            self._observers = calibrate(self.model, self.graph.names, self.spec["images"], seed=self._seed,
-                                        memory_format=self._format)
+            with stage("activation ranges"):
+                self._observers = calibrate(self.model, self.graph.names, self.spec["images"], seed=self._seed,
+                                            memory_format=self._format)
         return self._observers
 
     def quant_layer(self, fqn: str, w_bits: int | None, a_bits: int | None) -> nn.Module:
@@ -181,7 +183,8 @@ class ProbeEngine:
             aq = self.observers()[fqn].qparams(a_spec) if a_spec is not None else None
             q = quantize_module(module, w_spec, a_spec, w_qparams=wq, a_qparams=aq)
             if self._builder is not None:
-                install(q, self._builder.build(fqn, q, w_bits, a_bits))
+                with stage("layer PTQ (GPTQ)"):
+                    install(q, self._builder.build(fqn, q, w_bits, a_bits))
                 b = self._builder
                 self.stats.update(ptq_built=b.built, ptq_cached=b.cached, ptq_seconds=b.seconds)
             q.freeze_weight = True
@@ -230,6 +233,13 @@ class ProbeEngine:
         base = base or {}
         changed = [f for f in {*probe, *base} if _norm(probe.get(f, (None, None))) != _norm(base.get(f, (None, None)))]
         return min((self.program.cut[f] for f in (*changed, *record)), default=len(self.program.nodes) - 1)
+
+    def _start_name(self, start: int) -> str:
+        """The layer a probe starting at node ``start`` begins with (for the profile)."""
+        if self.program is None or not self.prefix:
+            return "(full forward)"
+        node = self.program.nodes[start]
+        return str(node.target) if node.op == "call_module" else "(output)"
 
     def _evaluate(self, outputs: Iterable[tuple[Tensor, Tensor]]) -> ProbeResult:
         """Mean objective and top-1, plus the mean objective of every ``STAT_CHUNK`` consecutive
@@ -327,7 +337,7 @@ class ProbeEngine:
 
     def run(self, probes: Sequence[Mapping[str, Override]], desc: str = "probes", show: bool | None = None,
             base: Mapping[str, Override] | None = None, record: Sequence[str] = (),
-            remember: bool = True) -> list[ProbeResult]:
+            remember: bool = True, stage_name: str = "probes") -> list[ProbeResult]:
         """Results for the given probes, in order; cached ones are read, the rest computed.
 
         ``base``: a reference configuration every probe is applied on top of (a probe's entry
@@ -337,6 +347,7 @@ class ProbeEngine:
         ``ProbeResult.features``; such probes always run (features are not kept on disk).
         ``remember``: keep the base's live tensors at each start point for later calls (memory-bounded
         LRU); switch off for a transient base (e.g. CLADO's per-(layer, bits) pair runs).
+        ``stage_name``: what the search's profile calls this time (``mpqkit.profile``).
         """
         base = dict(base or {})
         record = list(record)
@@ -364,9 +375,10 @@ class ProbeEngine:
         bar = tqdm(total=len(todo), desc=desc, disable=not show or not todo, unit="probe", leave=False)
         t0 = time.perf_counter()
         base_swaps = self._swaps(base)
-        with torch.inference_mode():
+        with torch.inference_mode(), stage(stage_name):
             envs, cut = None, -1
             for i in todo:
+                t_probe = time.perf_counter()
                 swaps = self._swaps(configs[i])
                 feats: dict[str, list[Tensor]] = {f: [] for f in record}
                 taps = {f: (lambda out, f=f: feats[f].append(pool_features(out))) for f in record}
@@ -387,6 +399,7 @@ class ProbeEngine:
                     self.cache.put(keys[i], res.to_dict())
                 results[i] = res
                 bar.update(1)
+                probe_done(self._start_name(starts[i]), time.perf_counter() - t_probe)
         bar.close()
         self.stats["probes_run"] += len(todo)
         self.stats["probe_seconds"] += time.perf_counter() - t0

@@ -69,7 +69,7 @@ def write_results(out: Path, result: "SearchResult") -> Path:
             atomic_write_text(out / "pareto.csv", buf.getvalue())
     summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,
                "costs": result.plan.costs, "solver": result.solution.to_dict(), "seconds": result.seconds,
-               "engine": result.engine_stats, "tie_groups": result.graph.tie_groups,
+               "engine": result.engine_stats, "profile": result.profile, "tie_groups": result.graph.tie_groups,
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))

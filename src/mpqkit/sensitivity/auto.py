@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import MpqkitError
+from ..profile import stage
 from .base import METHODS, SearchContext, SensitivityTable, SolveRequest
 from .options import MethodOptions, option, positive
 from .solvers import chosen
@@ -140,7 +141,8 @@ def auto(ctx: SearchContext) -> SensitivityTable:
             trials.append({"method": name, "error": "plan breaks the budget"})
             continue
         tables[name], plans[name] = table, dict(sol.assignment)
-        r = held_engine.run([ctx.problem.full(sol.assignment)], desc=f"auto: {name} held-out", show=False)[0]
+        r = held_engine.run([ctx.problem.full(sol.assignment)], desc=f"auto: {name} held-out", show=False,
+                            stage_name="auto: held-out plans")[0]
         trials.append({"method": name, "heldout_loss": r.loss, "heldout_top1": r.top1,
                        "avg_w_bits": ctx.problem.ledger.value("avg-bits", ctx.problem.full(sol.assignment)),
                        "seconds": time.perf_counter() - t0})
@@ -160,11 +162,13 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         record = {"skipped": warnings[-1]}
     elif opts.refine > 0:
         measure, on_accept = engine_halves_measure(engine, ctx.problem.full(plan))
-        res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
+        with stage("refine"):
+            res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
                      on_accept=on_accept)
         record = res.record()
         if res.moves:
-            r = held_engine.run([ctx.problem.full(res.assignment)], desc="auto: refined held-out", show=False)[0]
+            r = held_engine.run([ctx.problem.full(res.assignment)], desc="auto: refined held-out", show=False,
+                                stage_name="auto: held-out plans")[0]
             record.update(heldout_loss=r.loss, heldout_top1=r.top1, kept=r.loss <= best["heldout_loss"])
             if record["kept"]:
                 plan = res.assignment

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dataclasses import dataclass
 
+from ..profile import stage
 from .base import METHODS, SearchContext, SensitivityTable
 from .options import MethodOptions, option, positive
 from .gradients import calib_chunks, chunk_size, grad_model, loss_sum, require_weight_search, weight_deltas
@@ -134,7 +135,8 @@ def hawq(ctx: SearchContext) -> SensitivityTable:
     o: HawqOptions = ctx.options  # type: ignore[assignment]
 
     def measure() -> dict:
-        t, i = hutchinson_traces(ctx, o.hawq_samples, o.max_iter, o.tol, seed=ctx.seed)
+        with stage("gradients (Hessian traces)"):
+            t, i = hutchinson_traces(ctx, o.hawq_samples, o.max_iter, o.tol, seed=ctx.seed)
         return {"traces": t, "info": i}
 
     # cached with the probes (same model, draw and quantizer): auto and a rerun read it instead of

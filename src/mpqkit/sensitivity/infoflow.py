@@ -24,6 +24,7 @@ import torch
 from dataclasses import dataclass
 
 from ..errors import MpqkitError
+from ..profile import stage
 from .base import METHODS, SearchContext, SensitivityTable
 from .options import MethodOptions, option, positive
 from .mi import sliced_mi
@@ -94,7 +95,8 @@ def infoq(ctx: SearchContext) -> SensitivityTable:
                    "target_sha": _sha(target), **smi_kw}
 
     def smi_of(features: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {j: sliced_mi(z, target, **smi_kw) for j, z in features.items()}
+        with stage("mutual information"):
+            return {j: sliced_mi(z, target, **smi_kw) for j, z in features.items()}
 
     all_obs = sorted({j for f in ctx.searched for j in _observers(names, f, opts["observers"])}, key=names.index)
     ref = engine.memo({**spec_common, "probe": "reference", "observers": all_obs},

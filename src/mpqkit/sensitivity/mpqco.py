@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from dataclasses import dataclass
 
+from ..profile import stage
 from .base import METHODS, SearchContext, SensitivityTable
 from .options import MethodOptions, option, positive
 from .gradients import calib_chunks, chunk_size, grad_model, require_weight_search, weight_deltas
@@ -65,7 +66,8 @@ def mpqco(ctx: SearchContext) -> SensitivityTable:
     n = 0
     small = 0
     for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=chunk_size(ctx.calib_images, CHUNK_ELEMENTS, 32)):
-        g, z = per_sample(sel, x, y)
+        with stage("gradients"):
+            g, z = per_sample(sel, x, y)
         if prob:  # g is already ∇ log p_y
             zinv = torch.ones_like(z)
         else:

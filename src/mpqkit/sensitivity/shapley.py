@@ -97,6 +97,7 @@ from ..quant.config import QuantConfig
 from ..quant.observers import QuantSpec, weight_qparams
 from ..quant.primitives import fake_quant
 from ..zoo.data import LabeledData
+from ..profile import stage
 from .base import METHODS, SearchContext, SensitivityTable
 from .options import MethodOptions, option, positive
 from .solvers import supernet as supernet_solver
@@ -584,7 +585,8 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
             row["budget_usage"] = float(budget.usage(sup.alpha.detach()))
         if epoch >= cfg.warmup:
             t1 = time.perf_counter()
-            est, mean_, std_ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + epoch)
+            with stage("shapley"):
+                est, mean_, std_ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + epoch)
             shap = _grid(est, len(sup.layers), len(sup.bits))
             v = torch.tensor(shap, device=dev)
             vhat = v / (v.abs().sum(1, keepdim=True) + 1e-12)
@@ -609,7 +611,8 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     alpha = sup.alpha.detach().cpu()
     final_alpha_s = alpha + alpha_s.cpu()
     if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
-        est, _, _ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
+        with stage("shapley"):
+            est, _, _ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
         shap = _grid(est, len(sup.layers), len(sup.bits))
     grids = [r["shapley_grid"] for r in history if "shapley_grid" in r] or [shap]
     result = {"alpha": alpha.tolist(), "alpha_s": final_alpha_s.tolist(), "shapley": shap,
@@ -739,7 +742,8 @@ def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
 
 def _run(ctx: SearchContext) -> dict:
     require_weight_search(ctx, "smpq/dmpq")
-    return train_supernet(ctx, ctx.options.config(ctx.seed))  # type: ignore[attr-defined]
+    with stage("supernet training"):
+        return train_supernet(ctx, ctx.options.config(ctx.seed))  # type: ignore[attr-defined]
 
 
 def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
