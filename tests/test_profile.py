@@ -37,3 +37,12 @@ def test_a_search_says_where_its_time_went(tmp_path):
     assert n_probes == res.engine_stats["probes_run"]  # every probe the engine ran, by its start layer
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["profile"]["stages"].keys() == stages.keys()
+
+
+def test_prefix_cache_default_is_sized_to_the_machine(monkeypatch):
+    from mpqkit.engine import probe
+
+    mb = probe.default_prefix_cache_mb()
+    assert 0 < mb <= 2048
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert probe.default_prefix_cache_mb() == 2048.0

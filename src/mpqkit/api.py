@@ -400,7 +400,7 @@ def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labe
     else:
         net = on_device(bundle.model, s.device)
     with torch.inference_mode():
-        res = evaluate_model(net, ds, batch_size=batch_size, progress=s.progress)
+        res = evaluate_model(net, ds, batch_size=batch_size or s.eval_batch_size, progress=s.progress)
     return {"model": bundle.name, "data": ds.name, "split": ds.split, "plan": None if plan is None else str(
         plan if not isinstance(plan, Plan) else plan.method), "ptq": ptq, **res}
 
@@ -495,7 +495,7 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
 
     if ("fp32", "-", None, 0) not in done:
         fp_model = on_device(bundle.model, s.device)
-        ev = {sp: evaluate_model(fp_model, d) for sp, d in eval_sets.items()}
+        ev = {sp: evaluate_model(fp_model, d, s.eval_batch_size) for sp, d in eval_sets.items()}
         append({"method": "fp32", "budget": "-", "ptq": None, "size_mb": None, "compression": 1.0, "gbitops": None,
                 "avg_w_bits": 32.0, **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()}})
     from .report.bench import plan_dir
@@ -536,7 +536,7 @@ def _bench_plan(res: SearchResult, bundle: ModelBundle, data: str, ptqs: Sequenc
                        recon_options=recon_options if p is not None and parse_ptq(p).recon else None)
         ptq_s = time.perf_counter() - t0
         with torch.inference_mode():
-            ev = {sp: evaluate_model(q, d) for sp, d in eval_sets.items()}
+            ev = {sp: evaluate_model(q, d, settings.eval_batch_size) for sp, d in eval_sets.items()}
         append({"method": res.plan.method, "budget": res.plan.budget, "ptq": p, **tag, "size_mb": c["weight_mb"],
                 "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
                 "avg_w_bits": c["avg_w_bits_searched"], **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},

@@ -37,9 +37,11 @@ class RunSettings:
     cache_dir: str | None = None  #: probe cache; default $MPQKIT_CACHE, else ~/.cache/mpqkit
     use_cache: bool = True
     batch_size: int | None = None  #: probe batch size (default ~16 MB for the largest layer input)
+    #: images per evaluation batch (default: 32 MB of input, e.g. 500 CIFAR / 55 ImageNet images)
+    eval_batch_size: int | None = None
     #: memory (MB) for the live tensors the probe engine keeps at layer cuts so later probes start there
     #: instead of at the input; lower it on a small machine (slower probes, same results)
-    prefix_cache_mb: float = 2048.0
+    prefix_cache_mb: float | None = None  #: None: 1/8 of the memory available at start, at most 2048 MB
     # -- what is searched
     search: str = "w"  #: "w", "a" or "wa"
     w_candidates: tuple[int, ...] = DEFAULT_W_BITS
@@ -88,8 +90,11 @@ class RunSettings:
             raise MpqkitError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise MpqkitError(f"--batch-size must be ≥ 1, got {self.batch_size}")
-        if isinstance(self.prefix_cache_mb, bool) or not isinstance(self.prefix_cache_mb, (int, float)) \
-                or not self.prefix_cache_mb >= 0:
+        if self.eval_batch_size is not None and (isinstance(self.eval_batch_size, bool) or
+                                                 not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1):
+            raise MpqkitError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size!r}")
+        if self.prefix_cache_mb is not None and (isinstance(self.prefix_cache_mb, bool) or not isinstance(
+                self.prefix_cache_mb, (int, float)) or not self.prefix_cache_mb >= 0):
             raise MpqkitError(f"--prefix-cache-mb must be a number of megabytes ≥ 0, got {self.prefix_cache_mb!r}")
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise MpqkitError(f"--refine takes a number of probes ≥ 0, got {self.refine!r}")

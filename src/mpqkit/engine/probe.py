@@ -77,7 +77,7 @@ class ProbeEngine:
     def __init__(self, model: nn.Module, graph: ModelGraph, images: Tensor, labels: Tensor,
                  qconfig: QuantConfig | None = None, batch_size: int | None = None, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
-                 progress: bool = True, seed: int = 0, prefix_cache_mb: float = 2048, fold_bn: bool = True,
+                 progress: bool = True, seed: int = 0, prefix_cache_mb: float | None = None, fold_bn: bool = True,
                  channels_last: bool = True, objective: str = "ce", layers_from: "ProbeEngine | None" = None):
         """``layers_from``: another engine (same model and quantizer) whose quantized layers this one
         uses — e.g. plans measured on held-out images with the layers built, activation ranges
@@ -134,7 +134,7 @@ class ProbeEngine:
         self.spec["cache_dir"] = str(cache_dir or default_cache_dir())
         self._snapshots: OrderedDict[tuple, list[dict]] = OrderedDict()  # (base, cut) -> live tensors per batch
         self._snapshot_bytes: dict[tuple, int] = {}
-        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
+        self.prefix_cache_bytes = int((default_prefix_cache_mb() if prefix_cache_mb is None else prefix_cache_mb) * 2**20)
         self._observers = None
         self._seed = seed
         self._wq: dict[tuple[str, int], tuple] = {}
@@ -404,6 +404,19 @@ class ProbeEngine:
         self.stats["probes_run"] += len(todo)
         self.stats["probe_seconds"] += time.perf_counter() - t0
         return results  # type: ignore[return-value]
+
+
+def default_prefix_cache_mb(cap: float = 2048.0, share: float = 0.125) -> float:
+    """The prefix cache's default size: ``share`` of the memory available now (``MemAvailable`` on Linux),
+    at most ``cap`` MB; ``cap`` where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(min(cap, share * int(line.split()[1]) / 1024))
+    except (OSError, ValueError, IndexError):
+        pass
+    return cap
 
 
 def auto_batch_size(graph: ModelGraph, target_bytes: int = 16 * 2**20, lo: int = 8, hi: int = 1024) -> int:
