@@ -55,11 +55,7 @@ def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str, 
             continue
         seeds = sorted(set(a[budget]) & set(b[budget]))
         sa, sb = summarize([a[budget][s] for s in seeds]), summarize([b[budget][s] for s in seeds])
-        if d.n < 2:
-            interval, verdict = "n/a (1 draw)", "not settled (1 draw)"
-        else:
-            interval = f"[{d.lo:+.2f}, {d.hi:+.2f}]"
-            verdict = ("**holds**" if d.lo > 0 else "**reversed**") if d.significant else "not settled"
+        interval, verdict = d.interval_text, d.verdict("**holds**", "**reversed**", "not settled")
         std_a = f" ± {sa.std:.2f}" if d.n > 1 else ""
         std_b = f" ± {sb.std:.2f}" if d.n > 1 else ""
         lines.append(f"| {text} | {budget} | {d.n} | {sa.mean:.2f}{std_a} | {sb.mean:.2f}{std_b} | {d.mean:+.2f} | "

@@ -60,8 +60,7 @@ def main() -> None:
         refined = [x for x in recs if x]
         probes = f"{summarize([x.get('probes', 0) for x in refined]).mean:.0f}" if refined else ""
         moves = f"{summarize([len(x.get('moves', [])) for x in refined]).mean:.1f}" if refined else ""
-        verdict = (f"**{ol} better**" if d.lo > 0 else f"**{ol} worse**") if d.significant else "not separated"
-        interval = "n/a (1 draw)" if d.n < 2 else f"[{d.lo:+.2f}, {d.hi:+.2f}]"
+        verdict, interval = d.verdict(f"**{ol} better**", f"**{ol} worse**", "not separated"), d.interval_text
         lines.append(f"| {key[0]} | {key[1]} | {d.n} | {sb.mean:.2f} ± {sb.std:.2f} | "
                      f"{_agreement([base[key][k] for k in common])} | {sa.mean:.2f} ± {sa.std:.2f} | "
                      f"{_agreement([rows[k] for k in common])} | {d.mean:+.2f} | {interval} | "

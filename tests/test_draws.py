@@ -28,6 +28,31 @@ def test_paired_difference_matches_a_hand_computed_example():
     assert paired_difference({0: 1.0}, {1: 1.0}) is None
 
 
+def test_verdicts_need_three_draws_and_equal_size():
+    from mpqkit.report.bench import draws_markdown
+
+    # two draws whose differences agree: a zero-width interval, yet no verdict (fewer than 3 draws)
+    two = paired_difference({0: 81.0, 1: 82.0}, {0: 79.5, 1: 80.5})
+    assert two.lo == two.hi == pytest.approx(1.5) and not two.significant
+    assert two.verdict("holds", "reversed", "open") == "too few draws (2 < 3)"
+    three = paired_difference({0: 81.0, 1: 82.0, 2: 83.0}, {0: 79.5, 1: 80.5, 2: 81.5})
+    assert three.significant and three.verdict("holds", "reversed", "open") == "holds"
+
+    def row(method, budget, draw, top1, bits):
+        return {"method": method, "budget": budget, "ptq": None, "draw": draw, "seed": draw, "top1_test": top1,
+                "avg_w_bits": bits, "plan": None}
+
+    rows = [row("mixed", "avg-bits=2.5", k, 80.0 + k, 2.49) for k in range(3)]
+    rows += [row("uniform", "avg-bits=2.5", k, 70.0 + k + 0.1 * k * k, 2.0) for k in range(3)]
+    rows += [row("mixed", "avg-bits=3", k, 85.0 + 0.1 * k, 2.98) for k in range(3)]
+    rows += [row("uniform", "avg-bits=3", k, 84.0 + 0.2 * k, 3.0) for k in range(3)]
+    md = draws_markdown(rows, "t")
+    line25 = next(x for x in md.splitlines() if x.startswith("| avg-bits=2.5 | default | mixed | uniform"))
+    line3 = next(x for x in md.splitlines() if x.startswith("| avg-bits=3 | default | mixed | uniform"))
+    assert "not at equal size (the side ahead has 2.49 vs 2.00 avg w-bits)" in line25  # a larger model won
+    assert "**A > B**" in line3  # the mixed plan is the smaller one: a fair win
+
+
 def test_summary_and_bits_agreement():
     s = summarize([2.0, 4.0, 6.0])
     assert (s.n, s.mean, s.std) == (3, 4.0, 2.0)

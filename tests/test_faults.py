@@ -98,8 +98,11 @@ def test_plan_loader_fuzz(tmp_path, layers, top):
     except (PlanError, MpqkitError) as e:
         assert str(e)
         return
-    json.dumps(plan.to_dict())  # a loaded plan is usable: it serialises again
-    assert all(isinstance(f, str) for f in plan.layers)
+    for f, lq in plan.layers.items():  # whatever loads is a valid plan: bits in range, known granularity
+        lq.validate(f)
+        assert f in ("conv1", "conv2", "fc", "nope")
+    again = Plan.load(plan.save(tmp_path / "again.json") or tmp_path / "again.json")
+    assert again.to_dict() == plan.to_dict()  # and it round-trips unchanged
 
 
 def test_every_bad_input_in_the_catalogue(tmp_path, monkeypatch, capsys):

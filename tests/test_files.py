@@ -185,9 +185,16 @@ def test_plan_missing_layers_named_first_few_and_count():
         plan.validate(graph, searched=["nope"])
 
 
-def test_plan_fp32_layers_are_listed_not_absent(digits):
+def test_plan_fp32_layers_are_listed_not_absent(digits, tmp_path):
     graph = digits[1]
-    full_plan(graph, conv2=LayerQuant(None, None)).validate(graph)
+    plan = full_plan(graph, conv2=LayerQuant(None, None))
+    plan.validate(graph)  # an fp32 layer is listed with null bits ...
+    loaded = Plan.load(plan.save(tmp_path / "p.json") or tmp_path / "p.json")
+    assert loaded.layers["conv2"] == LayerQuant(None, None)  # ... and stays listed through a save / load
+    absent = full_plan(graph)
+    del absent.layers["conv2"]
+    with pytest.raises(PlanError, match="conv2"):  # leaving it out is an error, not a way of saying fp32
+        absent.validate(graph)
 
 
 def test_plan_without_model_hash(digits):

@@ -188,7 +188,7 @@ def _plan_bits(row: dict) -> dict[str, tuple] | None:
 def draws_markdown(rows: Sequence[dict], title: str) -> str:
     """Tables of a multi-draw run: mean ± std over draws with plan stability, and paired
     differences (each method vs uniform and vs the best mean) with 95 % intervals."""
-    from .stats import bits_agreement, paired_difference, summarize
+    from .stats import MIN_DRAWS, bits_agreement, paired_difference, summarize
 
     metric = _metric(rows)
     groups = draw_groups(rows)
@@ -224,12 +224,15 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
         lines.append(f"| {r['method']} | {r['budget']} | {r['ptq'] or 'default'} | draw {r.get('draw', 0)} | | "
                      f"failed: {r['error'][:80]} | | | | |")
     lines += ["", f"Paired differences of top-1 {split} (A − B on the same draw; mean and 95 % t interval over "
-              "draws). **A > B** / **A < B** only where the interval excludes 0; otherwise the draws do not "
-              "separate them.", "", "| budget | PTQ | A | B | draws | mean A − B | 95 % interval | verdict |",
+              f"draws). **A > B** / **A < B** only from at least {MIN_DRAWS} draws, where the interval excludes 0 and the "
+              f"side ahead is not the larger model (by more than {EQUAL_SIZE_BITS} avg w-bits); otherwise the draws do "
+              "not separate them.", "", "| budget | PTQ | A | B | draws | mean A − B | 95 % interval | verdict |",
               "|---|---|---|---|---:|---:|---|---|"]
     by_setting: dict[tuple, dict[str, dict[int, float]]] = {}
+    bits_of: dict[tuple, float] = {}  # (method, budget, PTQ) -> mean average weight bits over the draws
     for (m, b, p), by_draw in groups.items():
         by_setting.setdefault((b, p), {})[m] = {k: r[metric] for k, r in by_draw.items() if r.get(metric) is not None}
+        bits_of[(m, b, p)] = summarize([r["avg_w_bits"] for r in by_draw.values()]).mean
     for (b, p), methods in by_setting.items():
         means = {m: sum(v.values()) / len(v) for m, v in methods.items() if v}
         if len(means) < 2:
@@ -244,10 +247,26 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
                 d = paired_difference(methods[m], methods[ref])
                 if d is None:
                     continue
-                verdict = ("**A > B**" if d.lo > 0 else "**A < B**") if d.significant else "not separated"
-                interval = "n/a (1 draw)" if d.n < 2 else f"[{d.lo:+.2f}, {d.hi:+.2f}]"
+                verdict = d.verdict("**A > B**", "**A < B**", "not separated")
+                larger = _larger_winner(d.mean, bits_of[(m, b, p)], bits_of[(ref, b, p)])
+                if larger and d.n >= MIN_DRAWS:
+                    verdict = f"not at equal size ({larger})"
+                interval = d.interval_text
                 lines.append(f"| {b} | {p or 'default'} | {m} | {ref} | {d.n} | {d.mean:+.2f} | {interval} | {verdict} |")
     return "\n".join(lines) + "\n"
+
+
+EQUAL_SIZE_BITS = 0.1  # average weight bits two plans may differ by and still be compared "at equal size"
+
+
+def _larger_winner(diff: float, bits_a: float, bits_b: float) -> str:
+    """Why A − B = ``diff`` is no verdict: the side ahead is larger by more than ``EQUAL_SIZE_BITS``
+    (e.g. a mixed plan at avg-bits 2.5 against uniform W2); "" when the comparison is fair (equal
+    size, or the smaller side is the one ahead)."""
+    ahead, behind = (bits_a, bits_b) if diff > 0 else (bits_b, bits_a)
+    if ahead - behind > EQUAL_SIZE_BITS:
+        return f"the side ahead has {ahead:.2f} vs {behind:.2f} avg w-bits"
+    return ""
 
 
 def markdown_table(rows: Sequence[dict], title: str) -> str:

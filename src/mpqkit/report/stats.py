@@ -3,8 +3,8 @@ plan stability.
 
 An accuracy depends on which calibration images were drawn, so a comparison of two methods is
 made draw by draw (both methods saw the same images in draw k) and summarised as the mean of the
-paired differences with a Student-t interval; "A beats B" is claimed only when the interval
-excludes 0.
+paired differences with a Student-t interval; "A beats B" is claimed only from at least
+``MIN_DRAWS`` paired draws and when the interval excludes 0.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 from scipy import stats
 
+MIN_DRAWS = 3  # paired draws a verdict needs (two draws whose differences agree give a zero-width interval)
 
 @dataclass(frozen=True)
 class Summary:
@@ -34,8 +35,19 @@ class PairedDifference:
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0 (needs at least two draws)."""
-        return self.n >= 2 and (self.lo > 0 or self.hi < 0)
+        """At least ``MIN_DRAWS`` draws and the interval excludes 0."""
+        return self.n >= MIN_DRAWS and (self.lo > 0 or self.hi < 0)
+
+    @property
+    def interval_text(self) -> str:
+        return "n/a (1 draw)" if self.n < 2 else f"[{self.lo:+.2f}, {self.hi:+.2f}]"
+
+    def verdict(self, better: str, worse: str, neither: str) -> str:
+        """``better`` / ``worse`` where significant, ``neither`` where the draws do not separate
+        them, and a note when there are fewer than ``MIN_DRAWS`` draws to judge from."""
+        if self.n < MIN_DRAWS:
+            return f"too few draws ({self.n} < {MIN_DRAWS})"
+        return (better if self.lo > 0 else worse) if self.significant else neither
 
 
 def summarize(values: Sequence[float]) -> Summary:
