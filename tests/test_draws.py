@@ -96,3 +96,23 @@ def test_bench_with_draws_pairs_methods_on_the_same_draws(tmp_path, capsys):
     text = page.read_text()
     assert text.index("### ") < text.index("Rows from an older protocol.") < text.index("| method |") \
         < text.index("### paired table")
+
+
+def test_bench_refuses_to_resume_another_protocol(tmp_path, capsys):
+    """Rows measured with another seed or objective are not resumed into (they would be mixed in every mean)."""
+    from mpqkit.cli import main
+
+    out = tmp_path / "b"
+    argv = ["bench", "--model", "digits-cnn", "--data", "digits", "--methods", "uniform", "--budgets", "avg-bits=4",
+            "--ptq", "default", "--splits", "test", "--calib-size", "64", "--out", str(out), "-q"]
+    assert main(argv + ["--seed", "3"]) == 0
+    rows = (out / "rows.jsonl").read_text()
+    assert '"objective": "kl"' in rows and '"seed": 3' in rows
+    capsys.readouterr()
+    assert main(argv + ["--seed", "4"]) == 2  # one "mpqkit: error:" line naming the clash
+    assert "measured with --seed 3 (this run: --seed 4)" in capsys.readouterr().err
+    assert main(argv + ["--seed", "3", "--objective", "ce"]) == 2
+    assert "--objective kl (this run: --objective ce)" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_text() == rows  # nothing appended, nothing lost
+    assert main(argv + ["--seed", "3"]) == 0  # the same protocol resumes
+    assert (out / "rows.jsonl").read_text() == rows

@@ -475,6 +475,8 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     _check_out_dir(out, "bench results directory", s)
     rows_path = out / "rows.jsonl"
     rows = load_rows(rows_path, repair=True)
+    recon_iters = _bench_recon_iters(ptqs, recon_options)
+    _check_same_run(rows, out, s, recon_iters)
     done = {(r["method"], r["budget"], r["ptq"], r.get("draw", 0)) for r in rows}
     bundle = load_model(model, s)
     eval_sets = {}
@@ -519,13 +521,44 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
                     continue
                 # a table is reused for the next budget, unless it was made for this budget (auto, supernet)
                 table = res.table if res.table is not None and res.table.reusable else None
-                _bench_plan(res, bundle, data, todo, eval_sets, quiet, recon_options, pdir, tag, append)
+                _bench_plan(res, bundle, data, todo, eval_sets, quiet, recon_options, pdir,
+                            {**tag, "objective": sd.objective}, append, recon_iters)
     return rows
+
+
+def _bench_recon_iters(ptqs: Sequence[str | None], recon_options: Mapping[str, Any] | None) -> int | None:
+    """Reconstruction iterations per unit of this bench's reconstruction rows (None: no such row)."""
+    from .quant.brecq import DEFAULT_ITERS
+    from .quant.ptq import parse_ptq
+
+    if not any(p is not None and parse_ptq(p).recon for p in ptqs):
+        return None
+    return int((recon_options or {}).get("iters") or DEFAULT_ITERS)
+
+
+def _check_same_run(rows: Sequence[dict], out: Path, s: RunSettings, recon_iters: int | None) -> None:
+    """A results directory describes one protocol: resuming into rows measured with another seed,
+    objective or reconstruction length would mix them in every mean, so it is refused before any
+    work. Rows written before a field was recorded are taken as matching."""
+    for r in rows:
+        if r["method"] == "fp32" or r.get("error"):
+            continue
+        draw = int(r.get("draw", 0))
+        clash = None
+        if r.get("seed") is not None and int(r["seed"]) != s.seed + draw:
+            clash = f"--seed {int(r['seed']) - draw} (this run: --seed {s.seed})"
+        elif r.get("objective") not in (None, s.objective):
+            clash = f"--objective {r['objective']} (this run: --objective {s.objective})"
+        elif recon_iters is not None and r.get("recon_iters") not in (None, recon_iters):
+            clash = f"--recon-iters {r['recon_iters']} (this run: --recon-iters {recon_iters})"
+        if clash:
+            raise MpqkitError(f"{out} holds rows measured with {clash}; a results directory describes one run: "
+                              f"use another --out, or the same settings to resume it")
 
 
 def _bench_plan(res: SearchResult, bundle: ModelBundle, data: str, ptqs: Sequence[str | None],
                 eval_sets: Mapping[str, LabeledData], settings: RunSettings, recon_options: dict[str, Any] | None,
-                pdir: Path, tag: dict[str, Any], append: Any) -> None:
+                pdir: Path, tag: dict[str, Any], append: Any, recon_iters: int | None = None) -> None:
     """Quantize one searched plan with each PTQ backend, evaluate it, append one row each."""
     from .quant.ptq import parse_ptq
 
@@ -537,7 +570,8 @@ def _bench_plan(res: SearchResult, bundle: ModelBundle, data: str, ptqs: Sequenc
         ptq_s = time.perf_counter() - t0
         with torch.inference_mode():
             ev = {sp: evaluate_model(q, d, settings.eval_batch_size) for sp, d in eval_sets.items()}
-        append({"method": res.plan.method, "budget": res.plan.budget, "ptq": p, **tag, "size_mb": c["weight_mb"],
+        recon = {"recon_iters": recon_iters} if p is not None and parse_ptq(p).recon else {}
+        append({"method": res.plan.method, "budget": res.plan.budget, "ptq": p, **tag, **recon, "size_mb": c["weight_mb"],
                 "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
                 "avg_w_bits": c["avg_w_bits_searched"], **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},
                 "search_s": res.seconds["total"], "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
