@@ -14,7 +14,8 @@ from torch import nn
 from mpqkit import api
 from mpqkit.errors import DataError, MissingResourceError
 from mpqkit.graph import discover
-from mpqkit.sensitivity.base import METHODS, Method, SensitivityTable
+from mpqkit.sensitivity.base import Method, SensitivityTable
+from mpqkit.sensitivity.registry import METHODS
 from mpqkit.sensitivity.solvers import ilp
 from mpqkit.zoo import paths
 from mpqkit.zoo.data import load_data

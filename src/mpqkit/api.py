@@ -30,7 +30,8 @@ from .quant.apply import model_device
 from .quant.calibration import CALIB_CHUNK
 from .quant.config import QuantConfig
 from .result import SearchResult
-from .sensitivity.base import METHODS, SearchContext, SensitivityTable, SolveRequest
+from .sensitivity.base import SearchContext, SensitivityTable, SolveRequest
+from .sensitivity.registry import METHODS
 from .sensitivity.options import MethodOptions
 from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, FIXED_BITS, RunSettings, resolve_settings
 from .solve import Allocation

@@ -1,7 +1,8 @@
 """Sensitivity methods; importing this package registers every built-in method."""
 from . import auto, crosslayer, evalbased, greedy, hessian, infoflow, mpqco, roundoff, shapley  # noqa: F401  (registers every built-in method)
 from . import solvers
-from .base import METHODS, Method, SearchContext, SensitivityTable
+from .base import Method, SearchContext, SensitivityTable
+from .registry import METHODS
 
 METHODS.add(Method("uniform", "every searched layer at the same bits (largest meeting the budget)", None,
                    solvers.uniform))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from ..errors import MpqkitError
 from ..profile import stage
-from .base import METHODS, SearchContext, SensitivityTable, SolveRequest
+from .base import SearchContext, SensitivityTable, SolveRequest
+from .registry import METHODS
 from .options import MethodOptions, option, positive
 from .solvers import chosen
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..engine.probe import ProbeEngine
-from ..errors import UnknownNameError
 from ..graph import ModelGraph
 from ..quant.config import QuantConfig
 from .options import MethodOptions
@@ -150,40 +149,3 @@ class Method:
 
     def make_options(self, values: "MethodOptions | dict[str, Any] | None") -> MethodOptions:
         return self.options.from_mapping(values, self.name)
-
-
-class Registry:
-    """Name → Method. ``register`` is used as a decorator on sensitivity functions."""
-
-    def __init__(self) -> None:
-        self._methods: dict[str, Method] = {}
-
-    def add(self, method: Method) -> None:
-        if method.name in self._methods:
-            raise ValueError(f"method '{method.name}' is already registered")
-        self._methods[method.name] = method
-
-    def register(self, name: str, description: str, solver: Callable[[SolveRequest], Any] | None = None,
-                 options: type[MethodOptions] = MethodOptions):
-        """Decorator on a sensitivity function; ``solver`` defaults to the shared ILP."""
-        def deco(fn: Callable[[SearchContext], SensitivityTable]):
-            from .solvers import ilp
-
-            self.add(Method(name, description, fn, solver or ilp, options))
-            return fn
-
-        return deco
-
-    def get(self, name: str) -> Method:
-        if name not in self._methods:
-            raise UnknownNameError(f"unknown method '{name}'. Available: {', '.join(self.names())}")
-        return self._methods[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._methods)
-
-    def __iter__(self):
-        return iter(self._methods[n] for n in self.names())
-
-
-METHODS = Registry()

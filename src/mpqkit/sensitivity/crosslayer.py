@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..errors import MpqkitError
 from ..engine.runners import ProbeJob, dispatch_options
-from .base import METHODS, SearchContext, SensitivityTable, SolveRequest
+from .base import SearchContext, SensitivityTable, SolveRequest
+from .registry import METHODS
 from .options import RunnerOptions, option
 
 

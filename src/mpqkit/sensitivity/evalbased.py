@@ -6,7 +6,8 @@ change on the sensitivity set through the shared probe engine.
 """
 from __future__ import annotations
 
-from .base import METHODS, SearchContext, SensitivityTable
+from .base import SearchContext, SensitivityTable
+from .registry import METHODS
 from ..engine.runners import ProbeJob, dispatch_options
 from .options import RunnerOptions
 

@@ -15,7 +15,8 @@ import heapq
 from ..budget import Ledger
 from dataclasses import dataclass
 
-from .base import METHODS, SearchContext, SensitivityTable
+from .base import SearchContext, SensitivityTable
+from .registry import METHODS
 from .options import MethodOptions, RunnerOptions, option, positive
 from .solvers import greedy as greedy_solver
 from .evalbased import eval_delta

@@ -20,7 +20,8 @@ from torch import Tensor
 from dataclasses import dataclass
 
 from ..profile import stage
-from .base import METHODS, SearchContext, SensitivityTable
+from .base import SearchContext, SensitivityTable
+from .registry import METHODS
 from .options import MethodOptions, option, positive
 from .gradients import calib_chunks, chunk_size, grad_model, loss_sum, require_weight_search, weight_deltas
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from ..errors import MpqkitError
 from ..profile import stage
-from .base import METHODS, SearchContext, SensitivityTable
+from .base import SearchContext, SensitivityTable
+from .registry import METHODS
 from .options import MethodOptions, option, positive
 from .mi import sliced_mi
 

@@ -20,7 +20,8 @@ import torch
 from ..quant.observers import quantize_weight
 from dataclasses import dataclass
 
-from .base import METHODS, SearchContext, SensitivityTable
+from .base import SearchContext, SensitivityTable
+from .registry import METHODS
 from .options import MethodOptions, option, positive
 from .solvers import threshold
 

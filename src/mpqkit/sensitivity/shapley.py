@@ -98,7 +98,8 @@ from ..quant.observers import QuantSpec, weight_qparams
 from ..quant.primitives import fake_quant
 from ..zoo.data import LabeledData
 from ..profile import stage
-from .base import METHODS, SearchContext, SensitivityTable
+from .base import SearchContext, SensitivityTable
+from .registry import METHODS
 from .options import MethodOptions, option, positive
 from .solvers import supernet as supernet_solver
 from .gradients import require_weight_search

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import BudgetError
 from ..solve import Solution, solve_greedy, solve_ilp, solve_supernet, solve_threshold, solve_uniform
 
-if TYPE_CHECKING:  # base imports this module lazily; no import back at run time
+if TYPE_CHECKING:  # types only: base never imports this module (the registry does)
     from .base import SensitivityTable, SolveRequest
 
 
