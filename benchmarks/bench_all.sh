@@ -167,16 +167,13 @@ $M bench -q --model resnet20 --methods uniform --budgets "avg-bits=3" \
 # the allocation chosen under nearest rounding, applied with the shipped GPTQ (paired with the rows above)
 $M bench -q --model resnet20 $RTN --methods auto,eval-delta --budgets "avg-bits=2.5;avg-bits=3" \
     --ptq gptq --splits test --draws 5 --out $R/draws_resnet20_rtnalloc
-# MobileNetV2 and EfficientNet-Lite0 (ImageNet subset, 128 calibration images), 3 draws
+# MobileNetV2 (ImageNet subset, 128 calibration images), 3 draws
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta --budgets "avg-bits=3:5:1" --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
-# (draw 2 was run as a separate --seed 2 --draws 1 job beside draws 0-1; its rows are the ones this line writes)
-$M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets "avg-bits=4" --ptq default \
-    --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
 # the grid GPTQ rounds on: each candidate grid alone vs the per-channel choice (uniform plans, draw 0)
 PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model resnet20 --bits 2,3,4
 # issue 27's claims, each a paired difference over the calibration draws (equal size: integer budgets vs uniform)
@@ -196,12 +193,8 @@ B=$R/bench_mobilenetv2_gptq
 .venv/bin/python benchmarks/claims.py --out $B/paired_claims.md --title "MobileNetV2: the quantizer and the allocation (issue 27)" \
     --claim "eval-delta > uniform (equal size);$B;eval-delta;$B;uniform;avg-bits=3,avg-bits=4,avg-bits=5" \
     --claim "eval-delta: allocation under GPTQ > under nearest rounding;$B;eval-delta;$R/bench_mobilenetv2_rtnalloc;eval-delta@gptq"
-E=$R/bench_efficientnet_lite0_gptq
-.venv/bin/python benchmarks/claims.py --out $E/paired_claims.md --title "EfficientNet-Lite0 under GPTQ (issue 27)" \
-    --claim "eval-delta > uniform (equal size);$E;eval-delta;$E;uniform;avg-bits=4"
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/bench_efficientnet_lite0_gptq \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
