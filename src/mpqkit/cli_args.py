@@ -13,6 +13,7 @@ from typing import Any
 from .errors import MpqkitError
 from .quant.config import ROUNDINGS, QuantConfig
 from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, OBJECTIVES, RunSettings
+from .solve.problem import TIME_LIMIT
 
 OPT_PREFIX = "opt__"
 
@@ -92,7 +93,8 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
                    help="bits of the attention matmul inputs (Q, K, V, probabilities) of transformer models; "
                         "default fp32. Recorded in the plan; not searched, not in the cost ledger")
     g = p.add_argument_group("solver and probe engine")
-    g.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds (default 60)")
+    g.add_argument("--time-limit", type=float, default=TIME_LIMIT,
+                   help=f"solver time limit, seconds (default {TIME_LIMIT:g})")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP (default 1)")
     g.add_argument("--refine", type=int, default=0, help="measured refinement of the method's plan: budget-keeping "
                    "weight-bit moves ordered by the method's table, each plan measured by the probe engine, kept "

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from .errors import MpqkitError, UnknownNameError
 from .engine.probe import OBJECTIVES
 from .quant.config import QuantConfig
+from .solve.problem import TIME_LIMIT
 
 DEFAULT_W_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_A_BITS = (4, 6, 8)
@@ -60,7 +61,7 @@ class RunSettings:
     objective: str = "kl"
     # -- quantizer and solver
     qconfig: QuantConfig = field(default_factory=QuantConfig)
-    time_limit: float = 60.0
+    time_limit: float = TIME_LIMIT
     alpha: float = 1.0
     refine: int = 0  #: measured refinement of the method's plan: at most this many probes (0 = off)
 

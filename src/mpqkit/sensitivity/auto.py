@@ -24,6 +24,7 @@ from ..errors import MpqkitError
 from ..profile import stage
 from .base import SearchContext, SensitivityTable, SolveRequest
 from .registry import METHODS
+from ..solve.problem import TIME_LIMIT
 from .options import MethodOptions, option, positive
 from .solvers import chosen
 
@@ -124,7 +125,6 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     held_engine = ProbeEngine(ctx.model, ctx.graph, held.images, held.labels, qconfig=ctx.qconfig, seed=ctx.seed,
                               layers_from=engine, **ctx.engine_kwargs)
     s = ctx.settings
-    time_limit = getattr(s, "time_limit", 60.0)
     trials, tables, plans = [], {}, {}
     for name in names:
         m = METHODS.get(name)
@@ -133,7 +133,8 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         try:
             table = m.sensitivity(sub) if m.sensitivity is not None else None
             sol = m.solver(SolveRequest(problem=ctx.problem, table=table, options=sub.options, has_budget=True,
-                                        method=name, search="w", alpha=getattr(s, "alpha", 1.0), time_limit=time_limit,
+                                        method=name, search="w", alpha=getattr(s, "alpha", 1.0),
+                                        time_limit=getattr(s, "time_limit", TIME_LIMIT),
                                         seed=ctx.seed))
         except MpqkitError as e:  # e.g. greedy finds no point under the budget: that candidate drops out
             trials.append({"method": name, "error": str(e)})

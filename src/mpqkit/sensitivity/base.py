@@ -16,6 +16,7 @@ from torch import nn
 from ..engine.probe import ProbeEngine
 from ..graph import ModelGraph
 from ..quant.config import QuantConfig
+from ..solve.problem import TIME_LIMIT
 from .options import MethodOptions
 
 
@@ -132,7 +133,7 @@ class SolveRequest:
     w_bits: int | None = None
     a_bits: int | None = None
     alpha: float = 1.0
-    time_limit: float = 60.0
+    time_limit: float = TIME_LIMIT
     seed: int = 0
 
 
