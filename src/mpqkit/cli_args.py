@@ -8,6 +8,7 @@ options appear on the command line without touching this file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from .errors import MpqkitError
@@ -112,10 +113,13 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """RunSettings from the flags this command declares (absent groups keep their defaults)."""
     kw: dict[str, Any] = {}
-    for name in ("checkpoint", "models_dir", "random_init", "data_root", "device", "search", "w_bits", "a_bits",
-                 "calib_size", "seed", "objective", "time_limit", "alpha", "cache_dir", "refine", "eval_batch_size"):
-        if hasattr(args, name):
-            kw[name] = getattr(args, name)
+    # a flag whose dest is a setting's name sets it; the settings below are read from flags of other names
+    # or types (the probe batch size is --batch-size's dest probe_batch_size: export's --batch-size is its own)
+    special = {"batch_size", "prefix_cache_mb", "progress", "use_cache", "w_candidates", "a_candidates", "fixed_bits",
+               "fixed", "qconfig", "input_shape"}
+    for f in dataclasses.fields(RunSettings):
+        if f.name not in special and hasattr(args, f.name):
+            kw[f.name] = getattr(args, f.name)
     if hasattr(args, "probe_batch_size"):
         kw["batch_size"] = args.probe_batch_size
     if getattr(args, "prefix_cache_mb", None) is not None:
