@@ -24,15 +24,9 @@ codes can differ by one step where a value sits within float rounding of a round
 conv/matmul kernels sum in another order than PyTorch's (~1e-6 apart), and ONNX computes
 ``x / scale`` where mpqkit computes ``x * (1 / scale)``. In a deep network such a flip perturbs the
 next layers and flips a few more codes there. ``check_onnx`` uses ``ORT_DISABLE_ALL`` by default,
-so onnxruntime runs exactly the graph that was written. Measured on ResNet-20 (eval-delta plans,
-avg-bits 4 and 3, CIFAR-10 test, 10k images, onnxruntime 1.32.0, 1 thread), all four levels
-(``OPTIMIZATION_LEVELS``; ``all`` is onnxruntime's default) gave identical logits: the optimizing
-levels fold shape constants and drop each Relu that only feeds a QuantizeLinear with zero point 0
-(the quantizer clamps there anyway), but leave DequantizeLinear->Conv alone (no QuantizeLinear on
-the output, so no QLinearConv), and no MatMulNBits rewrite applies to per-channel weights.
-ONNX and PyTorch agreed on 99.95 % / 99.82 % of the predicted classes (top-1 +0.01 / +0.07 pt, max
-|logit difference| 0.22 / 0.26). Using ``x / scale`` on the PyTorch side too raised agreement only
-from 99.82 % to 99.86 %: the kernel summation order accounts for most of the gap.
+so onnxruntime runs exactly the graph that was written (``OPTIMIZATION_LEVELS`` selects others).
+How often codes flip, and what each optimization level does to the graph, is measured in
+``benchmarks/results/export_resnet20/table.md`` (README, "Deployable output").
 """
 from __future__ import annotations
 

@@ -40,9 +40,7 @@ from .modules import _QuantMixin
 
 log = logging.getLogger("mpqkit")
 
-#: CPU default iterations per unit, chosen by measurement (benchmarks/brecq_resnet20.py, ResNet-20
-#: uniform W3A8, 2-core CPU): 100 → 84.99 % in 27 s, 500 → 86.50 % in 75 s, 2,000 → 87.24 % in
-#: 240 s. 500 keeps most of the gain at a third of the time of 2,000.
+#: CPU default iterations per unit, chosen by measurement (benchmarks/results/brecq_resnet20/table.md).
 DEFAULT_ITERS = 500
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 

@@ -30,10 +30,8 @@ from .solvers import chosen
 
 log = logging.getLogger("mpqkit")
 
-# The methods that pay off, by measurement (ResNet-20, 5 draws at avg-bits 3 with the ce objective and
-# draw 0 at avg-bits 2.5/3/3.5/4 with kl): the held-out choice fell on mpqco 4×, eval-delta 2×,
-# mixquant-ilp 2×, greedy 1×, never on infoq or hawq, which cost ~94 s and ~190 s of 2 cores per draw
-# (auto then took 369-407 s); they stay one --auto-methods away.
+# The candidates that were ever chosen, by measurement (docs/METHODS.md, auto); infoq and hawq are one
+# --auto-methods away.
 DEFAULT_CANDIDATES = "uniform,eval-delta,mpqco,mixquant-ilp,greedy"
 
 
