@@ -94,7 +94,7 @@ def _train_subset(data: str | LabeledData, n: int, seed: int, data_root: str | N
     return sample_data(data, "train", n, seed, root=data_root)
 
 
-def _heldout(data: str | LabeledData, calib_n: int, n: int, seed: int, data_root: str | None) -> LabeledData:
+def heldout_set(data: str | LabeledData, calib_n: int, n: int, seed: int, data_root: str | None) -> LabeledData:
     """Up to ``n`` training images disjoint from ``calibration_set(data, calib_n, seed)``."""
     held = data.sample(n, seed, offset=calib_n) if isinstance(data, LabeledData) else \
         sample_data(data, "train", n, seed, offset=calib_n, root=data_root)
@@ -212,7 +212,7 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
                         search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
                         engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
                         load_train=lambda n, seed: _train_subset(data, n, seed, s.data_root),
-                        load_heldout=lambda n: _heldout(data, s.calib_size, n, s.seed, s.data_root),
+                        load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
                         problem=problem, settings=s)
     t_sens = time.perf_counter()
     warnings: list[str] = []

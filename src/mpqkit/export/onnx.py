@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ..errors import MpqkitError
 from ..fileutil import atomic_write_bytes
 from ..plan import Plan
-from ..quant.modules import QuantConv2d, QuantLinear, _QuantMixin
+from ..quant.modules import QuantConv2d, QuantLinear, QuantMixin
 from ..quant.primitives import quantize
 from ..zoo.data import LabeledData
 
@@ -132,7 +132,7 @@ class _Mark(torch.autograd.Function):
         return out
 
 
-def _export_forward(self: _QuantMixin, x: Tensor) -> Tensor:
+def _export_forward(self: QuantMixin, x: Tensor) -> Tensor:
     """Forward of a quantized layer in the export copy: marked input and weight, then conv/linear."""
     if self.a_spec is not None:
         x = _Mark.apply(x, self.a_scale, self.a_zero_point, *self._a_range, self._fqn, "act")
@@ -144,7 +144,7 @@ def _export_forward(self: _QuantMixin, x: Tensor) -> Tensor:
     return F.linear(x, w, self.bias)
 
 
-def quant_layers(qmodel: nn.Module) -> dict[str, _QuantMixin]:
+def quant_layers(qmodel: nn.Module) -> dict[str, QuantMixin]:
     """The quantized layers of a model by name."""
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
 
@@ -175,7 +175,7 @@ def _torchscript_export(model: nn.Module, input_shape: tuple[int, ...], opset: i
 class _Lowering:
     """Replaces each Mark node by real QDQ nodes; collects initializers and the report."""
 
-    def __init__(self, layers: dict[str, _QuantMixin], opset: int) -> None:
+    def __init__(self, layers: dict[str, QuantMixin], opset: int) -> None:
         self.layers, self.opset = layers, opset
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
@@ -240,7 +240,7 @@ def _attr(node: Any, name: str) -> str:
     return next(a.s.decode() for a in node.attribute if a.name == name)
 
 
-def lower_marks(model_bytes: bytes, layers: dict[str, _QuantMixin], opset: int) -> tuple[Any, ExportReport]:
+def lower_marks(model_bytes: bytes, layers: dict[str, QuantMixin], opset: int) -> tuple[Any, ExportReport]:
     """The exported graph with every Mark replaced by QDQ nodes, relabelled to ``opset``."""
     import onnx
 
