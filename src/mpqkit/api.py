@@ -14,13 +14,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
 from .budget import Ledger, parse_budget
+from .fileutil import writer_lock
 from .errors import CheckpointError, DataError, MissingResourceError, MpqkitError
 from .evaluation import check_outputs, evaluate_model
 from .graph import discover
@@ -39,6 +40,7 @@ from .zoo.data import LabeledData, load_data, sample_data
 from .zoo.models import FIXED_RESOLUTION, ModelBundle, get_model, state_dict_sha256
 
 log = logging.getLogger("mpqkit")
+MAX_DRAWS = 100  #: calibration draws one bench may ask for (each is a full search per method)
 
 __all__ = ["RunSettings", "SearchResult", "search", "apply_plan", "evaluate", "sweep", "bench", "proxies", "layers",
            "demo", "load_model", "load_split", "calibration_set", "save_quantized", "load_quantized",
@@ -163,7 +165,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     if out is not None:
         from .report.results import write_results
 
-        result.results_dir = write_results(Path(out), result)
+        with writer_lock(Path(out), "search results directory"):
+            result.results_dir = write_results(Path(out), result)
     return result
 
 
@@ -447,6 +450,29 @@ def _auto_candidate_options(auto: MethodOptions, given: Mapping[str, Any]) -> tu
     return (auto.replace(candidate_options=cands) if passed else auto), passed
 
 
+def unique(items: Sequence[Any], what: str, key: Callable[[Any], Any] = lambda x: x) -> list[Any]:
+    """``items`` without repeats (by ``key``; the first spelling kept, order kept); a note names the
+    repeats dropped, so nothing is measured twice."""
+    seen: dict[Any, Any] = {}
+    repeats = []
+    for item in items:
+        k = key(item)
+        if k in seen:
+            repeats.append(f"{item} (= {seen[k]})" if item != seen[k] else str(item))
+        else:
+            seen[k] = item
+    if repeats:
+        log.warning("%s: %s given more than once; measured once", what, ", ".join(dict.fromkeys(repeats)))
+    return list(seen.values())
+
+
+def unique_budgets(budgets: Sequence[str]) -> list[str]:
+    """Budgets without repeats by meaning (``avg-bits=3`` = ``avg-bits=3.0`` = `` avg-bits=3 ``)."""
+    stripped = [" ".join(b.split()) for b in budgets]
+    return unique(stripped, "--budgets",
+                  key=lambda b: tuple(sorted((t.key, t.value) for t in parse_budget(b))))
+
+
 def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str], budgets: Sequence[str],
           out: str | Path, *, ptqs: Sequence[str | None] = (None,), settings: RunSettings | None = None,
           options: Mapping[str, MethodOptions | Mapping[str, Any]] | None = None,
@@ -463,17 +489,29 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     (methods not named use their defaults).
     """
     from .quant.ptq import parse_ptq
-    from .report.bench import append_row, load_rows
 
     s = resolve_settings(settings, overrides)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise MpqkitError(f"--draws must be a positive integer, got {draws!r}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= MAX_DRAWS:
+        raise MpqkitError(f"--draws must be an integer in 1..{MAX_DRAWS}, got {draws!r}")
     # canonical recipe names (an unknown one fails before any work): "bc+gptq" and "gptq+bc" are one row key
-    ptqs = [None if p in (None, "default") else parse_ptq(p).name for p in ptqs]
-    methods = [METHODS.get(m).name for m in methods]
+    ptqs = unique([None if p in (None, "default") else parse_ptq(p).name for p in ptqs], "--ptq")
+    methods = unique([METHODS.get(m).name for m in methods], "--methods")
+    budgets = unique_budgets(budgets)
+    splits = unique(list(splits), "--splits")
     opts = {m: METHODS.get(m).make_options((options or {}).get(m)) for m in methods}
     out = Path(out)
+    existed = out.is_dir()
     _check_out_dir(out, "bench results directory", s)
+    with writer_lock(out, "bench results directory", remove_if_empty=not existed):
+        return _bench_rows(model, data, methods, budgets, out, ptqs, s, opts, splits, recon_options, draws)
+
+
+def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[str], budgets: list[str], out: Path,
+                ptqs: list[str | None], s: RunSettings, opts: dict[str, MethodOptions], splits: list[str],
+                recon_options: dict[str, Any] | None, draws: int) -> list[dict]:
+    """``bench``'s measurements, with the validated inputs, while this process holds ``out``."""
+    from .report.bench import append_row, load_rows
+
     rows_path = out / "rows.jsonl"
     rows = load_rows(rows_path, repair=True)
     recon_iters = _bench_recon_iters(ptqs, recon_options)

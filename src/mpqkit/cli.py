@@ -12,14 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_args import add_method_options, add_ptq, add_settings, given_options, ptq_kwargs, settings_from_args
+from .cli_args import (OneLineParser, add_method_options, add_ptq, add_settings, given_options, positive_int, ptq_kwargs,
+                       settings_from_args)
 from .errors import MpqkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .sensitivity import METHODS
 
-    ap = argparse.ArgumentParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
+    ap = OneLineParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
     method_help = "; ".join(f"{m.name}: {m.description}" for m in METHODS)
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(e)
     e.add_argument("--split", default="test", help="test | exact | train (cifar10); train | test (digits)")
     e.add_argument("--plan", help="plan.json to apply first")
-    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     add_ptq(e)
 
     for name, help_ in (("sweep", "one method over many budgets from one sensitivity: frontier CSV + PNG"),
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "gptq+bc)")
         b.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 500)")
         b.add_argument("--splits", default="test,exact", help="evaluation splits (default test,exact)")
-        b.add_argument("--draws", type=int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
+        b.add_argument("--draws", type=positive_int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
                        "method sees the same K draws, and the tables give mean ± std and paired differences with "
                        "95 %% intervals (default 1; the published results use 5)")
         b.add_argument("--out", required=True, help="results directory (rerun to resume)")
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error, printed as one line (2): a code, like every command
+        return e.code if isinstance(e.code, int) else 2
     if hasattr(args, "data") and args.data is None:
         from .zoo.models import FIXED_RESOLUTION
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import MpqkitError
 from .quant.config import ROUNDINGS, QuantConfig
@@ -17,6 +17,25 @@ from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, OBJECTIVES, Ru
 from .solve.problem import TIME_LIMIT
 
 OPT_PREFIX = "opt__"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line (``mpqkit: error: … (see mpqkit search --help)``), exit 2,
+    not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mpqkit: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def bits_list(text: str) -> list[int]:
@@ -49,7 +68,7 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
     if device:
         g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        g.add_argument("--eval-batch-size", type=int, help="images per evaluation batch (default: sized by the input, "
+        g.add_argument("--eval-batch-size", type=positive_int, help="images per evaluation batch (default: sized by the input, "
                        "32 MB of it: 500 CIFAR images, 55 at 224 x 224)")
     if not search:
         return

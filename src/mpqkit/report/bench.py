@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..fileutil import atomic_write_text
+from ..fileutil import atomic_write_text, json_text
 from ..plan import Plan
 
 log = logging.getLogger("mpqkit")
@@ -39,7 +39,7 @@ def load_rows(path: Path, repair: bool = False) -> list[dict]:
         except json.JSONDecodeError:
             continue
     if repair:
-        clean = "".join(json.dumps(r) + "\n" for r in rows)
+        clean = "".join(json_text(r, "a bench row") + "\n" for r in rows)
         if path.read_text() != clean:
             atomic_write_text(path, clean)
     return rows
@@ -49,7 +49,7 @@ def append_row(path: Path, row: dict) -> None:
     """Append one measured row (a kill loses at most this line, which ``load_rows`` then skips)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json_text(row, "a bench row") + "\n")
     log.info("bench: %s", json.dumps({k: row.get(k) for k in ("method", "budget", "ptq", "top1_test", "error")}))
 
 

@@ -113,7 +113,7 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         raise MpqkitError("method 'auto' needs a --budget (e.g. avg-bits=3)")
     if ctx.search_a:
         raise MpqkitError("method 'auto' searches weight bits (use --search w)")
-    names = [METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()]
+    names = list(dict.fromkeys(METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()))
     given = opts.candidate_map()
     if ctx.load_heldout is None:
         raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")

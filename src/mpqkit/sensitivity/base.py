@@ -6,7 +6,6 @@ engine), never re-implementing quantization, layer discovery or evaluation.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -114,9 +113,9 @@ class SensitivityTable:
         return d
 
     def save(self, path) -> None:
-        from ..plan import atomic_write_text
+        from ..fileutil import atomic_write_text, json_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, json_text(self.to_dict(), "the sensitivity table", indent=1) + "\n")
 
 
 @dataclass(frozen=True)
