@@ -86,3 +86,17 @@ def test_bench_that_fails_before_writing_leaves_no_directory(tmp_path):
     assert main(["bench", "--model", "digits-cnn", "--data", "digits", "--methods", "uniform", "--budgets",
                  "avg-bits=4", "--splits", "exact", "--out", str(out), "-q"]) == 2
     assert not out.exists()
+
+
+def test_report_counts_a_repeated_row_once_and_names_a_garbage_file(tmp_path, caplog, capsys):
+    from mpqkit.report.bench import load_rows
+
+    d = tmp_path / "r"
+    d.mkdir()
+    row = {"method": "uniform", "budget": "avg-bits=4", "ptq": None, "draw": 0, "top1_test": 90.0, "avg_w_bits": 4.0}
+    (d / "rows.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "top1_test": 10.0}) + "\n")
+    assert [r["top1_test"] for r in load_rows(d / "rows.jsonl")] == [90.0]
+    assert "1 repeated row(s) ignored" in caplog.text
+    (d / "rows.jsonl").write_text("garbage\n")
+    assert main(["report", str(d)]) == 2
+    assert "holds no readable row" in capsys.readouterr().err

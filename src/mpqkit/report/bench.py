@@ -32,12 +32,22 @@ def load_rows(path: Path, repair: bool = False) -> list[dict]:
     rewrites the file without it, or the next appended row would be glued to it and lost."""
     if not path.exists():
         return []
-    rows = []
+    rows, seen, repeated = [], set(), 0
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(row, dict) or "method" not in row:
+            continue
+        key = (row["method"], row.get("budget"), row.get("ptq"), row.get("draw", 0))
+        if key in seen:  # two writers before the lock existed: the first measurement counts, once
+            repeated += 1
+            continue
+        seen.add(key)
+        rows.append(row)
+    if repeated:
+        log.warning("%s: %d repeated row(s) ignored (same method, budget, PTQ and draw)", path, repeated)
     if repair:
         clean = "".join(json_text(r, "a bench row") + "\n" for r in rows)
         if path.read_text() != clean:
@@ -315,7 +325,8 @@ def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: st
     for d in dirs:
         rows = load_rows(d / "rows.jsonl")
         if not rows:
-            raise MpqkitError(f"{d} has no rows.jsonl: not a bench or sweep results directory")
+            raise MpqkitError(f"{d / 'rows.jsonl'} holds no readable row" if (d / "rows.jsonl").exists() else
+                              f"{d} has no rows.jsonl: not a bench or sweep results directory")
         named.append((bench_prefix(d, rows), d.name, rows))
         title = bench_title(bench_prefix(d, rows), rows)
         paths = write_outputs(rows, d, title)
