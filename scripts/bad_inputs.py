@@ -145,6 +145,11 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("bench --draws 1000", ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=4", "--draws", "1000",
                                 "--out", str(tmp / "b2")]),
         ("an argument of the wrong type (one line, not the usage)", ["search", *D, "--calib-size", "many"]),
+        ("bench --out -", ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=4", "--out", "-"]),
+        ("search --out NAME.json whose results folder name is too long",
+         ["search", *D, "--method", "uniform", "--w-bits", "4", "--out", str(tmp / ("p" * 250 + ".json"))]),
+        ("report --markdown naming an existing directory", ["report", str(tmp / "b0"), "--markdown",
+                                                            str(tmp / "existing_dir.json")]),
         ("--random-init with a torchvision model is honoured (wrong data shape is the error)",
          ["eval", "--model", "mobilenet_v2", "--random-init", "--data", "digits"]),
     ]

@@ -100,3 +100,16 @@ def test_report_counts_a_repeated_row_once_and_names_a_garbage_file(tmp_path, ca
     (d / "rows.jsonl").write_text("garbage\n")
     assert main(["report", str(d)]) == 2
     assert "holds no readable row" in capsys.readouterr().err
+
+
+def test_plan_naming_another_model_or_without_provenance_warns(tmp_path, caplog):
+    from mpqkit import api
+    from mpqkit.plan import Plan
+
+    plan = api.search("digits-cnn", "digits", None, "uniform", w_bits=4, calib_size=64, progress=False).plan
+    plan.model_name = "renamed"
+    api.apply_plan("digits-cnn", plan, "digits", calib_size=64, progress=False)
+    assert "names model 'renamed' but is applied to 'digits-cnn'" in caplog.text
+    bare = Plan(layers=plan.layers, model_name="digits-cnn", model_sha256=plan.model_sha256)
+    api.apply_plan("digits-cnn", bare, "digits", calib_size=64, progress=False)
+    assert "the plan has no provenance" in caplog.text

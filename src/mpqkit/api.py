@@ -140,6 +140,8 @@ def _check_out_dir(out: str | Path | None, what: str, settings: RunSettings | No
         check_output_dir(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
                          "probe cache directory (--cache-dir / $MPQKIT_CACHE)")
     if out is not None:
+        if str(out).strip() in ("", "-"):
+            raise MpqkitError(f"{what} {str(out)!r} is not a path (results go into a folder; stdout is not one)")
         check_output_dir(Path(out), what)
 
 
@@ -320,6 +322,11 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
         plan = Plan.load(plan)
     graph = discover(bundle.model, bundle.input_shape)
     plan.validate(graph, None if allow_other_model else bundle.sha256)
+    if plan.model_name and plan.model_name != bundle.name:
+        log.warning("the plan names model '%s' but is applied to '%s' (the same weights)", plan.model_name, bundle.name)
+    if not plan.provenance:
+        log.warning("the plan has no provenance (calibration seed and size): applied with this run's "
+                    "--seed %d and --calib-size %d", s.seed, s.calib_size)
     qconfig = plan_qconfig(plan) or QuantConfig.from_dict({})
     if recipe is not None:
         qconfig = recipe.qconfig(qconfig)

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--ptq", default="default" if name == "sweep" else "default,brecq",
                        help="comma-separated PTQ recipes: default (the quantizer the plan was searched under), "
                             "or steps joined by + (cle, minmax|mse, nearest|gptq|adaround|brecq|qdrop, bc; e.g. "
-                            "gptq+bc)")
+                            f"gptq+bc); default: {'default' if name == 'sweep' else 'default,brecq'}")
         b.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 500)")
         b.add_argument("--splits", default="test,exact", help="evaluation splits (default test,exact)")
         b.add_argument("--draws", type=positive_int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
@@ -135,9 +135,15 @@ def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
 
 def _out_paths(out: str | None, default: str) -> tuple[Path, Path | None]:
     """(results dir, extra plan path): ``--out plan.json`` writes the plan there, results beside it."""
+    if out is not None and out.strip() in ("", "-"):
+        raise MpqkitError(f"--out {out!r} is not a path (mpqkit writes results into a folder; stdout is not one)")
     p = Path(out or default)
     if p.suffix == ".json":
-        return p.with_name(p.stem + "-results"), p
+        results = p.with_name(p.stem + "-results")
+        if len(results.name.encode()) > 255:  # the file system's name limit: fail now, not after the search
+            raise MpqkitError(f"--out {p.name[:40]}…: the results folder beside it ({len(results.name.encode())}-byte "
+                              "name) would exceed the file system's 255-byte limit; choose a shorter name")
+        return results, p
     return p, None
 
 
@@ -272,7 +278,11 @@ def cmd_proxies(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .fileutil import check_output_file
     from .report.bench import write_markdown_index
+
+    if args.markdown:
+        check_output_file(args.markdown, "Markdown file (--markdown)")
 
     for line in write_markdown_index([Path(d) for d in args.dirs], args.markdown,
                                      " ".join(["mpqkit report", *args.dirs, *(["--markdown", args.markdown]
