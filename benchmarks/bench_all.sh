@@ -157,59 +157,51 @@ $M export --model minilm-sst2 --plan $R/bench_minilm_sst2/plans/eval-delta/avg-b
     /tmp/minilm.onnx --check
 # Issue 27: GPTQ (the default quantizer since 300b78c), bias correction, equalization; plans chosen under the quantizer
 # that ships. ResNet-20, the default path (auto + the default PTQ), 5 draws; then the PTQ steps on the same plans
+# (avg-bits 3, draws 0-2: bias correction and equalization take minutes per plan on 2 cores)
 $M bench -q --model resnet20 --methods auto,uniform,eval-delta --budgets "avg-bits=2.5;avg-bits=3;avg-bits=4" \
     --ptq default --splits test --draws 5 --out $R/draws_resnet20_gptq
-$M bench -q --model resnet20 --methods auto,uniform,eval-delta --budgets "avg-bits=2.5;avg-bits=3;avg-bits=4" \
-    --ptq nearest,gptq+bc,gptq-seq,cle+gptq --splits test --draws 5 --out $R/draws_resnet20_gptq
-$M bench -q --model resnet20 --methods auto,uniform --budgets "avg-bits=2.5;avg-bits=3;avg-bits=4" \
-    --ptq brecq --splits test --draws 5 --out $R/draws_resnet20_gptq
+$M bench -q --model resnet20 --methods auto --budgets "avg-bits=3" \
+    --ptq nearest,gptq+bc,gptq-seq,cle+gptq --splits test --draws 3 --out $R/draws_resnet20_gptq
+$M bench -q --model resnet20 --methods uniform --budgets "avg-bits=3" \
+    --ptq nearest --splits test --draws 3 --out $R/draws_resnet20_gptq
 # the allocation chosen under nearest rounding, applied with the shipped GPTQ (paired with the rows above)
 $M bench -q --model resnet20 $RTN --methods auto,eval-delta --budgets "avg-bits=2.5;avg-bits=3" \
     --ptq gptq --splits test --draws 5 --out $R/draws_resnet20_rtnalloc
-# MobileNetV2 and EfficientNet-Lite0 (ImageNet subset, 128 calibration images), 3 draws; the PTQ steps at avg-bits 4
+# MobileNetV2 and EfficientNet-Lite0 (ImageNet subset, 128 calibration images), 3 draws
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta --budgets "avg-bits=3:5:1" --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
-$M bench -q --model mobilenetv2 --methods uniform,eval-delta --budgets avg-bits=4 \
-    --ptq nearest,bc,gptq+bc,cle+gptq,cle+gptq+bc,gptq-seq --splits test --calib-size 128 --draws 3 \
-    --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
-$M bench -q --model efficientnet-lite0 --methods uniform,eval-delta --budgets "avg-bits=3:5:1" --ptq default \
+# (draw 2 was run as a separate --seed 2 --draws 1 job beside draws 0-1; its rows are the ones this line writes)
+$M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets "avg-bits=4" --ptq default \
     --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
-$M bench -q --model efficientnet-lite0 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default \
-    --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
-$M bench -q --model convmixer --methods uniform,eval-delta,auto --budgets "avg-bits=3:5:1" --ptq default \
-    --splits test --draws 2 --out $R/bench_convmixer_gptq
+# the grid GPTQ rounds on: each candidate grid alone vs the per-channel choice (uniform plans, draw 0)
 PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model resnet20 --bits 2,3,4
-PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model mobilenetv2 --bits 3,4 --calib-size 128
-$M bench -q --model minilm-sst2 --methods uniform,eval-delta --budgets "avg-bits=4:6:2" --ptq default \
-    --splits test --calib-size 128 --draws 2 --out $R/bench_minilm_sst2_gptq
 # issue 27's claims, each a paired difference over the calibration draws (equal size: integer budgets vs uniform)
 G=$R/draws_resnet20_gptq
 .venv/bin/python benchmarks/claims.py --out $G/paired_claims.md --title "The quantizer the plans deserve (issue 27)" \
     --claim "GPTQ > nearest rounding (auto's plans);$G;auto;$G;auto@nearest" \
-    --claim "GPTQ > BRECQ-500 (auto's plans);$G;auto;$G;auto@brecq" \
+    --claim "auto + GPTQ (this default) > auto + BRECQ-500 (plans chosen under nearest rounding);$G;auto;$R/draws_resnet20;auto@brecq;avg-bits=3" \
     --claim "GPTQ+BC > GPTQ (auto's plans);$G;auto@gptq+bc;$G;auto" \
     --claim "sequential GPTQ > layer-local GPTQ (auto's plans);$G;auto@gptq-seq;$G;auto" \
     --claim "CLE+GPTQ > GPTQ (auto's plans);$G;auto@cle+gptq;$G;auto" \
     --claim "auto > uniform (GPTQ, equal size);$G;auto;$G;uniform;avg-bits=3,avg-bits=4" \
     --claim "auto > eval-delta (GPTQ);$G;auto;$G;eval-delta" \
     --claim "auto: allocation under GPTQ > under nearest rounding (both shipped with GPTQ);$G;auto;$R/draws_resnet20_rtnalloc;auto@gptq" \
-    --claim "eval-delta: allocation under GPTQ > under nearest rounding;$G;eval-delta;$R/draws_resnet20_rtnalloc;eval-delta@gptq"
+    --claim "eval-delta: allocation under GPTQ > under nearest rounding;$G;eval-delta;$R/draws_resnet20_rtnalloc;eval-delta@gptq" \
+    --claim "GPTQ > nearest rounding (uniform);$G;uniform;$G;uniform@nearest;avg-bits=3"
 B=$R/bench_mobilenetv2_gptq
 .venv/bin/python benchmarks/claims.py --out $B/paired_claims.md --title "MobileNetV2: the quantizer and the allocation (issue 27)" \
     --claim "eval-delta > uniform (equal size);$B;eval-delta;$B;uniform;avg-bits=3,avg-bits=4,avg-bits=5" \
-    --claim "GPTQ > nearest rounding (eval-delta's plans);$B;eval-delta;$B;eval-delta@nearest" \
-    --claim "GPTQ+BC > GPTQ (eval-delta's plans);$B;eval-delta@gptq+bc;$B;eval-delta" \
-    --claim "CLE+GPTQ > GPTQ (eval-delta's plans);$B;eval-delta@cle+gptq;$B;eval-delta" \
-    --claim "sequential GPTQ > layer-local GPTQ (eval-delta's plans);$B;eval-delta@gptq-seq;$B;eval-delta" \
-    --claim "BC > nearest (eval-delta's plans);$B;eval-delta@bc;$B;eval-delta@nearest" \
     --claim "eval-delta: allocation under GPTQ > under nearest rounding;$B;eval-delta;$R/bench_mobilenetv2_rtnalloc;eval-delta@gptq"
+E=$R/bench_efficientnet_lite0_gptq
+.venv/bin/python benchmarks/claims.py --out $E/paired_claims.md --title "EfficientNet-Lite0 under GPTQ (issue 27)" \
+    --claim "eval-delta > uniform (equal size);$E;eval-delta;$E;uniform;avg-bits=4"
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq \
+    $R/bench_efficientnet_lite0_gptq \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
