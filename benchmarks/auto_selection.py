@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mpqkit.api import _heldout, calibration_set
+from mpqkit.api import calibration_set, heldout_set
 from mpqkit.fileutil import atomic_write_text
 from mpqkit.plan import Plan
 from mpqkit.quant.apply import apply_plan
@@ -73,7 +73,7 @@ def main() -> None:
         picks: dict[tuple[str, int], list[str]] = {}
         for d in range(args.draws):
             calib = calibration_set(args.data, args.calib_size, d)
-            held = _heldout(args.data, args.calib_size, args.heldout, d, None)
+            held = heldout_set(args.data, args.calib_size, args.heldout, d, None)
             fp = _logits(model, held.images)
             scored = {}
             for m in methods:

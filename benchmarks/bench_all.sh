@@ -70,7 +70,7 @@ $M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets
 # the exact all-pairs mode (--pair-tol 0) on the same draws; MixQuant's threshold rules over 3 draws
 $M bench -q $RTN --model resnet20 --methods clado,clado-diag,uniform --budgets "$AVG" --ptq default --splits test \
     --draws 5 --out $R/draws_resnet20_clado
-$M bench -q $RTN --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 1 \
+$M bench -q $RTN --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 2 \
     --out $R/draws_resnet20_clado_allpairs
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20_clado_allpairs --other $R/draws_resnet20_clado \
     --name allpairs --base-label "all pairs" --other-label "pair-tol 0.05" \

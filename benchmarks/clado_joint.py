@@ -1,6 +1,6 @@
 """Does CLADO's second-order model predict the joint loss of the plans it picks? (issue 9)
 
-    .venv/bin/python benchmarks/clado_joint.py [--model resnet20] [--sens-samples 1024] [--budgets 2.5,3,3.5,4]
+    .venv/bin/python benchmarks/clado_joint.py [--model resnet20] [--calib-size 1024] [--budgets 2.5,3,3.5,4]
 
 For each budget, the CLADO and CLADO-diag plans (W{2,4,8}, A8, searched layers only, as in the
 probes) are run as one probe on the sensitivity set: their measured joint ΔL is set beside the
@@ -34,7 +34,7 @@ BITS = (2, 4, 8)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--sens-samples", type=int, default=1024)
+    ap.add_argument("--calib-size", "--sens-samples", dest="sens_samples", type=int, default=1024)
     ap.add_argument("--budgets", default="2.5,3,3.5,4")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -67,7 +67,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     f = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     lines = [f"# CLADO's second-order prediction vs the measured joint ΔL ({args.model}, W{{2,4,8}}/A8)", "",
-             f"Produced by `.venv/bin/python benchmarks/clado_joint.py --model {args.model} --sens-samples "
+             f"Produced by `.venv/bin/python benchmarks/clado_joint.py --model {args.model} --calib-size "
              f"{args.sens_samples}`. ΔL: mean cross-entropy increase over the {args.sens_samples}-image sensitivity "
              "set with only the searched layers' weights quantized; prediction ½xᵀGx (raw G, and the "
              "PSD-projected G the IQP minimises); top-1 from `benchmarks/clado_resnet20.py`.", "",

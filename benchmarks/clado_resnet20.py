@@ -1,6 +1,6 @@
 """CLADO on a CIFAR ResNet (issue-9 figures), printed and written as tables.
 
-    .venv/bin/python benchmarks/clado_resnet20.py [--model resnet20] [--sens-samples 1024]
+    .venv/bin/python benchmarks/clado_resnet20.py [--model resnet20] [--calib-size 1024]
         [--budgets 2.5,3,3.5,4] [--naive-sample 40] [--out benchmarks/results/clado_resnet20]
 
 1. top-1 on the 10k test split of CLADO, CLADO-diag, eval-delta ILP (all W{2,4,8}, A8, first/last 8/8)
@@ -49,7 +49,7 @@ BITS = (2, 4, 8)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--sens-samples", type=int, default=1024)
+    ap.add_argument("--calib-size", "--sens-samples", dest="sens_samples", type=int, default=1024)
     ap.add_argument("--budgets", default="2.5,3,3.5,4")
     ap.add_argument("--naive-sample", type=int, default=40)
     ap.add_argument("--naive-batch", type=int, default=256, help="batch size of the naive loop (a typical eval batch)")

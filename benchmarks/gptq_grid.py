@@ -25,7 +25,7 @@ from mpqkit.quant.apply import apply_plan
 from mpqkit.quant.config import QuantConfig
 from mpqkit.quant.gptq import GptqConfig
 from mpqkit.quant.layerwise import LocalLayerBuilder, set_weight
-from mpqkit.quant.modules import _QuantMixin
+from mpqkit.quant.modules import QuantMixin
 
 VARIANTS = {
     "nearest (MSE grid)": None,
@@ -56,7 +56,7 @@ def main() -> None:
             if g is not None:
                 builder = LocalLayerBuilder(bundle.model, calib.images, QuantConfig(), gptq=g)
                 for f, m in q.named_modules():
-                    if isinstance(m, _QuantMixin) and m.w_spec is not None:
+                    if isinstance(m, QuantMixin) and m.w_spec is not None:
                         got = builder.build(f, m, m.w_spec.bits, m.a_spec.bits if m.a_spec else None)
                         set_weight(m, {k: got[k] for k in ("weight", "w_scale", "w_zero_point")})
             secs = time.perf_counter() - t0

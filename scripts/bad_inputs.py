@@ -66,6 +66,12 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
 
     Image.new("RGB", (8, 8)).save(tmp / "imgs" / "cls" / "a.png")
     (tmp / "not_a_folder").write_text("")
+    strseed = json.loads(good.read_text())
+    strseed["provenance"]["seed"] = "zero"
+    (tmp / "str_seed.json").write_text(json.dumps(strseed))
+    negcalib = json.loads(good.read_text())
+    negcalib["provenance"]["calib"]["n"] = -5
+    (tmp / "neg_calib.json").write_text(json.dumps(negcalib))
     return [
         ("unknown model name", ["eval", "--model", "resnet99"]),
         ("unknown dataset", ["eval", "--model", "digits-cnn", "--data", "mnist"]),
@@ -122,6 +128,28 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
                                             "--split", "bogus"]),
         ("sweep step that queues thousands of budgets", ["sweep", *D, "--method", "uniform",
                                                          "--budgets", "avg-bits=2:4:0.0001", "--out", str(tmp / "s5")]),
+        ("--seed beyond 64 bits", ["search", *D, "--method", "uniform", "--w-bits", "4",
+                                   "--seed", "18446744073709551616", "--out", str(tmp / "s6")]),
+        ("negative --seed", ["search", *D, "--method", "uniform", "--w-bits", "4", "--seed", "-5",
+                             "--out", str(tmp / "s7")]),
+        ("--max-drop nan", ["search", *D, "--method", "greedy", "--max-drop", "nan", "--out", str(tmp / "s8")]),
+        ("--max-drop nan through --auto-options", ["search", *D, "--method", "auto", "--budget", "avg-bits=4",
+                                                   "--auto-options", '{"greedy": {"max_drop": NaN}}',
+                                                   "--out", str(tmp / "s9")]),
+        ("--time-limit inf", ["search", *D, "--budget", "avg-bits=4", "--time-limit", "inf", "--out", str(tmp / "s10")]),
+        ("plan whose provenance.seed is a string", ["eval", *D, "--plan", str(tmp / "str_seed.json")]),
+        ("plan whose provenance.calib.n is negative", ["eval", *D, "--plan", str(tmp / "neg_calib.json")]),
+        ("eval --limit -3", ["eval", *D, "--limit", "-3"]),
+        ("export --check --limit -1", ["export", "--model", "digits-cnn", "--data", "digits", "--plan", str(good),
+                                       "--format", "onnx", "--out", str(tmp / "l.onnx"), "--check", "--limit", "-1"]),
+        ("bench --draws 1000", ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=4", "--draws", "1000",
+                                "--out", str(tmp / "b2")]),
+        ("an argument of the wrong type (one line, not the usage)", ["search", *D, "--calib-size", "many"]),
+        ("bench --out -", ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=4", "--out", "-"]),
+        ("search --out NAME.json whose results folder name is too long",
+         ["search", *D, "--method", "uniform", "--w-bits", "4", "--out", str(tmp / ("p" * 250 + ".json"))]),
+        ("report --markdown naming an existing directory", ["report", str(tmp / "b0"), "--markdown",
+                                                            str(tmp / "existing_dir.json")]),
         ("--random-init with a torchvision model is honoured (wrong data shape is the error)",
          ["eval", "--model", "mobilenet_v2", "--random-init", "--data", "digits"]),
     ]

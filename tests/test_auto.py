@@ -26,7 +26,7 @@ def test_auto_keeps_the_best_held_out_plan_and_lists_what_it_tried():
     assert all(math.isfinite(t["heldout_loss"]) for t in ok)
     # the held-out images are disjoint from the calibration draw
     calib = api.calibration_set("digits", 384, 0)
-    held = api._heldout("digits", 384, 512, 0, None)
+    held = api.heldout_set("digits", 384, 512, 0, None)
     train = api.load_split("digits", "train")
     key = {tuple(x.flatten().tolist()): i for i, x in enumerate(train.images)}
     assert not {key[tuple(x.flatten().tolist())] for x in calib.images} & {key[tuple(x.flatten().tolist())]

@@ -11,7 +11,7 @@ from mpqkit.plan import LayerQuant, Plan
 from mpqkit.quant.apply import apply_plan
 from mpqkit.quant.config import QuantConfig
 from mpqkit.quant.brecq import ReconConfig, find_units, reconstruct, recon_config
-from mpqkit.quant.modules import _QuantMixin
+from mpqkit.quant.modules import QuantMixin
 from mpqkit.quant.primitives import fake_quant
 from mpqkit.zoo.models import BasicBlock
 
@@ -60,7 +60,7 @@ def test_reconstructed_weights_stay_on_grid_and_round_up_or_down():
     reconstruct(q, net, _calib(), ReconConfig(iters=200))
     changed = 0
     for fqn, m in q.named_modules():
-        if not isinstance(m, _QuantMixin):
+        if not isinstance(m, QuantMixin):
             continue
         w = m.weight.detach()
         assert torch.equal(fake_quant(w, m.w_scale, m.w_zero_point, *m._w_range), w)  # exactly on the grid
@@ -78,9 +78,9 @@ def test_reconstructed_weights_stay_on_grid_and_round_up_or_down():
 def test_lsq_moves_activation_steps_and_qdrop_is_seeded():
     net = _block_net()
     a = _quantized(net, w_bits=3, a_bits=4)
-    before = {f: m.a_scale.clone() for f, m in a.named_modules() if isinstance(m, _QuantMixin)}
+    before = {f: m.a_scale.clone() for f, m in a.named_modules() if isinstance(m, QuantMixin)}
     reconstruct(a, net, _calib(), ReconConfig(iters=100, drop=0.5, act_lr=1e-3, seed=3))
-    moved = [f for f, m in a.named_modules() if isinstance(m, _QuantMixin) and not torch.equal(m.a_scale, before[f])]
+    moved = [f for f, m in a.named_modules() if isinstance(m, QuantMixin) and not torch.equal(m.a_scale, before[f])]
     assert moved
     b = _quantized(net, w_bits=3, a_bits=4)
     reconstruct(b, net, _calib(), ReconConfig(iters=100, drop=0.5, act_lr=1e-3, seed=3, cache_mb=0))  # memmap path

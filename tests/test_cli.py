@@ -224,3 +224,21 @@ def test_bench_title_names_a_non_default_reconstruction(tmp_path, capsys):
                      "--budgets", "avg-bits=4", "--ptq", "default,mse", "--recon-iters", "4", "--calib-size", "64",
                      "--splits", "test", "--out", str(tmp_path / "c"), "-q")
     assert code == 0 and "recon" not in (tmp_path / "c" / "title.txt").read_text()  # no reconstruction ran
+
+
+def test_flag_defaults_are_the_settings_defaults():
+    """Every command's flags, left at their defaults, give RunSettings() exactly: a default is declared once."""
+    import dataclasses
+
+    from mpqkit.cli import build_parser
+    from mpqkit.cli_args import settings_from_args
+    from mpqkit.settings import RunSettings
+
+    p = build_parser()
+    for argv in (["search", "--model", "m", "--method", "uniform", "--budget", "avg-bits=4"],
+                 ["bench", "--model", "m", "--methods", "uniform", "--budgets", "avg-bits=4", "--out", "o"],
+                 ["eval", "--model", "m"], ["export", "--model", "m", "--plan", "p", "--out", "o"]):
+        s = settings_from_args(p.parse_args(argv))
+        differ = {f.name: (getattr(s, f.name), getattr(RunSettings(), f.name)) for f in dataclasses.fields(s)
+                  if getattr(s, f.name) != getattr(RunSettings(), f.name)}
+        assert differ == {}, (argv[0], differ)

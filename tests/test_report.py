@@ -134,3 +134,34 @@ def test_pareto_plot_uses_the_split_that_was_measured():
     assert col == "top1_exact" and lines == {("hawq", None): [(0.1, 80.0), (0.2, 85.0)]}
     col, lines = pareto_lines([{**r, "top1_test": 1.0} for r in rows])
     assert col == "top1_test" and len(lines[("hawq", None)]) == 2
+
+
+def test_results_page_opens_with_what_to_run(tmp_path):
+    """The best (method + PTQ) per budget, and the cheapest one the paired draws do not separate from it."""
+    from mpqkit.report.bench import write_markdown_index
+
+    def row(method, ptq, draw, top1, secs, bits=3.0):
+        return {"method": method, "budget": "avg-bits=3", "ptq": ptq, "draw": draw, "seed": draw, "top1_test": top1,
+                "avg_w_bits": bits, "search_s": secs, "ptq_s": 1.0, "plan": None}
+
+    rows = [{"method": "fp32", "budget": "-", "ptq": None, "avg_w_bits": 32.0, "top1_test": 88.0}]
+    rows += [row("slow", None, k, 87.0 + 0.1 * k, 100.0) for k in range(3)]
+    rows += [row("fast", None, k, 87.2 - 0.2 * k, 4.0) for k in range(3)]   # tied with slow over the draws
+    rows += [row("bad", None, k, 80.0 + 0.1 * k, 0.5) for k in range(3)]    # clearly worse, cheapest
+    rows += [row("big", "brecq", k, 86.9 + 0.2 * k, 2.0, bits=3.4) for k in range(3)]  # tied but larger: not chosen
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = tmp_path / "one"  # a single draw recommends nothing
+    one.mkdir()
+    (one / "rows.jsonl").write_text(json.dumps(row("x", None, 0, 99.0, 1.0)) + "\n")
+    page = tmp_path / "RESULTS.md"
+    write_markdown_index([d, one], str(page), "mpqkit report r one")
+    text = page.read_text()
+    table = text[text.index("## What to run"):text.index("### ")]
+    lines = [x for x in table.splitlines() if x.startswith("| ") and "avg-bits=3" in x]
+    assert len(lines) == 1
+    # the best mean, and the cheapest of those tied with it at equal size (not "bad": separated; not "big": larger)
+    assert "| slow + default | 87.10 ± 0.10 (3) | 101 | fast + default | 87.00 | 5 | +0.10 [" in lines[0]
+    assert "| x " not in table
+    assert text.rstrip().endswith("This page: `mpqkit report r one`")

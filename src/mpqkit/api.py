@@ -14,13 +14,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
 from .budget import Ledger, parse_budget
+from .fileutil import writer_lock
 from .errors import CheckpointError, DataError, MissingResourceError, MpqkitError
 from .evaluation import check_outputs, evaluate_model
 from .graph import discover
@@ -39,6 +40,7 @@ from .zoo.data import LabeledData, load_data, sample_data
 from .zoo.models import FIXED_RESOLUTION, ModelBundle, get_model, state_dict_sha256
 
 log = logging.getLogger("mpqkit")
+MAX_DRAWS = 100  #: calibration draws one bench may ask for (each is a full search per method)
 
 __all__ = ["RunSettings", "SearchResult", "search", "apply_plan", "evaluate", "sweep", "bench", "proxies", "layers",
            "demo", "load_model", "load_split", "calibration_set", "save_quantized", "load_quantized",
@@ -94,7 +96,7 @@ def _train_subset(data: str | LabeledData, n: int, seed: int, data_root: str | N
     return sample_data(data, "train", n, seed, root=data_root)
 
 
-def _heldout(data: str | LabeledData, calib_n: int, n: int, seed: int, data_root: str | None) -> LabeledData:
+def heldout_set(data: str | LabeledData, calib_n: int, n: int, seed: int, data_root: str | None) -> LabeledData:
     """Up to ``n`` training images disjoint from ``calibration_set(data, calib_n, seed)``."""
     held = data.sample(n, seed, offset=calib_n) if isinstance(data, LabeledData) else \
         sample_data(data, "train", n, seed, offset=calib_n, root=data_root)
@@ -138,6 +140,8 @@ def _check_out_dir(out: str | Path | None, what: str, settings: RunSettings | No
         check_output_dir(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
                          "probe cache directory (--cache-dir / $MPQKIT_CACHE)")
     if out is not None:
+        if str(out).strip() in ("", "-"):
+            raise MpqkitError(f"{what} {str(out)!r} is not a path (results go into a folder; stdout is not one)")
         check_output_dir(Path(out), what)
 
 
@@ -163,7 +167,8 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     if out is not None:
         from .report.results import write_results
 
-        result.results_dir = write_results(Path(out), result)
+        with writer_lock(Path(out), "search results directory"):
+            result.results_dir = write_results(Path(out), result)
     return result
 
 
@@ -212,7 +217,7 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
                         search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
                         engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
                         load_train=lambda n, seed: _train_subset(data, n, seed, s.data_root),
-                        load_heldout=lambda n: _heldout(data, s.calib_size, n, s.seed, s.data_root),
+                        load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
                         problem=problem, settings=s)
     t_sens = time.perf_counter()
     warnings: list[str] = []
@@ -317,6 +322,11 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
         plan = Plan.load(plan)
     graph = discover(bundle.model, bundle.input_shape)
     plan.validate(graph, None if allow_other_model else bundle.sha256)
+    if plan.model_name and plan.model_name != bundle.name:
+        log.warning("the plan names model '%s' but is applied to '%s' (the same weights)", plan.model_name, bundle.name)
+    if not plan.provenance:
+        log.warning("the plan has no provenance (calibration seed and size): applied with this run's "
+                    "--seed %d and --calib-size %d", s.seed, s.calib_size)
     qconfig = plan_qconfig(plan) or QuantConfig.from_dict({})
     if recipe is not None:
         qconfig = recipe.qconfig(qconfig)
@@ -447,6 +457,29 @@ def _auto_candidate_options(auto: MethodOptions, given: Mapping[str, Any]) -> tu
     return (auto.replace(candidate_options=cands) if passed else auto), passed
 
 
+def unique(items: Sequence[Any], what: str, key: Callable[[Any], Any] = lambda x: x) -> list[Any]:
+    """``items`` without repeats (by ``key``; the first spelling kept, order kept); a note names the
+    repeats dropped, so nothing is measured twice."""
+    seen: dict[Any, Any] = {}
+    repeats = []
+    for item in items:
+        k = key(item)
+        if k in seen:
+            repeats.append(f"{item} (= {seen[k]})" if item != seen[k] else str(item))
+        else:
+            seen[k] = item
+    if repeats:
+        log.warning("%s: %s given more than once; measured once", what, ", ".join(dict.fromkeys(repeats)))
+    return list(seen.values())
+
+
+def unique_budgets(budgets: Sequence[str]) -> list[str]:
+    """Budgets without repeats by meaning (``avg-bits=3`` = ``avg-bits=3.0`` = `` avg-bits=3 ``)."""
+    stripped = [" ".join(b.split()) for b in budgets]
+    return unique(stripped, "--budgets",
+                  key=lambda b: tuple(sorted((t.key, t.value) for t in parse_budget(b))))
+
+
 def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str], budgets: Sequence[str],
           out: str | Path, *, ptqs: Sequence[str | None] = (None,), settings: RunSettings | None = None,
           options: Mapping[str, MethodOptions | Mapping[str, Any]] | None = None,
@@ -463,17 +496,29 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     (methods not named use their defaults).
     """
     from .quant.ptq import parse_ptq
-    from .report.bench import append_row, load_rows
 
     s = resolve_settings(settings, overrides)
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise MpqkitError(f"--draws must be a positive integer, got {draws!r}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= MAX_DRAWS:
+        raise MpqkitError(f"--draws must be an integer in 1..{MAX_DRAWS}, got {draws!r}")
     # canonical recipe names (an unknown one fails before any work): "bc+gptq" and "gptq+bc" are one row key
-    ptqs = [None if p in (None, "default") else parse_ptq(p).name for p in ptqs]
-    methods = [METHODS.get(m).name for m in methods]
+    ptqs = unique([None if p in (None, "default") else parse_ptq(p).name for p in ptqs], "--ptq")
+    methods = unique([METHODS.get(m).name for m in methods], "--methods")
+    budgets = unique_budgets(budgets)
+    splits = unique(list(splits), "--splits")
     opts = {m: METHODS.get(m).make_options((options or {}).get(m)) for m in methods}
     out = Path(out)
+    existed = out.is_dir()
     _check_out_dir(out, "bench results directory", s)
+    with writer_lock(out, "bench results directory", remove_if_empty=not existed):
+        return _bench_rows(model, data, methods, budgets, out, ptqs, s, opts, splits, recon_options, draws)
+
+
+def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[str], budgets: list[str], out: Path,
+                ptqs: list[str | None], s: RunSettings, opts: dict[str, MethodOptions], splits: list[str],
+                recon_options: dict[str, Any] | None, draws: int) -> list[dict]:
+    """``bench``'s measurements, with the validated inputs, while this process holds ``out``."""
+    from .report.bench import append_row, load_rows
+
     rows_path = out / "rows.jsonl"
     rows = load_rows(rows_path, repair=True)
     recon_iters = _bench_recon_iters(ptqs, recon_options)

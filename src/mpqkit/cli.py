@@ -12,14 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_args import add_method_options, add_ptq, add_settings, given_options, ptq_kwargs, settings_from_args
+from .cli_args import (OneLineParser, add_method_options, add_ptq, add_settings, given_options, positive_int, ptq_kwargs,
+                       settings_from_args)
 from .errors import MpqkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .sensitivity import METHODS
 
-    ap = argparse.ArgumentParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
+    ap = OneLineParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
     method_help = "; ".join(f"{m.name}: {m.description}" for m in METHODS)
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(e)
     e.add_argument("--split", default="test", help="test | exact | train (cifar10); train | test (digits)")
     e.add_argument("--plan", help="plan.json to apply first")
-    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     add_ptq(e)
 
     for name, help_ in (("sweep", "one method over many budgets from one sensitivity: frontier CSV + PNG"),
@@ -68,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("--ptq", default="default" if name == "sweep" else "default,brecq",
                        help="comma-separated PTQ recipes: default (the quantizer the plan was searched under), "
                             "or steps joined by + (cle, minmax|mse, nearest|gptq|adaround|brecq|qdrop, bc; e.g. "
-                            "gptq+bc)")
+                            f"gptq+bc); default: {'default' if name == 'sweep' else 'default,brecq'}")
         b.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 500)")
         b.add_argument("--splits", default="test,exact", help="evaluation splits (default test,exact)")
-        b.add_argument("--draws", type=int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
+        b.add_argument("--draws", type=positive_int, default=1, help="calibration draws K (seeds --seed … --seed+K-1); every "
                        "method sees the same K draws, and the tables give mean ± std and paired differences with "
                        "95 %% intervals (default 1; the published results use 5)")
         b.add_argument("--out", required=True, help="results directory (rerun to resume)")
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error, printed as one line (2): a code, like every command
+        return e.code if isinstance(e.code, int) else 2
     if hasattr(args, "data") and args.data is None:
         from .zoo.models import FIXED_RESOLUTION
 
@@ -131,9 +135,15 @@ def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
 
 def _out_paths(out: str | None, default: str) -> tuple[Path, Path | None]:
     """(results dir, extra plan path): ``--out plan.json`` writes the plan there, results beside it."""
+    if out is not None and out.strip() in ("", "-"):
+        raise MpqkitError(f"--out {out!r} is not a path (mpqkit writes results into a folder; stdout is not one)")
     p = Path(out or default)
     if p.suffix == ".json":
-        return p.with_name(p.stem + "-results"), p
+        results = p.with_name(p.stem + "-results")
+        if len(results.name.encode()) > 255:  # the file system's name limit: fail now, not after the search
+            raise MpqkitError(f"--out {p.name[:40]}…: the results folder beside it ({len(results.name.encode())}-byte "
+                              "name) would exceed the file system's 255-byte limit; choose a shorter name")
+        return results, p
     return p, None
 
 
@@ -268,7 +278,11 @@ def cmd_proxies(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .fileutil import check_output_file
     from .report.bench import write_markdown_index
+
+    if args.markdown:
+        check_output_file(args.markdown, "Markdown file (--markdown)")
 
     for line in write_markdown_index([Path(d) for d in args.dirs], args.markdown,
                                      " ".join(["mpqkit report", *args.dirs, *(["--markdown", args.markdown]

@@ -8,13 +8,34 @@ options appear on the command line without touching this file.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import dataclasses
+from typing import Any, NoReturn
 
 from .errors import MpqkitError
 from .quant.config import ROUNDINGS, QuantConfig
 from .settings import CALIB_SIZE, DEFAULT_A_BITS, DEFAULT_W_BITS, OBJECTIVES, RunSettings
+from .solve.problem import TIME_LIMIT
 
 OPT_PREFIX = "opt__"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line (``mpqkit: error: … (see mpqkit search --help)``), exit 2,
+    not the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mpqkit: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def bits_list(text: str) -> list[int]:
@@ -47,7 +68,7 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
     g.add_argument("--json", action="store_true", help="print machine-readable JSON")
     if device:
         g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        g.add_argument("--eval-batch-size", type=int, help="images per evaluation batch (default: sized by the input, "
+        g.add_argument("--eval-batch-size", type=positive_int, help="images per evaluation batch (default: sized by the input, "
                        "32 MB of it: 500 CIFAR images, 55 at 224 x 224)")
     if not search:
         return
@@ -92,7 +113,8 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
                    help="bits of the attention matmul inputs (Q, K, V, probabilities) of transformer models; "
                         "default fp32. Recorded in the plan; not searched, not in the cost ledger")
     g = p.add_argument_group("solver and probe engine")
-    g.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, seconds (default 60)")
+    g.add_argument("--time-limit", type=float, default=TIME_LIMIT,
+                   help=f"solver time limit, seconds (default {TIME_LIMIT:g})")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of activation scores in the ILP (default 1)")
     g.add_argument("--refine", type=int, default=0, help="measured refinement of the method's plan: budget-keeping "
                    "weight-bit moves ordered by the method's table, each plan measured by the probe engine, kept "
@@ -110,10 +132,13 @@ def add_settings(p: argparse.ArgumentParser, *, data: bool = True, search: bool 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """RunSettings from the flags this command declares (absent groups keep their defaults)."""
     kw: dict[str, Any] = {}
-    for name in ("checkpoint", "models_dir", "random_init", "data_root", "device", "search", "w_bits", "a_bits",
-                 "calib_size", "seed", "objective", "time_limit", "alpha", "cache_dir", "refine", "eval_batch_size"):
-        if hasattr(args, name):
-            kw[name] = getattr(args, name)
+    # a flag whose dest is a setting's name sets it; the settings below are read from flags of other names
+    # or types (the probe batch size is --batch-size's dest probe_batch_size: export's --batch-size is its own)
+    special = {"batch_size", "prefix_cache_mb", "progress", "use_cache", "w_candidates", "a_candidates", "fixed_bits",
+               "fixed", "qconfig", "input_shape"}
+    for f in dataclasses.fields(RunSettings):
+        if f.name not in special and hasattr(args, f.name):
+            kw[f.name] = getattr(args, f.name)
     if hasattr(args, "probe_batch_size"):
         kw["batch_size"] = args.probe_batch_size
     if getattr(args, "prefix_cache_mb", None) is not None:

@@ -5,14 +5,18 @@ imported only by the tensor hashes, so any module can use this one without an im
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
+import socket
 import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -20,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "check_output_dir", "check_output_file", "current_umask",
-    "sha256_json", "state_dict_sha256", "tensor_sha256",
+    "json_text", "sha256_json", "writer_lock", "state_dict_sha256", "tensor_sha256",
 ]
 
 _UMASK_LOCK = threading.Lock()
@@ -41,16 +45,18 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
     """Write via a temp file in the same directory and rename: never a half-written file."""
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode(), durable)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically, with the mode a plain ``open(path, "w")`` would give.
 
     That is ``0o666 & ~umask`` for a new file and the old mode when ``path`` already is a file
-    (``tempfile.mkstemp`` alone would leave every result file at 0600).
+    (``tempfile.mkstemp`` alone would leave every result file at 0600). ``durable``: the data is
+    fsync'ed before the rename, so a power cut leaves the old file or the new one, never an empty one
+    (off for checksummed cache entries, which are recomputed when torn).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +72,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             except OSError:  # a file system without modes (some network/FAT mounts): keep its default
                 pass
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -145,6 +154,94 @@ def check_output_dir(path: str | Path, what: str = "the output folder") -> Path:
 
 
 # --------------------------------------------------------------------------- hashes
+def json_text(obj: Any, what: str, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and ±Infinity (strict JSON readers reject them): a
+    non-finite number raises ``MpqkitError`` naming ``what`` and the key path where it sits."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        from .errors import MpqkitError
+
+        raise MpqkitError(f"{what} holds a non-finite number at {_non_finite_path(obj) or '?'}; JSON has no "
+                          "NaN or Infinity (was an option or a measurement NaN?)") from None
+
+
+def _non_finite_path(obj: Any, path: str = "") -> str | None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "(top level)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite_path(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
+LOCK_NAME = ".mpqkit.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(folder: Path, what: str, remove_if_empty: bool = False) -> Iterator[None]:
+    """Hold ``folder`` for this process while writing it: a second mpqkit run into the same folder
+    stops at once with one line naming the holder (two writers would append every row twice).
+
+    The lock is a file ``.mpqkit.lock`` created exclusively, holding the holder's host and pid; a
+    lock whose process is gone (a killed run on this host) is stale and taken over with a warning.
+    ``remove_if_empty``: the folder was made for this run; if nothing was written into it (the run
+    failed first), it is removed again.
+    """
+    from .errors import MpqkitError
+
+    lock = Path(folder) / LOCK_NAME
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and _alive(holder):
+                raise MpqkitError(f"another mpqkit run (pid {holder['pid']} on {holder['host']}) is writing {what} "
+                                  f"{folder}: wait for it to finish, or use another --out (if no such run exists, remove {lock})") from None
+            logging.getLogger("mpqkit").warning("%s %s: removing the stale lock of a run that is gone (%s)",
+                                                what, folder, holder or "unreadable")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise MpqkitError(f"cannot lock {what} {folder}: {lock} keeps reappearing (another run?)")
+    try:
+        yield
+    finally:
+        if _lock_holder(lock) == me:
+            lock.unlink(missing_ok=True)
+        if remove_if_empty:
+            with contextlib.suppress(OSError):
+                Path(folder).rmdir()  # only succeeds when empty
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    try:
+        d = json.loads(lock.read_text())
+        return d if isinstance(d, dict) and isinstance(d.get("pid"), int) and isinstance(d.get("host"), str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """The holder may still run: another host (cannot tell: assume so), or a live pid on this one."""
+    if holder["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sha256_json(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj`` (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

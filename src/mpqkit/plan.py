@@ -8,13 +8,16 @@ layer missing from a plan is an error, never a silent fp32 layer.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import PlanError
-from .fileutil import atomic_write_text  # noqa: F401  (re-exported)
+from .fileutil import atomic_write_text, json_text  # noqa: F401  (atomic_write_text re-exported)
 from .graph import ModelGraph, unknown_layer_message
+
+MAX_SEED = 2**31 - 1  #: largest calibration seed: every generator seeded from it (torch, numpy, seed + draw) accepts it
 
 PLAN_VERSION = 1
 MIN_BITS, MAX_BITS = 1, 16
@@ -99,10 +102,14 @@ class Plan:
         costs = _field(d, "costs", dict, source) or {}
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in costs.values()):
             raise PlanError(f"{source}: 'costs' must map names to numbers")
+        if not all(math.isfinite(v) for v in costs.values()):
+            raise PlanError(f"{source}: 'costs' must be finite numbers")
+        prov = _field(d, "provenance", dict, source) or {}
+        _check_provenance(prov, source)
         return cls(
             layers=layers, model_name=name, model_sha256=sha,
             method=_field(method, "name", str, source) or "", method_params=_field(method, "params", dict, source) or {},
-            budget=budget, costs=costs, provenance=_field(d, "provenance", dict, source) or {},
+            budget=budget, costs=costs, provenance=prov,
         )
 
     def validate(self, graph: ModelGraph, model_sha256: str | None = None, searched: Iterable[str] | None = None,
@@ -144,7 +151,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        atomic_write_text(path, json_text(self.to_dict(), "the plan", indent=2, sort_keys=False) + "\n")
         return path
 
     @classmethod
@@ -163,6 +170,22 @@ class Plan:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PlanError(f"plan file {path} is not valid JSON ({e}); it may be truncated or corrupt") from None
         return cls.from_dict(d, source=f"plan file {path}")
+
+
+def _check_provenance(prov: dict, source: str) -> None:
+    """The provenance fields apply reads (the calibration seed and size) are well typed."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    seed = prov.get("seed")
+    if seed is not None and not (whole(seed) and 0 <= seed <= MAX_SEED):
+        raise PlanError(f"{source}: provenance.seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+    calib = prov.get("calib")
+    if calib is not None and not isinstance(calib, dict):
+        raise PlanError(f"{source}: provenance.calib must be a JSON object, got {type(calib).__name__}")
+    n = (calib or {}).get("n")
+    if n is not None and not (whole(n) and n >= 1):
+        raise PlanError(f"{source}: provenance.calib.n must be a positive integer (calibration images), got {n!r}")
 
 
 def _field(d: dict, key: str, kind: type, source: str) -> Any:

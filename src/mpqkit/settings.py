@@ -8,12 +8,15 @@ same thing, with the same default, on every command that accepts it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import MpqkitError, UnknownNameError
 from .engine.probe import OBJECTIVES
+from .plan import MAX_SEED
 from .quant.config import QuantConfig
+from .solve.problem import TIME_LIMIT
 
 DEFAULT_W_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_A_BITS = (4, 6, 8)
@@ -60,7 +63,7 @@ class RunSettings:
     objective: str = "kl"
     # -- quantizer and solver
     qconfig: QuantConfig = field(default_factory=QuantConfig)
-    time_limit: float = 60.0
+    time_limit: float = TIME_LIMIT
     alpha: float = 1.0
     refine: int = 0  #: measured refinement of the method's plan: at most this many probes (0 = off)
 
@@ -98,8 +101,14 @@ class RunSettings:
             raise MpqkitError(f"--prefix-cache-mb must be a number of megabytes ≥ 0, got {self.prefix_cache_mb!r}")
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise MpqkitError(f"--refine takes a number of probes ≥ 0, got {self.refine!r}")
-        if not self.time_limit > 0:
-            raise MpqkitError(f"--time-limit must be > 0 seconds, got {self.time_limit}")
+        if not 0 < self.time_limit < math.inf:
+            raise MpqkitError(f"--time-limit must be a finite number of seconds > 0, got {self.time_limit}")
+        if not math.isfinite(self.alpha):
+            raise MpqkitError(f"--alpha must be a finite number, got {self.alpha}")
+        if self.prefix_cache_mb is not None and math.isinf(self.prefix_cache_mb):
+            raise MpqkitError("--prefix-cache-mb must be a finite number of megabytes")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise MpqkitError(f"--seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
         if not isinstance(self.qconfig, QuantConfig):
             raise MpqkitError(f"qconfig must be a QuantConfig, got {type(self.qconfig).__name__}")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .quant.fold import bn_affine, conv_bn_nodes
-from .quant.modules import QuantAct, _QuantMixin
+from .quant.modules import QuantAct, QuantMixin
 
 log = logging.getLogger("mpqkit")
 
@@ -29,7 +29,7 @@ class _Tracer(fx.Tracer):
     quantized copy of a model traces like the fp model it came from."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_QuantMixin, QuantAct)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (QuantMixin, QuantAct)) or super().is_leaf_module(m, qualname)
 
 
 def trace_model(model: nn.Module) -> fx.GraphModule | None:

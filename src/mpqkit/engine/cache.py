@@ -60,7 +60,8 @@ class ProbeCache:
         return payload
 
     def put(self, key: str, payload: dict[str, Any]) -> None:
-        atomic_write_text(self._path(key), json.dumps({"payload": payload, "sha256": sha256_json(payload)}))
+        atomic_write_text(self._path(key), json.dumps({"payload": payload, "sha256": sha256_json(payload)}),
+                          durable=False)
 
     def discard(self, key: str) -> None:
         """Remove an entry if there is one (e.g. a superseded resume record)."""

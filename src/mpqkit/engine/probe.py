@@ -420,11 +420,9 @@ def default_prefix_cache_mb(cap: float = 2048.0, share: float = 0.125) -> float:
 
 
 def auto_batch_size(graph: ModelGraph, target_bytes: int = 16 * 2**20, lo: int = 8, hi: int = 1024) -> int:
-    """Images per batch such that the largest layer input is about ``target_bytes`` (fp32).
-    Measured on ResNet-20 (2-core CPU, probes on 1,024 images): 128 and 256 images per batch ran
-    at the same speed, 512 took 1.9× and 1,024 2.5× as long (the allocator then maps and faults
-    in every 32–64 MB tensor: half the CPU time went to the kernel), so big batches are not
-    better here; an ImageNet-size network gets small batches that fit in memory."""
+    """Images per batch such that the largest layer input is about ``target_bytes`` (fp32), within
+    ``lo``..``hi``: big batches do not run faster per image on a CPU (tensors of tens of MB are
+    mapped and faulted in anew), and an ImageNet-size network gets batches that fit in memory."""
     per_sample = 4 * max((layer.in_numel for layer in graph.layers), default=1)
     return int(min(hi, max(lo, target_bytes // per_sample)))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..cli_args import positive_int
 from ..errors import MpqkitError
 
 
@@ -26,8 +27,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     x.add_argument("--check", action="store_true",
                    help="compare the exported model with the PyTorch fake-quant model on --data/--split")
     x.add_argument("--split", default="test", help="split for --check (default test)")
-    x.add_argument("--limit", type=int, help="check only the first N images")
-    x.add_argument("--batch-size", type=int, default=500, help="batch size for --check")
+    x.add_argument("--limit", type=positive_int, help="check only the first N images")
+    x.add_argument("--batch-size", type=positive_int, default=500, help="batch size for --check")
     x.add_argument("--tolerance", type=float, default=0.5,
                    help="--check fails (exit 2) when top-1 of the export and of PyTorch differ by more than this "
                         "many points (default %(default)s; one image is 100/N points of an N-image check)")

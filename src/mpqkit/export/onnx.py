@@ -24,15 +24,9 @@ codes can differ by one step where a value sits within float rounding of a round
 conv/matmul kernels sum in another order than PyTorch's (~1e-6 apart), and ONNX computes
 ``x / scale`` where mpqkit computes ``x * (1 / scale)``. In a deep network such a flip perturbs the
 next layers and flips a few more codes there. ``check_onnx`` uses ``ORT_DISABLE_ALL`` by default,
-so onnxruntime runs exactly the graph that was written. Measured on ResNet-20 (eval-delta plans,
-avg-bits 4 and 3, CIFAR-10 test, 10k images, onnxruntime 1.32.0, 1 thread), all four levels
-(``OPTIMIZATION_LEVELS``; ``all`` is onnxruntime's default) gave identical logits: the optimizing
-levels fold shape constants and drop each Relu that only feeds a QuantizeLinear with zero point 0
-(the quantizer clamps there anyway), but leave DequantizeLinear->Conv alone (no QuantizeLinear on
-the output, so no QLinearConv), and no MatMulNBits rewrite applies to per-channel weights.
-ONNX and PyTorch agreed on 99.95 % / 99.82 % of the predicted classes (top-1 +0.01 / +0.07 pt, max
-|logit difference| 0.22 / 0.26). Using ``x / scale`` on the PyTorch side too raised agreement only
-from 99.82 % to 99.86 %: the kernel summation order accounts for most of the gap.
+so onnxruntime runs exactly the graph that was written (``OPTIMIZATION_LEVELS`` selects others).
+How often codes flip, and what each optimization level does to the graph, is measured in
+``benchmarks/results/export_resnet20/table.md`` (README, "Deployable output").
 """
 from __future__ import annotations
 
@@ -53,7 +47,7 @@ from torch import Tensor, nn
 from ..errors import MpqkitError
 from ..fileutil import atomic_write_bytes
 from ..plan import Plan
-from ..quant.modules import QuantConv2d, QuantLinear, _QuantMixin
+from ..quant.modules import QuantConv2d, QuantLinear, QuantMixin
 from ..quant.primitives import quantize
 from ..zoo.data import LabeledData
 
@@ -138,7 +132,7 @@ class _Mark(torch.autograd.Function):
         return out
 
 
-def _export_forward(self: _QuantMixin, x: Tensor) -> Tensor:
+def _export_forward(self: QuantMixin, x: Tensor) -> Tensor:
     """Forward of a quantized layer in the export copy: marked input and weight, then conv/linear."""
     if self.a_spec is not None:
         x = _Mark.apply(x, self.a_scale, self.a_zero_point, *self._a_range, self._fqn, "act")
@@ -150,7 +144,7 @@ def _export_forward(self: _QuantMixin, x: Tensor) -> Tensor:
     return F.linear(x, w, self.bias)
 
 
-def quant_layers(qmodel: nn.Module) -> dict[str, _QuantMixin]:
+def quant_layers(qmodel: nn.Module) -> dict[str, QuantMixin]:
     """The quantized layers of a model by name."""
     return {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
 
@@ -181,7 +175,7 @@ def _torchscript_export(model: nn.Module, input_shape: tuple[int, ...], opset: i
 class _Lowering:
     """Replaces each Mark node by real QDQ nodes; collects initializers and the report."""
 
-    def __init__(self, layers: dict[str, _QuantMixin], opset: int) -> None:
+    def __init__(self, layers: dict[str, QuantMixin], opset: int) -> None:
         self.layers, self.opset = layers, opset
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
@@ -246,7 +240,7 @@ def _attr(node: Any, name: str) -> str:
     return next(a.s.decode() for a in node.attribute if a.name == name)
 
 
-def lower_marks(model_bytes: bytes, layers: dict[str, _QuantMixin], opset: int) -> tuple[Any, ExportReport]:
+def lower_marks(model_bytes: bytes, layers: dict[str, QuantMixin], opset: int) -> tuple[Any, ExportReport]:
     """The exported graph with every Mark replaced by QDQ nodes, relabelled to ``opset``."""
     import onnx
 

@@ -36,13 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DataError, MpqkitError
-from .modules import _QuantMixin
+from .modules import QuantMixin
 
 log = logging.getLogger("mpqkit")
 
-#: CPU default iterations per unit, chosen by measurement (benchmarks/brecq_resnet20.py, ResNet-20
-#: uniform W3A8, 2-core CPU): 100 → 84.99 % in 27 s, 500 → 86.50 % in 75 s, 2,000 → 87.24 % in
-#: 240 s. 500 keeps most of the gain at a third of the time of 2,000.
+#: CPU default iterations per unit, chosen by measurement (benchmarks/results/brecq_resnet20/table.md).
 DEFAULT_ITERS = 500
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 
@@ -117,12 +115,12 @@ def find_units(model: nn.Module, granularity: str = "block", max_block_layers: i
     units: list[Unit] = []
 
     def quant_layers(mod: nn.Module, prefix: str) -> list[str]:
-        return [f"{prefix}{n}" if n else prefix.rstrip(".") for n, m in mod.named_modules() if isinstance(m, _QuantMixin)]
+        return [f"{prefix}{n}" if n else prefix.rstrip(".") for n, m in mod.named_modules() if isinstance(m, QuantMixin)]
 
     def walk(mod: nn.Module, prefix: str) -> None:
         for name, child in mod.named_children():
             fqn = f"{prefix}{name}"
-            if isinstance(child, _QuantMixin):
+            if isinstance(child, QuantMixin):
                 units.append(Unit(fqn, child, [fqn]))
                 continue
             layers = quant_layers(child, fqn + ".")
@@ -206,7 +204,7 @@ def _capture(model: nn.Module, module: nn.Module, batches: Sequence[Tensor], n: 
 class _AdaRoundWeight(nn.Module):
     """Soft (training) / hard (final) rounding of one layer's weight on its fixed grid."""
 
-    def __init__(self, layer: _QuantMixin) -> None:
+    def __init__(self, layer: QuantMixin) -> None:
         super().__init__()
         w = layer.weight.detach()
         self.scale, self.zp = layer.w_scale.detach(), layer.w_zero_point.detach()
@@ -232,7 +230,7 @@ class _AdaRoundWeight(nn.Module):
 class _LsqInput(nn.Module):
     """Input quantizer with a learnable step size (LSQ) and optional QDrop."""
 
-    def __init__(self, layer: _QuantMixin, learn: bool, drop: float, gen: torch.Generator) -> None:
+    def __init__(self, layer: QuantMixin, learn: bool, drop: float, gen: torch.Generator) -> None:
         super().__init__()
         self.scale = nn.Parameter(layer.a_scale.detach().clone(), requires_grad=learn)
         self.zp = layer.a_zero_point.detach()
@@ -279,7 +277,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
     stats: dict = {"config": cfg.to_dict(), "units": []}
     t_all = time.perf_counter()
     for ui, unit in enumerate(units):
-        layers: list[_QuantMixin] = [qmodel.get_submodule(f) for f in unit.layers]  # type: ignore[misc]
+        layers: list[QuantMixin] = [qmodel.get_submodule(f) for f in unit.layers]  # type: ignore[misc]
         if not any(l.w_spec is not None or (cfg.learn_act and l.a_spec is not None) for l in layers):
             continue
         t0 = time.perf_counter()
@@ -354,14 +352,14 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
     return stats
 
 
-def _install(layer: _QuantMixin, weight_fn: nn.Module | None, input_fn: nn.Module | None) -> None:
+def _install(layer: QuantMixin, weight_fn: nn.Module | None, input_fn: nn.Module | None) -> None:
     """Swap a layer's quantizers without registering them as submodules (state dict unchanged)."""
     object.__setattr__(layer, "weight_fn", weight_fn)
     object.__setattr__(layer, "input_fn", input_fn)
 
 
 @torch.no_grad()
-def _restore(layers: Sequence[_QuantMixin], saved: Sequence[tuple[Tensor, Tensor | None]]) -> None:
+def _restore(layers: Sequence[QuantMixin], saved: Sequence[tuple[Tensor, Tensor | None]]) -> None:
     for l, (w, a) in zip(layers, saved):
         l.weight.copy_(w)
         l._w_cache = None

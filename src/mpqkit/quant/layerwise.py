@@ -37,7 +37,7 @@ from ..tracing import Program, trace_model
 from .config import QuantConfig
 from .fold import bn_affine, conv_bn_nodes
 from .gptq import GptqConfig, InputStats, gptq_weight, layer_groups
-from .modules import _QuantMixin
+from .modules import QuantMixin
 
 #: GPTQ's settings (dampening, blocks, act-order) for every layer mpqkit rounds
 LOCAL_GPTQ = GptqConfig()
@@ -141,7 +141,7 @@ def sequential_ptq(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[Ten
     t0 = time.perf_counter()
     qmodel.eval()
     fp_model.eval()
-    names = [n for n, m in qmodel.named_modules() if isinstance(m, _QuantMixin)]
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, QuantMixin)]
     fp_mods = dict(fp_model.named_modules())
     mu_fp = fp_input_means(fp_model, batches, names) if bias_correction else {}
     gm = trace_model(qmodel)

@@ -19,7 +19,7 @@ from .primitives import fake_quant
 QParams = tuple[Tensor, Tensor, int, int]  # scale, zero point, qmin, qmax
 
 
-class _QuantMixin:
+class QuantMixin:
     """Shared state and logic of the quantized layer types."""
 
     w_spec: Optional[QuantSpec]
@@ -84,12 +84,12 @@ class _QuantMixin:
         return f"{super().extra_repr()}, w={w}, a={a}"
 
 
-class QuantConv2d(_QuantMixin, nn.Conv2d):
+class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantLinear(_QuantMixin, nn.Linear):
+class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
@@ -97,7 +97,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
 def quantize_module(module: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
                     w_qparams: QParams | None = None, a_qparams: QParams | None = None) -> nn.Module:
     """The quantized counterpart of a Conv2d or Linear, sharing its weight and bias tensors."""
-    if isinstance(module, _QuantMixin):
+    if isinstance(module, QuantMixin):
         raise TypeError("module is already quantized")
     if isinstance(module, nn.Conv2d):
         cls: type = QuantConv2d

@@ -110,14 +110,14 @@ def layer_steps(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[torch.
     (``recon``, a ``brecq.ReconConfig``) and bias correction, walked layer by layer. Returns what
     each stage did."""
     from .layerwise import LocalLayerBuilder, sequential_ptq, set_weight
-    from .modules import _QuantMixin
+    from .modules import QuantMixin
 
     stats: dict = {}
     if qconfig.rounding == "gptq":
         if builder is None:
             builder = LocalLayerBuilder(fp_model, torch.cat(list(batches)), qconfig)
         for fqn, m in qmodel.named_modules():
-            if isinstance(m, _QuantMixin) and m.w_spec is not None:
+            if isinstance(m, QuantMixin) and m.w_spec is not None:
                 got = builder.build(fqn, m, m.w_spec.bits, m.a_spec.bits if m.a_spec is not None else None)
                 set_weight(m, {k: got[k] for k in ("weight", "w_scale", "w_zero_point")})  # the copy's own tensors
         stats["gptq"] = {"built": builder.built, "cached": builder.cached, "seconds": builder.seconds}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Sequence
 
 from scipy import stats
 
-from ..fileutil import atomic_write_text
+from ..fileutil import atomic_write_text, json_text
 
 log = logging.getLogger("mpqkit")
 
@@ -73,7 +72,7 @@ def write_proxies(result: dict[str, Any], out: Path, searched: Sequence[str]) ->
     corr, truth, tables = result["correlations"], result["truth"], result["scores"]
     methods, w_candidates = list(corr), result["w_candidates"]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "proxies.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / "proxies.json", json_text(result, "proxies.json", indent=1) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["layer", "bits", "true_drop_pct", "true_dloss", *methods])

@@ -4,11 +4,10 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..plan import atomic_write_text
+from ..fileutil import atomic_write_text, json_text
 from .plots import plot_bits, plot_matrix
 
 if TYPE_CHECKING:
@@ -47,8 +46,24 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+SEARCH_FILES = ("plan.json", "layers.csv", "layers.md", "sensitivity.json", "pareto.csv", "summary.json", "bits.png",
+                "clado_G.png")  #: every file a search writes into its results directory
+
+
 def write_results(out: Path, result: "SearchResult") -> Path:
+    """The search's results directory: plan, per-layer table, sensitivity table (and greedy's Pareto
+    list, CLADO's G), summary. It describes this search only: result files an earlier search left
+    there and this one does not write (e.g. another method's ``sensitivity.json``) are removed, and
+    ``summary.json`` lists the files written."""
     out.mkdir(parents=True, exist_ok=True)
+    written = _write_result_files(out, result)
+    for name in SEARCH_FILES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+def _write_result_files(out: Path, result: "SearchResult") -> list[str]:
     result.plan.save(out / "plan.json")
     rows = layer_rows(result)
     buf = io.StringIO()
@@ -67,11 +82,20 @@ def write_results(out: Path, result: "SearchResult") -> Path:
             for p in result.table.pareto:
                 w.writerow({**p, "bits": " ".join(f"{f}={b}" for f, b in p["bits"].items())})
             atomic_write_text(out / "pareto.csv", buf.getvalue())
+    written = ["plan.json", "layers.csv", "layers.md"]
+    if result.table is not None:
+        written.append("sensitivity.json")
+        if result.table.pareto:
+            written.append("pareto.csv")
+    written += ["summary.json", "bits.png"]
+    if result.table is not None and result.table.pairs:
+        written.append("clado_G.png")
     summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,
+               "files": written,
                "costs": result.plan.costs, "solver": result.solution.to_dict(), "seconds": result.seconds,
                "engine": result.engine_stats, "profile": result.profile, "tie_groups": result.graph.tie_groups,
                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json_text(summary, "summary.json", indent=2) + "\n")
     plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))
     if result.table is not None and result.table.pairs:  # CLADO: the measured G, before any PSD step
         from ..sensitivity.crosslayer import build_g
@@ -80,4 +104,4 @@ def write_results(out: Path, result: "SearchResult") -> Path:
         g, index = build_g(result.table, list(result.ledger.searched), bits)
         plot_matrix(g, [f"{f}@{b}" for f, b in index], out / "clado_G.png",
                     f"{result.plan.model_name}: CLADO G (measured, before PSD)")
-    return out
+    return written

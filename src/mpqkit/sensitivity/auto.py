@@ -24,15 +24,14 @@ from ..errors import MpqkitError
 from ..profile import stage
 from .base import SearchContext, SensitivityTable, SolveRequest
 from .registry import METHODS
+from ..solve.problem import TIME_LIMIT
 from .options import MethodOptions, option, positive
 from .solvers import chosen
 
 log = logging.getLogger("mpqkit")
 
-# The methods that pay off, by measurement (ResNet-20, 5 draws at avg-bits 3 with the ce objective and
-# draw 0 at avg-bits 2.5/3/3.5/4 with kl): the held-out choice fell on mpqco 4×, eval-delta 2×,
-# mixquant-ilp 2×, greedy 1×, never on infoq or hawq, which cost ~94 s and ~190 s of 2 cores per draw
-# (auto then took 369-407 s); they stay one --auto-methods away.
+# The candidates that were ever chosen, by measurement (docs/METHODS.md, auto); infoq and hawq are one
+# --auto-methods away.
 DEFAULT_CANDIDATES = "uniform,eval-delta,mpqco,mixquant-ilp,greedy"
 
 
@@ -114,7 +113,7 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         raise MpqkitError("method 'auto' needs a --budget (e.g. avg-bits=3)")
     if ctx.search_a:
         raise MpqkitError("method 'auto' searches weight bits (use --search w)")
-    names = [METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()]
+    names = list(dict.fromkeys(METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()))
     given = opts.candidate_map()
     if ctx.load_heldout is None:
         raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")
@@ -124,7 +123,6 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     held_engine = ProbeEngine(ctx.model, ctx.graph, held.images, held.labels, qconfig=ctx.qconfig, seed=ctx.seed,
                               layers_from=engine, **ctx.engine_kwargs)
     s = ctx.settings
-    time_limit = getattr(s, "time_limit", 60.0)
     trials, tables, plans = [], {}, {}
     for name in names:
         m = METHODS.get(name)
@@ -133,7 +131,8 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         try:
             table = m.sensitivity(sub) if m.sensitivity is not None else None
             sol = m.solver(SolveRequest(problem=ctx.problem, table=table, options=sub.options, has_budget=True,
-                                        method=name, search="w", alpha=getattr(s, "alpha", 1.0), time_limit=time_limit,
+                                        method=name, search="w", alpha=getattr(s, "alpha", 1.0),
+                                        time_limit=getattr(s, "time_limit", TIME_LIMIT),
                                         seed=ctx.seed))
         except MpqkitError as e:  # e.g. greedy finds no point under the budget: that candidate drops out
             trials.append({"method": name, "error": str(e)})

@@ -6,7 +6,6 @@ engine), never re-implementing quantization, layer discovery or evaluation.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from torch import nn
 from ..engine.probe import ProbeEngine
 from ..graph import ModelGraph
 from ..quant.config import QuantConfig
+from ..solve.problem import TIME_LIMIT
 from .options import MethodOptions
 
 
@@ -113,9 +113,9 @@ class SensitivityTable:
         return d
 
     def save(self, path) -> None:
-        from ..plan import atomic_write_text
+        from ..fileutil import atomic_write_text, json_text
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, json_text(self.to_dict(), "the sensitivity table", indent=1) + "\n")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class SolveRequest:
     w_bits: int | None = None
     a_bits: int | None = None
     alpha: float = 1.0
-    time_limit: float = 60.0
+    time_limit: float = TIME_LIMIT
     seed: int = 0
 
 

@@ -1,8 +1,7 @@
 """HAWQ-V2/V3: S(ℓ, b) = Tr(H_ℓ)/n_ℓ · ‖Ŵ_ℓ,b − W_ℓ‖², Hessian traces by Hutchinson's estimator, + ILP.
 
 Tr(H_ℓ) = E_v[v_ℓᵀ H_ℓℓ v_ℓ] with Rademacher v_ℓ, one product per layer block (a joint v over all
-layers is cheaper but its cross-layer terms swamp small traces: measured 2× off after 400
-iterations on a test net). Each layer stops once its running mean changed by less than ``tol``
+layers is cheaper but its cross-layer terms swamp small traces). Each layer stops once its running mean changed by less than ``tol``
 (relative) for ``patience`` iterations in a row, all at ``max_iter``. Layers whose double backward fails (an op without a second derivative on the
 path) get a warning and fall back to the empirical Fisher trace E_n‖∇_W ℓ_n‖² (Gauss–Newton-like).
 Options: ``hawq_samples`` (default 256 calibration images), ``max_iter`` (200), ``tol`` (1e-2).

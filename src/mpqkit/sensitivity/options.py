@@ -9,6 +9,7 @@ so the same inputs give the same plan bytes on any runner).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
@@ -101,6 +102,8 @@ def _coerce(f: dataclasses.Field, v: Any, method: str) -> Any:
                 raise MpqkitError(f"option '{f.name}' of method '{method}' must be {t.__name__}, got {v!r}") from None
         else:
             raise MpqkitError(f"option '{f.name}' of method '{method}' must be {t.__name__}, got {v!r}")
+    if t is float and not math.isfinite(v):
+        raise MpqkitError(f"option '{f.name}' of method '{method}' must be a finite number, got {v!r}")
     if choices is not None and v not in choices:
         raise MpqkitError(f"option '{f.name}' of method '{method}' must be one of {', '.join(map(str, choices))}, "
                           f"got {v!r}")

@@ -6,10 +6,7 @@ no ``--qem``, QEM is bisected until the budget holds). ``--mixquant-rule`` picks
 ``absolute`` (default) QE(ℓ, b) against one network-wide threshold; ``relative`` QE(ℓ, b) / QE(ℓ,
 b_ref) (the paper's form; nearly the same for every layer, since QE falls ~4× per bit everywhere, so
 at integer budgets its plans are the uniform ones); ``weighted`` QE(ℓ, b) × numel_ℓ / Σ numel.
-Measured on ResNet-20 (default PTQ, mean over 3-5 calibration draws; ``benchmarks/results/draws_resnet20``
-and ``draws_resnet20_mixquant_{relative,weighted}``), top-1 at avg-bits 2.5 / 3 / 3.5 / 4: absolute 48.3 /
-83.8 / 85.9 / 86.3, relative 45.1 / 82.2 / 84.8 / 86.1 (= uniform at 3 and 4), weighted 28.2 / 50.2 / 64.3 /
-83.6.
+The rules compared on ResNet-20: ``docs/METHODS.md`` (mixquant).
 ``mixquant-ilp``: the same round-off errors as a sensitivity for the shared ILP, as noise-to-signal
 ratios QE(ℓ, b) / mean(W_ℓ²) so layers of different weight scales are comparable [ours].
 """

@@ -13,15 +13,7 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   method), through the shared ``weight_qparams``/``fake_quant`` with a straight-through estimator.
   Ranges (option ``ranges``): "step" (default) measures them on the current W at every forward, so
   the supernet trains against the quantizer the plan will apply; "epoch" measures them once at the
-  start of each epoch and keeps them while W trains (W may drift past them and be clipped). The
-  MSE range search is the costly one (the default ``w_range``), measured on a 2-core CPU (best of
-  interleaved blocks, batch 128, weight + α step): digits-cnn 33 ms per step vs 15 ms with ranges
-  per epoch (min-max per step: 19 ms) — but a whole digits run (1,297 images, 4 epochs, M = 4) only
-  1.7 vs 1.4 s, the Shapley evaluations dominate; ResNet-20 ≈ 0.89 vs 0.63 s per step (one MSE
-  measurement of all 18 layers × 6 bits ≈ 0.12 s, two per step). Measured on the whole quick preset
-  (``benchmarks/smpq_resnet20.py``): 457 s (training 161 s, Shapley 291 s) vs 260 s with the old fixed
-  min-max quantizer; Shapley grew too, because the better supernet truncates fewer permutations.
-  Per step stays the default (the supernet sees the quantizer the plan applies); per epoch is cheaper.
+  start of each epoch and keeps them while W trains (cheaper; W may drift past them and be clipped).
   Activations stay fp during the search (the plan is applied with the usual activation bits afterwards).
 * bi-level training on a train subset split in two halves: weights (SGD) on one half, α (Adam; lr
   0.05 in the quick preset, 0.01 in full) on the other with a cost penalty under softmax(α); the
@@ -40,8 +32,7 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   std over permutations. SMPQ's α_s ← α_s + η·m, m ← μ·m + (1 − μ)·v̂, v̂ = Shapley normalised per layer
   (η 0.1, μ 0.8). Each removal changes one layer's mixture, so each coalition is evaluated from that
   layer on (``_PrefixValue``: the probe engine's traced program, live tensors kept at every searched
-  layer's input, at most ``PREFIX_LIMIT_BYTES``; values bitwise equal to full forwards, tested): one
-  ResNet-20 permutation on 250 images took 4.9 s instead of 11.3 s (2.3×; 20 vs 48 s under load).
+  layer's input, at most ``PREFIX_LIMIT_BYTES``; values bitwise equal to full forwards, tested).
   The history records the estimate's noise per epoch (``shapley_snr``: median |mean| over its
   standard error; ``shapley_negative``: share of candidates with mean − std < 0).
   Option ``game`` "layer" (``--shapley-game layer``) plays a smaller game exactly instead: per layer,
@@ -54,26 +45,7 @@ epoch with the same result as an uninterrupted run. A corrupt record is ignored 
   averaged over the post-warm-up epochs: the plan maximising their sum within the budget
   (``solve/supernet.py``).
 
-Measured on ResNet-20, quick preset, seed 0, avg-bits 3 (issue 16; uniform W3 82.2 %), one change
-at a time: (1) with the bits penalty and α lr 0.01 the argmax plan had 2.57 average bits whatever the
-budget (68.6 % at avg-bits 3 and 4); with the budget penalty but lr 0.01, E[bits] was still falling
-(4.67 → 3.31 over the 3 α epochs) and the flat softmax's argmax plan had 2.40 bits (56.7 %); with lr
-0.05, E[bits] reached 2.95-3.00 from the first α epoch on and DMPQ's argmax plan scored 83.8 % at
-2.91 bits. (2) The Shapley estimate is noise at this size: |mean| ≈ 1.1-1.2 standard errors (6
-permutations, 250 images), mean − std < 0 for 94-97 % of the candidates; so −Shapley as the ILP cost
-gave 57.0-57.2 % in both runs, and applying the update at every α step (Shapley-NAS's rate, α_s
-then moved by up to 6.9 against α's spread of 3.2) made SMPQ's plan 67.2 %. At the per-epoch rate
-(the default) the Shapley term moved no layer's argmax in the runs at avg-bits 3 and 4: SMPQ's plans
-were DMPQ's. An estimate that can steer the choice needs |mean| of several standard errors, i.e. ~6×
-the permutations (the full preset on a GPU; the prefix runs above make each one 2.3× cheaper).
-The exact layer game removes that noise but not the problem (issue 16, same draw, avg-bits 3, plan by
-``--smpq-score shapley``): on the supernet's weights 83.26 % (DMPQ 83.80 %), on the pretrained weights
-75.62 %. The exact values are not monotone in the bits (``layer3.2.conv1`` on the pretrained weights:
-−0.073 / 0.183 / 0.127 / 0.098 / 0.098 / 0.098 for 2/3/4/5/6/8 bits, α mostly on 3 bits): removing a
-candidate with a small mixing weight hardly changes the layer's weight, so in this game a candidate's
-value follows its share of softmax(α) more than the quality of its bit-width. The defaults stay
-``game="global"``, ``shapley_weights="supernet"``, ``score="alpha"`` (runs in
-``benchmarks/results/draws_resnet20_smpq_layer*``).
+Measurements behind these defaults: ``docs/METHODS.md`` (smpq and dmpq).
 """
 from __future__ import annotations
 

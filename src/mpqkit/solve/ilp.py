@@ -17,7 +17,7 @@ from scipy.sparse import coo_matrix
 
 from ..budget import format_budget_value
 from ..errors import InfeasibleBudgetError
-from .problem import Allocation, Choice, Solution
+from .problem import TIME_LIMIT, Allocation, Choice, Solution
 
 Scores = Mapping[str, Mapping[int, float]]
 
@@ -132,7 +132,7 @@ def milp_status(res: OptimizeResult) -> tuple[str, float | None, float | None]:
 
 
 def solve_ilp(problem: Allocation, w_scores: Scores, a_scores: Scores | None = None, alpha: float = 1.0,
-              time_limit: float = 60.0, min_fill: float | None = None) -> Solution:
+              time_limit: float = TIME_LIMIT, min_fill: float | None = None) -> Solution:
     """Minimise total sensitivity under the problem's constraints; raises InfeasibleBudgetError.
     ``min_fill`` f: the plan must also spend at least f × each network-wide budget (plans of equal
     size when the scores alone do not reward more bits); without a plan that does, no floor."""

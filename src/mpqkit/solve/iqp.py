@@ -27,7 +27,7 @@ from scipy.optimize import linprog
 
 from ..errors import InfeasibleBudgetError
 from .ilp import MilpModel, joint_infeasible_message, milp_status
-from .problem import Allocation, Choice, Solution
+from .problem import TIME_LIMIT, Allocation, Choice, Solution
 
 
 class QuadraticObjective:
@@ -186,7 +186,7 @@ def convex_bound(g: np.ndarray, lin: np.ndarray, costs: np.ndarray, limits: np.n
     return (float(best) if steps else None), steps
 
 
-def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None, time_limit: float = 60.0,
+def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None, time_limit: float = TIME_LIMIT,
               heuristic_share: float = 0.25, exact: bool = True, seed: int = 0,
               start: dict[str, Choice] | None = None, convex: bool = True, gap_tol: float = 1e-4) -> Solution:
     """Best feasible plan for min ½xᵀGx + lin·x within ``time_limit`` seconds (G in the order of

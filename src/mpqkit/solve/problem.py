@@ -8,6 +8,7 @@ from typing import Any
 from ..budget import Constraint, Ledger
 
 Choice = tuple[int, int | None]  # (w_bits, a_bits)
+TIME_LIMIT = 60.0  #: default seconds a solver may take (``RunSettings.time_limit``, ``--time-limit``)
 
 
 @dataclass

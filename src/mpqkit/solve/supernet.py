@@ -7,13 +7,13 @@ import time
 from typing import Mapping
 
 from .ilp import solve_ilp
-from .problem import Allocation, Solution
+from .problem import TIME_LIMIT, Allocation, Solution
 
 FILL = 0.98  # select="ilp": the least share of each budget the plan spends
 
 
 def solve_supernet(problem: Allocation, argmax_bits: Mapping[str, int], costs: Mapping[str, Mapping[int, float]],
-                   time_limit: float = 60.0, select: str = "argmax") -> Solution:
+                   time_limit: float = TIME_LIMIT, select: str = "argmax") -> Solution:
     """``select="argmax"`` (the papers' rule, docs/METHODS.md) or ``"ilp"``: always the ILP on the costs,
     spending at least ``FILL`` of the budget (the most probable plan of (nearly) the budget's size, for
     comparisons at equal size; without such a plan, the most probable one within the budget)."""

@@ -115,8 +115,8 @@ def sample_indices(size: int, n: int, seed: int = 0, offset: int = 0) -> torch.T
 def sample_data(name: str, split: str, n: int, seed: int = 0, offset: int = 0,
                 root: str | Path | None = None) -> LabeledData:
     """``load_data(name, split, root).sample(n, seed, offset)``, the same bytes, without converting the
-    whole split: CIFAR-10's 50,000 train images as float32 (and their normalised copy) took 2.1 GB
-    to draw a 1,024-image calibration set, more than every probe of a ResNet-20 search."""
+    whole split to float32 (for CIFAR-10 that copy and its normalised twin cost GBs to draw a
+    1,024-image calibration set)."""
     if name != "cifar10":
         return load_data(name, split, root=root).sample(n, seed, offset)
     x, y = _cifar_raw(split, root, None)

@@ -1,0 +1,91 @@
+""""What should I run?": per results directory and budget, the best measured (method, PTQ) and the
+cheapest one the draws do not separate from it.
+
+Only multi-draw directories (at least ``MIN_DRAWS`` calibration draws) answer: a single draw cannot
+tell two methods apart. "Not separated" is the paired test of ``report.stats`` (same draws, 95 %
+t interval containing 0) at equal size. Time is the median over draws of the search plus PTQ seconds
+recorded in the rows (a search whose probes were already in the disk cache shows less).
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+from .bench import EQUAL_SIZE_BITS, _metric, draw_groups
+from .stats import MIN_DRAWS, paired_difference, summarize
+
+
+@dataclass(frozen=True)
+class Choice:
+    method: str
+    ptq: str
+    n: int
+    mean: float
+    std: float
+    avg_w_bits: float
+    seconds: float  # median over draws of search_s + ptq_s
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} + {self.ptq}"
+
+
+def _choice(key: tuple, by_draw: dict[int, dict], metric: str) -> Choice | None:
+    rows = [r for r in by_draw.values() if r.get(metric) is not None]
+    if len(rows) < MIN_DRAWS:
+        return None
+    st = summarize([r[metric] for r in rows])
+    secs = statistics.median((r.get("search_s") or 0.0) + (r.get("ptq_s") or 0.0) for r in rows)
+    return Choice(key[0], key[2] or "default", st.n, st.mean, st.std,
+                  summarize([r["avg_w_bits"] for r in rows]).mean, secs)
+
+
+def recommend(rows: Sequence[dict]) -> list[tuple[str, Choice, Choice | None, str]]:
+    """Per budget (in the rows' order): (budget, best, cheapest not separated from it or None when
+    the best is also the cheapest such, the paired difference best − cheapest as text)."""
+    metric = _metric(rows)
+    groups = draw_groups(rows)
+    vals = {k: {d: r[metric] for d, r in g.items() if r.get(metric) is not None} for k, g in groups.items()}
+    out = []
+    for budget in dict.fromkeys(k[1] for k in groups):
+        cands = {k: c for k, g in groups.items() if k[1] == budget and (c := _choice(k, g, metric)) is not None}
+        if not cands:
+            continue
+        best_key = max(cands, key=lambda k: cands[k].mean)
+        best = cands[best_key]
+        tied = []
+        for k, c in cands.items():
+            d = paired_difference(vals[best_key], vals[k])
+            if k == best_key or (d is not None and not d.significant and c.avg_w_bits <= best.avg_w_bits + EQUAL_SIZE_BITS):
+                tied.append((c.seconds, k, d))
+        secs, cheap_key, d = min(tied, key=lambda t: t[0])
+        if cheap_key == best_key:
+            out.append((budget, best, None, ""))
+        else:
+            out.append((budget, best, cands[cheap_key], f"{d.mean:+.2f} {d.interval_text}"))
+    return out
+
+
+def what_to_run_markdown(named: Sequence[tuple[str, str, Sequence[dict]]]) -> str:
+    """The opening table of ``docs/RESULTS.md``: ``named`` is (title, directory, rows) per results
+    directory; directories with fewer than ``MIN_DRAWS`` draws are left out."""
+    lines = ["## What to run", "",
+             f"Per model and budget, from every results directory below with at least {MIN_DRAWS} calibration draws: "
+             "the (method + PTQ) with the best mean top-1, and the cheapest one whose paired difference from it "
+             "over the same draws is not separated from 0 (95 % t interval) at equal size. Seconds: median over the "
+             "draws of search + PTQ, as the rows recorded them (with the probe cache of that run; a cached search "
+             "shows less).", "",
+             "| results | budget | best: method + PTQ | top-1 mean ± std (draws) | s | cheapest not separated | "
+             "top-1 | s | best − it, 95 % interval |", "|---|---|---|---:|---:|---|---:|---:|---|"]
+    any_row = False
+    for title, directory, rows in named:
+        for budget, best, cheap, diff in recommend(rows):
+            any_row = True
+            head = f"| {title} (`{directory}`) | {budget} | {best.label} | {best.mean:.2f} ± {best.std:.2f} ({best.n}) | " \
+                   f"{best.seconds:.0f} | "
+            if cheap is None:
+                lines.append(head + "the same | | | |")
+            else:
+                lines.append(head + f"{cheap.label} | {cheap.mean:.2f} | {cheap.seconds:.0f} | {diff} |")
+    return "\n".join(lines) + "\n" if any_row else ""
