@@ -18,7 +18,8 @@ from pathlib import Path
 
 from mpqkit.fileutil import atomic_write_text
 from mpqkit.plan import Plan
-from mpqkit.report.bench import draw_groups, load_rows
+from mpqkit.report.bench import load_rows
+from mpqkit.report.stats import draw_groups
 from mpqkit.report.stats import bits_agreement, paired_difference, summarize
 
 

@@ -165,3 +165,17 @@ def test_results_page_opens_with_what_to_run(tmp_path):
     assert "| slow + default | 87.10 ± 0.10 (3) | 101 | fast + default | 87.00 | 5 | +0.10 [" in lines[0]
     assert "| x " not in table
     assert text.rstrip().endswith("This page: `mpqkit report r one`")
+
+
+def test_what_to_run_does_not_call_a_much_worse_method_a_tie():
+    """Two noisy draws apart by 5 points are 'not separated', but the cheaper one is no substitute."""
+    from mpqkit.report.recommend import recommend
+
+    def row(method, draw, top1, secs):
+        return {"method": method, "budget": "avg-bits=3", "ptq": None, "draw": draw, "top1_test": top1,
+                "avg_w_bits": 3.0, "search_s": secs, "ptq_s": 0.0}
+
+    rows = [row("good", k, v, 100.0) for k, v in enumerate((80.0, 77.0, 75.0))]
+    rows += [row("noisy", k, v, 1.0) for k, v in enumerate((70.0, 76.0, 71.0))]  # -5 on the mean, wide interval
+    (_, best, cheap, _), = recommend(rows)
+    assert best.method == "good" and cheap is None

@@ -16,6 +16,9 @@ from typing import Sequence
 
 from ..fileutil import atomic_write_text, json_text
 from ..plan import Plan
+from .recommend import what_to_run_markdown
+from .stats import (EQUAL_SIZE_BITS, MIN_DRAWS, bits_agreement, draw_groups, metric_column, paired_difference,
+                    summarize)
 
 log = logging.getLogger("mpqkit")
 
@@ -82,7 +85,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
 
 def pareto_lines(rows: Sequence[dict]) -> tuple[str, dict[tuple, list[tuple[float, float]]]]:
     """(the top-1 column plotted, {(method, PTQ): [(size MB, top-1)]})."""
-    col = _metric(rows)
+    col = metric_column(rows)
     points: dict[tuple, list[tuple[float, float]]] = {}  # (method, ptq, budget) -> one point per draw
     for r in rows:
         if r.get("error") or r.get("size_mb") is None or r.get(col) is None:
@@ -171,23 +174,6 @@ def write_outputs(rows: Sequence[dict], out: Path, title: str) -> dict[str, Path
     return paths
 
 
-def _metric(rows: Sequence[dict]) -> str:
-    """The top-1 column the draw statistics use: the test split when measured."""
-    cols = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))
-            if any(r.get(k) is not None and r["method"] != "fp32" for r in rows)]
-    return "top1_test" if "top1_test" in cols else (cols[0] if cols else "top1_test")
-
-
-def draw_groups(rows: Sequence[dict]) -> dict[tuple, dict[int, dict]]:
-    """{(method, budget, ptq): {draw: row}} over the measured (error-free, non-fp32) rows."""
-    groups: dict[tuple, dict[int, dict]] = {}
-    for r in rows:
-        if r["method"] == "fp32" or r.get("error"):
-            continue
-        groups.setdefault((r["method"], r["budget"], r["ptq"]), {})[int(r.get("draw", 0))] = r
-    return groups
-
-
 def _plan_bits(row: dict) -> dict[str, tuple] | None:
     try:
         return Plan.load(row["plan"]).assignment()
@@ -198,9 +184,7 @@ def _plan_bits(row: dict) -> dict[str, tuple] | None:
 def draws_markdown(rows: Sequence[dict], title: str) -> str:
     """Tables of a multi-draw run: mean ± std over draws with plan stability, and paired
     differences (each method vs uniform and vs the best mean) with 95 % intervals."""
-    from .stats import MIN_DRAWS, bits_agreement, paired_difference, summarize
-
-    metric = _metric(rows)
+    metric = metric_column(rows)
     groups = draw_groups(rows)
     seeds = sorted({int(r["seed"]) for r in rows if r.get("seed") is not None})
     n_draws = len({int(r.get("draw", 0)) for r in rows if r["method"] != "fp32"})
@@ -266,7 +250,6 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-EQUAL_SIZE_BITS = 0.1  # average weight bits two plans may differ by and still be compared "at equal size"
 
 
 def _larger_winner(diff: float, bits_a: float, bits_b: float) -> str:
@@ -318,8 +301,6 @@ def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: st
     """Rewrite every directory's outputs from its rows; with ``markdown``, one file holding all
     their tables (``docs/RESULTS.md``). Returns the progress lines."""
     from ..errors import MpqkitError
-
-    from .recommend import what_to_run_markdown
 
     md, lines, named = [], [], []
     for d in dirs:

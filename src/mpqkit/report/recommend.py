@@ -1,5 +1,5 @@
 """"What should I run?": per results directory and budget, the best measured (method, PTQ) and the
-cheapest one the draws do not separate from it.
+cheapest one within ``TIE_POINTS`` of it on the mean that the draws do not separate from it.
 
 Only multi-draw directories (at least ``MIN_DRAWS`` calibration draws) answer: a single draw cannot
 tell two methods apart. "Not separated" is the paired test of ``report.stats`` (same draws, 95 %
@@ -12,8 +12,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from .bench import EQUAL_SIZE_BITS, _metric, draw_groups
-from .stats import MIN_DRAWS, paired_difference, summarize
+from .stats import EQUAL_SIZE_BITS, MIN_DRAWS, draw_groups, metric_column, paired_difference, summarize
+
+
+TIE_POINTS = 0.2  #: top-1 points the cheaper choice may trail the best by on the mean (and not be separated)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def _choice(key: tuple, by_draw: dict[int, dict], metric: str) -> Choice | None:
 def recommend(rows: Sequence[dict]) -> list[tuple[str, Choice, Choice | None, str]]:
     """Per budget (in the rows' order): (budget, best, cheapest not separated from it or None when
     the best is also the cheapest such, the paired difference best − cheapest as text)."""
-    metric = _metric(rows)
+    metric = metric_column(rows)
     groups = draw_groups(rows)
     vals = {k: {d: r[metric] for d, r in g.items() if r.get(metric) is not None} for k, g in groups.items()}
     out = []
@@ -54,12 +56,13 @@ def recommend(rows: Sequence[dict]) -> list[tuple[str, Choice, Choice | None, st
             continue
         best_key = max(cands, key=lambda k: cands[k].mean)
         best = cands[best_key]
-        tied = []
+        ties = []
         for k, c in cands.items():
             d = paired_difference(vals[best_key], vals[k])
-            if k == best_key or (d is not None and not d.significant and c.avg_w_bits <= best.avg_w_bits + EQUAL_SIZE_BITS):
-                tied.append((c.seconds, k, d))
-        secs, cheap_key, d = min(tied, key=lambda t: t[0])
+            tied = d is not None and not d.significant and d.mean <= TIE_POINTS
+            if k == best_key or (tied and c.avg_w_bits <= best.avg_w_bits + EQUAL_SIZE_BITS):
+                ties.append((c.seconds, k, d))
+        secs, cheap_key, d = min(ties, key=lambda t: t[0])
         if cheap_key == best_key:
             out.append((budget, best, None, ""))
         else:
@@ -72,8 +75,9 @@ def what_to_run_markdown(named: Sequence[tuple[str, str, Sequence[dict]]]) -> st
     directory; directories with fewer than ``MIN_DRAWS`` draws are left out."""
     lines = ["## What to run", "",
              f"Per model and budget, from every results directory below with at least {MIN_DRAWS} calibration draws: "
-             "the (method + PTQ) with the best mean top-1, and the cheapest one whose paired difference from it "
-             "over the same draws is not separated from 0 (95 % t interval) at equal size. Seconds: median over the "
+             f"the (method + PTQ) with the best mean top-1, and the cheapest one within {TIE_POINTS} points of it on the mean "
+             "whose paired difference from it over the same draws is not separated from 0 (95 % t interval), at equal "
+             "size. Seconds: median over the "
              "draws of search + PTQ, as the rows recorded them (with the probe cache of that run; a cached search "
              "shows less).", "",
              "| results | budget | best: method + PTQ | top-1 mean ± std (draws) | s | cheapest not separated | "

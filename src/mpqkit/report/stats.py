@@ -82,3 +82,23 @@ def bits_agreement(plans: Sequence[Mapping[str, tuple]]) -> float | None:
         layers = sorted(set(p) | set(q))
         fracs.append(sum(1 for f in layers if p.get(f) == q.get(f)) / max(len(layers), 1))
     return sum(fracs) / len(fracs)
+
+
+EQUAL_SIZE_BITS = 0.1  # average weight bits two plans may differ by and still be compared "at equal size"
+
+
+def metric_column(rows: Sequence[dict]) -> str:
+    """The top-1 column the draw statistics use: the test split when measured."""
+    cols = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))
+            if any(r.get(k) is not None and r["method"] != "fp32" for r in rows)]
+    return "top1_test" if "top1_test" in cols else (cols[0] if cols else "top1_test")
+
+
+def draw_groups(rows: Sequence[dict]) -> dict[tuple, dict[int, dict]]:
+    """{(method, budget, ptq): {draw: row}} over the measured (error-free, non-fp32) rows."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r["method"] == "fp32" or r.get("error"):
+            continue
+        groups.setdefault((r["method"], r["budget"], r["ptq"]), {})[int(r.get("draw", 0))] = r
+    return groups

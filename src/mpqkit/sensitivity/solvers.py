@@ -70,7 +70,7 @@ def chosen(req: "SolveRequest") -> Solution:
         raise RuntimeError(f"the method's own plan breaks the budget: {bad}")
     # timings stay in the table (results directory), not in the plan: same inputs, same plan bytes
     trials = [{k: v for k, v in t.items() if k != "seconds"} for t in table.trials or []]
-    return Solution(dict(table.assignment), float("nan"), "chosen", "chosen by the method", 0.0,
+    return Solution(dict(table.assignment), None, "chosen", "chosen by the method", 0.0,
                     info={"trials": trials})
 
 

@@ -1,6 +1,7 @@
 """The allocation problem every solver answers, and its solution record."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
@@ -48,7 +49,7 @@ class Allocation:
 @dataclass
 class Solution:
     assignment: dict[str, Choice]
-    objective: float
+    objective: float | None  # None: the plan was chosen, not optimised (no objective value)
     solver: str
     status: str
     seconds: float
@@ -57,8 +58,13 @@ class Solution:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"solver": self.solver, "status": self.status, "objective": self.objective, "gap": self.gap,
-                "bound": self.bound, "seconds": self.seconds, **self.info}
+        """JSON-ready: a number that is not finite (no objective, an unbounded gap) is null."""
+        def finite(v: Any) -> Any:
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {k: finite(v) for k, v in {"solver": self.solver, "status": self.status, "objective": self.objective,
+                                           "gap": self.gap, "bound": self.bound, "seconds": self.seconds,
+                                           **self.info}.items()}
 
     #: fields that depend on the machine's speed, not on the inputs
     VOLATILE = ("seconds", "heuristic_restarts")
