@@ -64,16 +64,25 @@ def write_results(out: Path, result: "SearchResult") -> Path:
 
 
 def _write_result_files(out: Path, result: "SearchResult") -> list[str]:
+    """Write the search's files into ``out``; returns their names (the summary, written last, lists them)."""
+    written = []
+
+    def text(name: str, content: str) -> None:
+        atomic_write_text(out / name, content)
+        written.append(name)
+
     result.plan.save(out / "plan.json")
+    written.append("plan.json")
     rows = layer_rows(result)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "layers.csv", buf.getvalue())
-    atomic_write_text(out / "layers.md", rows_to_markdown(rows))
+    text("layers.csv", buf.getvalue())
+    text("layers.md", rows_to_markdown(rows))
     if result.table is not None:
         result.table.save(out / "sensitivity.json")
+        written.append("sensitivity.json")
         if result.table.pareto:  # greedy: the whole measured list, one row per step
             buf = io.StringIO()
             cols = ["step", "moved", "avg_w_bits", "searched_bytes", "top1", "drop_pct", "loss", "bits"]
@@ -81,22 +90,9 @@ def _write_result_files(out: Path, result: "SearchResult") -> list[str]:
             w.writeheader()
             for p in result.table.pareto:
                 w.writerow({**p, "bits": " ".join(f"{f}={b}" for f, b in p["bits"].items())})
-            atomic_write_text(out / "pareto.csv", buf.getvalue())
-    written = ["plan.json", "layers.csv", "layers.md"]
-    if result.table is not None:
-        written.append("sensitivity.json")
-        if result.table.pareto:
-            written.append("pareto.csv")
-    written += ["summary.json", "bits.png"]
-    if result.table is not None and result.table.pairs:
-        written.append("clado_G.png")
-    summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,
-               "files": written,
-               "costs": result.plan.costs, "solver": result.solution.to_dict(), "seconds": result.seconds,
-               "engine": result.engine_stats, "profile": result.profile, "tie_groups": result.graph.tie_groups,
-               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_text(out / "summary.json", json_text(summary, "summary.json", indent=2) + "\n")
+            text("pareto.csv", buf.getvalue())
     plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))
+    written.append("bits.png")
     if result.table is not None and result.table.pairs:  # CLADO: the measured G, before any PSD step
         from ..sensitivity.crosslayer import build_g
 
@@ -104,4 +100,11 @@ def _write_result_files(out: Path, result: "SearchResult") -> list[str]:
         g, index = build_g(result.table, list(result.ledger.searched), bits)
         plot_matrix(g, [f"{f}@{b}" for f, b in index], out / "clado_G.png",
                     f"{result.plan.model_name}: CLADO G (measured, before PSD)")
+        written.append("clado_G.png")
+    summary = {"model": result.plan.model_name, "method": result.plan.method, "budget": result.plan.budget,
+               "files": [*written, "summary.json"],
+               "costs": result.plan.costs, "solver": result.solution.to_dict(), "seconds": result.seconds,
+               "engine": result.engine_stats, "profile": result.profile, "tie_groups": result.graph.tie_groups,
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    text("summary.json", json_text(summary, "summary.json", indent=2) + "\n")
     return written
