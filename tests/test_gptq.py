@@ -346,3 +346,38 @@ def test_bench_rows_name_the_canonical_recipe(tmp_path):
     assert sorted(str(r["ptq"]) for r in rows if r["method"] == "uniform") == ["None", "gptq+bc"]
     with pytest.raises(MpqkitError, match="unknown PTQ step"):
         api.bench("digits-cnn", "digits", ["uniform"], ["avg-bits=4"], tmp_path / "c", ptqs=["gptq+x"])
+
+
+# One MobileNetV2 depthwise channel (features.1.conv.0.0, channel 21, calibration draw 0): a smooth input makes
+# H nearly rank one (eigenvalues 105 and below 0.35). Act-order GPTQ on the 6-bit grid ends with the row's
+# largest weight last and clamps it: its error equals round-to-nearest's, ~130x the natural order's.
+_DW_W = [-0.30879337, -1.25142574, 1.3814441, -1.57647145, -1.95027399, 0.79636186, 2.06403995, 0.82886642, 0.01625228]
+_DW_H = [[11.72294763, 11.72093193, 11.60704803, 11.71730762, 11.71541636, 11.60221584, 11.60401627, 11.602826, 11.49186932],
+         [11.72093193, 11.83173446, 11.72087961, 11.71600688, 11.82606247, 11.71541636, 11.60340313, 11.71176311, 11.602826],
+         [11.60704803, 11.72087961, 11.7244562, 11.60290041, 11.71600688, 11.71887324, 11.49258203, 11.60340313, 11.6055733],
+         [11.71730762, 11.71600688, 11.60290041, 11.82791046, 11.82588677, 11.71104801, 11.71730762, 11.71541636, 11.60221584],
+         [11.71546208, 11.82610471, 11.71604454, 11.82588677, 11.93766543, 11.82588677, 11.71600688, 11.82606247, 11.71541636],
+         [11.60225382, 11.71545739, 11.71887324, 11.71104801, 11.82588677, 11.82948235, 11.60290041, 11.71600688, 11.71887324],
+         [11.60405241, 11.60340313, 11.49258203, 11.71730762, 11.71600688, 11.60290041, 11.71702416, 11.7150085, 11.60121221],
+         [11.602826, 11.71176311, 11.60340313, 11.71541636, 11.82606247, 11.71600688, 11.7150085, 11.82576489, 11.7150085],
+         [11.49190206, 11.60286516, 11.60561163, 11.60221584, 11.71541636, 11.71887324, 11.60121221, 11.7150085, 11.71859116]]
+
+
+def test_gptq_natural_order_candidate_rescues_a_nearly_singular_depthwise_row():
+    conv = nn.Conv2d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(_DW_W).reshape(1, 1, 3, 3))
+    q = quantize_module(conv, QuantSpec(6, per_channel=True, range_method="mse"), None)
+    h = torch.tensor(_DW_H, dtype=torch.float64)
+    h = ((h + h.T) / 2)[None]
+
+    def row_err(cfg: GptqConfig) -> float:
+        w, *_ = gptq_weight(q, h, cfg)
+        d = (q.weight.detach() - w).double().reshape(1, -1)
+        return float(d @ h[0] @ d.T)
+
+    act_only = row_err(GptqConfig(natural_order=False))
+    natural = row_err(GptqConfig(act_order=False))
+    both = row_err(GptqConfig())
+    assert both <= min(act_only, natural) * (1 + 1e-9)
+    assert both < act_only / 20  # the act-order candidates alone stay at round-to-nearest's error

@@ -16,7 +16,8 @@ independently, all rows at once:
 
 The grid (scale, zero point, integer range per output row) is fixed before the rounding, so the
 result lies exactly on it. :func:`gptq_weight` runs GPTQ on a few candidate grids per row (the
-layer's own, MSE-searched one and shrunk min–max ranges), keeps per row the one with the lowest
+layer's own, MSE-searched one and shrunk min–max ranges; the own grid also in natural column order when
+act-order is on), keeps per row the one with the lowest
 error on the calibration inputs (undamped ``H``), and keeps round-to-nearest on the layer's own grid
 where that is lower still: the layer's output error is therefore never above RTN's. Written from the
 paper's Algorithm 1.
@@ -24,7 +25,7 @@ paper's Algorithm 1.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,10 @@ class GptqConfig:
     act_order: bool = True
     own_grid: bool = True
     shrink: tuple[float, ...] = GRID_SHRINK
+    #: with ``act_order``, also round the layer's own grid in natural column order (one more candidate):
+    #: on a nearly singular ``H`` (e.g. a depthwise 3×3 on a smooth input) act-order can push the last
+    #: columns off the grid's range, where the other order does not
+    natural_order: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.damp, (int, float)) and 0.0 < self.damp < 10.0):
@@ -284,8 +289,13 @@ def gptq_weight(layer: nn.Module, h: Tensor, cfg: GptqConfig = GptqConfig()) -> 
     own_scale, own_zp, qmin, qmax = layer_grid(layer)
     stack = lambda t: t.permute(1, 0, 2, 3).reshape(G, K * R, -1)  # noqa: E731  (K, G, R, x) -> (G, K·R, x)
     q = gptq_round(w3.repeat(1, K, 1), h, stack(scales), stack(zps), qmin, qmax, cfg)  # (G, K·R, D)
-    err = row_errors(w3.repeat(1, K, 1), q, h).reshape(G, K, R)
     own_scale, own_zp = own_scale.double()[None], own_zp.double()[None]
+    if cfg.act_order and cfg.natural_order and cfg.own_grid:  # candidate: the own grid, columns in natural order
+        nat = gptq_round(w3, h, own_scale[0], own_zp[0], qmin, qmax, replace(cfg, act_order=False))
+        q = torch.cat([q, nat], 1)
+        scales, zps = torch.cat([scales, own_scale]), torch.cat([zps, own_zp])
+        K += 1
+    err = row_errors(w3.repeat(1, K, 1), q, h).reshape(G, K, R)
     rtn = _fq(w3.double(), own_scale[0], own_zp[0], qmin, qmax)
     err = torch.cat([err, row_errors(w3, rtn, h)[:, None]], 1)  # candidate K: nearest on the layer's grid
     q = torch.cat([q.reshape(G, K, R, D), rtn[:, None]], 1)
