@@ -43,7 +43,7 @@ log = logging.getLogger("mpqkit")
 MAX_DRAWS = 100  #: calibration draws one bench may ask for (each is a full search per method)
 
 __all__ = ["RunSettings", "SearchResult", "search", "apply_plan", "evaluate", "sweep", "bench", "proxies", "layers",
-           "demo", "load_model", "load_split", "calibration_set", "save_quantized", "load_quantized",
+           "demo", "finetune", "load_model", "load_split", "calibration_set", "save_quantized", "load_quantized",
            "DEFAULT_W_BITS", "DEFAULT_A_BITS", "FIXED_BITS", "CALIB_SIZE"]
 
 
@@ -391,21 +391,105 @@ def load_quantized(model: str | nn.Module | ModelBundle, path: str | Path, *, se
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
         raise CheckpointError(f"{path} is not an mpqkit quantized model file: {str(e).splitlines()[0]}") from None
     plan.validate(discover(bundle.model, bundle.input_shape))
-    return _apply_plan(bundle.model, plan, qconfig=qconfig or QuantConfig.from_dict({}), state_dict=state)
+    qmodel = _apply_plan(bundle.model, plan, qconfig=qconfig or QuantConfig.from_dict({}), state_dict=state)
+    qmodel.mpqkit_plan = plan  # the plan saved with it (fine-tuned models record how in method.params)
+    return qmodel
+
+
+#: fewest training images ``finetune`` accepts without ``allow_small_data`` (CIFAR-10 has 50,000)
+MIN_FINETUNE_IMAGES = 5_000
+
+
+def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData = "cifar10",
+             out: str | Path = "results/finetune", *, epochs: int = 5, lr: float = 1e-4, batch_size: int = 128,
+             distill: bool = True, augment: str | None = None, heldout: int = 1000, allow_small_data: bool = False,
+             ptq: str | None = None, recon_options: dict[str, Any] | None = None,
+             settings: RunSettings | None = None, stop_after: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """Quantization-aware fine-tuning (LSQ, ``quant/finetune.py``) of ``model`` quantized by ``plan``
+    (with ``ptq``, the plan's own quantizer by default) on ``data``'s train split, never its test split.
+
+    ``heldout`` training images (seeded by the run's seed) are kept out of training and give the
+    held-out top-1 after every epoch. ``augment`` defaults to "crop-flip" for CIFAR-10, "none" otherwise.
+    Writes into ``out``: ``checkpoint.pt`` after every epoch (a rerun with the same settings resumes
+    from it), then ``model.pt`` (loadable by :func:`load_quantized`, ``mpqkit eval/export --quantized``),
+    ``plan.json`` (the plan, bits and budget unchanged, with ``method.params.finetune`` saying how it
+    was fine-tuned) and ``summary.json``. Returns the summary; ``stop_after`` stops after that many
+    epochs in total without writing the final files (what a killed run leaves).
+    """
+    from .quant.finetune import FinetuneConfig
+
+    s = resolve_settings(settings, overrides)
+    name = data.name if isinstance(data, LabeledData) else data
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=s.seed,
+                         augment=augment or ("crop-flip" if name == "cifar10" else "none"))
+    if not (isinstance(heldout, int) and heldout >= 0):
+        raise MpqkitError(f"heldout must be an integer >= 0, got {heldout!r}")
+    _check_out_dir(out, "fine-tuning folder (--out)")
+    with writer_lock(Path(out), "fine-tuning folder"):
+        return _finetune(model, plan, data, name, Path(out), cfg, heldout, allow_small_data,
+                         {"ptq": ptq, "recon_options": recon_options}, s, stop_after)
+
+
+def _finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData, name: str,
+              out: Path, cfg: Any, heldout: int, allow_small_data: bool, ptq: dict[str, Any], s: RunSettings,
+              stop_after: int | None) -> dict[str, Any]:
+    from .fileutil import atomic_write_text, json_text
+    from .quant.finetune import CHECKPOINT
+    from .quant.finetune import finetune as run_finetune
+    from .zoo.data import sample_indices
+
+    bundle = load_model(model, s)
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    train = load_split(data, "train", s)
+    check_compatible(bundle, train)
+    if len(train) - heldout < MIN_FINETUNE_IMAGES and not allow_small_data:
+        raise DataError(f"{name}'s train split has {len(train)} images ({max(len(train) - heldout, 0)} after the "
+                        f"{heldout} held out): fine-tuning on fewer than {MIN_FINETUNE_IMAGES} over-fits; pass "
+                        f"--allow-small-data to fine-tune anyway")
+    order = sample_indices(len(train), len(train), s.seed)
+    held, rest = train.subset(order[:heldout]), train.subset(order[heldout:])
+    if len(rest) == 0:
+        raise DataError(f"no training images are left beside the {heldout} held out: lower --heldout")
+    qmodel = apply_plan(bundle, plan, data, settings=s, **ptq)
+    top1 = (lambda m: evaluate_model(m, held, s.eval_batch_size)["top1"]) if len(held) else None
+    before = top1(qmodel) if top1 else None
+    t0 = time.perf_counter()
+    state = run_finetune(qmodel, on_device(bundle.model, s.device), rest.images, rest.labels, cfg,
+                         out / CHECKPOINT, heldout=top1, progress=s.progress, stop_after=stop_after)
+    record = {**cfg.to_dict(), "epochs_done": state.epochs_done, "train_images": len(rest),
+              "heldout_images": len(held), "heldout_top1_before": before,
+              "heldout_top1": state.history[-1].get("heldout_top1") if state.history else before,
+              "ptq": ptq["ptq"] or "default", "data": name}
+    summary = {"model": bundle.name, "finetune": record, "history": state.history,
+               "seconds": time.perf_counter() - t0, "finished": state.epochs_done == cfg.epochs}
+    if summary["finished"]:
+        tuned = Plan(**{**plan.__dict__, "method_params": {**plan.method_params, "finetune": record}})
+        save_quantized(qmodel, tuned, out / "model.pt")
+        tuned.save(out / "plan.json")
+    atomic_write_text(out / "summary.json", json_text(summary, "the fine-tuning summary", indent=2))
+    return summary
 
 
 def evaluate(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
              split: str = "test", plan: Plan | str | Path | None = None, *, settings: RunSettings | None = None,
              limit: int | None = None, batch_size: int | None = None, ptq: str | None = None,
-             recon_options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Top-1 / loss of the fp model, or of the model quantized by ``plan``, on a split."""
+             recon_options: dict[str, Any] | None = None, quantized: str | Path | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """Top-1 / loss of the fp model, of the model quantized by ``plan``, or of a saved quantized model
+    (``quantized``: a ``mpqkit apply --out`` or ``mpqkit finetune`` model.pt), on a split."""
     s = resolve_settings(settings, overrides)
     if plan is None and ptq is not None:
         raise MpqkitError("--ptq needs --plan (there is nothing to quantize in the fp model)")
+    if quantized is not None and plan is not None:
+        raise MpqkitError("give --plan (quantize now) or --quantized (a saved quantized model), not both")
     bundle = load_model(model, s)
     ds = load_split(data, split, s, limit)
     check_compatible(bundle, ds)
-    if plan is not None:
+    if quantized is not None:
+        net = on_device(load_quantized(bundle, quantized, settings=s), s.device)
+        plan = str(quantized)
+    elif plan is not None:
         net = apply_plan(bundle, plan, data if not isinstance(data, LabeledData) else ds, settings=s, ptq=ptq,
                          recon_options=recon_options)
     else:

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(e)
     e.add_argument("--split", default="test", help="test | exact | train (cifar10); train | test (digits)")
     e.add_argument("--plan", help="plan.json to apply first")
+    e.add_argument("--quantized", help="a saved quantized model (mpqkit apply --out, mpqkit finetune's model.pt)")
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     add_ptq(e)
 
@@ -89,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--markdown", help="write the tables of all directories into this Markdown file")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
+    f = sub.add_parser("finetune", help="quantization-aware fine-tuning (LSQ) of a plan on the train split")
+    add_settings(f)
+    f.add_argument("--plan", required=True, help="plan.json to quantize and fine-tune")
+    f.add_argument("--out", required=True, help="folder: checkpoint.pt (resume), model.pt, plan.json, summary.json")
+    f.add_argument("--epochs", type=positive_int, default=5, help="epochs over the train split (default 5)")
+    f.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine to 0 (default 1e-4)")
+    f.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default 128)")
+    f.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="cross-entropy with the labels instead of KL to the fp model's logits")
+    f.add_argument("--augment", choices=["crop-flip", "none"], help="default: crop-flip for cifar10, none otherwise")
+    f.add_argument("--heldout", type=int, default=1000,
+                   help="training images kept out of training for the per-epoch top-1 (default 1000)")
+    f.add_argument("--allow-small-data", action="store_true",
+                   help="fine-tune even on a train split of fewer than 5,000 images (over-fits)")
+    add_ptq(f)
+
     g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
     add_settings(g, data=False, device=False)  # nothing runs: no device, no progress
 
@@ -113,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"demo": cmd_demo, "search": cmd_search, "apply": cmd_apply, "eval": cmd_eval,
-                "layers": cmd_layers, "export": cmd_export, "sweep": cmd_bench, "bench": cmd_bench,
+                "layers": cmd_layers, "export": cmd_export, "finetune": cmd_finetune, "sweep": cmd_bench, "bench": cmd_bench,
                 "report": cmd_report, "proxies": cmd_proxies}[args.command](args)
     except MpqkitError as e:
         print(f"mpqkit: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
@@ -218,13 +235,28 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from . import api
+
+    res = api.finetune(args.model, args.plan, args.data, args.out, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, distill=args.distill, augment=args.augment, heldout=args.heldout,
+                       allow_small_data=args.allow_small_data, settings=settings_from_args(args), **ptq_kwargs(args))
+    ft = res["finetune"]
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    _print(res, args.json, f"fine-tuned {res['model']} for {ft['epochs_done']} epoch(s) in {res['seconds']:.0f} s: "
+           f"held-out top-1 {fmt(ft['heldout_top1_before'])} → {fmt(ft['heldout_top1'])}; "
+           f"{args.out}/model.pt and {args.out}/plan.json written")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import api
 
     res = api.evaluate(args.model, args.data, args.split, args.plan, settings=settings_from_args(args),
-                       limit=args.limit, **ptq_kwargs(args))
+                       limit=args.limit, quantized=args.quantized, **ptq_kwargs(args))
     _print(res, args.json, f"{res['model']} on {res['data']}/{res['split']} ({res['n']} images)"
-           + (f" with plan {args.plan}" + (f" (ptq {args.ptq})" if args.ptq else "") if args.plan else " fp32")
+           + (f" with plan {args.plan}" + (f" (ptq {args.ptq})" if args.ptq else "") if args.plan else
+              f" quantized model {args.quantized}" if args.quantized else " fp32")
            + f": top-1 {100 * res['top1']:.2f} %, loss {res['loss']:.4f}")
     return 0
 

@@ -17,7 +17,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     x = subparsers.add_parser("export", help="export a quantized model: QDQ ONNX or bit-packed file")
     add_settings(x)
-    x.add_argument("--plan", required=True, help="plan.json to quantize with")
+    src = x.add_mutually_exclusive_group(required=True)
+    src.add_argument("--plan", help="plan.json to quantize with")
+    src.add_argument("--quantized", help="a saved quantized model (mpqkit apply --out, mpqkit finetune's model.pt)")
     x.add_argument("--format", choices=["onnx", "packed"], default="onnx",
                    help="onnx: QDQ ONNX checked in onnxruntime (default); packed: bit-packed weights file")
     x.add_argument("--out", required=True, help="output file (.onnx, or e.g. .mpqk for packed)")
@@ -51,9 +53,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     bundle = api.load_model(args.model, settings)
-    plan = Plan.load(args.plan)
-    qmodel = api.apply_plan(bundle, plan, args.data, settings=settings)
-    out: dict[str, Any] = {"model": bundle.name, "plan": args.plan, "format": args.format}
+    if args.quantized:
+        qmodel = api.on_device(api.load_quantized(bundle, args.quantized, settings=settings), settings.device)
+        plan = qmodel.mpqkit_plan
+    else:
+        plan = Plan.load(args.plan)
+        qmodel = api.apply_plan(bundle, plan, args.data, settings=settings)
+    out: dict[str, Any] = {"model": bundle.name, "plan": args.plan or args.quantized, "format": args.format}
     if args.format == "onnx":
         from .onnx import export_onnx
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..errors import DataError, MpqkitError
 from .modules import QuantMixin
+from .lsq import lsq_fake_quant
 
 log = logging.getLogger("mpqkit")
 
@@ -238,10 +239,7 @@ class _LsqInput(nn.Module):
         self.drop, self.gen, self.active = drop, gen, True
 
     def forward(self, x: Tensor) -> Tensor:
-        s = self.scale.abs() + 1e-12
-        v = x / s
-        v = v + (torch.round(v) - v).detach()  # straight-through rounding
-        xq = ((v + self.zp).clamp(self.qmin, self.qmax) - self.zp) * s
+        xq = lsq_fake_quant(x, self.scale, self.zp, self.qmin, self.qmax, clamp_first=False)  # as BRECQ's code
         if self.drop > 0 and self.active:
             keep_fp = torch.rand(x.shape, generator=self.gen).to(x.device) < self.drop  # CPU stream: same on any device
             xq = torch.where(keep_fp, x, xq)
