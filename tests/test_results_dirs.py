@@ -60,6 +60,18 @@ def test_repeated_budgets_ptqs_splits_methods_are_measured_once(tmp_path, caplog
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     assert [(r["method"], r["budget"]) for r in rows] == [("fp32", "-"), ("uniform", "avg-bits=4")]
     assert "given more than once; measured once" in caplog.text
+    assert "--ptq: default given more than once" in caplog.text and "None" not in caplog.text
+
+
+def test_a_numpy_integer_seed_is_a_seed():
+    import numpy as np
+
+    from mpqkit.settings import RunSettings
+
+    s = RunSettings(seed=np.int64(3))
+    assert s.seed == 3 and type(s.seed) is int
+    with pytest.raises(MpqkitError, match="--seed"):
+        RunSettings(seed=np.float64(3.0))
 
 
 def test_json_is_strict():
@@ -113,3 +125,19 @@ def test_plan_naming_another_model_or_without_provenance_warns(tmp_path, caplog)
     bare = Plan(layers=plan.layers, model_name="digits-cnn", model_sha256=plan.model_sha256)
     api.apply_plan("digits-cnn", bare, "digits", calib_size=64, progress=False)
     assert "the plan has no provenance" in caplog.text
+
+
+def test_disk_full_names_the_file_and_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
+    """A write that fails for lack of space (the file system names no file) is one line naming the file
+    being written, and a results folder the run created stays behind only if something was written."""
+    import mpqkit.fileutil
+    from test_export import _FailingWrites
+
+    monkeypatch.setattr(mpqkit.fileutil, "os", _FailingWrites())
+    out = tmp_path / "s"
+    code = main(["search", "-q", "--model", "digits-cnn", "--data", "digits", "--method", "uniform",
+                 "--budget", "avg-bits=4", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err and f"({out}/" in err
+    assert not out.exists()

@@ -159,15 +159,24 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
     many budgets from one measurement); the method's measurement is then skipped.
     """
+    import contextlib
+
     from .profile import profiling
 
-    with profiling() as prof:
-        result = _search(model, data, budget, method, resolve_settings(settings, overrides), options, table, out)
+    existed = out is not None and Path(out).is_dir()
+    try:
+        with profiling() as prof:
+            result = _search(model, data, budget, method, resolve_settings(settings, overrides), options, table, out)
+    except BaseException:
+        if out is not None and not existed:
+            with contextlib.suppress(OSError):
+                Path(out).rmdir()  # made by the output check; only removed while still empty
+        raise
     result.profile = prof.to_dict()
     if out is not None:
         from .report.results import write_results
 
-        with writer_lock(Path(out), "search results directory"):
+        with writer_lock(Path(out), "search results directory", remove_if_empty=not existed):
             result.results_dir = write_results(Path(out), result)
     return result
 
@@ -424,8 +433,9 @@ def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data
                          augment=augment or ("crop-flip" if name == "cifar10" else "none"))
     if not (isinstance(heldout, int) and heldout >= 0):
         raise MpqkitError(f"heldout must be an integer >= 0, got {heldout!r}")
+    existed = Path(out).is_dir()
     _check_out_dir(out, "fine-tuning folder (--out)")
-    with writer_lock(Path(out), "fine-tuning folder"):
+    with writer_lock(Path(out), "fine-tuning folder", remove_if_empty=not existed):
         return _finetune(model, plan, data, name, Path(out), cfg, heldout, allow_small_data,
                          {"ptq": ptq, "recon_options": recon_options}, s, stop_after)
 
@@ -585,7 +595,8 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= MAX_DRAWS:
         raise MpqkitError(f"--draws must be an integer in 1..{MAX_DRAWS}, got {draws!r}")
     # canonical recipe names (an unknown one fails before any work): "bc+gptq" and "gptq+bc" are one row key
-    ptqs = unique([None if p in (None, "default") else parse_ptq(p).name for p in ptqs], "--ptq")
+    ptqs = [None if p == "default" else p for p in
+            unique(["default" if p in (None, "default") else parse_ptq(p).name for p in ptqs], "--ptq")]
     methods = unique([METHODS.get(m).name for m in methods], "--methods")
     budgets = unique_budgets(budgets)
     splits = unique(list(splits), "--splits")

@@ -76,6 +76,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a write/fsync failure (e.g. "No space left on device") names no file: name it
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -206,8 +211,15 @@ def writer_lock(folder: Path, what: str, remove_if_empty: bool = False) -> Itera
                                                 what, folder, holder or "unreadable")
             lock.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:  # e.g. no space left: name the file, leave no lock and no folder made for this run
+            lock.unlink(missing_ok=True)
+            if remove_if_empty:
+                with contextlib.suppress(OSError):
+                    Path(folder).rmdir()
+            raise OSError(e.errno, e.strerror or str(e), str(lock)) from e
         break
     else:
         raise MpqkitError(f"cannot lock {what} {folder}: {lock} keeps reappearing (another run?)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -107,8 +108,9 @@ class RunSettings:
             raise MpqkitError(f"--alpha must be a finite number, got {self.alpha}")
         if self.prefix_cache_mb is not None and math.isinf(self.prefix_cache_mb):
             raise MpqkitError("--prefix-cache-mb must be a finite number of megabytes")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed <= MAX_SEED:
             raise MpqkitError(f"--seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))  # a numpy integer becomes a plain int (JSON, torch)
         if not isinstance(self.qconfig, QuantConfig):
             raise MpqkitError(f"qconfig must be a QuantConfig, got {type(self.qconfig).__name__}")
 
