@@ -128,3 +128,22 @@ def test_finetune_refusals(digits_plan, tmp_path):
         _ft(digits_plan, tmp_path / "ft")
     with pytest.raises(MpqkitError, match="epochs"):
         _ft(digits_plan, tmp_path / "e", epochs=0)
+
+
+def test_lsq_per_channel_step_gradient_equals_the_composed_straight_through_ops():
+    """The fused autograd node (per-channel steps, as weights use) against the same quantizer written as
+    plain ops with straight-through rounding: same forward, same gradients for x and every step."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    s = (torch.rand(6, 1, 1, 1, generator=gen, dtype=torch.float64) * 0.5 + 0.05).requires_grad_(True)
+    zp = torch.full((6, 1, 1, 1), 3.0, dtype=torch.float64)
+    c = torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float64)
+    g = lsq_grad_scale(27, 7)
+    (lsq_fake_quant(x, s, zp, 0, 7, g) * c).sum().backward()
+    fused = (x.grad.clone(), s.grad.clone())
+    x.grad = s.grad = None
+    step = s * g + (s - s * g).detach()
+    v = torch.clamp(x / step + zp, 0, 7)
+    ref = ((v + (torch.round(v) - v).detach()) - zp) * step
+    (ref * c).sum().backward()
+    assert torch.allclose(fused[0], x.grad) and torch.allclose(fused[1], s.grad, rtol=1e-9, atol=1e-12)
