@@ -174,9 +174,9 @@ $M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
-# EfficientNet-Lite0, one draw so far (two more: --draws 3)
+# EfficientNet-Lite0, 3 draws
 $M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets avg-bits=4 --ptq default --splits test \
-    --calib-size 128 --draws 1 --out $R/bench_efficientnet_lite0_gptq
+    --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
 # the grid GPTQ rounds on: each candidate grid alone vs the per-channel choice (uniform plans, draw 0)
 PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model resnet20 --bits 2,3,4
 # issue 27's claims, each a paired difference over the calibration draws (equal size: integer budgets vs uniform)
