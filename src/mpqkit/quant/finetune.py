@@ -146,11 +146,17 @@ def bake(qmodel: nn.Module, learned: dict[str, _Learned]) -> None:
 
 
 def _trainable(qmodel: nn.Module, learned: dict[str, _Learned]) -> list[nn.Parameter]:
+    """The quantized layers' weights, biases and step sizes; every other parameter (BatchNorm, layers
+    left in fp32) is frozen, so the backward pass computes no gradient for it."""
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
     params = []
     for name, lq in learned.items():
         m = qmodel.get_submodule(name)
         params += [p for p in (m.weight, m.bias) if p is not None]
         params += [q.scale for q in (lq.weight, lq.input) if q is not None]
+    for p in params:
+        p.requires_grad_(True)
     return params
 
 
