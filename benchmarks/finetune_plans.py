@@ -7,7 +7,7 @@
 For every (method, budget, draw) row of ``--src`` (its default-PTQ rows), the row's plan is fine-tuned
 with ``api.finetune`` (the run's seed is the draw's seed) into ``<out>/plans/<method>/<budget>/draw<k>/``
 and evaluated on the test split; the row is written to ``<out>/rows.jsonl`` with the source row's size
-fields, ``ptq`` = ``lsq-<epochs>ep``, ``ptq_s`` = the fine-tuning seconds and ``plan`` = the fine-tuned
+fields and search seconds, ``ptq`` = ``lsq-<epochs>ep``, ``ptq_s`` = the seconds of PTQ plus fine-tuning and ``plan`` = the fine-tuned
 plan, so ``mpqkit report`` and ``benchmarks/claims.py`` pair it like any bench row. ``--epochs-list``
 adds rows at fewer epochs (accuracy vs epochs: each a separate run with its own cosine schedule).
 Resumable: rows already written are skipped and a killed fine-tune resumes from its checkpoint.
@@ -22,6 +22,10 @@ from mpqkit import api
 from mpqkit.report.bench import load_rows
 
 
+#: copied from the source row: what the plan is, and the search time a user waited for it
+SOURCE_FIELDS = ("method", "budget", "draw", "seed", "size_mb", "compression", "gbitops", "avg_w_bits", "search_s")
+
+
 def _key(r: dict) -> tuple:
     return r["method"], r["budget"], r.get("draw"), r.get("ptq")
 
@@ -33,8 +37,7 @@ def finetune_row(src_row: dict, model: str, data: str, out: Path, epochs: int, l
     res = api.finetune(model, src_row["plan"], data, folder, epochs=epochs, lr=lr, seed=int(src_row["seed"]),
                        progress=False)
     ev = api.evaluate(model, data, "test", quantized=folder / "model.pt", progress=False)
-    row = {k: src_row[k] for k in ("method", "budget", "draw", "seed", "size_mb", "compression", "gbitops",
-                                   "avg_w_bits") if k in src_row}
+    row = {k: src_row[k] for k in SOURCE_FIELDS if k in src_row}
     row.update(ptq=tag, top1_test=100 * ev["top1"], top1_before=src_row["top1_test"], ptq_s=res["seconds"],
                seconds_per_epoch=res["seconds"] / max(res["finetune"]["epochs_done"], 1),
                heldout_top1=res["finetune"]["heldout_top1"], plan=str(folder / "plan.json"))

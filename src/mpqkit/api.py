@@ -461,10 +461,10 @@ def _finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, dat
     held, rest = train.subset(order[:heldout]), train.subset(order[heldout:])
     if len(rest) == 0:
         raise DataError(f"no training images are left beside the {heldout} held out: lower --heldout")
+    t0 = time.perf_counter()
     qmodel = apply_plan(bundle, plan, data, settings=s, **ptq)
     top1 = (lambda m: evaluate_model(m, held, s.eval_batch_size)["top1"]) if len(held) else None
     before = top1(qmodel) if top1 else None
-    t0 = time.perf_counter()
     state = run_finetune(qmodel, on_device(bundle.model, s.device), rest.images, rest.labels, cfg,
                          out / CHECKPOINT, heldout=top1, progress=s.progress, stop_after=stop_after)
     record = {**cfg.to_dict(), "epochs_done": state.epochs_done, "train_images": len(rest),
