@@ -465,6 +465,7 @@ def _finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, dat
     qmodel = apply_plan(bundle, plan, data, settings=s, **ptq)
     top1 = (lambda m: evaluate_model(m, held, s.eval_batch_size)["top1"]) if len(held) else None
     before = top1(qmodel) if top1 else None
+    ptq_s = time.perf_counter() - t0
     state = run_finetune(qmodel, on_device(bundle.model, s.device), rest.images, rest.labels, cfg,
                          out / CHECKPOINT, heldout=top1, progress=s.progress, stop_after=stop_after)
     record = {**cfg.to_dict(), "epochs_done": state.epochs_done, "train_images": len(rest),
@@ -472,7 +473,8 @@ def _finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, dat
               "heldout_top1": state.history[-1].get("heldout_top1") if state.history else before,
               "ptq": ptq["ptq"] or "default", "data": name}
     summary = {"model": bundle.name, "finetune": record, "history": state.history,
-               "seconds": time.perf_counter() - t0, "finished": state.epochs_done == cfg.epochs}
+               "ptq_s": ptq_s, "seconds": ptq_s + sum(h["seconds"] for h in state.history),
+               "finished": state.epochs_done == cfg.epochs}
     if summary["finished"]:
         tuned = Plan(**{**plan.__dict__, "method_params": {**plan.method_params, "finetune": record}})
         save_quantized(qmodel, tuned, out / "model.pt")
