@@ -422,8 +422,9 @@ def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data
     Writes into ``out``: ``checkpoint.pt`` after every epoch (a rerun with the same settings resumes
     from it), then ``model.pt`` (loadable by :func:`load_quantized`, ``mpqkit eval/export --quantized``),
     ``plan.json`` (the plan, bits and budget unchanged, with ``method.params.finetune`` saying how it
-    was fine-tuned) and ``summary.json``. Returns the summary; ``stop_after`` stops after that many
-    epochs in total without writing the final files (what a killed run leaves).
+    was fine-tuned) and ``summary.json``. Returns the summary (``seconds``: this run's PTQ plus every
+    epoch's, resumed ones included); ``stop_after`` stops after that many epochs in total without
+    writing the final files (what a killed run leaves).
     """
     from .quant.finetune import FinetuneConfig
 
