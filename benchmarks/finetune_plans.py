@@ -26,16 +26,22 @@ from mpqkit.report.bench import load_rows
 SOURCE_FIELDS = ("method", "budget", "draw", "seed", "size_mb", "compression", "gbitops", "avg_w_bits", "search_s")
 
 
+def ptq_tag(epochs: int, train_size: int | None) -> str:
+    """The rows' PTQ column: ``lsq-<epochs>ep``, plus ``-<N>img`` when an epoch is ``N`` images."""
+    return f"lsq-{epochs}ep" + (f"-{train_size}img" if train_size else "")
+
+
 def _key(r: dict) -> tuple:
     return r["method"], r["budget"], r.get("draw"), r.get("ptq")
 
 
-def finetune_row(src_row: dict, model: str, data: str, out: Path, epochs: int, lr: float) -> dict:
+def finetune_row(src_row: dict, model: str, data: str, out: Path, epochs: int, lr: float,
+                 train_size: int | None = None) -> dict:
     """Fine-tune one source row's plan; return the bench row of the fine-tuned model on the test split."""
-    tag = f"lsq-{epochs}ep"
+    tag = ptq_tag(epochs, train_size)
     folder = out / "plans" / src_row["method"] / src_row["budget"] / f"draw{src_row['draw']}" / tag
-    res = api.finetune(model, src_row["plan"], data, folder, epochs=epochs, lr=lr, seed=int(src_row["seed"]),
-                       progress=False)
+    res = api.finetune(model, src_row["plan"], data, folder, epochs=epochs, lr=lr, train_size=train_size,
+                       seed=int(src_row["seed"]), progress=False)
     ev = api.evaluate(model, data, "test", quantized=folder / "model.pt", progress=False)
     row = {k: src_row[k] for k in SOURCE_FIELDS if k in src_row}
     row.update(ptq=tag, top1_test=100 * ev["top1"], top1_before=src_row["top1_test"], ptq_s=res["seconds"],
@@ -56,6 +62,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--epochs-list", default="", help="also these epoch counts (comma-separated), e.g. 1,2")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--train-size", type=int, help="images per epoch (default: the whole train split)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,9 +75,9 @@ def main() -> None:
            if r["method"] in methods and r["budget"] in budgets and r.get("draw") in draws and r.get("ptq") is None]
     for ep in epochs:
         for r in sorted(src, key=lambda r: (r["draw"], r["budget"], r["method"])):
-            if (r["method"], r["budget"], r["draw"], f"lsq-{ep}ep") in done:
+            if (r["method"], r["budget"], r["draw"], ptq_tag(ep, args.train_size)) in done:
                 continue
-            row = finetune_row(r, args.model, args.data, out, ep, args.lr)
+            row = finetune_row(r, args.model, args.data, out, ep, args.lr, args.train_size)
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{row['method']} {row['budget']} draw {row['draw']} {row['ptq']}: top-1 {row['top1_before']:.2f} "

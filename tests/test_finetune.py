@@ -147,3 +147,14 @@ def test_lsq_per_channel_step_gradient_equals_the_composed_straight_through_ops(
     ref = ((v + (torch.round(v) - v).detach()) - zp) * step
     (ref * c).sum().backward()
     assert torch.allclose(fused[0], x.grad) and torch.allclose(fused[1], s.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_train_size_makes_an_epoch_of_that_many_images(digits_plan, tmp_path):
+    from mpqkit.quant.finetune import FinetuneConfig, epoch_batches
+
+    x, y = torch.arange(50.0).reshape(50, 1), torch.arange(50)
+    cfg = FinetuneConfig(batch_size=8, train_size=20)
+    first, second = ([int(i) for b in epoch_batches(x, y, cfg, e) for i in b[1]] for e in (0, 1))
+    assert len(first) == len(second) == 20 and len(set(first)) == 20 and first != second
+    with pytest.raises(MpqkitError, match="train size"):
+        FinetuneConfig(train_size=0)

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--augment", choices=["crop-flip", "none"], help="default: crop-flip for cifar10, none otherwise")
     f.add_argument("--heldout", type=int, default=1000,
                    help="training images kept out of training for the per-epoch top-1 (default 1000)")
+    f.add_argument("--train-size", type=positive_int,
+                   help="images per epoch, a new random draw from the train split each epoch (default: all)")
     f.add_argument("--allow-small-data", action="store_true",
                    help="fine-tune even on a train split of fewer than 5,000 images (over-fits)")
     add_ptq(f)
@@ -240,7 +242,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     res = api.finetune(args.model, args.plan, args.data, args.out, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, distill=args.distill, augment=args.augment, heldout=args.heldout,
-                       allow_small_data=args.allow_small_data, settings=settings_from_args(args), **ptq_kwargs(args))
+                       train_size=args.train_size, allow_small_data=args.allow_small_data, settings=settings_from_args(args), **ptq_kwargs(args))
     ft = res["finetune"]
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     _print(res, args.json, f"fine-tuned {res['model']} for {ft['epochs_done']} epoch(s) in {res['seconds']:.0f} s: "

@@ -49,6 +49,8 @@ class FinetuneConfig:
     temperature: float = 1.0
     augment: str = "none"  #: "crop-flip" (pad 4, random 32×32 crop, horizontal flip) or "none"
     seed: int = 0
+    #: images per epoch, drawn afresh each epoch from the training set (None: all of them)
+    train_size: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
@@ -59,6 +61,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise MpqkitError(f"{name} must be a finite number > 0, got {v!r}")
+        if self.train_size is not None and not (isinstance(self.train_size, int) and self.train_size >= 1):
+            raise MpqkitError(f"train size must be an integer >= 1, got {self.train_size!r}")
         if self.augment not in AUGMENTATIONS:
             raise MpqkitError(f"unknown augmentation {self.augment!r}: use one of {', '.join(AUGMENTATIONS)}")
 
@@ -85,9 +89,10 @@ AUGMENTATIONS: dict[str, Callable[[Tensor, torch.Generator], Tensor] | None] = {
 
 
 def epoch_batches(images: Tensor, labels: Tensor, cfg: FinetuneConfig, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Epoch ``epoch``'s shuffled, augmented batches: a function of ``(cfg.seed, epoch)`` only."""
+    """Epoch ``epoch``'s shuffled, augmented batches (the first ``cfg.train_size`` images of its order):
+    a function of ``(cfg.seed, epoch)`` only."""
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(len(images), generator=gen)
+    order = torch.randperm(len(images), generator=gen)[:cfg.train_size]
     aug = AUGMENTATIONS[cfg.augment]
     for i in range(0, len(order), cfg.batch_size):
         idx = order[i:i + cfg.batch_size]
@@ -195,7 +200,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Ten
     learned = install_lsq(qmodel)
     params = _trainable(qmodel, learned)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    steps_per_epoch = math.ceil(min(len(images), cfg.train_size or len(images)) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch, eta_min=0.0)
     state = FinetuneState()
     if checkpoint is not None and checkpoint.is_file():
@@ -228,7 +233,8 @@ def _epoch(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Tenso
     t0 = time.perf_counter()
     total, n = 0.0, 0
     device = next(qmodel.parameters()).device
-    bar = tqdm(epoch_batches(images, labels, cfg, epoch), total=math.ceil(len(images) / cfg.batch_size),
+    per_epoch = min(len(images), cfg.train_size or len(images))
+    bar = tqdm(epoch_batches(images, labels, cfg, epoch), total=math.ceil(per_epoch / cfg.batch_size),
                desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
     with torch.enable_grad():
         for x, y in bar:
