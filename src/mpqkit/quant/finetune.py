@@ -211,7 +211,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Ten
         for epoch in range(state.epochs_done, cfg.epochs):
             if stop_after is not None and epoch >= stop_after:
                 break
-            row = _epoch(qmodel, fp_model, images, labels, cfg, epoch, params, opt, sched, progress)
+            row = _epoch(qmodel, fp_model, images, labels, cfg, epoch, opt, sched, progress)
             if heldout is not None:
                 with torch.no_grad():
                     row["heldout_top1"] = heldout(qmodel)
@@ -228,8 +228,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Ten
 
 
 def _epoch(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Tensor, cfg: FinetuneConfig,
-           epoch: int, params: list[nn.Parameter], opt: torch.optim.Optimizer, sched: Any,
-           progress: bool) -> dict[str, Any]:
+           epoch: int, opt: torch.optim.Optimizer, sched: Any, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     total, n = 0.0, 0
     device = next(qmodel.parameters()).device
@@ -281,8 +280,9 @@ def _resume(path: Path, qmodel: nn.Module, learned: dict[str, _Learned], opt: to
     except Exception as e:  # noqa: BLE001 - any failure to read means the file is unusable
         raise CheckpointError(f"{path} is not a readable fine-tuning checkpoint ({str(e).splitlines()[0]}): "
                               f"delete it to start over") from None
-    if ck["config"] != cfg.to_dict():
-        diff = {k: (ck["config"].get(k), v) for k, v in cfg.to_dict().items() if ck["config"].get(k) != v}
+    saved = {**FinetuneConfig().to_dict(), **ck["config"]}  # a setting added since: its default then
+    if saved != cfg.to_dict():
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
         raise MpqkitError(f"{path} was written by a fine-tuning run with other settings "
                           f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}): "
                           f"use another --out or the same settings")
