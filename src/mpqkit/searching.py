@@ -1,0 +1,167 @@
+"""``search``: calibrate → measure (the method) → decide (the solver) → refine → the plan."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
+from .budget import Ledger, parse_budget
+from .fileutil import writer_lock
+from .errors import MpqkitError
+from .evaluation import check_outputs
+from .graph import discover
+from .plan import LayerQuant, Plan, provenance
+from .quant.calibration import CALIB_CHUNK
+from .result import SearchResult
+from .sensitivity.base import SearchContext, SensitivityTable, SolveRequest
+from .sensitivity.registry import METHODS
+from .sensitivity.options import MethodOptions
+from .settings import RunSettings, resolve_settings
+from .solve import Allocation
+from .zoo.data import LabeledData
+from .zoo.models import ModelBundle
+from .loading import calibration_set, check_compatible, check_out_dir, heldout_set, load_model, train_subset
+
+log = logging.getLogger("mpqkit")
+
+def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | LabeledData = "cifar10",
+           budget: str | None = None, method: str = "eval-delta", *, settings: RunSettings | None = None,
+           options: MethodOptions | Mapping[str, Any] | None = None, out: str | Path | None = None,
+           table: SensitivityTable | None = None, **overrides: Any) -> SearchResult:
+    """Search a mixed-precision plan; writes a results directory when ``out`` is given.
+
+    ``settings``: how to load, calibrate, quantize and solve (keyword ``overrides`` replace its
+    fields, e.g. ``calib_size=256``); ``options``: the method's typed options (or a dict of them;
+    an unknown name is an error). ``settings.search``: "w" (weights searched, activations at
+    ``a_bits``, default 8), "a" (activations searched, weights at ``w_bits``) or "wa" (jointly).
+    ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
+    many budgets from one measurement); the method's measurement is then skipped.
+    """
+    import contextlib
+
+    from .profile import profiling
+
+    existed = out is not None and Path(out).is_dir()
+    try:
+        with profiling() as prof:
+            result = _search(model, data, budget, method, resolve_settings(settings, overrides), options, table, out)
+    except BaseException:
+        if out is not None and not existed:
+            with contextlib.suppress(OSError):
+                Path(out).rmdir()  # made by the output check; only removed while still empty
+        raise
+    result.profile = prof.to_dict()
+    if out is not None:
+        from .report.results import write_results
+
+        with writer_lock(Path(out), "search results directory", remove_if_empty=not existed):
+            result.results_dir = write_results(Path(out), result)
+    return result
+
+
+def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budget: str | None, method: str,
+            s: RunSettings, options: MethodOptions | Mapping[str, Any] | None, table: SensitivityTable | None,
+            out: str | Path | None = None) -> SearchResult:
+    """``search`` inside its profile: measure (unless ``table``), solve, refine; writes no file (``out`` is
+    only checked, before the long work)."""
+    from .device import resolve_device
+    from .profile import stage
+
+    t_start = time.perf_counter()
+    m = METHODS.get(method)
+    opts = m.make_options(options)
+    terms = parse_budget(budget)
+    dev = resolve_device(s.device)
+    bundle = load_model(model, s)
+    with stage("calibration set"):
+        calib = calibration_set(data, s.calib_size, s.seed, s.data_root)
+    check_compatible(bundle, calib)
+    graph = discover(bundle.model, bundle.input_shape)
+    fixed_names = list(graph.default_fixed() if s.fixed is None else s.fixed)
+    graph.check_names(fixed_names)
+    searched = [n for n in graph.names if n not in fixed_names]
+    if not searched:
+        raise MpqkitError("no layer left to search: every quantizable layer is fixed")
+
+    if m.sensitivity is None:  # uniform: the given bits, or every candidate
+        w_cands = [s.w_bits] if s.w_bits is not None else list(s.w_candidates)
+        a_cands: list[int | None] = ([s.a_bits] if s.a_bits is not None else
+                                     (list(s.a_candidates) if "a" in s.search else [8]))
+    else:
+        w_cands = list(s.w_candidates) if "w" in s.search else [s.w_bits or 8]
+        a_cands = list(s.a_candidates) if "a" in s.search else [s.a_bits or 8]
+    ledger = Ledger(graph, searched)
+    problem = Allocation(ledger=ledger, layers=searched, w_bits=w_cands, a_bits=a_cands,
+                         fixed={f: tuple(s.fixed_bits) for f in fixed_names}, constraints=ledger.resolve(terms),
+                         tie_groups=graph.tie_groups)
+    problem.check_feasible()
+    check_out_dir(out, "search results directory", s)  # after the cheap checks, before the long work
+
+    from .quant.ptq import prepare_fp
+
+    ctx = SearchContext(model=prepare_fp(bundle.model, s.qconfig), graph=graph, calib_images=calib.images,
+                        calib_labels=calib.labels, searched=searched, w_bits=w_cands, a_bits=a_cands,
+                        search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
+                        engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
+                        load_train=lambda n, seed: train_subset(data, n, seed, s.data_root),
+                        load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
+                        problem=problem, settings=s)
+    t_sens = time.perf_counter()
+    warnings: list[str] = []
+    if table is None and m.sensitivity is not None:
+        check_outputs(bundle.model, calib.images)
+        table = m.sensitivity(ctx)
+        if table.flat:
+            warnings.append(f"{method}: every sensitivity of the table is the same value, so the plan carries no "
+                            f"information from the measurement (any allocation within the budget is 'optimal')")
+            log.warning(warnings[-1])
+        warnings += list(table.meta.get("warnings", []))  # what the method itself flagged (already logged)
+    t_solve = time.perf_counter()
+    with stage("solver"):
+        solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
+                                         method=m.name, search=s.search, w_bits=s.w_bits, a_bits=s.a_bits,
+                                         alpha=s.alpha, time_limit=s.time_limit, seed=s.seed))
+    with stage("refine"):
+        refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None
+    if refined is not None:
+        solution.assignment = refined.assignment
+    t_end = time.perf_counter()
+
+    full = problem.full(solution.assignment)
+    layers = {f: LayerQuant(wb, ab, s.qconfig.w_granularity, s.qconfig.w_symmetric) for f, (wb, ab) in
+              ((n, full[n]) for n in graph.names)}
+    params = {"search": s.search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
+              "objective": s.objective, "alpha": s.alpha, "time_limit": s.time_limit, "qconfig": s.qconfig.to_dict(),
+              **opts.to_params()}
+    prov = provenance(s.seed, len(calib), calib.sha256())
+    prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
+    if refined is not None:
+        prov["refine"] = {"max_probes": s.refine, **refined.record()}
+    if warnings:
+        prov["warnings"] = warnings
+    plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
+                method_params=params, budget=budget, costs=ledger.summary(full),
+                provenance={**prov, "solver": solution.record(), "data": calib.name})
+    return SearchResult(plan, solution, table, graph, ledger,
+                        {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve, "total": t_end - t_start},
+                        ctx.engine_stats())
+
+
+def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,
+            s: RunSettings):
+    """``--refine``: the method's plan improved by measured moves (``solve/refine.py``), measured
+    through the search's probe engine on the two halves of the calibration set."""
+    from .solve.refine import engine_halves_measure, refine
+
+    if "a" in s.search:
+        raise MpqkitError("--refine moves weight bits: use it with --search w")
+    measure, on_accept = engine_halves_measure(ctx.engine, problem.full(assignment))
+    res = refine(problem, assignment, measure, s.refine, table.w if table is not None and "w" in s.search else None,
+                 on_accept=on_accept)
+    log.info("refine: %d probes, loss (half A, half B) %.4f, %.4f → %.4f, %.4f; %d moves (%s)", res.probes,
+             *res.before, *res.after, len(res.moves), res.stopped)
+    return res
