@@ -66,10 +66,11 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
 def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budget: str | None, method: str,
             s: RunSettings, options: MethodOptions | Mapping[str, Any] | None, table: SensitivityTable | None,
             out: str | Path | None = None) -> SearchResult:
-    """``search`` inside its profile: measure (unless ``table``), solve, refine; writes no file (``out`` is
-    only checked, before the long work)."""
+    """``search`` inside its profile: calibrate, pose the problem, measure (unless ``table``), decide,
+    refine, write the plan; writes no file (``out`` is only checked, before the long work)."""
     from .device import resolve_device
     from .profile import stage
+    from .quant.ptq import prepare_fp
 
     t_start = time.perf_counter()
     m = METHODS.get(method)
@@ -81,13 +82,42 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
         calib = calibration_set(data, s.calib_size, s.seed, s.data_root)
     check_compatible(bundle, calib)
     graph = discover(bundle.model, bundle.input_shape)
+    problem, fixed_names = _problem(graph, s, terms, uniform=m.sensitivity is None)
+    check_out_dir(out, "search results directory", s)  # after the cheap checks, before the long work
+    ctx = SearchContext(model=prepare_fp(bundle.model, s.qconfig), graph=graph, calib_images=calib.images,
+                        calib_labels=calib.labels, searched=problem.layers, w_bits=problem.w_bits,
+                        a_bits=problem.a_bits, search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig,
+                        seed=s.seed, options=opts, engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
+                        load_train=lambda n, seed: train_subset(data, n, seed, s.data_root),
+                        load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
+                        problem=problem, settings=s)
+    t_sens = time.perf_counter()
+    table, warnings = _measure(m, ctx, table, bundle.model) if table is None else (table, [])
+    t_solve = time.perf_counter()
+    with stage("solver"):
+        solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
+                                         method=m.name, search=s.search, w_bits=s.w_bits, a_bits=s.a_bits,
+                                         alpha=s.alpha, time_limit=s.time_limit, seed=s.seed))
+    with stage("refine"):
+        refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None
+    if refined is not None:
+        solution.assignment = refined.assignment
+    t_end = time.perf_counter()
+    plan = _plan(bundle, problem, solution, s, opts, method, budget, calib, fixed_names, refined, warnings)
+    return SearchResult(plan, solution, table, graph, problem.ledger,
+                        {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve, "total": t_end - t_start},
+                        ctx.engine_stats())
+
+
+def _problem(graph: Any, s: RunSettings, terms: Any, uniform: bool) -> tuple[Allocation, list[str]]:
+    """The allocation problem: searched layers (all but the fixed ones), candidate bits (``uniform``: the
+    given bits or every candidate), the budget's constraints; checked feasible. Also the fixed layers."""
     fixed_names = list(graph.default_fixed() if s.fixed is None else s.fixed)
     graph.check_names(fixed_names)
     searched = [n for n in graph.names if n not in fixed_names]
     if not searched:
         raise MpqkitError("no layer left to search: every quantizable layer is fixed")
-
-    if m.sensitivity is None:  # uniform: the given bits, or every candidate
+    if uniform:
         w_cands = [s.w_bits] if s.w_bits is not None else list(s.w_candidates)
         a_cands: list[int | None] = ([s.a_bits] if s.a_bits is not None else
                                      (list(s.a_candidates) if "a" in s.search else [8]))
@@ -99,56 +129,42 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
                          fixed={f: tuple(s.fixed_bits) for f in fixed_names}, constraints=ledger.resolve(terms),
                          tie_groups=graph.tie_groups)
     problem.check_feasible()
-    check_out_dir(out, "search results directory", s)  # after the cheap checks, before the long work
+    return problem, fixed_names
 
-    from .quant.ptq import prepare_fp
 
-    ctx = SearchContext(model=prepare_fp(bundle.model, s.qconfig), graph=graph, calib_images=calib.images,
-                        calib_labels=calib.labels, searched=searched, w_bits=w_cands, a_bits=a_cands,
-                        search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig, seed=s.seed, options=opts,
-                        engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
-                        load_train=lambda n, seed: train_subset(data, n, seed, s.data_root),
-                        load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
-                        problem=problem, settings=s)
-    t_sens = time.perf_counter()
-    warnings: list[str] = []
-    if table is None and m.sensitivity is not None:
-        check_outputs(bundle.model, calib.images)
-        table = m.sensitivity(ctx)
-        if table.flat:
-            warnings.append(f"{method}: every sensitivity of the table is the same value, so the plan carries no "
-                            f"information from the measurement (any allocation within the budget is 'optimal')")
-            log.warning(warnings[-1])
-        warnings += list(table.meta.get("warnings", []))  # what the method itself flagged (already logged)
-    t_solve = time.perf_counter()
-    with stage("solver"):
-        solution = m.solver(SolveRequest(problem=problem, table=table, options=opts, has_budget=bool(terms),
-                                         method=m.name, search=s.search, w_bits=s.w_bits, a_bits=s.a_bits,
-                                         alpha=s.alpha, time_limit=s.time_limit, seed=s.seed))
-    with stage("refine"):
-        refined = _refine(ctx, problem, solution.assignment, table, s) if s.refine else None
-    if refined is not None:
-        solution.assignment = refined.assignment
-    t_end = time.perf_counter()
+def _measure(m: Any, ctx: SearchContext, table: SensitivityTable | None,
+             fp_model: nn.Module) -> tuple[SensitivityTable | None, list[str]]:
+    """The method's measurement (None for uniform) and the warnings it raised or the table deserves."""
+    if m.sensitivity is None:
+        return None, []
+    check_outputs(fp_model, ctx.calib_images)
+    table = m.sensitivity(ctx)
+    warnings = []
+    if table.flat:
+        warnings.append(f"{m.name}: every sensitivity of the table is the same value, so the plan carries no "
+                        f"information from the measurement (any allocation within the budget is 'optimal')")
+        log.warning(warnings[-1])
+    return table, warnings + list(table.meta.get("warnings", []))  # what the method itself flagged (logged)
 
+
+def _plan(bundle: ModelBundle, problem: Allocation, solution: Any, s: RunSettings, opts: MethodOptions, method: str,
+          budget: str | None, calib: LabeledData, fixed_names: list[str], refined: Any, warnings: list[str]) -> Plan:
+    """The plan a search writes: every layer's bits, the method's parameters, costs and provenance."""
     full = problem.full(solution.assignment)
     layers = {f: LayerQuant(wb, ab, s.qconfig.w_granularity, s.qconfig.w_symmetric) for f, (wb, ab) in
-              ((n, full[n]) for n in graph.names)}
-    params = {"search": s.search, "w_candidates": w_cands, "a_candidates": a_cands, "fixed": fixed_names,
-              "objective": s.objective, "alpha": s.alpha, "time_limit": s.time_limit, "qconfig": s.qconfig.to_dict(),
-              **opts.to_params()}
+              ((n, full[n]) for n in problem.ledger.graph.names)}
+    params = {"search": s.search, "w_candidates": problem.w_bits, "a_candidates": problem.a_bits,
+              "fixed": fixed_names, "objective": s.objective, "alpha": s.alpha, "time_limit": s.time_limit,
+              "qconfig": s.qconfig.to_dict(), **opts.to_params()}
     prov = provenance(s.seed, len(calib), calib.sha256())
     prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
     if refined is not None:
         prov["refine"] = {"max_probes": s.refine, **refined.record()}
     if warnings:
         prov["warnings"] = warnings
-    plan = Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
-                method_params=params, budget=budget, costs=ledger.summary(full),
+    return Plan(layers=layers, model_name=bundle.name, model_sha256=bundle.sha256, method=method,
+                method_params=params, budget=budget, costs=problem.ledger.summary(full),
                 provenance={**prov, "solver": solution.record(), "data": calib.name})
-    return SearchResult(plan, solution, table, graph, ledger,
-                        {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve, "total": t_end - t_start},
-                        ctx.engine_stats())
 
 
 def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: SensitivityTable | None,
