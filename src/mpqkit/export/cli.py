@@ -39,11 +39,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return x
 
 
+def _quantized_model(args: argparse.Namespace, settings: Any) -> tuple[Any, Any, Any]:
+    """(model bundle, plan, quantized model) from ``--quantized FILE`` or from ``--plan`` applied now."""
+    from .. import api
+    from ..plan import Plan
+
+    bundle = api.load_model(args.model, settings)
+    if args.quantized:
+        qmodel = api.on_device(api.load_quantized(bundle, args.quantized, settings=settings), settings.device)
+        return bundle, qmodel.mpqkit_plan, qmodel
+    plan = Plan.load(args.plan)
+    return bundle, plan, api.apply_plan(bundle, plan, args.data, settings=settings)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a quantized model; with ``--check``, fail (MpqkitError) when it is off by more than the tolerances."""
     from .. import api
     from ..fileutil import check_output_file
-    from ..plan import Plan
 
     for flag, tol in (("--tolerance", args.tolerance), ("--logit-tolerance", args.logit_tolerance)):
         if tol is not None and not tol >= 0:  # NaN too
@@ -52,13 +64,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..cli_args import settings_from_args
 
     settings = settings_from_args(args)
-    bundle = api.load_model(args.model, settings)
-    if args.quantized:
-        qmodel = api.on_device(api.load_quantized(bundle, args.quantized, settings=settings), settings.device)
-        plan = qmodel.mpqkit_plan
-    else:
-        plan = Plan.load(args.plan)
-        qmodel = api.apply_plan(bundle, plan, args.data, settings=settings)
+    bundle, plan, qmodel = _quantized_model(args, settings)
     out: dict[str, Any] = {"model": bundle.name, "plan": args.plan or args.quantized, "format": args.format}
     if args.format == "onnx":
         from .onnx import export_onnx

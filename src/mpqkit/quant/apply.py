@@ -55,30 +55,10 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
         if calib_images is None:
             raise DataError("the plan quantizes activations: calibration data is required")
         observers = calibrate(model, act_layers, calib_images, seed=seed)
-    qmodel = copy.deepcopy(model)
-    qmodel.eval()
-    for fqn, lq in plan.layers.items():
-        if lq.w_bits is None and lq.a_bits is None:
-            continue
-        module = qmodel.get_submodule(fqn)
-        w_spec = (qconfig.w_spec(lq.w_bits, per_channel=lq.w_granularity == "per_channel",
-                                 symmetric=lq.w_symmetric) if lq.w_bits is not None else None)
-        a_spec = qconfig.a_spec(lq.a_bits) if lq.a_bits is not None else None
-        a_qparams = None
-        if a_spec is not None:
-            a_qparams = observers[fqn].qparams(a_spec) if observers is not None else \
-                (torch.ones(()), torch.zeros(()), *a_spec.qrange)  # placeholder: overwritten by state_dict
-        set_submodule(qmodel, fqn, quantize_module(module, w_spec, a_spec, a_qparams=a_qparams))
+    qmodel = _swap_layers(copy.deepcopy(model).eval(), plan, qconfig, observers)
     _quantize_matmul_inputs(model, qmodel, plan, calib_images, qconfig, state_dict is not None)
     if state_dict is not None:
-        for fqn in plan.layers:  # bias correction gives a bias to a layer that had none (no BN after it)
-            m = qmodel.get_submodule(fqn)
-            if f"{fqn}.bias" in state_dict and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
-                m.bias = nn.Parameter(torch.zeros_like(state_dict[f"{fqn}.bias"]))
-        try:
-            qmodel.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise PlanError(f"the saved quantized weights do not match this model and plan: {e}") from None
+        _load_saved(qmodel, plan, state_dict)
     elif qconfig.layer_ptq or recon is not None:
         if calib_images is None:
             raise DataError("the quantizer (GPTQ, bias correction or reconstruction) learns from the calibration "
@@ -93,6 +73,39 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
         qmodel.mpqkit_ptq = layer_steps(qmodel, model, batches, qconfig, recon, builder, progress)
     qmodel.mpqkit_qconfig = qconfig  # the quantizer that built it (saved beside the weights)
     return qmodel
+
+
+def _swap_layers(qmodel: nn.Module, plan: Plan, qconfig: QuantConfig,
+                 observers: dict[str, ActivationObserver] | None) -> nn.Module:
+    """Every layer the plan quantizes replaced in ``qmodel`` (in place) by its fake-quant module: weight
+    grid from ``qconfig`` at the plan's bits, input range from its observer (without observers, a
+    placeholder that a saved state dict overwrites)."""
+    for fqn, lq in plan.layers.items():
+        if lq.w_bits is None and lq.a_bits is None:
+            continue
+        module = qmodel.get_submodule(fqn)
+        w_spec = (qconfig.w_spec(lq.w_bits, per_channel=lq.w_granularity == "per_channel",
+                                 symmetric=lq.w_symmetric) if lq.w_bits is not None else None)
+        a_spec = qconfig.a_spec(lq.a_bits) if lq.a_bits is not None else None
+        a_qparams = None
+        if a_spec is not None:
+            a_qparams = observers[fqn].qparams(a_spec) if observers is not None else \
+                (torch.ones(()), torch.zeros(()), *a_spec.qrange)  # placeholder: overwritten by state_dict
+        set_submodule(qmodel, fqn, quantize_module(module, w_spec, a_spec, a_qparams=a_qparams))
+    return qmodel
+
+
+def _load_saved(qmodel: nn.Module, plan: Plan, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a saved quantized state dict into ``qmodel`` (strict), after giving a bias to every layer
+    the saved one has a bias for (bias correction adds one where there was none)."""
+    for fqn in plan.layers:
+        m = qmodel.get_submodule(fqn)
+        if f"{fqn}.bias" in state_dict and isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
+            m.bias = nn.Parameter(torch.zeros_like(state_dict[f"{fqn}.bias"]))
+    try:
+        qmodel.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise PlanError(f"the saved quantized weights do not match this model and plan: {e}") from None
 
 
 def _quantize_matmul_inputs(model: nn.Module, qmodel: nn.Module, plan: Plan, calib_images: torch.Tensor | None,
