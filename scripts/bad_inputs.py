@@ -72,6 +72,8 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
     negcalib = json.loads(good.read_text())
     negcalib["provenance"]["calib"]["n"] = -5
     (tmp / "neg_calib.json").write_text(json.dumps(negcalib))
+    (tmp / "garbage_rows").mkdir()
+    (tmp / "garbage_rows" / "rows.jsonl").write_text("\x00 not json\n{broken\n")
     return [
         ("unknown model name", ["eval", "--model", "resnet99"]),
         ("unknown dataset", ["eval", "--model", "digits-cnn", "--data", "mnist"]),
@@ -150,6 +152,9 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
          ["search", *D, "--method", "uniform", "--w-bits", "4", "--out", str(tmp / ("p" * 250 + ".json"))]),
         ("report --markdown naming an existing directory", ["report", str(tmp / "b0"), "--markdown",
                                                             str(tmp / "existing_dir.json")]),
+        ("bench --splits exact on digits (a split the data does not have)",
+         ["bench", *D, "--methods", "uniform", "--budgets", "avg-bits=4", "--splits", "exact", "--out", str(tmp / "b3")]),
+        ("report of a garbage rows.jsonl", ["report", str(tmp / "garbage_rows")]),
         ("--random-init with a torchvision model is honoured (wrong data shape is the error)",
          ["eval", "--model", "mobilenet_v2", "--random-init", "--data", "digits"]),
     ]
