@@ -62,8 +62,13 @@ def test_table_plan_budget_and_determinism(method, tmp_path, graph):
     for c in ledger.resolve(parse_budget(BUDGET)):
         assert ledger.value(c.metric, res.plan.assignment()) <= c.limit * (1 + 1e-9)
     # same seed → same plan bytes (fresh cache: measured again, not read back)
-    again = _search(method, tmp_path, tag="b")
+    again = _search(method, tmp_path, tag="b", out=tmp_path / "results")
     assert json.dumps(again.plan.to_dict()) == json.dumps(res.plan.to_dict())
+    # every JSON file the search wrote (results directory, probe cache) parses strictly: no NaN / Infinity
+    written = [*(tmp_path / "results").rglob("*.json"), *(tmp_path / "cache-b").rglob("*.json")]
+    assert any(p.name == "summary.json" for p in written)
+    for p in written:
+        json.loads(p.read_text(), parse_constant=lambda c, p=p: pytest.fail(f"{p.name} holds {c}"))
     # options round-trip through the plan
     m = METHODS.get(method)
     opts = m.make_options(FAST.get(method))
