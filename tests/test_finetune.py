@@ -115,6 +115,9 @@ def test_finetuned_model_exports_to_onnx_and_passes_the_check(digits_plan, tmp_p
     assert json.loads(capsys.readouterr().out)["check"]["top1_diff_pt"] <= 0.5
     assert main(["eval", "-q", "--model", "digits-cnn", "--data", "digits", "--quantized", model, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] > 0.5
+    assert main(["finetune", "-q", "--model", "digits-cnn", "--data", "digits", "--plan", str(digits_plan), "--epochs", "1",
+                 "--seed", "3", "--heldout", "100", "--allow-small-data", "--out", str(tmp_path / "cli"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finetune"]["seed"] == 3
 
 
 def test_finetune_refusals(digits_plan, tmp_path):

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-distill", dest="distill", action="store_false",
                    help="cross-entropy with the labels instead of KL to the fp model's logits")
     f.add_argument("--augment", choices=["crop-flip", "none"], help="default: crop-flip for cifar10, none otherwise")
+    f.add_argument("--seed", type=int, default=0, help="seed of the held-out images, the image order and the "
+                   "augmentation (default 0); the PTQ's calibration set is the plan's own")
     f.add_argument("--heldout", type=int, default=1000,
                    help="training images kept out of training for the per-epoch top-1 (default 1000)")
     f.add_argument("--train-size", type=positive_int,
