@@ -174,6 +174,9 @@ $M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits
     --calib-size 128 --draws 1 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
+# ConvMixer-256/8 (CIFAR-10, 1,024 calibration images), 3 draws
+$M bench -q --model convmixer --methods uniform,eval-delta --budgets avg-bits=3:5:1 --ptq default --splits test \
+    --draws 3 --out $R/bench_convmixer_gptq
 # EfficientNet-Lite0, 3 draws
 $M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets avg-bits=4 --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
@@ -198,7 +201,7 @@ B=$R/bench_mobilenetv2_gptq
     --claim "eval-delta: allocation under GPTQ > under nearest rounding;$B;eval-delta;$R/bench_mobilenetv2_rtnalloc;eval-delta@gptq"
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/bench_efficientnet_lite0_gptq \
+    $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
