@@ -49,8 +49,8 @@ def lsq_fake_quant(x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int, g
 
 class _LsqClampFirst(torch.autograd.Function):
     """:func:`lsq_fake_quant` with ``clamp_first`` as one autograd node: a handful of passes over the
-    tensor instead of the ~15 a composition of ops records (fine-tuning spends most of its
-    non-convolution time here). Saves the in-range mask and the per-element ``∂x̂/∂s``."""
+    tensor instead of the many temporaries a composition of ops records. Saves the in-range mask and
+    the per-element ``∂x̂/∂s``; gradients equal the composed straight-through ops' (tested)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int, g: float) -> Tensor:  # type: ignore[override]
