@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DataError, MpqkitError
-from .modules import QuantMixin
+from .modules import QuantMixin, install_quantizers
 from .lsq import lsq_fake_quant
 
 log = logging.getLogger("mpqkit")
@@ -285,7 +285,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
         rounders = [_AdaRoundWeight(l) if l.w_spec is not None else None for l in layers]
         inputs = [_LsqInput(l, cfg.learn_act, cfg.drop, gen) if l.a_spec is not None else None for l in layers]
         for l, r, q in zip(layers, rounders, inputs):
-            _install(l, r, q)
+            install_quantizers(l, r, q)
         w_params = [r.alpha for r in rounders if r is not None]
         a_params = [q.scale for q in inputs if q is not None and cfg.learn_act]
         opt_w = torch.optim.Adam(w_params, lr=cfg.lr) if w_params else None
@@ -325,10 +325,9 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
                 for l, r, q in zip(layers, rounders, inputs):
                     if r is not None:
                         l.weight.copy_(r(l.weight))  # hard-rounded values, on the layer's grid
-                        l._w_cache = None
                     if q is not None and cfg.learn_act:
                         l.a_scale.copy_(q.scale.detach().abs() + 1e-12)
-                    _install(l, None, None)
+                    install_quantizers(l, None, None)
             after = _unit_error(unit.module, x_store.data, y_store.data)
             if after > before:  # rare (few iterations): keep nearest rounding and the calibrated steps
                 _restore(layers, saved)
@@ -336,7 +335,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
             for p in frozen:
                 p.requires_grad_(True)
             for l in layers:
-                _install(l, None, None)
+                install_quantizers(l, None, None)
             x_store.close()
             y_store.close()
         row = {"unit": unit.fqn, "layers": unit.layers, "mse_before": before, "mse_after": min(after, before),
@@ -348,12 +347,6 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
         (log.info if progress else log.debug)(msg)
     stats["seconds"] = time.perf_counter() - t_all
     return stats
-
-
-def _install(layer: QuantMixin, weight_fn: nn.Module | None, input_fn: nn.Module | None) -> None:
-    """Swap a layer's quantizers without registering them as submodules (state dict unchanged)."""
-    object.__setattr__(layer, "weight_fn", weight_fn)
-    object.__setattr__(layer, "input_fn", input_fn)
 
 
 @torch.no_grad()

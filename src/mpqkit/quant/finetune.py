@@ -1,7 +1,8 @@
 """Quantization-aware fine-tuning of a quantized model (LSQ), resumable epoch by epoch.
 
-The model is the output of ``quant.apply.apply_plan`` (BatchNorm already folded into the convs: the
-form that ships, so what is trained is what is exported; any norm layer left is frozen in eval mode).
+The model is the output of ``quant.apply.apply_plan``. A conv's weight is quantized before its
+BatchNorm (the packed export folds BN into the per-channel scale afterwards), so BatchNorm stays as it
+is — frozen in eval mode, statistics and affine — and what is trained is what is exported.
 Every quantized layer gets LSQ quantizers (:mod:`.lsq`) initialised from its PTQ step sizes — per
 output channel for weights, per tensor for inputs — and trains its latent weights, biases and step
 sizes with straight-through rounding. Bits, grids (symmetric or not, zero points) and therefore the
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, DataError, MpqkitError
 from .lsq import LsqQuantizer, lsq_grad_scale
-from .modules import QuantAct, QuantMixin
+from .modules import QuantAct, QuantMixin, install_quantizers
 from .primitives import fake_quant
 
 log = logging.getLogger("mpqkit")
@@ -111,11 +112,6 @@ class _Learned:
     input: LsqQuantizer | None
 
 
-def _install(layer: nn.Module, wq: nn.Module | None, aq: nn.Module | None) -> None:
-    object.__setattr__(layer, "weight_fn", wq)  # not registered: the layer's state dict is unchanged
-    object.__setattr__(layer, "input_fn", aq)
-
-
 def install_lsq(qmodel: nn.Module) -> dict[str, _Learned]:
     """Give every quantized layer of ``qmodel`` LSQ quantizers initialised from its current step sizes."""
     learned: dict[str, _Learned] = {}
@@ -127,8 +123,7 @@ def install_lsq(qmodel: nn.Module) -> dict[str, _Learned]:
                 wq = LsqQuantizer(m.w_scale, m.w_zero_point, *m._w_range, g=lsq_grad_scale(per_step, m._w_range[1]))
             if m.a_spec is not None:
                 aq = LsqQuantizer(m.a_scale, m.a_zero_point, *m._a_range, g=1.0)
-            _install(m, wq, aq)
-            m._w_cache = None
+            install_quantizers(m, wq, aq)
             learned[name] = _Learned(wq, aq)
     if not learned:
         raise MpqkitError("the model has no quantized layer to fine-tune")
@@ -146,8 +141,7 @@ def bake(qmodel: nn.Module, learned: dict[str, _Learned]) -> None:
             m.weight.copy_(fake_quant(m.weight.detach(), m.w_scale, m.w_zero_point, *m._w_range))
         if lq.input is not None:
             m.a_scale.copy_(lq.input.step().reshape(m.a_scale.shape))
-        _install(m, None, None)
-        m._w_cache = None
+        install_quantizers(m, None, None)
 
 
 def _trainable(qmodel: nn.Module, learned: dict[str, _Learned]) -> list[nn.Parameter]:

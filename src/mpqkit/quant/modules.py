@@ -94,6 +94,15 @@ class QuantLinear(QuantMixin, nn.Linear):
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
+def install_quantizers(layer: QuantMixin, weight_fn: Callable[[Tensor], Tensor] | None,
+                       input_fn: Callable[[Tensor], Tensor] | None) -> None:
+    """Swap a quantized layer's weight and input quantizers (None: its own fixed grids again), without
+    registering them as submodules, so the layer's state dict is unchanged."""
+    object.__setattr__(layer, "weight_fn", weight_fn)
+    object.__setattr__(layer, "input_fn", input_fn)
+    layer._w_cache = None
+
+
 def quantize_module(module: nn.Module, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
                     w_qparams: QParams | None = None, a_qparams: QParams | None = None) -> nn.Module:
     """The quantized counterpart of a Conv2d or Linear, sharing its weight and bias tensors."""
