@@ -5,49 +5,127 @@
         --draws 0,1,2 --epochs 5
 
 For every (method, budget, draw) row of ``--src`` (its default-PTQ rows), the row's plan is fine-tuned
-with ``api.finetune`` (the run's seed is the draw's seed) into ``<out>/plans/<method>/<budget>/draw<k>/``
-and evaluated on the test split; the row is written to ``<out>/rows.jsonl`` with the source row's size
-fields and search seconds, ``ptq`` = ``lsq-<epochs>ep``, ``ptq_s`` = the seconds of PTQ plus fine-tuning and ``plan`` = the fine-tuned
-plan, so ``mpqkit report`` and ``benchmarks/claims.py`` pair it like any bench row. ``--epochs-list``
-adds rows at fewer epochs (accuracy vs epochs: each a separate run with its own cosine schedule).
+with ``api.finetune`` (the run's seed is the draw's seed) into
+``<out>/plans/<method>/<budget>/draw<k>/<tag>/`` and evaluated on the test split; the row is written to
+``<out>/rows.jsonl`` with the source row's size fields and search seconds, ``ptq`` = the tag
+(``lsq-<epochs>ep``, ``-lr<lr>`` when not the default, ``-<N>img`` with ``--train-size``), ``ptq_s`` =
+the seconds of PTQ plus fine-tuning, ``device`` = where it was fine-tuned and ``plan`` = the
+fine-tuned plan, so ``mpqkit report`` and ``benchmarks/claims.py`` pair it like any bench row.
+``--epochs-list`` / ``--lr-list`` add runs at other epoch counts / learning rates (each its own run,
+with its own cosine schedule).
+
+``--jobs N`` fine-tunes N plans at once in separate processes (one thread each: for a GPU, where one
+small model leaves the card idle). ``--no-test`` only fine-tunes (for a machine without the test
+split): a later run without it finds the finished folders, does not train again, and evaluates them.
 Resumable: rows already written are skipped and a killed fine-tune resumes from its checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
-
-from mpqkit import api
-from mpqkit.report.bench import load_rows
-
 
 #: copied from the source row: what the plan is, and the search time a user waited for it
 SOURCE_FIELDS = ("method", "budget", "draw", "seed", "size_mb", "compression", "gbitops", "avg_w_bits", "search_s")
+DEFAULT_LR = 1e-4
 
 
-def ptq_tag(epochs: int, train_size: int | None) -> str:
-    """The rows' PTQ column: ``lsq-<epochs>ep``, plus ``-<N>img`` when an epoch is ``N`` images."""
-    return f"lsq-{epochs}ep" + (f"-{train_size}img" if train_size else "")
+@dataclass(frozen=True)
+class Job:
+    """One fine-tuning run: a source row's plan, the model and data, and how it is fine-tuned."""
+
+    src_row: dict
+    model: str
+    data: str
+    out: Path
+    epochs: int
+    lr: float
+    train_size: int | None
+
+    @property
+    def tag(self) -> str:
+        """The rows' PTQ column: ``lsq-<epochs>ep``, plus ``-lr<lr>`` and ``-<N>img`` where they differ."""
+        return (f"lsq-{self.epochs}ep" + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
+                + (f"-{self.train_size}img" if self.train_size else ""))
+
+    @property
+    def folder(self) -> Path:
+        r = self.src_row
+        return self.out / "plans" / r["method"] / r["budget"] / f"draw{r['draw']}" / self.tag
+
+    @property
+    def key(self) -> tuple:
+        r = self.src_row
+        return r["method"], r["budget"], r.get("draw"), self.tag
 
 
-def _key(r: dict) -> tuple:
-    return r["method"], r["budget"], r.get("draw"), r.get("ptq")
+def plan_path(path: str) -> str:
+    """The source row's plan; an absolute path from another checkout is looked up in this one."""
+    if not os.path.isabs(path) or os.path.exists(path) or "benchmarks/" not in path:
+        return path
+    return path[path.index("benchmarks/"):]
 
 
-def finetune_row(src_row: dict, model: str, data: str, out: Path, epochs: int, lr: float,
-                 train_size: int | None = None) -> dict:
-    """Fine-tune one source row's plan; return the bench row of the fine-tuned model on the test split."""
-    tag = ptq_tag(epochs, train_size)
-    folder = out / "plans" / src_row["method"] / src_row["budget"] / f"draw{src_row['draw']}" / tag
-    res = api.finetune(model, src_row["plan"], data, folder, epochs=epochs, lr=lr, train_size=train_size,
-                       seed=int(src_row["seed"]), progress=False)
-    ev = api.evaluate(model, data, "test", quantized=folder / "model.pt", progress=False)
-    row = {k: src_row[k] for k in SOURCE_FIELDS if k in src_row}
-    row.update(ptq=tag, top1_test=100 * ev["top1"], top1_before=src_row["top1_test"], ptq_s=res["seconds"],
-               seconds_per_epoch=res["seconds"] / max(res["finetune"]["epochs_done"], 1),
-               heldout_top1=res["finetune"]["heldout_top1"], plan=str(folder / "plan.json"))
+def finished(folder: Path) -> dict | None:
+    """The summary of a finished fine-tune in ``folder`` (model.pt written), else None."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("finished") and (folder / "model.pt").is_file() else None
+
+
+def run_job(job: Job, test: bool = True) -> tuple[dict, dict | None]:
+    """Fine-tune the job's plan unless its folder already holds a finished run; return its summary and,
+    with ``test``, its bench row."""
+    from mpqkit import api
+
+    summary = finished(job.folder)
+    if summary is None:
+        summary = api.finetune(job.model, plan_path(job.src_row["plan"]), job.data, job.folder, epochs=job.epochs,
+                               lr=job.lr, train_size=job.train_size, seed=int(job.src_row["seed"]), progress=False)
+    return summary, test_row(job, summary) if test else None
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def test_row(job: Job, summary: dict) -> dict:
+    """The bench row of a finished fine-tune: its test top-1 beside the plan's under today's PTQ
+    (``top1_before``; the source row's may be older)."""
+    from mpqkit import api
+
+    ev = api.evaluate(job.model, job.data, "test", quantized=job.folder / "model.pt", progress=False)
+    ptq = api.evaluate(job.model, job.data, "test", plan=plan_path(job.src_row["plan"]), progress=False)
+    row = {k: job.src_row[k] for k in SOURCE_FIELDS if k in job.src_row}
+    ft = summary["finetune"]
+    row.update(ptq=job.tag, top1_test=100 * ev["top1"], top1_before=100 * ptq["top1"],
+               ptq_s=summary["seconds"], seconds_per_epoch=sum(h["seconds"] for h in summary["history"])
+               / max(ft["epochs_done"], 1), device=summary.get("device", "cpu"),
+               heldout_top1=ft["heldout_top1"], plan=str(job.folder / "plan.json"))
     return row
+
+
+def jobs_from_args(args: argparse.Namespace) -> list[Job]:
+    from mpqkit.report.bench import load_rows
+
+    methods, budgets = args.methods.split(","), args.budgets.split(",")
+    draws = [int(d) for d in args.draws.split(",")]
+    src = [r for r in load_rows(Path(args.src) / "rows.jsonl")
+           if r["method"] in methods and r["budget"] in budgets and r.get("draw", 0) in draws and r.get("ptq") is None]
+    for r in src:
+        r.setdefault("draw", 0)
+        r.setdefault("seed", 0)
+    epochs = [args.epochs] + [int(e) for e in args.epochs_list.split(",") if e]
+    lrs = [args.lr] + [float(v) for v in args.lr_list.split(",") if v]
+    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size)
+            for ep in epochs for lr in lrs for r in sorted(src, key=lambda r: (r["draw"], r["budget"], r["method"]))]
 
 
 def main() -> None:
@@ -61,27 +139,45 @@ def main() -> None:
     ap.add_argument("--draws", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--epochs-list", default="", help="also these epoch counts (comma-separated), e.g. 1,2")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--lr-list", default="", help="also these learning rates (comma-separated)")
     ap.add_argument("--train-size", type=int, help="images per epoch (default: the whole train split)")
+    ap.add_argument("--jobs", type=int, default=1, help="fine-tune this many plans at once (processes)")
+    ap.add_argument("--no-test", action="store_true", help="only fine-tune; write no rows (no test split here)")
     args = ap.parse_args()
+    from mpqkit.report.bench import load_rows
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    done = {_key(r) for r in load_rows(rows_path)} if rows_path.exists() else set()
-    methods, budgets = args.methods.split(","), args.budgets.split(",")
-    draws = [int(d) for d in args.draws.split(",")]
-    epochs = [args.epochs] + [int(e) for e in args.epochs_list.split(",") if e]
-    src = [r for r in load_rows(Path(args.src) / "rows.jsonl")
-           if r["method"] in methods and r["budget"] in budgets and r.get("draw") in draws and r.get("ptq") is None]
-    for ep in epochs:
-        for r in sorted(src, key=lambda r: (r["draw"], r["budget"], r["method"])):
-            if (r["method"], r["budget"], r["draw"], ptq_tag(ep, args.train_size)) in done:
-                continue
-            row = finetune_row(r, args.model, args.data, out, ep, args.lr, args.train_size)
-            with rows_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"{row['method']} {row['budget']} draw {row['draw']} {row['ptq']}: top-1 {row['top1_before']:.2f} "
-                  f"→ {row['top1_test']:.2f} ({row['ptq_s']:.0f} s)", flush=True)
+    done = {(r["method"], r["budget"], r.get("draw"), r.get("ptq")) for r in load_rows(rows_path)} \
+        if rows_path.exists() else set()
+    todo = [j for j in jobs_from_args(args) if j.key not in done]
+    test = not args.no_test
+    if args.jobs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _worker_init) as pool:
+            futures = {pool.submit(run_job, j, test): j for j in todo}
+            for fut in as_completed(futures):
+                try:
+                    _report(futures[fut], *fut.result(), rows_path)
+                except Exception as e:  # noqa: BLE001 - one failed run must not lose the others' rows
+                    print(f"{futures[fut].folder}: FAILED: {type(e).__name__}: {e}", flush=True)
+    else:
+        for j in todo:
+            _report(j, *run_job(j, test), rows_path)
+
+
+def _report(job: Job, summary: dict, row: dict | None, rows_path: Path) -> None:
+    print(f"{job.folder}: {summary['finetune']['epochs_done']} epochs in {summary['seconds']:.0f} s "
+          f"on {summary.get('device', 'cpu')}", flush=True)
+    if row is None:
+        return
+    with rows_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{row['method']} {row['budget']} draw {row['draw']} {row['ptq']}: top-1 {row['top1_before']:.2f} "
+          f"→ {row['top1_test']:.2f} ({row['ptq_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

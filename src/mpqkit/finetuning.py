@@ -17,6 +17,7 @@ from .zoo.data import LabeledData
 from .zoo.models import ModelBundle
 from .applying import apply_plan, save_quantized
 from .loading import check_compatible, check_out_dir, load_model, load_split, on_device
+from .quant.apply import model_device
 
 log = logging.getLogger("mpqkit")
 
@@ -90,7 +91,8 @@ def _finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, dat
               "heldout_images": len(held), "heldout_top1_before": before,
               "heldout_top1": state.history[-1].get("heldout_top1") if state.history else before,
               "ptq": ptq["ptq"] or "default", "data": name}
-    summary = {"model": bundle.name, "finetune": record, "history": state.history,
+    summary = {"model": bundle.name, "device": str(model_device(qmodel)), "finetune": record,
+               "history": state.history,
                "ptq_s": ptq_s, "seconds": ptq_s + sum(h["seconds"] for h in state.history),
                "finished": state.epochs_done == cfg.epochs}
     if summary["finished"]:
