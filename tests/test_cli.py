@@ -242,3 +242,29 @@ def test_flag_defaults_are_the_settings_defaults():
         differ = {f.name: (getattr(s, f.name), getattr(RunSettings(), f.name)) for f in dataclasses.fields(s)
                   if getattr(s, f.name) != getattr(RunSettings(), f.name)}
         assert differ == {}, (argv[0], differ)
+
+
+def test_every_setting_has_exactly_one_generated_flag():
+    """Settings are declared once: each RunSettings / QuantConfig field (but the API-only input shape and
+    the nested qconfig) declares one flag, and the searching commands' parser holds exactly one action
+    for it, generated from that declaration (its help is the field's)."""
+    import argparse
+    import dataclasses
+
+    from mpqkit.cli import build_parser
+    from mpqkit.cli_args import setting_fields
+    from mpqkit.flagspec import flag_of
+    from mpqkit.settings import RunSettings
+
+    declared = {f.name for f, _, _ in setting_fields()}
+    everything = {f.name for f in dataclasses.fields(RunSettings)} | {f.name for f in dataclasses.fields(QuantConfig)}
+    assert everything - declared == {"input_shape", "qconfig"}
+    assert flag_of(dataclasses.fields(RunSettings)[0]) is not None
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("search", "sweep", "bench", "proxies"):
+        actions = sub.choices[command]._actions
+        for f, spec, _ in setting_fields():
+            mine = [a for a in actions if a.dest == (spec.dest or f.name)]
+            assert len(mine) == 1, (command, f.name, [a.option_strings for a in mine])
+            assert list(mine[0].option_strings[:len(spec.names)]) == list(spec.names)
+            assert mine[0].help == spec.help

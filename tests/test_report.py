@@ -155,16 +155,24 @@ def test_results_page_opens_with_what_to_run(tmp_path):
     one = tmp_path / "one"  # a single draw recommends nothing
     one.mkdir()
     (one / "rows.jsonl").write_text(json.dumps(row("x", None, 0, 99.0, 1.0)) + "\n")
+    worse = tmp_path / "worse"  # another directory measuring the same budget, with a lower best mean: not shown
+    worse.mkdir()
+    (worse / "rows.jsonl").write_text("".join(json.dumps(row("y", None, k, 86.0, 1.0)) + "\n" for k in range(3)))
+    for folder in (d, worse):  # the same model and data
+        (folder / "title.txt").write_text("toy / data: methods")
     page = tmp_path / "RESULTS.md"
-    write_markdown_index([d, one], str(page), "mpqkit report r one")
+    write_markdown_index([d, one, worse], str(page), "mpqkit report r one worse")
     text = page.read_text()
-    table = text[text.index("## What to run"):text.index("### ")]
+    table = text[text.index("## What to run"):text.index("## Contents")]
     lines = [x for x in table.splitlines() if x.startswith("| ") and "avg-bits=3" in x]
     assert len(lines) == 1
     # the best mean, and the cheapest of those tied with it at equal size (not "bad": separated; not "big": larger)
-    assert "| slow + default | 87.10 ± 0.10 (3) | 101 | fast + default | 87.00 | 5 | +0.10 [" in lines[0]
-    assert "| x " not in table
-    assert text.rstrip().endswith("This page: `mpqkit report r one`")
+    assert "| slow + default | 87.10 ± 0.10 (3) | 101 | `r` (2) | fast + default | 87.00 | 5 | +0.10 [" in lines[0]
+    assert "| x " not in table and "| y " not in table
+    toc = text[text.index("## Contents"):text.index("### ")]
+    titles = [line[4:] for line in text.splitlines() if line.startswith("### ")]
+    assert toc.count("\n- [") == len(titles) == 3  # every section listed, in order
+    assert text.rstrip().endswith("This page: `mpqkit report r one worse`")
 
 
 def test_what_to_run_does_not_call_a_much_worse_method_a_tie():

@@ -18,17 +18,33 @@ from .errors import MpqkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mpqkit`` parser: one sub-command per pipeline entry point."""
+    from .export.cli import add_parser as add_export_parser
     from .sensitivity import METHODS
 
     ap = OneLineParser(prog="mpqkit", description="Mixed-precision quantization: search, apply, evaluate.")
     sub = ap.add_subparsers(dest="command", required=True)
     method_help = "; ".join(f"{m.name}: {m.description}" for m in METHODS)
+    _add_demo(sub)
+    _add_search(sub, method_help)
+    _add_apply_eval(sub)
+    _add_sweep_bench(sub, method_help)
+    _add_proxies_report(sub)
+    _add_finetune(sub)
+    g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
+    add_settings(g, data=False, device=False)  # nothing runs: no device, no progress
+    add_export_parser(sub)
+    return ap
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="digits CNN: search (each method) → plan → quantize → eval → report, offline")
     d.add_argument("--out", default="results/demo", help="results directory (default results/demo)")
     d.add_argument("--budget", default="avg-bits=3", help="budget of every demo search (default avg-bits=3)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+
+def _add_search(sub: Any, method_help: str) -> None:
     s = sub.add_parser("search", help="search a mixed-precision plan under a budget")
     add_settings(s, search=True)
     s.add_argument("--method", default="eval-delta", help=f"default eval-delta. {method_help}")
@@ -42,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ptq(s)
     add_method_options(s)
 
+
+def _add_apply_eval(sub: Any) -> None:
     a = sub.add_parser("apply", help="quantize a model with a plan and save it")
     add_settings(a)
     a.add_argument("--plan", required=True, help="plan.json to quantize with")
@@ -55,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantized", help="a saved quantized model (mpqkit apply --out, mpqkit finetune's model.pt)")
     e.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     add_ptq(e)
+
+
+def _add_sweep_bench(sub: Any, method_help: str) -> None:
+    from .sensitivity import METHODS
 
     for name, help_ in (("sweep", "one method over many budgets from one sensitivity: frontier CSV + PNG"),
                         ("bench", "methods × budgets × PTQ backends: results.csv, pareto.png, report.html")):
@@ -78,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "95 %% intervals (default 1; the published results use 5)")
         b.add_argument("--out", required=True, help="results directory (rerun to resume)")
         add_method_options(b)
+
+
+def _add_proxies_report(sub: Any) -> None:
     x = sub.add_parser("proxies", help="rank correlation of each method's sensitivity with the true single-layer "
                                        "top-1 drop on the test split (table + scatter PNG)")
     add_settings(x, search=True)
@@ -90,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--markdown", help="write the tables of all directories into this Markdown file")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
+
+def _add_finetune(sub: Any) -> None:
     f = sub.add_parser("finetune", help="quantization-aware fine-tuning (LSQ) of a plan on the train split")
     add_settings(f)
     f.add_argument("--plan", required=True, help="plan.json to quantize and fine-tune")
@@ -110,14 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune even on a train split of fewer than 5,000 images (over-fits)")
     add_ptq(f)
 
-    g = sub.add_parser("layers", help="list quantizable layers, costs and tie groups")
-    add_settings(g, data=False, device=False)  # nothing runs: no device, no progress
-
-    from .export.cli import add_parser as add_export_parser
-
-    add_export_parser(sub)
-    return ap
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
@@ -128,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .zoo.models import FIXED_RESOLUTION
 
         args.data = FIXED_RESOLUTION.get(getattr(args, "model", ""), "cifar10")
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+    quiet = getattr(args, "quiet", False) or not getattr(args, "progress", True)  # -q: its own, or the settings'
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s")
     from .export.cli import cmd_export
 
@@ -230,7 +250,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     check_output_file(Path(args.out), "quantized model file (--out)")
     settings = settings_from_args(args)
     plan = Plan.load(args.plan)
-    if not args.quiet:
+    if settings.progress:
         print(f"quantizing {args.model} with {args.plan}" + (f" (ptq {args.ptq})" if args.ptq else "") + " …",
               file=sys.stderr)
     qmodel = api.apply_plan(args.model, plan, args.data, settings=settings, **ptq_kwargs(args))

@@ -7,6 +7,7 @@ must share activation bits, which the solver can enforce.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -16,6 +17,8 @@ from torch import nn
 from .errors import UnknownNameError
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+log = logging.getLogger("mpqkit")
 
 
 @dataclass(frozen=True)
@@ -113,14 +116,25 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
 
     hidden = unexposed_attention(model)
     if hidden:
-        import logging
+        log.warning("%d attention module(s) (%s) keep their projections out of reach: they stay fp32 unless "
+                    "you call mpqkit.attention.expose_attention(model) first (load_model does)", len(hidden), hidden[0])
+    records, inputs = _trace(model, input_shape)
+    silent = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and n not in records]
+    if silent:
+        log.warning("%d Conv2d/Linear module(s) never ran as modules in the forward pass (their weights are used "
+                    "functionally, e.g. %s): they are not searchable and stay fp32", len(silent), ", ".join(silent[:3]))
+    layers = [_layer_info(name, rec) for name, rec in sorted(records.items(), key=lambda kv: kv[1]["index"])]
+    total = sum(p.numel() for p in model.parameters())
+    return ModelGraph(layers=layers, tie_groups=_tie_groups(inputs), total_params=total,
+                      input_shape=tuple(input_shape))
 
-        logging.getLogger("mpqkit").warning(
-            "%d attention module(s) (%s) keep their projections out of reach: they stay fp32 unless "
-            "you call mpqkit.attention.expose_attention(model) first (load_model does)", len(hidden), hidden[0])
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, dict], list[tuple[str, torch.Tensor]]]:
+    """One forward pass of zeros with a hook on every quantizable module: per module name its record
+    (module, first-call index, input/output shapes, MACs summed over calls), and each call's input
+    tensor (kept alive, so that tensor identity says which layers read the same input)."""
     records: dict[str, dict] = {}
-    inputs: list[tuple[str, torch.Tensor]] = []  # keep inputs alive so tensor identity is meaningful
-    handles = []
+    inputs: list[tuple[str, torch.Tensor]] = []
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -129,19 +143,12 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
                 return
             x = args[0]
             inputs.append((name, x))
-            records[name] = {
-                "module": module,
-                "index": len(records),
-                "in_shape": tuple(x.shape[1:]),
-                "out_shape": tuple(out.shape[1:]),
-                "macs": _macs(module, out),
-            }
+            records[name] = {"module": module, "index": len(records), "in_shape": tuple(x.shape[1:]),
+                             "out_shape": tuple(out.shape[1:]), "macs": _macs(module, out)}
 
         return fn
 
-    for name, module in model.named_modules():
-        if isinstance(module, QUANTIZABLE_TYPES):
-            handles.append(module.register_forward_hook(hook(name)))
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
     was_training = model.training
     model.eval()
     try:
@@ -153,30 +160,19 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
         for h in handles:
             h.remove()
         model.train(was_training)
+    return records, inputs
 
-    silent = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and n not in records]
-    if silent:
-        import logging
 
-        logging.getLogger("mpqkit").warning(
-            "%d Conv2d/Linear module(s) never ran as modules in the forward pass (their weights are used "
-            "functionally, e.g. %s): they are not searchable and stay fp32", len(silent), ", ".join(silent[:3]))
-    layers = []
-    for name, rec in sorted(records.items(), key=lambda kv: kv[1]["index"]):
-        m = rec["module"]
-        layers.append(
-            LayerInfo(
-                fqn=name,
-                kind="conv" if isinstance(m, nn.Conv2d) else "linear",
-                index=rec["index"],
-                weight_shape=tuple(m.weight.shape),
-                weight_numel=m.weight.numel(),
-                bias_numel=m.bias.numel() if m.bias is not None else 0,
-                in_shape=rec["in_shape"],
-                out_shape=rec["out_shape"],
-                macs=rec["macs"],
-            )
-        )
+def _layer_info(name: str, rec: dict) -> LayerInfo:
+    m = rec["module"]
+    return LayerInfo(fqn=name, kind="conv" if isinstance(m, nn.Conv2d) else "linear", index=rec["index"],
+                     weight_shape=tuple(m.weight.shape), weight_numel=m.weight.numel(),
+                     bias_numel=m.bias.numel() if m.bias is not None else 0, in_shape=rec["in_shape"],
+                     out_shape=rec["out_shape"], macs=rec["macs"])
+
+
+def _tie_groups(inputs: list[tuple[str, torch.Tensor]]) -> list[tuple[str, ...]]:
+    """Layers that read the very same input tensor (e.g. q/k/v projections), in first-call order."""
     groups: list[tuple[torch.Tensor, list[str]]] = []
     for name, x in inputs:
         for gx, members in groups:
@@ -185,6 +181,4 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
                 break
         else:
             groups.append((x, [name]))
-    tie_groups = [tuple(m) for _, m in groups if len(m) > 1]
-    total = sum(p.numel() for p in model.parameters())
-    return ModelGraph(layers=layers, tie_groups=tie_groups, total_params=total, input_shape=tuple(input_shape))
+    return [tuple(m) for _, m in groups if len(m) > 1]

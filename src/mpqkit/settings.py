@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import MpqkitError, UnknownNameError
+from .flagspec import CALIB, DATA, MODEL, OUTPUT, SOLVER, SPACE, flag
 from .engine.probe import OBJECTIVES
 from .plan import MAX_SEED
 from .quant.config import QuantConfig
@@ -28,45 +29,89 @@ MIN_BITS, MAX_BITS = 1, 16
 
 @dataclass(frozen=True)
 class RunSettings:
+    """How a run loads its model and data, where it computes, what it searches and how it quantizes.
+    Each field with a command-line flag declares it here (``metadata=flag(...)``); the CLI generates
+    the flags from these declarations (``cli_args.add_settings``)."""
+
     # -- model source
-    checkpoint: str | None = None  #: weights file (overrides the models directory)
-    models_dir: str | None = None  #: default $MPQKIT_MODELS, else ../shared/models
-    random_init: bool = False  #: random weights, explicit opt-in
-    input_shape: tuple[int, ...] | None = None  #: (C, H, W) for a bare nn.Module
+    checkpoint: str | None = field(default=None, metadata=flag(
+        "--checkpoint", group=MODEL, help="weights file (overrides the models directory)"))
+    models_dir: str | None = field(default=None, metadata=flag(
+        "--models-dir", group=MODEL, help="models directory (default $MPQKIT_MODELS, else ../shared/models)"))
+    random_init: bool = field(default=False, metadata=flag(
+        "--random-init", group=MODEL, kind="true",
+        help="use random weights (explicit opt-in; needed for torchvision models without --checkpoint)"))
+    input_shape: tuple[int, ...] | None = None  #: (C, H, W) for a bare nn.Module (API only: the CLI loads named models)
     # -- data
-    data_root: str | None = None  #: default $MPQKIT_DATA, else ../shared/data
+    data_root: str | None = field(default=None, metadata=flag(
+        "--data-root", group=DATA, help="data root (default $MPQKIT_DATA, else ../shared/data)"))
     # -- execution (never changes a result)
-    device: str | None = "auto"
-    progress: bool = True
-    cache_dir: str | None = None  #: probe cache; default $MPQKIT_CACHE, else ~/.cache/mpqkit
-    use_cache: bool = True
-    batch_size: int | None = None  #: probe batch size (default ~16 MB for the largest layer input)
-    #: images per evaluation batch (default: 32 MB of input, e.g. 500 CIFAR / 55 ImageNet images)
-    eval_batch_size: int | None = None
+    device: str | None = field(default="auto", metadata=flag(
+        "--device", group=OUTPUT, help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N"))
+    progress: bool = field(default=True, metadata=flag("-q", "--quiet", group=OUTPUT, kind="false",
+                                                       help="no progress bars"))
+    cache_dir: str | None = field(default=None, metadata=flag(
+        "--cache-dir", group=SOLVER, help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)"))
+    use_cache: bool = field(default=True, metadata=flag(
+        "--no-cache", group=SOLVER, kind="false", help="do not read or write the probe cache"))
+    #: probe batch size (its flag's destination is not ``batch_size``: export and finetune have their own)
+    batch_size: int | None = field(default=None, metadata=flag(
+        "--batch-size", group=SOLVER, kind="int", dest="probe_batch_size",
+        help="probe batch size (default: ~16 MB for the largest layer input)"))
+    eval_batch_size: int | None = field(default=None, metadata=flag(
+        "--eval-batch-size", group=OUTPUT, kind="positive_int",
+        help="images per evaluation batch (default: sized by the input, 32 MB of it: 500 CIFAR images, 55 at "
+             "224 x 224)"))
     #: memory (MB) for the live tensors the probe engine keeps at layer cuts so later probes start there
-    #: instead of at the input; lower it on a small machine (slower probes, same results)
-    prefix_cache_mb: float | None = None  #: None: 1/8 of the memory available at start, at most 2048 MB
+    #: instead of at the input (None: 1/8 of the memory available at start, at most 2048 MB)
+    prefix_cache_mb: float | None = field(default=None, metadata=flag(
+        "--prefix-cache-mb", group=SOLVER, kind="float",
+        help="memory for the probe engine's kept layer-cut tensors, in MB (default: 1/8 of the memory available "
+             "at start, at most 2048; lower it on a small machine: slower probes, same results)"))
     # -- what is searched
-    search: str = "w"  #: "w", "a" or "wa"
-    w_candidates: tuple[int, ...] = DEFAULT_W_BITS
-    a_candidates: tuple[int, ...] = DEFAULT_A_BITS
-    w_bits: int | None = None  #: uniform weight bits / fixed weight bits when only activations are searched
-    a_bits: int | None = None  #: activation bits when activations are not searched (default 8)
-    fixed: tuple[str, ...] | None = None  #: layers kept at fixed_bits (default: first and last)
-    fixed_bits: tuple[int, int] = FIXED_BITS
+    search: str = field(default="w", metadata=flag(
+        "--search", group=SPACE, choices=("w", "a", "wa"),
+        help="what to search: weights (default), activations, or both"))
+    w_candidates: tuple[int, ...] = field(default=DEFAULT_W_BITS, metadata=flag(
+        "--w-candidates", group=SPACE, kind="bits",
+        help=f"candidate weight bits (default {','.join(map(str, DEFAULT_W_BITS))})"))
+    a_candidates: tuple[int, ...] = field(default=DEFAULT_A_BITS, metadata=flag(
+        "--a-candidates", group=SPACE, kind="bits",
+        help=f"candidate activation bits when searched (default {','.join(map(str, DEFAULT_A_BITS))})"))
+    w_bits: int | None = field(default=None, metadata=flag(
+        "--w-bits", group=SPACE, kind="int", help="uniform: weight bits; --search a: the fixed weight bits"))
+    a_bits: int | None = field(default=None, metadata=flag(
+        "--a-bits", group=SPACE, kind="int", help="activation bits when activations are not searched (default 8)"))
+    fixed: tuple[str, ...] | None = field(default=None, metadata=flag(
+        "--fixed", group=SPACE, kind="names",
+        help="comma-separated layers kept at --fixed-bits (default: first and last)"))
+    fixed_bits: tuple[int, int] = field(default=FIXED_BITS, metadata=flag(
+        "--fixed-bits", group=SPACE, kind="bits", help="w,a bits of fixed layers (default 8,8)"))
     # -- calibration / sensitivity set
-    calib_size: int = CALIB_SIZE
-    seed: int = 0
+    calib_size: int = field(default=CALIB_SIZE, metadata=flag(
+        "--calib-size", "--sens-samples", group=CALIB, kind="int",
+        help=f"train images in the calibration / sensitivity set (default {CALIB_SIZE})"))
+    seed: int = field(default=0, metadata=flag(
+        "--seed", group=CALIB, kind="int",
+        help="seed of the calibration draw, projections and permutations (default 0)"))
     #: what a probe measures: "kl" (KL divergence of the probed model's softmax from the fp model's,
-    #: per image: label-free, never below the fp model) or "ce" (cross-entropy to the labels). kl by
-    #: measurement: eval-delta's top-1 spread over 5 draws of ResNet-20 at avg-bits 3 fell from 1.71 to
-    #: about 0.05 points (benchmarks/results/objective_resnet20_kl/paired_objective.md)
-    objective: str = "kl"
-    # -- quantizer and solver
+    #: per image: label-free, never below the fp model) or "ce" (cross-entropy to the labels)
+    objective: str = field(default="kl", metadata=flag(
+        "--objective", group=CALIB, choices=OBJECTIVES,
+        help="what every probe measures on the sensitivity set: ce = cross-entropy to the labels, kl = KL "
+             "divergence from the fp model's outputs (label-free) (default kl)"))
+    # -- quantizer (its flags are QuantConfig's fields') and solver
     qconfig: QuantConfig = field(default_factory=QuantConfig)
-    time_limit: float = TIME_LIMIT
-    alpha: float = 1.0
-    refine: int = 0  #: measured refinement of the method's plan: at most this many probes (0 = off)
+    time_limit: float = field(default=TIME_LIMIT, metadata=flag(
+        "--time-limit", group=SOLVER, kind="float", help=f"solver time limit, seconds (default {TIME_LIMIT:g})"))
+    alpha: float = field(default=1.0, metadata=flag(
+        "--alpha", group=SOLVER, kind="float", help="weight of activation scores in the ILP (default 1)"))
+    #: measured refinement of the method's plan: at most this many probes (0 = off)
+    refine: int = field(default=0, metadata=flag(
+        "--refine", group=SOLVER, kind="int",
+        help="measured refinement of the method's plan: budget-keeping weight-bit moves ordered by the method's "
+             "table, each plan measured by the probe engine, kept only when it lowers the loss on both halves of "
+             "the calibration set; at most N probes (default 0: off)"))
 
     def __post_init__(self) -> None:
         # normalise sequences to tuples, so settings are hashable and compare by value

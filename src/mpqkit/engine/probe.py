@@ -71,6 +71,15 @@ def probe_spec(probe: Mapping[str, Override]) -> list[list[Any]]:
     return [[k, v[0], v[1]] for k, v in sorted(probe.items())]
 
 
+def _check_inputs(images: Tensor, labels: Tensor, objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if len(images) == 0:
+        raise DataError("the calibration/sensitivity set is empty")
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
+
+
 class ProbeEngine:
     """Runs probes on a fixed labelled calibration set (images already normalized)."""
 
@@ -82,27 +91,48 @@ class ProbeEngine:
         """``layers_from``: another engine (same model and quantizer) whose quantized layers this one
         uses — e.g. plans measured on held-out images with the layers built, activation ranges
         calibrated and GPTQ fitted on the calibration set, as the shipped plan is."""
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if len(images) == 0:
-            raise DataError("the calibration/sensitivity set is empty")
-        if len(images) != len(labels):
-            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        _check_inputs(images, labels, objective)
         # everything needed to build the same engine in another process (engine/runners.py)
         self.spec: dict[str, Any] = dict(model=model, graph=graph, images=images, labels=labels, qconfig=qconfig,
                                          batch_size=batch_size, use_cache=use_cache, prefix=prefix, device=device,
                                          seed=seed, prefix_cache_mb=prefix_cache_mb, fold_bn=fold_bn,
-                                         channels_last=channels_last, objective=objective)
+                                         channels_last=channels_last, objective=objective,
+                                         cache_dir=str(cache_dir or default_cache_dir()))
+        self._place(model, graph, images, labels, qconfig, batch_size, device, fold_bn, channels_last)
+        self.progress = progress
+        self.prefix = prefix
+        self.objective = objective
+        self._fp_logp: list[Tensor] | None = None
+        if objective == "kl":  # the reference every probe is compared with, per batch, through the probes' own path
+            with torch.inference_mode():
+                self._fp_logp = [F.log_softmax(out.float(), dim=1) for out, _ in self._outputs(0, None, {}, {})]
+        self._snapshots: OrderedDict[tuple, list[dict]] = OrderedDict()  # (base, cut) -> live tensors per batch
+        self._snapshot_bytes: dict[tuple, int] = {}
+        self.prefix_cache_bytes = int((default_prefix_cache_mb() if prefix_cache_mb is None else prefix_cache_mb) * 2**20)
+        self._observers = None
+        self._seed = seed
+        self._wq: dict[tuple[str, int], tuple] = {}
+        self._layers: dict[tuple[str, int | None, int | None], nn.Module] = {}
+        self._open_caches(model, images, labels, cache_dir, use_cache, seed,
+                          {"fold_bn": fold_bn, "channels_last": channels_last, "batch_size": self.batch_size},
+                          layers_from)
+        self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
+        if self._builder is not None:
+            self.stats.update(ptq_built=0, ptq_cached=0, ptq_seconds=0.0)
+        self.fp = self.run([{}], desc="fp reference", show=False, stage_name="fp reference")[0]
+
+    def _place(self, model: nn.Module, graph: ModelGraph, images: Tensor, labels: Tensor,
+               qconfig: QuantConfig | None, batch_size: int | None, device: str | torch.device | None,
+               fold_bn: bool, channels_last: bool) -> None:
+        """The engine's private copy of the model on its device, its batches (NHWC for convs when
+        ``channels_last``) and the traced program the probes run (None: a full forward per probe)."""
         from ..device import resolve_device
 
         self.device = resolve_device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)  # private copy: the user's model is never touched
         self.graph = graph
         self.qconfig = qconfig or QuantConfig()
-        batch_size = batch_size or auto_batch_size(graph)
-        self.batch_size = batch_size
-        self.progress = progress
-        self.prefix = prefix
+        self.batch_size = batch_size = batch_size or auto_batch_size(graph)
         fmt = torch.channels_last if channels_last and images.ndim == 4 else torch.contiguous_format
         self._format = fmt
         if fmt is torch.channels_last:
@@ -116,38 +146,26 @@ class ProbeEngine:
             if missing:
                 log.warning("layers not found as modules in the traced graph (%s): full forward per probe", missing[:3])
                 self.program = None
-        self.objective = objective
-        self._fp_logp: list[Tensor] | None = None
-        if objective == "kl":  # the reference every probe is compared with, per batch, through the probes' own path
-            with torch.inference_mode():
-                self._fp_logp = [F.log_softmax(out.float(), dim=1) for out, _ in self._outputs(0, None, {}, {})]
+
+    def _open_caches(self, model: nn.Module, images: Tensor, labels: Tensor, cache_dir: str | None, use_cache: bool,
+                     seed: int, kernels: dict[str, Any], layers_from: "ProbeEngine | None") -> None:
+        """The probe cache, keyed by everything that changes a probe's value (model, data, quantizer,
+        objective, seed, GPTQ settings, kernels), and the per-(layer, bits) PTQ builder with its own cache."""
         gptq_context = {"gptq": LOCAL_GPTQ.to_dict()} if self.qconfig.rounding != "nearest" else {}
         self.data_sha256 = tensor_sha256(images, labels)
         self._layers_from = layers_from
         if layers_from is not None:
             gptq_context["layers_from"] = layers_from.data_sha256
-        context = {"engine": ENGINE_VERSION, "objective": objective, **gptq_context,
+        context = {"engine": ENGINE_VERSION, "objective": self.objective, **gptq_context,
                    "model": module_sha256(model), "data": self.data_sha256,
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
-                   "kernels": {"fold_bn": fold_bn, "channels_last": channels_last, "batch_size": batch_size}}
+                   "kernels": kernels}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
-        self.spec["cache_dir"] = str(cache_dir or default_cache_dir())
-        self._snapshots: OrderedDict[tuple, list[dict]] = OrderedDict()  # (base, cut) -> live tensors per batch
-        self._snapshot_bytes: dict[tuple, int] = {}
-        self.prefix_cache_bytes = int((default_prefix_cache_mb() if prefix_cache_mb is None else prefix_cache_mb) * 2**20)
-        self._observers = None
-        self._seed = seed
-        self._wq: dict[tuple[str, int], tuple] = {}
-        self._layers: dict[tuple[str, int | None, int | None], nn.Module] = {}
         self._builder = None
         if self.qconfig.layer_ptq and layers_from is None:  # GPTQ / bias correction per (layer, bits), cached
             store = ProbeCache(cache_dir or default_cache_dir(), layer_ptq_context(
                 module_sha256(model), tensor_sha256(images), self.qconfig, seed)) if use_cache else None
             self._builder = LocalLayerBuilder(model, images, self.qconfig, seed, store, self.device)
-        self.stats = {"probes_run": 0, "probe_seconds": 0.0, "cache_hits": 0}
-        if self._builder is not None:
-            self.stats.update(ptq_built=0, ptq_cached=0, ptq_seconds=0.0)
-        self.fp = self.run([{}], desc="fp reference", show=False, stage_name="fp reference")[0]
 
     def _outputs(self, start: int, envs: list[dict] | None, swaps: Mapping[str, nn.Module],
                  taps: Mapping[str, Callable[[Tensor], None]]) -> list[tuple[Tensor, Tensor]]:
@@ -357,18 +375,7 @@ class ProbeEngine:
         for p in probes:
             self.graph.check_names(p)
             configs.append({f: ov for f, ov in {**base, **p}.items() if _norm(ov) != (None, None)})
-        results: list[ProbeResult | None] = [None] * len(probes)
-        keys: list[str | None] = [None] * len(probes)
-        todo: list[int] = []
-        for i, cfg in enumerate(configs):
-            if self.cache is not None and not record:
-                keys[i] = self.cache.key(probe_spec(cfg))
-                hit = self.cache.get(keys[i])
-                if hit is not None:
-                    results[i] = ProbeResult.from_dict(hit)
-                    self.stats["cache_hits"] += 1
-                    continue
-            todo.append(i)
+        results, keys, todo = self._cached(configs, bool(record))
         starts = {i: self._start(configs[i], base, record) for i in todo}
         todo.sort(key=starts.__getitem__)
         show = self.progress if show is None else show
@@ -379,9 +386,6 @@ class ProbeEngine:
             envs, cut = None, -1
             for i in todo:
                 t_probe = time.perf_counter()
-                swaps = self._swaps(configs[i])
-                feats: dict[str, list[Tensor]] = {f: [] for f in record}
-                taps = {f: (lambda out, f=f: feats[f].append(pool_features(out))) for f in record}
                 start = starts[i]
                 if self.program is not None:
                     if envs is None:
@@ -391,19 +395,43 @@ class ProbeEngine:
                         cut = start
                         if remember:
                             self._keep(self._prefix_key(base, cut), envs)
-                outs = self._outputs(start, envs, swaps, taps)
-                res = self._evaluate(outs)
-                if record:
-                    res = dataclasses.replace(res, features={f: torch.cat(v) for f, v in feats.items()})
-                elif self.cache is not None:
-                    self.cache.put(keys[i], res.to_dict())
-                results[i] = res
+                results[i] = self._probe(configs[i], start, envs, record, keys[i])
                 bar.update(1)
-                probe_done(self._start_name(starts[i]), time.perf_counter() - t_probe)
+                probe_done(self._start_name(start), time.perf_counter() - t_probe)
         bar.close()
         self.stats["probes_run"] += len(todo)
         self.stats["probe_seconds"] += time.perf_counter() - t0
         return results  # type: ignore[return-value]
+
+    def _cached(self, configs: list[dict], record: bool) -> tuple[list[ProbeResult | None], list[str | None], list[int]]:
+        """The cached results of ``configs`` (None where not cached), their cache keys, and the indices
+        still to run (all of them when features are recorded: features are not kept on disk)."""
+        results: list[ProbeResult | None] = [None] * len(configs)
+        keys: list[str | None] = [None] * len(configs)
+        todo: list[int] = []
+        for i, cfg in enumerate(configs):
+            if self.cache is not None and not record:
+                keys[i] = self.cache.key(probe_spec(cfg))
+                hit = self.cache.get(keys[i])
+                if hit is not None:
+                    results[i] = ProbeResult.from_dict(hit)
+                    self.stats["cache_hits"] += 1
+                    continue
+            todo.append(i)
+        return results, keys, todo
+
+    def _probe(self, config: dict, start: int, envs: list[dict] | None, record: list[str],
+               key: str | None) -> ProbeResult:
+        """One probe from ``start`` (the base's live tensors ``envs`` there): its result, with the
+        recorded layers' pooled features, or written to the cache."""
+        feats: dict[str, list[Tensor]] = {f: [] for f in record}
+        taps = {f: (lambda out, f=f: feats[f].append(pool_features(out))) for f in record}
+        res = self._evaluate(self._outputs(start, envs, self._swaps(config), taps))
+        if record:
+            return dataclasses.replace(res, features={f: torch.cat(v) for f, v in feats.items()})
+        if self.cache is not None:
+            self.cache.put(key, res.to_dict())
+        return res
 
 
 def default_prefix_cache_mb(cap: float = 2048.0, share: float = 0.125) -> float:

@@ -113,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, bundle: Any, qmodel: torch.nn.Module, data: Any) -> dict[str, Any]:
-    progress = not args.quiet
+    progress = args.progress  # -q (a settings flag) turns it off
     if args.format == "onnx":
         from .onnx import check_onnx
 

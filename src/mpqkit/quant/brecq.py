@@ -281,72 +281,97 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, batches: Iterable[Tensor
         t0 = time.perf_counter()
         x_store = _capture(qmodel, unit.module, batches, n, cfg.cache_mb, "in")
         y_store = _capture(fp_model, fp_modules[unit.fqn], batches, n, cfg.cache_mb, "out")
-        before = _unit_error(unit.module, x_store.data, y_store.data)
-        rounders = [_AdaRoundWeight(l) if l.w_spec is not None else None for l in layers]
-        inputs = [_LsqInput(l, cfg.learn_act, cfg.drop, gen) if l.a_spec is not None else None for l in layers]
-        for l, r, q in zip(layers, rounders, inputs):
-            install_quantizers(l, r, q)
-        w_params = [r.alpha for r in rounders if r is not None]
-        a_params = [q.scale for q in inputs if q is not None and cfg.learn_act]
-        opt_w = torch.optim.Adam(w_params, lr=cfg.lr) if w_params else None
-        opt_a = torch.optim.Adam(a_params, lr=cfg.act_lr) if a_params else None
-        sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=max(cfg.iters, 1), eta_min=0.0) if opt_a else None
-        saved = [(l.weight.detach().clone(), l.a_scale.detach().clone() if hasattr(l, "a_scale") else None)
-                 for l in layers]
-        frozen = [p for p in unit.module.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        device = next(unit.module.parameters()).device
         try:
-            with torch.enable_grad():
-                for step in range(cfg.iters):
-                    idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-                    x, y = x_store.data[idx].to(device), y_store.data[idx].to(device)
-                    loss = _rec_loss(unit.module(x), y)
-                    if step >= cfg.warmup * cfg.iters and w_params:
-                        b = _beta(step, cfg)
-                        loss = loss + cfg.reg_weight * sum(r.reg(b) for r in rounders if r is not None)
-                    for o in (opt_w, opt_a):
-                        if o is not None:
-                            o.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for o in (opt_w, opt_a):
-                        if o is not None:
-                            o.step()
-                    if sched_a is not None:
-                        sched_a.step()
-            for r in rounders:
-                if r is not None:
-                    r.hard = True
-            for q in inputs:
-                if q is not None:
-                    q.active = False
-            with torch.no_grad():
-                for l, r, q in zip(layers, rounders, inputs):
-                    if r is not None:
-                        l.weight.copy_(r(l.weight))  # hard-rounded values, on the layer's grid
-                    if q is not None and cfg.learn_act:
-                        l.a_scale.copy_(q.scale.detach().abs() + 1e-12)
-                    install_quantizers(l, None, None)
-            after = _unit_error(unit.module, x_store.data, y_store.data)
-            if after > before:  # rare (few iterations): keep nearest rounding and the calibrated steps
-                _restore(layers, saved)
+            before, after = _reconstruct_unit(unit.module, layers, x_store.data, y_store.data, cfg, gen)
         finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            for l in layers:
-                install_quantizers(l, None, None)
             x_store.close()
             y_store.close()
         row = {"unit": unit.fqn, "layers": unit.layers, "mse_before": before, "mse_after": min(after, before),
-               "kept": after <= before,
-               "seconds": time.perf_counter() - t0}
+               "kept": after <= before, "seconds": time.perf_counter() - t0}
         stats["units"].append(row)
         msg = (f"[recon {ui + 1}/{len(units)}] {unit.fqn}: output MSE {before:.4g} → {after:.4g} "
                f"({row['seconds']:.1f}s)")
         (log.info if progress else log.debug)(msg)
     stats["seconds"] = time.perf_counter() - t_all
     return stats
+
+
+def _reconstruct_unit(module: nn.Module, layers: list[QuantMixin], xs: Tensor, ys: Tensor, cfg: ReconConfig,
+                      gen: torch.Generator) -> tuple[float, float]:
+    """Learn the unit's rounding (and, with ``cfg.learn_act``, its input steps) so that ``module(xs)``
+    matches the fp outputs ``ys``; harden it onto the grid, or restore nearest rounding where the
+    unit's output error rose. Returns the output MSE before and after."""
+    before = _unit_error(module, xs, ys)
+    rounders = [_AdaRoundWeight(l) if l.w_spec is not None else None for l in layers]
+    inputs = [_LsqInput(l, cfg.learn_act, cfg.drop, gen) if l.a_spec is not None else None for l in layers]
+    for l, r, q in zip(layers, rounders, inputs):
+        install_quantizers(l, r, q)
+    saved = [(l.weight.detach().clone(), l.a_scale.detach().clone() if hasattr(l, "a_scale") else None)
+             for l in layers]
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            _optimize(module, rounders, inputs, xs, ys, cfg, gen)
+        _harden(layers, rounders, inputs, cfg)
+        after = _unit_error(module, xs, ys)
+        if after > before:  # rare (few iterations): keep nearest rounding and the calibrated steps
+            _restore(layers, saved)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for l in layers:
+            install_quantizers(l, None, None)
+    return before, after
+
+
+def _optimize(module: nn.Module, rounders: list, inputs: list, xs: Tensor, ys: Tensor, cfg: ReconConfig,
+              gen: torch.Generator) -> None:
+    """``cfg.iters`` Adam steps on random calibration batches: reconstruction loss, plus the rounding
+    regulariser (annealed β) after the warm-up."""
+    w_params = [r.alpha for r in rounders if r is not None]
+    a_params = [q.scale for q in inputs if q is not None and cfg.learn_act]
+    opts = [torch.optim.Adam(w_params, lr=cfg.lr) if w_params else None,
+            torch.optim.Adam(a_params, lr=cfg.act_lr) if a_params else None]
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opts[1], T_max=max(cfg.iters, 1), eta_min=0.0) \
+        if opts[1] else None
+    device = next(module.parameters()).device
+    n = len(xs)
+    for step in range(cfg.iters):
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        x, y = xs[idx].to(device), ys[idx].to(device)
+        loss = _rec_loss(module(x), y)
+        if step >= cfg.warmup * cfg.iters and w_params:
+            b = _beta(step, cfg)
+            loss = loss + cfg.reg_weight * sum(r.reg(b) for r in rounders if r is not None)
+        for o in opts:
+            if o is not None:
+                o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            if o is not None:
+                o.step()
+        if sched_a is not None:
+            sched_a.step()
+
+
+@torch.no_grad()
+def _harden(layers: list[QuantMixin], rounders: list, inputs: list, cfg: ReconConfig) -> None:
+    """Write the learned rounding (hard, on the layer's grid) and input steps into the layers and
+    remove the learned quantizers."""
+    for r in rounders:
+        if r is not None:
+            r.hard = True
+    for q in inputs:
+        if q is not None:
+            q.active = False
+    for l, r, q in zip(layers, rounders, inputs):
+        if r is not None:
+            l.weight.copy_(r(l.weight))  # hard-rounded values, on the layer's grid
+        if q is not None and cfg.learn_act:
+            l.a_scale.copy_(q.scale.detach().abs() + 1e-12)
+        install_quantizers(l, None, None)
 
 
 @torch.no_grad()

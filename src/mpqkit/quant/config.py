@@ -1,9 +1,10 @@
 """QuantConfig: how weights and activations are quantized when a plan does not say otherwise."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from ..flagspec import QUANT, flag
 from .observers import RANGE_METHODS, QuantSpec
 
 #: "gptq": each layer rounded on the fp model's inputs (layer-local: a layer depends only on its own bits);
@@ -24,16 +25,31 @@ class QuantConfig:
     mean output shift on the calibration set removed, ``quant/layerwise.py``) and ``equalize``
     (cross-layer equalization of consecutive convs before quantizing, ``quant/equalize.py``)."""
 
-    w_per_channel: bool = True
-    w_symmetric: bool = False
-    w_range: str = "mse"
-    a_symmetric: bool = False
-    a_range: str = "mse"
+    w_per_channel: bool = field(default=True, metadata=flag(
+        "--w-per-tensor", group=QUANT, kind="false", help="per-tensor weights (default per-channel)"))
+    w_symmetric: bool = field(default=False, metadata=flag(
+        "--w-symmetric", group=QUANT, kind="true", help="symmetric weights (default asymmetric)"))
+    w_range: str = field(default="mse", metadata=flag(
+        "--w-range", group=QUANT, choices=RANGE_METHODS, help="weight range estimator (default mse)"))
+    a_symmetric: bool = field(default=False, metadata=flag(
+        "--a-symmetric", group=QUANT, kind="true", help="symmetric activations (default asymmetric)"))
+    a_range: str = field(default="mse", metadata=flag(
+        "--a-range", group=QUANT, choices=RANGE_METHODS, help="activation range estimator (default mse)"))
     #: bits of the attention matmul inputs (``MatMulInput`` taps: Q, K, V, probabilities); None = fp32
-    matmul_a_bits: int | None = None
-    rounding: str = "gptq"
-    bias_correction: bool = False
-    equalize: bool = False
+    matmul_a_bits: int | None = field(default=None, metadata=flag(
+        "--matmul-a-bits", group=QUANT, kind="int",
+        help="bits of the attention matmul inputs (Q, K, V, probabilities) of transformer models; default fp32. "
+             "Recorded in the plan; not searched, not in the cost ledger"))
+    rounding: str = field(default="gptq", metadata=flag(
+        "--rounding", group=QUANT, choices=ROUNDINGS,
+        help="how weights are rounded on their grid, in the search's probes and in the plan's default PTQ: "
+             "nearest, or gptq (second-order, on the calibration set) (default gptq)"))
+    bias_correction: bool = field(default=False, metadata=flag(
+        "--bias-correction", group=QUANT, kind="toggle",
+        help="remove each quantized layer's mean output shift on the calibration set (default off)"))
+    equalize: bool = field(default=False, metadata=flag(
+        "--equalize", group=QUANT, kind="toggle",
+        help="cross-layer equalization of consecutive convs before quantizing (same fp outputs) (default off)"))
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:

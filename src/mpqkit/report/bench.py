@@ -16,7 +16,7 @@ from typing import Sequence
 
 from ..fileutil import atomic_write_text, json_text
 from ..plan import Plan
-from .recommend import what_to_run_markdown
+from .recommend import toc_markdown, what_to_run_markdown
 from .stats import (EQUAL_SIZE_BITS, MIN_DRAWS, bits_agreement, draw_groups, metric_column, paired_difference,
                     summarize)
 
@@ -197,11 +197,26 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
     fp = [r for r in rows if r["method"] == "fp32" and r.get(metric) is not None]
     if fp:
         lines.append(f"| fp32 | - | - | 1 | 32 | {fp[0][metric]:.2f} | | | | |")
-    def order(item):  # by budget and PTQ, then best mean first
+    lines += _mean_rows(groups, metric)
+    for r in (r for r in rows if r.get("error")):
+        lines.append(f"| {r['method']} | {r['budget']} | {r['ptq'] or 'default'} | draw {r.get('draw', 0)} | | "
+                     f"failed: {r['error'][:80]} | | | | |")
+    lines += ["", f"Paired differences of top-1 {split} (A − B on the same draw; mean and 95 % t interval over "
+              f"draws). **A > B** / **A < B** only from at least {MIN_DRAWS} draws, where the interval excludes 0 and the "
+              f"side ahead is not the larger model (by more than {EQUAL_SIZE_BITS} avg w-bits); otherwise the draws do "
+              "not separate them.", "", "| budget | PTQ | A | B | draws | mean A − B | 95 % interval | verdict |",
+              "|---|---|---|---|---:|---:|---|---|"]
+    return "\n".join(lines + _paired_rows(groups, metric)) + "\n"
+
+
+def _mean_rows(groups: dict, metric: str) -> list[str]:
+    """One row per (method, budget, PTQ): mean ± std over draws, by budget and PTQ, best mean first."""
+    def order(item):
         (m, b, p), by_draw = item
         vals = [r[metric] for r in by_draw.values() if r.get(metric) is not None]
         return (b, p or "", -(sum(vals) / len(vals)) if vals else 0.0)
 
+    lines = []
     for (m, b, p), by_draw in sorted(groups.items(), key=order):
         vals = [r[metric] for r in by_draw.values() if r.get(metric) is not None]
         if not vals:
@@ -213,27 +228,25 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
         spread = f"{st.std:.2f} | {min(vals):.2f} | {max(vals):.2f}" if st.n > 1 else " | | "  # one draw: no spread
         lines.append(f"| {m} | {b} | {p or 'default'} | {st.n} | {avg:.3f} | {st.mean:.2f} | {spread} | "
                      f"{'' if agree is None else f'{agree:.2f}'} |")
-    failed = [r for r in rows if r.get("error")]
-    for r in failed:
-        lines.append(f"| {r['method']} | {r['budget']} | {r['ptq'] or 'default'} | draw {r.get('draw', 0)} | | "
-                     f"failed: {r['error'][:80]} | | | | |")
-    lines += ["", f"Paired differences of top-1 {split} (A − B on the same draw; mean and 95 % t interval over "
-              f"draws). **A > B** / **A < B** only from at least {MIN_DRAWS} draws, where the interval excludes 0 and the "
-              f"side ahead is not the larger model (by more than {EQUAL_SIZE_BITS} avg w-bits); otherwise the draws do "
-              "not separate them.", "", "| budget | PTQ | A | B | draws | mean A − B | 95 % interval | verdict |",
-              "|---|---|---|---|---:|---:|---|---|"]
+    return lines
+
+
+def _paired_rows(groups: dict, metric: str) -> list[str]:
+    """Per (budget, PTQ): each method against uniform and against the best mean, paired over draws,
+    with a verdict only where the draws, the interval and equal size allow one."""
     by_setting: dict[tuple, dict[str, dict[int, float]]] = {}
     bits_of: dict[tuple, float] = {}  # (method, budget, PTQ) -> mean average weight bits over the draws
     for (m, b, p), by_draw in groups.items():
         by_setting.setdefault((b, p), {})[m] = {k: r[metric] for k, r in by_draw.items() if r.get(metric) is not None}
         bits_of[(m, b, p)] = summarize([r["avg_w_bits"] for r in by_draw.values()]).mean
+    lines = []
     for (b, p), methods in by_setting.items():
         means = {m: sum(v.values()) / len(v) for m, v in methods.items() if v}
         if len(means) < 2:
             continue
         best = max(means, key=means.__getitem__)
         listed: set[frozenset] = set()
-        for m in sorted(means, key=means.__getitem__, reverse=True):  # each method vs uniform and vs the best
+        for m in sorted(means, key=means.__getitem__, reverse=True):
             for ref in dict.fromkeys(x for x in ("uniform", best) if x in means and x != m):
                 if frozenset((m, ref)) in listed:
                     continue
@@ -245,11 +258,9 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
                 larger = _larger_winner(d.mean, bits_of[(m, b, p)], bits_of[(ref, b, p)])
                 if larger and d.n >= MIN_DRAWS:
                     verdict = f"not at equal size ({larger})"
-                interval = d.interval_text
-                lines.append(f"| {b} | {p or 'default'} | {m} | {ref} | {d.n} | {d.mean:+.2f} | {interval} | {verdict} |")
-    return "\n".join(lines) + "\n"
-
-
+                lines.append(f"| {b} | {p or 'default'} | {m} | {ref} | {d.n} | {d.mean:+.2f} | {d.interval_text} | "
+                             f"{verdict} |")
+    return lines
 
 
 def _larger_winner(diff: float, bits_a: float, bits_b: float) -> str:
@@ -330,6 +341,9 @@ def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: st
                 "cache from an earlier run are read, not measured, so a cached method shows a fraction of a "
                 "second.\n\n")
         tail = f"\n---\nThis page: `{command}`\n"
-        atomic_write_text(Path(markdown), head + what_to_run_markdown(named) + "\n" + "\n".join(md) + tail)
+        body = "\n".join(md)
+        titles = [line[4:].strip() for line in body.splitlines() if line.startswith("### ")]
+        atomic_write_text(Path(markdown), head + what_to_run_markdown(named) + "\n" + toc_markdown(titles) + "\n"
+                          + body + tail)
         lines.append(f"tables written to {markdown}")
     return lines

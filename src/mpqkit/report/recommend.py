@@ -72,24 +72,56 @@ def recommend(rows: Sequence[dict]) -> list[tuple[str, Choice, Choice | None, st
 
 def what_to_run_markdown(named: Sequence[tuple[str, str, Sequence[dict]]]) -> str:
     """The opening table of ``docs/RESULTS.md``: ``named`` is (title, directory, rows) per results
-    directory; directories with fewer than ``MIN_DRAWS`` draws are left out."""
-    lines = ["## What to run", "",
-             f"Per model and budget, from every results directory below with at least {MIN_DRAWS} calibration draws: "
-             f"the (method + PTQ) with the best mean top-1, and the cheapest one within {TIE_POINTS} points of it on the mean "
-             "whose paired difference from it over the same draws is not separated from 0 (95 % t interval), at equal "
-             "size. Seconds: median over the "
-             "draws of search + PTQ, as the rows recorded them (with the probe cache of that run; a cached search "
-             "shows less).", "",
-             "| results | budget | best: method + PTQ | top-1 mean ± std (draws) | s | cheapest not separated | "
-             "top-1 | s | best − it, 95 % interval |", "|---|---|---|---:|---:|---|---:|---:|---|"]
-    any_row = False
+    directory. One row per model (the title before any parenthesis) and budget: the directory whose
+    best (method + PTQ) has the highest mean over its draws, with that directory's cheapest choice
+    not separated from it. Directories with fewer than ``MIN_DRAWS`` draws are left out."""
+    best_of: dict[tuple[str, str], tuple[str, Choice, Choice | None, str, int]] = {}
     for title, directory, rows in named:
+        model = title.split(" (")[0]
         for budget, best, cheap, diff in recommend(rows):
-            any_row = True
-            head = f"| {title} (`{directory}`) | {budget} | {best.label} | {best.mean:.2f} ± {best.std:.2f} ({best.n}) | " \
-                   f"{best.seconds:.0f} | "
-            if cheap is None:
-                lines.append(head + "the same | | | |")
+            key = (model, budget)
+            n_dirs = best_of[key][4] + 1 if key in best_of else 1
+            if key not in best_of or best.mean > best_of[key][1].mean:
+                best_of[key] = (directory, best, cheap, diff, n_dirs)
             else:
-                lines.append(head + f"{cheap.label} | {cheap.mean:.2f} | {cheap.seconds:.0f} | {diff} |")
-    return "\n".join(lines) + "\n" if any_row else ""
+                best_of[key] = (*best_of[key][:4], n_dirs)
+    if not best_of:
+        return ""
+    lines = ["## What to run", "",
+             f"Per model and budget, over every results directory below with at least {MIN_DRAWS} calibration draws: "
+             f"the (method + PTQ) with the best mean top-1 (the directory it comes from, and how many directories "
+             f"measured that budget), and the cheapest choice of the same directory within {TIE_POINTS} points of it on "
+             "the mean whose paired difference from it over the same draws is not separated from 0 (95 % t interval), "
+             "at equal size. Seconds: median over the draws of search + PTQ (or fine-tuning), as the rows recorded "
+             "them (with the probe cache of that run; a cached search shows less). Directories measured under "
+             "other protocols answer other questions: their sections below say how.", "",
+             "| model | budget | best: method + PTQ | top-1 mean ± std (draws) | s | from (of N) | cheapest not "
+             "separated | top-1 | s | best − it, 95 % interval |", "|---|---|---|---:|---:|---|---|---:|---:|---|"]
+    for (model, budget), (directory, best, cheap, diff, n_dirs) in sorted(best_of.items(), key=_guide_order):
+        head = (f"| {model} | {budget} | {best.label} | {best.mean:.2f} ± {best.std:.2f} ({best.n}) | "
+                f"{best.seconds:.0f} | `{directory}` ({n_dirs}) | ")
+        lines.append(head + ("the same | | | |" if cheap is None else
+                             f"{cheap.label} | {cheap.mean:.2f} | {cheap.seconds:.0f} | {diff} |"))
+    return "\n".join(lines) + "\n"
+
+
+def _guide_order(item: tuple) -> tuple:
+    (model, budget), _ = item
+    key, _, value = budget.partition("=")
+    try:
+        return model, key, float(value.rstrip("MBGK")), budget
+    except ValueError:
+        return model, key, 0.0, budget
+
+
+def toc_markdown(titles: Sequence[str]) -> str:
+    """A table of contents linking each ``### title`` section (GitHub's heading anchors: lower case,
+    punctuation dropped, spaces to hyphens, repeated headings numbered)."""
+    seen: dict[str, int] = {}
+    lines = ["## Contents", ""]
+    for t in titles:
+        base = "".join(ch for ch in t.lower() if ch.isalnum() or ch in " -_").replace(" ", "-")
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        lines.append(f"- [{t}](#{base if n == 0 else f'{base}-{n}'})")
+    return "\n".join(lines) + "\n"

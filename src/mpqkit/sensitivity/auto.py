@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import MpqkitError
 from ..profile import stage
@@ -105,23 +106,42 @@ class AutoOptions(MethodOptions):
 @METHODS.register("auto", "runs the cheap methods, keeps the plan with the lowest loss on held-out images, "
                   "refines it by measured moves", solver=chosen, options=AutoOptions)
 def auto(ctx: SearchContext) -> SensitivityTable:
-    from ..engine.probe import STAT_CHUNK, ProbeEngine
-    from ..solve.refine import engine_halves_measure, refine
+    """Each candidate method's plan, measured on held-out images; the lowest held-out loss wins and
+    is refined by measured moves (kept only if the held-out loss does not rise)."""
+    from ..engine.probe import ProbeEngine
 
     opts: AutoOptions = ctx.options  # type: ignore[assignment]
     if ctx.problem is None or not ctx.problem.constraints:
         raise MpqkitError("method 'auto' needs a --budget (e.g. avg-bits=3)")
     if ctx.search_a:
         raise MpqkitError("method 'auto' searches weight bits (use --search w)")
-    names = list(dict.fromkeys(METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()))
-    given = opts.candidate_map()
     if ctx.load_heldout is None:
         raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")
     held = ctx.load_heldout(opts.heldout)
-    engine = ctx.engine  # built first: every candidate method shares it
     # the plans are measured on held-out images with the layers the calibration set built (ranges, GPTQ)
     held_engine = ProbeEngine(ctx.model, ctx.graph, held.images, held.labels, qconfig=ctx.qconfig, seed=ctx.seed,
-                              layers_from=engine, **ctx.engine_kwargs)
+                              layers_from=ctx.engine, **ctx.engine_kwargs)
+    trials, tables, plans = _candidates(ctx, opts, held_engine)
+    ok = [t for t in trials if "heldout_loss" in t and math.isfinite(t["heldout_loss"])]
+    if not ok:
+        raise MpqkitError("method 'auto': no candidate method gave a plan under the budget: "
+                          + "; ".join(f"{t['method']}: {t.get('error')}" for t in trials))
+    best = min(ok, key=lambda t: (t["heldout_loss"], t["method"]))
+    best["chosen"] = True
+    table = tables[best["method"]]
+    plan, record, warnings = _refine_best(ctx, opts, held_engine, best, plans[best["method"]], table, trials)
+    return SensitivityTable(w=table.w if table is not None else {}, a=table.a if table is not None else {},
+                            assignment=plan, trials=trials,
+                            meta={"score": f"the chosen method's ({best['method']})", "chosen": best["method"],
+                                  "heldout_n": len(held), "refine": record,
+                                  **({"warnings": warnings} if warnings else {})})
+
+
+def _candidates(ctx: SearchContext, opts: AutoOptions, held_engine: Any) -> tuple[list[dict], dict, dict]:
+    """Every candidate method's table and plan (all sharing ``ctx.engine``), its plan's held-out loss
+    and top-1, or why it dropped out: (trials, tables by method, plans by method)."""
+    names = list(dict.fromkeys(METHODS.get(m.strip()).name for m in opts.methods.split(",") if m.strip()))
+    given = opts.candidate_map()
     s = ctx.settings
     trials, tables, plans = [], {}, {}
     for name in names:
@@ -146,37 +166,36 @@ def auto(ctx: SearchContext) -> SensitivityTable:
         trials.append({"method": name, "heldout_loss": r.loss, "heldout_top1": r.top1,
                        "avg_w_bits": ctx.problem.ledger.value("avg-bits", ctx.problem.full(sol.assignment)),
                        "seconds": time.perf_counter() - t0})
-    ok = [t for t in trials if "heldout_loss" in t and math.isfinite(t["heldout_loss"])]
-    if not ok:
-        raise MpqkitError("method 'auto': no candidate method gave a plan under the budget: "
-                          + "; ".join(f"{t['method']}: {t.get('error')}" for t in trials))
-    best = min(ok, key=lambda t: (t["heldout_loss"], t["method"]))
-    best["chosen"] = True
-    plan = plans[best["method"]]
-    table = tables[best["method"]]
-    record, warnings = None, []
-    if opts.refine > 0 and engine.fp.n <= STAT_CHUNK:  # refine chooses on one half and confirms on the other
-        warnings.append(f"auto: refinement skipped: it needs more than {STAT_CHUNK} calibration images (two halves "
-                        f"of {STAT_CHUNK}-image chunks), the calibration set has {engine.fp.n}")
-        log.warning(warnings[-1])
-        record = {"skipped": warnings[-1]}
-    elif opts.refine > 0:
-        measure, on_accept = engine_halves_measure(engine, ctx.problem.full(plan))
-        with stage("refine"):
-            res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
+    return trials, tables, plans
+
+
+def _refine_best(ctx: SearchContext, opts: AutoOptions, held_engine: Any, best: dict, plan: dict, table: Any,
+                 trials: list[dict]) -> tuple[dict, dict | None, list[str]]:
+    """The winner refined by measured moves on the calibration halves, kept only if its held-out loss
+    does not rise: (plan, refinement record, warnings); appends the refinement's trial to ``trials``."""
+    from ..engine.probe import STAT_CHUNK
+    from ..solve.refine import engine_halves_measure, refine
+
+    engine = ctx.engine
+    if opts.refine <= 0:
+        return plan, None, []
+    if engine.fp.n <= STAT_CHUNK:  # refine chooses on one half and confirms on the other
+        warning = (f"auto: refinement skipped: it needs more than {STAT_CHUNK} calibration images (two halves "
+                   f"of {STAT_CHUNK}-image chunks), the calibration set has {engine.fp.n}")
+        log.warning(warning)
+        return plan, {"skipped": warning}, [warning]
+    measure, on_accept = engine_halves_measure(engine, ctx.problem.full(plan))
+    with stage("refine"):
+        res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
                      on_accept=on_accept)
-        record = res.record()
-        if res.moves:
-            r = held_engine.run([ctx.problem.full(res.assignment)], desc="auto: refined held-out", show=False,
-                                stage_name="auto: held-out plans")[0]
-            record.update(heldout_loss=r.loss, heldout_top1=r.top1, kept=r.loss <= best["heldout_loss"])
-            if record["kept"]:
-                plan = res.assignment
-        trials.append({"method": f"{best['method']} + refine", "probes": res.probes, "moves": len(res.moves),
-                       **({"heldout_loss": record["heldout_loss"], "heldout_top1": record["heldout_top1"],
-                           "kept": record["kept"]} if res.moves else {"kept": False})})
-    return SensitivityTable(w=table.w if table is not None else {}, a=table.a if table is not None else {},
-                            assignment=plan, trials=trials,
-                            meta={"score": f"the chosen method's ({best['method']})", "chosen": best["method"],
-                                  "heldout_n": len(held), "refine": record,
-                                  **({"warnings": warnings} if warnings else {})})
+    record = res.record()
+    if res.moves:
+        r = held_engine.run([ctx.problem.full(res.assignment)], desc="auto: refined held-out", show=False,
+                            stage_name="auto: held-out plans")[0]
+        record.update(heldout_loss=r.loss, heldout_top1=r.top1, kept=r.loss <= best["heldout_loss"])
+        if record["kept"]:
+            plan = res.assignment
+    trials.append({"method": f"{best['method']} + refine", "probes": res.probes, "moves": len(res.moves),
+                   **({"heldout_loss": record["heldout_loss"], "heldout_top1": record["heldout_top1"],
+                       "kept": record["kept"]} if res.moves else {"kept": False})})
+    return plan, record, []

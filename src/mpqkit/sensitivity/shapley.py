@@ -471,8 +471,6 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     dev = torch.device(ctx.device)
     data = ctx.load_train(cfg.train_size, cfg.seed)
     half = len(data) // 2
-    xw, yw = data.images[:half], data.labels[:half]
-    xa, ya = data.images[half:], data.labels[half:]
     val = data.subset(torch.arange(half, min(len(data), half + cfg.val_size)))
     val = LabeledData(val.images.to(dev), val.labels.to(dev), val.name, val.split, val.classes)
     budget = _budget_penalty(ctx, cfg)
@@ -480,121 +478,151 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     done = records.result()
     if done is not None:
         return done
+    run = _SupernetRun(ctx, cfg, dev, budget)
+    run.resume(records.latest_state(cfg.epochs))
+    for epoch in range(run.start, cfg.epochs):
+        t0 = time.perf_counter()
+        run.train_epoch(epoch, data.images[:half], data.labels[:half], data.images[half:], data.labels[half:])
+        row = run.evaluate(epoch, val, time.perf_counter() - t0)
+        if epoch >= cfg.warmup:
+            run.shapley_step(epoch, val, row)
+        run.history.append(row)
+        log.info("smpq: epoch %d %s", epoch, row)
+        records.put_state(epoch + 1, run.state())
+    result = run.result(val)
+    result["train_images"] = len(data)
+    records.put_result(result, cfg.epochs)
+    return result
 
-    def fresh() -> tuple[Supernet, torch.optim.Optimizer, torch.optim.Optimizer]:
+
+class _SupernetRun:
+    """The state of one supernet search (weights, α, optimizers, Shapley-updated α_s and its momentum,
+    the permutation generator, the per-epoch history), and its steps."""
+
+    def __init__(self, ctx: SearchContext, cfg: SupernetConfig, dev: torch.device, budget: Any) -> None:
+        self.ctx, self.cfg, self.dev, self.budget = ctx, cfg, dev, budget
+        self.numel = torch.tensor([float(ctx.model.get_submodule(f).weight.numel()) for f in ctx.searched], device=dev)
+        self._pretrained: Supernet | None = None
+        self.fresh()
+
+    def fresh(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
         torch.manual_seed(cfg.seed)
-        sup = Supernet(ctx.model, ctx.searched, ctx.w_bits, ctx.qconfig).to(dev)
-        return (sup, torch.optim.SGD(sup.weight_params(), lr=cfg.lr_w, momentum=0.9, weight_decay=5e-4),
-                torch.optim.Adam([sup.alpha], lr=cfg.lr_alpha))
+        self.sup = Supernet(ctx.model, ctx.searched, ctx.w_bits, ctx.qconfig).to(self.dev)
+        self.opt_w = torch.optim.SGD(self.sup.weight_params(), lr=cfg.lr_w, momentum=0.9, weight_decay=5e-4)
+        self.opt_a = torch.optim.Adam([self.sup.alpha], lr=cfg.lr_alpha)
+        self.alpha_s = torch.zeros_like(self.sup.alpha)
+        self.mom = torch.zeros_like(self.sup.alpha)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.history: list[dict] = []
+        self.shap: list[list[float]] | None = None
+        self.start = 0
 
-    sup, opt_w, opt_a = fresh()
-    pretrained: list[Supernet] = []
-
-    def game_net(trained: Supernet) -> Supernet:
-        """The supernet the Shapley game plays on: the trained one, or the pretrained weights mixed by its α."""
-        if cfg.shapley_weights == "supernet":
-            return trained
-        if not pretrained:
-            pretrained.append(Supernet(ctx.model, ctx.searched, ctx.w_bits, ctx.qconfig).to(dev).eval())
-        with torch.no_grad():
-            pretrained[0].alpha.copy_(trained.alpha)
-        return pretrained[0]
-
-    numel = torch.tensor([float(ctx.model.get_submodule(f).weight.numel()) for f in ctx.searched], device=dev)
-    alpha_s = torch.zeros_like(sup.alpha)
-    mom = torch.zeros_like(sup.alpha)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: list[dict] = []
-    shap: list[list[float]] | None = None
-    start = 0
-    saved = records.latest_state(cfg.epochs)
-    if saved is not None:
+    def resume(self, saved: dict | None) -> None:
+        """Continue from a saved epoch record; one that does not fit is ignored (start over), never trusted."""
+        if saved is None:
+            return
         try:
             st = _decode(saved["state"])
-            sup.load_state_dict(st["supernet"])
-            opt_w.load_state_dict(st["opt_w"])
-            opt_a.load_state_dict(st["opt_a"])
-            alpha_s, mom = st["alpha_s"].to(dev), st["mom"].to(dev)
-            gen.set_state(st["gen"])
-            history, shap, start = list(saved["history"]), saved["shapley"], int(saved["epoch"])
-            log.info("smpq: resuming the supernet run at epoch %d", start)
+            self.sup.load_state_dict(st["supernet"])
+            self.opt_w.load_state_dict(st["opt_w"])
+            self.opt_a.load_state_dict(st["opt_a"])
+            self.alpha_s, self.mom = st["alpha_s"].to(self.dev), st["mom"].to(self.dev)
+            self.gen.set_state(st["gen"])
+            self.history, self.shap, self.start = list(saved["history"]), saved["shapley"], int(saved["epoch"])
+            log.info("smpq: resuming the supernet run at epoch %d", self.start)
         except Exception as e:  # noqa: BLE001 - a record that does not fit is recomputed, never trusted
             log.warning("smpq: ignoring a supernet record that does not fit (%s: %s)", type(e).__name__,
                         str(e)[:100])
-            sup, opt_w, opt_a = fresh()
-            alpha_s, mom = torch.zeros_like(sup.alpha), torch.zeros_like(sup.alpha)
-            gen = torch.Generator().manual_seed(cfg.seed + 1)
-            history, shap, start = [], None, 0
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
+            self.fresh()
+
+    def train_epoch(self, epoch: int, xw: Tensor, yw: Tensor, xa: Tensor, ya: Tensor) -> None:
+        """One epoch: weight steps on the first half; after warm-up, an α step on the second half
+        after each (cross-entropy plus λ × the budget penalty or the expected bits)."""
+        cfg, sup, dev = self.cfg, self.sup, self.dev
         sup.train()
         sup.fix_ranges(cfg.ranges == "epoch")
-        perm_w = torch.randperm(half, generator=gen)
-        perm_a = torch.randperm(len(xa), generator=gen)
-        n_steps = half // cfg.batch_size
-        for s in range(n_steps):
+        perm_w = torch.randperm(len(xw), generator=self.gen)
+        perm_a = torch.randperm(len(xa), generator=self.gen)
+        for s in range(len(xw) // cfg.batch_size):
             iw = perm_w[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            opt_w.zero_grad(set_to_none=True)
+            self.opt_w.zero_grad(set_to_none=True)
             F.cross_entropy(sup(xw[iw].to(dev)), yw[iw].to(dev)).backward()
             sup.alpha.grad = None
-            opt_w.step()
+            self.opt_w.step()
             if epoch >= cfg.warmup:
                 ia = perm_a[(s * cfg.batch_size) % len(xa):][:cfg.batch_size]
-                opt_a.zero_grad(set_to_none=True)
+                self.opt_a.zero_grad(set_to_none=True)
                 for p in sup.weight_params():
                     p.grad = None
                 loss = F.cross_entropy(sup(xa[ia].to(dev)), ya[ia].to(dev))
-                if budget is not None:
-                    loss = loss + cfg.lam * budget(sup.alpha)
-                else:
-                    loss = loss + cfg.lam * sup.expected_bits(numel) / max(ctx.w_bits)
-                loss.backward()
-                opt_a.step()
+                penalty = self.budget(sup.alpha) if self.budget is not None else \
+                    sup.expected_bits(self.numel) / max(self.ctx.w_bits)
+                (loss + cfg.lam * penalty).backward()
+                self.opt_a.step()
         sup.fix_ranges(False)
         sup.eval()
-        row = {"epoch": epoch, "val_top1": _top1(sup, val), "train_s": time.perf_counter() - t0,
-               "expected_avg_bits": float(sup.expected_bits(numel).detach())}
-        if budget is not None:
-            row["budget_usage"] = float(budget.usage(sup.alpha.detach()))
-        if epoch >= cfg.warmup:
-            t1 = time.perf_counter()
-            with stage("shapley"):
-                est, mean_, std_ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + epoch)
-            shap = _grid(est, len(sup.layers), len(sup.bits))
-            v = torch.tensor(shap, device=dev)
-            vhat = v / (v.abs().sum(1, keepdim=True) + 1e-12)
-            mom = cfg.momentum * mom + (1 - cfg.momentum) * vhat
-            alpha_s = alpha_s + cfg.eta * mom
-            row["shapley_s"] = time.perf_counter() - t1
-            # noise of the estimate: |mean| over its standard error (median over candidates), and the
-            # share of candidates whose mean − std is negative (std larger than the mean itself)
-            if cfg.game == "global":  # the layer game is exact: no sampling noise to report
-                m_, s_ = np.array(list(mean_.values())), np.array(list(std_.values()))
-                row["shapley_snr"] = float(np.median(np.abs(m_) / (s_ / math.sqrt(cfg.permutations) + 1e-12)))
-                row["shapley_negative"] = float(np.mean(m_ - s_ < 0))
-            row["shapley_grid"] = shap  # raw values: SMPQ's --smpq-score shapley averages them
-            # how far Shapley moved the choice: layers whose argmax of α + α_s differs from argmax α
-            row["shapley_moved_layers"] = int(((sup.alpha.detach() + alpha_s).argmax(1)
-                                               != sup.alpha.detach().argmax(1)).sum())
-        history.append(row)
-        log.info("smpq: epoch %d %s", epoch, row)
-        records.put_state(epoch + 1, {"history": history, "shapley": shap, "state": _encode(
-            {"supernet": sup.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(),
-             "alpha_s": alpha_s, "mom": mom, "gen": gen.get_state()})})
-    alpha = sup.alpha.detach().cpu()
-    final_alpha_s = alpha + alpha_s.cpu()
-    if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
+
+    def evaluate(self, epoch: int, val: LabeledData, train_s: float) -> dict:
+        row = {"epoch": epoch, "val_top1": _top1(self.sup, val), "train_s": train_s,
+               "expected_avg_bits": float(self.sup.expected_bits(self.numel).detach())}
+        if self.budget is not None:
+            row["budget_usage"] = float(self.budget.usage(self.sup.alpha.detach()))
+        return row
+
+    def game_net(self) -> Supernet:
+        """The supernet the Shapley game plays on: the trained one, or the pretrained weights mixed by its α."""
+        if self.cfg.shapley_weights == "supernet":
+            return self.sup
+        if self._pretrained is None:
+            self._pretrained = Supernet(self.ctx.model, self.ctx.searched, self.ctx.w_bits,
+                                        self.ctx.qconfig).to(self.dev).eval()
+        with torch.no_grad():
+            self._pretrained.alpha.copy_(self.sup.alpha)
+        return self._pretrained
+
+    def shapley_step(self, epoch: int, val: LabeledData, row: dict) -> None:
+        """Estimate the Shapley values, move α_s by their momentum, and record the estimate's noise."""
+        cfg = self.cfg
+        t1 = time.perf_counter()
         with stage("shapley"):
-            est, _, _ = _shapley(game_net(sup), val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
-        shap = _grid(est, len(sup.layers), len(sup.bits))
-    grids = [r["shapley_grid"] for r in history if "shapley_grid" in r] or [shap]
-    result = {"alpha": alpha.tolist(), "alpha_s": final_alpha_s.tolist(), "shapley": shap,
-              "shapley_mean": np.mean(np.asarray(grids, dtype=float), axis=0).tolist(),
-              "history": history, "layers": list(sup.layers), "bits": list(sup.bits), "config": asdict(cfg),
-              "budget_targeted": budget is not None,
-              "quantizer": ctx.qconfig.to_dict(), "train_images": len(data)}
-    records.put_result(result, cfg.epochs)
-    return result
+            est, mean_, std_ = _shapley(self.game_net(), val, cfg, seed=cfg.seed * 1000 + epoch)
+        self.shap = _grid(est, len(self.sup.layers), len(self.sup.bits))
+        v = torch.tensor(self.shap, device=self.dev)
+        vhat = v / (v.abs().sum(1, keepdim=True) + 1e-12)
+        self.mom = cfg.momentum * self.mom + (1 - cfg.momentum) * vhat
+        self.alpha_s = self.alpha_s + cfg.eta * self.mom
+        row["shapley_s"] = time.perf_counter() - t1
+        # noise of the estimate: |mean| over its standard error (median over candidates), and the
+        # share of candidates whose mean − std is negative (std larger than the mean itself)
+        if cfg.game == "global":  # the layer game is exact: no sampling noise to report
+            m_, s_ = np.array(list(mean_.values())), np.array(list(std_.values()))
+            row["shapley_snr"] = float(np.median(np.abs(m_) / (s_ / math.sqrt(cfg.permutations) + 1e-12)))
+            row["shapley_negative"] = float(np.mean(m_ - s_ < 0))
+        row["shapley_grid"] = self.shap  # raw values: SMPQ's --smpq-score shapley averages them
+        # how far Shapley moved the choice: layers whose argmax of α + α_s differs from argmax α
+        alpha = self.sup.alpha.detach()
+        row["shapley_moved_layers"] = int(((alpha + self.alpha_s).argmax(1) != alpha.argmax(1)).sum())
+
+    def state(self) -> dict:
+        """What an epoch record holds, so that a killed run resumes after this epoch."""
+        return {"history": self.history, "shapley": self.shap, "state": _encode(
+            {"supernet": self.sup.state_dict(), "opt_w": self.opt_w.state_dict(), "opt_a": self.opt_a.state_dict(),
+             "alpha_s": self.alpha_s, "mom": self.mom, "gen": self.gen.get_state()})}
+
+    def result(self, val: LabeledData) -> dict:
+        cfg, sup = self.cfg, self.sup
+        alpha = sup.alpha.detach().cpu()
+        shap = self.shap
+        if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
+            with stage("shapley"):
+                est, _, _ = _shapley(self.game_net(), val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
+            shap = _grid(est, len(sup.layers), len(sup.bits))
+        grids = [r["shapley_grid"] for r in self.history if "shapley_grid" in r] or [shap]
+        return {"alpha": alpha.tolist(), "alpha_s": (alpha + self.alpha_s.cpu()).tolist(), "shapley": shap,
+                "shapley_mean": np.mean(np.asarray(grids, dtype=float), axis=0).tolist(),
+                "history": self.history, "layers": list(sup.layers), "bits": list(sup.bits), "config": asdict(cfg),
+                "budget_targeted": self.budget is not None, "quantizer": self.ctx.qconfig.to_dict()}
 
 
 def _coalition_value(logits: Tensor, labels: Tensor, kind: str) -> float:

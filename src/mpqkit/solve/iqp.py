@@ -20,6 +20,8 @@ plans sooner: that is why both exist.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +58,59 @@ class QuadraticObjective:
         return self.q[:, :, np.arange(self.L), a].sum(axis=2)
 
 
+def _exact(problem: Allocation, model: MilpModel, obj: QuadraticObjective, remaining: float, best: Any,
+           best_val: float, solver: str, status: str, cvx: float | None,
+           info: dict) -> tuple[Any, float, str, str, float | None, float | None]:
+    """The IQP linearised exactly (``_linearise``) and solved by HiGHS in the time left; its plan
+    replaces the incumbent ``best`` where it is not worse. Returns (plan, value, solver, status, gap,
+    bound) and records the MILP's size and status in ``info``."""
+    n_pairs, pair_costs = _linearise(model, obj)
+    c = np.r_[obj.d.reshape(-1), np.array(pair_costs)]  # x columns first, layer-major, as in MilpModel
+    assignment, res = model.solve(c, max(0.5, remaining))
+    st, gap, bound = milp_status(res)
+    info["milp_bound"] = bound
+    if cvx is not None and (bound is None or cvx > bound):
+        bound = cvx  # both are valid lower bounds: keep the tighter
+    info.update({"milp_status": st, "milp_variables": model.n_cols, "milp_rows": len(model.rows),
+                 "linearised_pairs": n_pairs})
+    if assignment is not None:
+        v_e = obj.value(np.array([model.choices.index(assignment[f]) for f in model.layers]))
+        info["milp_objective"] = v_e
+        if best is None or v_e <= best_val + 1e-12:
+            best, best_val, solver, status = assignment, v_e, "iqp-milp-highs", st
+        else:
+            status = "heuristic better than MILP incumbent"
+    elif best is None:
+        raise InfeasibleBudgetError(joint_infeasible_message(problem, res.message))
+    if bound is not None and best is not None:
+        gap = max(0.0, (best_val - bound) / max(abs(best_val), 1e-12))
+        if gap <= 1e-9:
+            status = "optimal"
+    return best, best_val, solver, status, gap, bound
+
+
+def _linearise(model: MilpModel, obj: QuadraticObjective) -> tuple[int, list[float]]:
+    """Add y[k, j] = x[i, k]·x[m, j] for every layer pair (i, m) with a non-zero block of the quadratic
+    term (rows Σ_j y[k, j] = x[i, k] and Σ_k y[k, j] = x[m, j]); returns the number of pairs and the
+    new columns' costs (the blocks, in column order)."""
+    L, K = len(model.layers), len(model.choices)
+    pair_costs: list[float] = []
+    n_pairs = 0
+    for i in range(L):
+        for m in range(i + 1, L):
+            block = obj.q[i, :, m, :]
+            if not np.any(block):
+                continue
+            y0 = model.add_columns(K * K)  # row-major
+            pair_costs.extend(block.reshape(-1))
+            n_pairs += 1
+            for k in range(K):
+                model.add_row({**{y0 + k * K + j: 1.0 for j in range(K)}, i * K + k: -1.0}, 0.0, 0.0)
+            for j in range(K):
+                model.add_row({**{y0 + k * K + j: 1.0 for k in range(K)}, m * K + j: -1.0}, 0.0, 0.0)
+    return n_pairs, pair_costs
+
+
 def _local_search(obj: QuadraticObjective, costs: np.ndarray, limits: np.ndarray, allowed: np.ndarray,
                   start: np.ndarray, deadline: float, seed: int) -> tuple[np.ndarray, float, int]:
     """Best-improvement descent with single and pair moves; perturb-and-restart until the deadline.
@@ -63,16 +118,48 @@ def _local_search(obj: QuadraticObjective, costs: np.ndarray, limits: np.ndarray
     costs[r, ℓ, k]: budget row r's cost of choice k at layer ℓ; feasible iff Σ_ℓ costs[r,ℓ,a_ℓ] ≤ limits[r].
     allowed[ℓ, k]: False for choices excluded by per-layer limits."""
     rng = np.random.default_rng(seed)
-    L, K = obj.d.shape
-    idx = np.arange(L)
-    penalty = np.where(allowed, 0.0, np.inf)
+    L = obj.d.shape[0]
+    moves = _Moves(obj, costs, limits, np.where(allowed, 0.0, np.inf), np.arange(L), deadline)
+    best = moves.descend(start)
+    best_val = obj.value(best)
+    restarts = stale = 0
+    patience = 30 * L  # restarts without improvement before the search is considered converged
+    while time.perf_counter() < deadline and stale < patience:
+        a = best.copy()  # perturb the best plan (a few layers), or now and then start afresh
+        n_flip = L if rng.random() < 0.2 else int(rng.integers(1, max(1, L // 4) + 1))
+        flip = rng.choice(L, size=n_flip, replace=False)
+        a[flip] = [rng.choice(np.flatnonzero(allowed[i])) for i in flip]
+        a = moves.repair(a)
+        if a is None:
+            continue
+        a = moves.descend(a)
+        restarts += 1
+        v = obj.value(a)
+        stale += 1
+        if v < best_val - 1e-12:
+            best, best_val, stale = a, v, 0
+    return best, best_val, restarts
 
-    def descend(a: np.ndarray) -> np.ndarray:
+
+@dataclass
+class _Moves:
+    """The local search's moves on an assignment ``a`` (a choice index per layer): ``penalty`` is
+    +inf for choices a per-layer limit excludes, ``idx`` is ``arange(L)``."""
+
+    obj: QuadraticObjective
+    costs: np.ndarray
+    limits: np.ndarray
+    penalty: np.ndarray
+    idx: np.ndarray
+    deadline: float
+
+    def descend(self, a: np.ndarray) -> np.ndarray:
+        """Best single move, else best pair move, while one lowers the objective and keeps the budget."""
+        obj, costs, limits, idx = self.obj, self.costs, self.limits, self.idx
         a = a.copy()
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < self.deadline:
             used = costs[:, idx, a].sum(axis=1)  # (R,)
-            f = obj.field(a)
-            score = obj.d + f + penalty  # (L, K)
+            score = obj.d + obj.field(a) + self.penalty  # (L, K)
             delta1 = score - score[idx, a][:, None]
             dc = costs - costs[:, idx, a][:, :, None]  # (R, L, K)
             ok1 = np.all(used[:, None, None] + dc <= limits[:, None, None] * (1 + 1e-12), axis=0)
@@ -98,17 +185,18 @@ def _local_search(obj: QuadraticObjective, costs: np.ndarray, limits: np.ndarray
             return a
         return a
 
-    def repair(a: np.ndarray) -> np.ndarray | None:
+    def repair(self, a: np.ndarray) -> np.ndarray | None:
         """Lower costs until feasible, choosing the move with the least objective increase per cost saved."""
+        obj, costs, idx = self.obj, self.costs, self.idx
+        L, K = obj.d.shape
         a = a.copy()
         for _ in range(L * K):
             used = costs[:, idx, a].sum(axis=1)
-            over = np.maximum(used - limits, 0)
+            over = np.maximum(used - self.limits, 0)
             if not over.any():
                 return a
             saving = ((costs[:, idx, a][:, :, None] - costs) * (over > 0)[:, None, None]).sum(axis=0)
-            f = obj.field(a)
-            score = obj.d + f + penalty
+            score = obj.d + obj.field(a) + self.penalty
             harm = score - score[idx, a][:, None]
             ratio = np.where(saving > 0, np.maximum(harm, 0) + 1e-12, np.inf) / np.where(saving > 0, saving, 1)
             l, k = np.unravel_index(np.argmin(ratio), ratio.shape)
@@ -116,26 +204,6 @@ def _local_search(obj: QuadraticObjective, costs: np.ndarray, limits: np.ndarray
                 return None
             a[l] = k
         return None
-
-    best = descend(start)
-    best_val = obj.value(best)
-    restarts = stale = 0
-    patience = 30 * L  # restarts without improvement before the search is considered converged
-    while time.perf_counter() < deadline and stale < patience:
-        a = best.copy()  # perturb the best plan (a few layers), or now and then start afresh
-        n_flip = L if rng.random() < 0.2 else int(rng.integers(1, max(1, L // 4) + 1))
-        flip = rng.choice(L, size=n_flip, replace=False)
-        a[flip] = [rng.choice(np.flatnonzero(allowed[i])) for i in flip]
-        a = repair(a)
-        if a is None:
-            continue
-        a = descend(a)
-        restarts += 1
-        v = obj.value(a)
-        stale += 1
-        if v < best_val - 1e-12:
-            best, best_val, stale = a, v, 0
-    return best, best_val, restarts
 
 
 def convex_bound(g: np.ndarray, lin: np.ndarray, costs: np.ndarray, limits: np.ndarray, allowed: np.ndarray,
@@ -229,43 +297,8 @@ def solve_iqp(problem: Allocation, g: np.ndarray, lin: np.ndarray | None = None,
         exact = False  # the heuristic's plan is within gap_tol of a certified bound: nothing left to prove
         bound, gap, status = cvx, max(0.0, (best_val - cvx) / max(abs(best_val), 1e-12)), "optimal (convex bound)"
     if exact:
-        remaining = max(0.5, time_limit - (time.perf_counter() - t0))
-        cx = obj.d.reshape(-1)  # x columns come first, layer-major, as in MilpModel
-        cy: list[float] = []
-        n_pairs = 0
-        for i in range(L):
-            for m in range(i + 1, L):
-                block = obj.q[i, :, m, :]
-                if not np.any(block):
-                    continue
-                y0 = model.add_columns(K * K)  # y[k, j] = x[i, k]·x[m, j], row-major
-                cy.extend(block.reshape(-1))
-                n_pairs += 1
-                for k in range(K):  # Σ_j y[k, j] = x[i, k]
-                    model.add_row({**{y0 + k * K + j: 1.0 for j in range(K)}, i * K + k: -1.0}, 0.0, 0.0)
-                for j in range(K):  # Σ_k y[k, j] = x[m, j]
-                    model.add_row({**{y0 + k * K + j: 1.0 for k in range(K)}, m * K + j: -1.0}, 0.0, 0.0)
-        c = np.r_[cx, np.array(cy)]
-        assignment, res = model.solve(c, remaining)
-        st, gap, bound = milp_status(res)
-        info["milp_bound"] = bound
-        if cvx is not None and (bound is None or cvx > bound):
-            bound = cvx  # both are valid lower bounds: keep the tighter
-        info.update({"milp_status": st, "milp_variables": model.n_cols, "milp_rows": len(model.rows),
-                     "linearised_pairs": n_pairs})
-        if assignment is not None:
-            v_e = obj.value(np.array([model.choices.index(assignment[f]) for f in model.layers]))
-            info["milp_objective"] = v_e
-            if best is None or v_e <= best_val + 1e-12:
-                best, best_val, solver, status = assignment, v_e, "iqp-milp-highs", st
-            else:
-                status = "heuristic better than MILP incumbent"
-        elif best is None:
-            raise InfeasibleBudgetError(joint_infeasible_message(problem, res.message))
-        if bound is not None and best is not None:
-            gap = max(0.0, (best_val - bound) / max(abs(best_val), 1e-12))
-            if gap <= 1e-9:
-                status = "optimal"
+        best, best_val, solver, status, gap, bound = _exact(problem, model, obj, time_limit - (time.perf_counter() - t0),
+                                                            best, best_val, solver, status, cvx, info)
     if best is None:
         raise InfeasibleBudgetError("no feasible plan found within the time limit")
     return Solution(best, float(best_val), solver, status, time.perf_counter() - t0, gap=gap, bound=bound, info=info)

@@ -283,76 +283,108 @@ def get_model(
     or ``checkpoint`` because no torchvision weights are bundled. ``num_classes`` changes the classifier width.
     """
     ckpt: Path | None = Path(checkpoint) if checkpoint is not None else None
-    setting = "--checkpoint"
+    if name == "minilm-sst2":
+        return _minilm_sst2(ckpt, random_init)
     if name in CIFAR_MODELS:
-        depth, rel = CIFAR_MODELS[name]
-        n_cls = num_classes or 10
-        model: nn.Module = CifarResNet(depth, n_cls)
-        shape: tuple[int, ...] = (3, 32, 32)
-        if ckpt is None and not random_init:
-            ckpt = _models_dir(models_dir) / rel
-            setting = "--models-dir or $MPQKIT_MODELS"
-            if not ckpt.is_file() and "jpegft" in rel and depth != 20:
-                raise MissingResourceError(
-                    f"checkpoint {ckpt} not found: the JPEG fine-tuned {name} is made by "
-                    f"`PYTHONPATH=src python scripts/finetune_cifar_resnet.py --depth {depth}` (see the README), "
-                    f"or use {name}-orig (the original akamaster weights); check {setting}")
-        arch = f"CifarResNet({depth})"
+        builder = _cifar_resnet
     elif name in SHARED_MODELS or name in PACKAGED_MODELS:
-        from mpqkit.zoo import imagenet
-
-        if name == "minilm-sst2":
-            return _minilm_sst2(ckpt, random_init)
-        if name == "convmixer":
-            n_cls, shape, model = num_classes or 10, (3, 32, 32), convmixer(num_classes=num_classes or 10)
-        elif name == "mobilenetv2":
-            if num_classes not in (None, 1000):
-                raise MpqkitError("mobilenetv2 has 1000 classes (its 1001st, background, is dropped)")
-            n_cls, shape, model = 1000, (3, 224, 224), imagenet.TFMobileNetV2()
-        else:
-            n_cls, shape, model = num_classes or 1000, (3, 224, 224), imagenet.EfficientNetLite0(num_classes or 1000)
-        if ckpt is None and not random_init:
-            if name in SHARED_MODELS:
-                ckpt = _models_dir(models_dir) / SHARED_MODELS[name][0]
-                setting = "--models-dir or $MPQKIT_MODELS"
-            else:
-                ckpt, setting = _packaged_checkpoint(name), "--checkpoint"
-        arch = type(model).__name__ if name != "convmixer" else "ConvMixer-256/8"
+        builder = _zoo_network
     elif name == "digits-cnn":
-        n_cls = num_classes or 10
-        model = DigitsCNN(n_cls)
-        shape = (1, 8, 8)
-        if ckpt is None and not random_init:
-            ckpt = DIGITS_WEIGHTS
-            setting = "the mpqkit installation (run scripts/train_digits.py) or --checkpoint"
-        arch = "DigitsCNN"
+        builder = _digits
     elif name in _torchvision_names():
-        import torchvision
-
-        if ckpt is None and not random_init:
-            raise MissingResourceError(
-                f"torchvision model {name!r} has no bundled weights here: pass --checkpoint FILE "
-                f"(a state dict) or --random-init to use explicitly random weights"
-            )
-        n_cls = num_classes or 1000
-        kwargs: dict[str, Any] = {"num_classes": n_cls}
-        if name in ("inception_v3", "googlenet") and ckpt is not None:
-            kwargs["init_weights"] = False  # skip the slow truncated-normal init; the checkpoint overwrites it
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
-        from mpqkit.attention import expose_attention
-
-        expose_attention(model)  # attention projections become Linear layers (checkpoints map in below)
-        shape = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
-        arch = f"{name} (num_classes={n_cls})"
+        builder = _torchvision
     else:
         raise UnknownNameError(
             f"unknown model {name!r}: use one of "
             f"{', '.join([*CIFAR_MODELS, *SHARED_MODELS, *PACKAGED_MODELS, 'digits-cnn'])}, "
             f"or any torchvision classification model name (e.g. resnet18, mobilenet_v2)"
         )
-    if ckpt is not None:
+    b = builder(name, num_classes, models_dir, ckpt, random_init)
+    if b.ckpt is not None:
         from mpqkit.attention import exposed_state_dict
 
-        _apply_state_dict(model, exposed_state_dict(dict(load_checkpoint(ckpt, setting)), model), ckpt, arch)
-    model.eval()
-    return ModelBundle(model, name, shape, n_cls, ckpt, state_dict_sha256(model))
+        _apply_state_dict(b.model, exposed_state_dict(dict(load_checkpoint(b.ckpt, b.setting)), b.model), b.ckpt,
+                          b.arch)
+    b.model.eval()
+    return ModelBundle(b.model, name, b.shape, b.n_cls, b.ckpt, state_dict_sha256(b.model))
+
+
+@dataclass
+class _Built:
+    """A freshly built network, and the checkpoint to load into it (None: keep its initial weights)
+    with the setting that names that file (for error messages)."""
+
+    model: nn.Module
+    shape: tuple[int, ...]
+    n_cls: int
+    arch: str
+    ckpt: Path | None
+    setting: str = "--checkpoint"
+
+
+_MODELS_DIR_SETTING = "--models-dir or $MPQKIT_MODELS"
+
+
+def _cifar_resnet(name: str, num_classes: int | None, models_dir: str | Path | None, ckpt: Path | None,
+                  random_init: bool) -> _Built:
+    depth, rel = CIFAR_MODELS[name]
+    b = _Built(CifarResNet(depth, num_classes or 10), (3, 32, 32), num_classes or 10, f"CifarResNet({depth})", ckpt)
+    if ckpt is None and not random_init:
+        b.ckpt, b.setting = _models_dir(models_dir) / rel, _MODELS_DIR_SETTING
+        if not b.ckpt.is_file() and "jpegft" in rel and depth != 20:
+            raise MissingResourceError(
+                f"checkpoint {b.ckpt} not found: the JPEG fine-tuned {name} is made by "
+                f"`PYTHONPATH=src python scripts/finetune_cifar_resnet.py --depth {depth}` (see the README), "
+                f"or use {name}-orig (the original akamaster weights); check {b.setting}")
+    return b
+
+
+def _zoo_network(name: str, num_classes: int | None, models_dir: str | Path | None, ckpt: Path | None,
+                 random_init: bool) -> _Built:
+    """ConvMixer, MobileNetV2 (shared checkpoints) and EfficientNet-Lite0 (packaged checkpoint)."""
+    from mpqkit.zoo import imagenet
+
+    if name == "convmixer":
+        b = _Built(convmixer(num_classes=num_classes or 10), (3, 32, 32), num_classes or 10, "ConvMixer-256/8", ckpt)
+    elif name == "mobilenetv2":
+        if num_classes not in (None, 1000):
+            raise MpqkitError("mobilenetv2 has 1000 classes (its 1001st, background, is dropped)")
+        b = _Built(imagenet.TFMobileNetV2(), (3, 224, 224), 1000, "TFMobileNetV2", ckpt)
+    else:
+        b = _Built(imagenet.EfficientNetLite0(num_classes or 1000), (3, 224, 224), num_classes or 1000,
+                   "EfficientNetLite0", ckpt)
+    if ckpt is None and not random_init:
+        if name in SHARED_MODELS:
+            b.ckpt, b.setting = _models_dir(models_dir) / SHARED_MODELS[name][0], _MODELS_DIR_SETTING
+        else:
+            b.ckpt = _packaged_checkpoint(name)
+    return b
+
+
+def _digits(name: str, num_classes: int | None, models_dir: str | Path | None, ckpt: Path | None,
+            random_init: bool) -> _Built:
+    b = _Built(DigitsCNN(num_classes or 10), (1, 8, 8), num_classes or 10, "DigitsCNN", ckpt)
+    if ckpt is None and not random_init:
+        b.ckpt, b.setting = DIGITS_WEIGHTS, "the mpqkit installation (run scripts/train_digits.py) or --checkpoint"
+    return b
+
+
+def _torchvision(name: str, num_classes: int | None, models_dir: str | Path | None, ckpt: Path | None,
+                 random_init: bool) -> _Built:
+    import torchvision
+
+    from mpqkit.attention import expose_attention
+
+    if ckpt is None and not random_init:
+        raise MissingResourceError(
+            f"torchvision model {name!r} has no bundled weights here: pass --checkpoint FILE "
+            f"(a state dict) or --random-init to use explicitly random weights"
+        )
+    n_cls = num_classes or 1000
+    kwargs: dict[str, Any] = {"num_classes": n_cls}
+    if name in ("inception_v3", "googlenet") and ckpt is not None:
+        kwargs["init_weights"] = False  # skip the slow truncated-normal init; the checkpoint overwrites it
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    expose_attention(model)  # attention projections become Linear layers (checkpoints map in below)
+    shape = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    return _Built(model, shape, n_cls, f"{name} (num_classes={n_cls})", ckpt)
