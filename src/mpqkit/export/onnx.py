@@ -26,7 +26,7 @@ conv/matmul kernels sum in another order than PyTorch's (~1e-6 apart), and ONNX 
 next layers and flips a few more codes there. ``check_onnx`` uses ``ORT_DISABLE_ALL`` by default,
 so onnxruntime runs exactly the graph that was written (``OPTIMIZATION_LEVELS`` selects others).
 How often codes flip, and what each optimization level does to the graph, is measured in
-``benchmarks/results/export_resnet20/table.md`` (README, "Deployable output").
+``benchmarks/results/export_resnet20/table.md`` (docs/USAGE.md, "Deployable output").
 """
 from __future__ import annotations
 

@@ -334,7 +334,7 @@ def _cifar_resnet(name: str, num_classes: int | None, models_dir: str | Path | N
         if not b.ckpt.is_file() and "jpegft" in rel and depth != 20:
             raise MissingResourceError(
                 f"checkpoint {b.ckpt} not found: the JPEG fine-tuned {name} is made by "
-                f"`PYTHONPATH=src python scripts/finetune_cifar_resnet.py --depth {depth}` (see the README), "
+                f"`PYTHONPATH=src python scripts/finetune_cifar_resnet.py --depth {depth}` (see docs/USAGE.md), "
                 f"or use {name}-orig (the original akamaster weights); check {b.setting}")
     return b
 
