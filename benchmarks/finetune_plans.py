@@ -44,6 +44,7 @@ class Job:
     epochs: int
     lr: float
     train_size: int | None
+    allow_small_data: bool = False
 
     @property
     def tag(self) -> str:
@@ -86,7 +87,8 @@ def run_job(job: Job, test: bool = True) -> tuple[dict, dict | None]:
     summary = finished(job.folder)
     if summary is None:
         summary = api.finetune(job.model, plan_path(job.src_row["plan"]), job.data, job.folder, epochs=job.epochs,
-                               lr=job.lr, train_size=job.train_size, seed=int(job.src_row["seed"]), progress=False)
+                               lr=job.lr, train_size=job.train_size, seed=int(job.src_row["seed"]),
+                               allow_small_data=job.allow_small_data, progress=False)
     return summary, test_row(job, summary) if test else None
 
 
@@ -124,11 +126,11 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
         r.setdefault("seed", 0)
     epochs = [args.epochs] + [int(e) for e in args.epochs_list.split(",") if e]
     lrs = [args.lr] + [float(v) for v in args.lr_list.split(",") if v]
-    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size)
+    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size, args.allow_small_data)
             for ep in epochs for lr in lrs for r in sorted(src, key=lambda r: (r["draw"], r["budget"], r["method"]))]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", required=True, help="bench directory whose default-PTQ plans are fine-tuned")
     ap.add_argument("--out", required=True, help="bench directory for the fine-tuned rows")
@@ -144,7 +146,8 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, help="images per epoch (default: the whole train split)")
     ap.add_argument("--jobs", type=int, default=1, help="fine-tune this many plans at once (processes)")
     ap.add_argument("--no-test", action="store_true", help="only fine-tune; write no rows (no test split here)")
-    args = ap.parse_args()
+    ap.add_argument("--allow-small-data", action="store_true", help="fine-tune on a small train split (tests)")
+    args = ap.parse_args(argv)
     from mpqkit.report.bench import load_rows
 
     out = Path(args.out)

@@ -26,3 +26,40 @@ def test_benchmark_scripts_use_only_public_names():
             if line.startswith("from mpqkit") and " import " in line:
                 names = [n.strip() for n in line.split(" import ", 1)[1].split(",")]
                 assert not [n for n in names if n.startswith("_")], (script.name, line)
+
+
+def test_finetune_plans_fine_tunes_then_tests_then_resumes(tmp_path, monkeypatch):
+    """benchmarks/finetune_plans.py on the digits model: --no-test fine-tunes and writes no row; the
+    same command without it finds the finished folder (no training again) and writes one paired row;
+    a rerun writes nothing new."""
+    import importlib.util
+    import json
+
+    from mpqkit import api
+
+    spec = importlib.util.spec_from_file_location("finetune_plans", ROOT / "benchmarks" / "finetune_plans.py")
+    fp = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "finetune_plans", fp)  # its dataclass looks its module up
+    spec.loader.exec_module(fp)
+    src = tmp_path / "src"
+    res = api.search("digits-cnn", "digits", "avg-bits=4", method="uniform", out=src / "search",
+                     calib_size=64, progress=False)
+    (src / "rows.jsonl").write_text(json.dumps({
+        "method": "uniform", "budget": "avg-bits=4", "ptq": None, "draw": 0, "seed": 0, "avg_w_bits": 4.0,
+        "top1_test": 0.0, "search_s": 1.0, "plan": str(src / "search" / "plan.json")}) + "\n")
+    argv = ["--src", str(src), "--out", str(tmp_path / "out"), "--model", "digits-cnn", "--data", "digits",
+            "--methods", "uniform", "--budgets", "avg-bits=4", "--draws", "0", "--epochs", "1",
+            "--allow-small-data"]
+    fp.main(argv + ["--no-test"])
+    folder = tmp_path / "out" / "plans" / "uniform" / "avg-bits=4" / "draw0" / "lsq-1ep"
+    assert fp.finished(folder) is not None and not (tmp_path / "out" / "rows.jsonl").exists()
+    stamp = (folder / "model.pt").stat().st_mtime_ns
+    fp.main(argv)
+    assert (folder / "model.pt").stat().st_mtime_ns == stamp  # evaluated, not trained again
+    rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["ptq"] == "lsq-1ep" and rows[0]["device"] == "cpu"
+    assert rows[0]["top1_before"] == 100 * api.evaluate("digits-cnn", "digits", "test", plan=res.plan,
+                                                        progress=False)["top1"]
+    assert 0 < rows[0]["top1_test"] <= 100 and rows[0]["avg_w_bits"] == 4.0
+    fp.main(argv)
+    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 1
