@@ -23,9 +23,8 @@ quantizers, the header and byte rounding. The rebuilt model computes the same fu
 float rounding (BN applied inside the weights), which now and then moves a downstream activation
 code by one step: logits agree closely on average, predictions almost always.
 ``fold_bn=False`` stores BN as is and reproduces the fake-quant model bit for bit, at the cost of
-the running statistics and scales (on ResNet-20 at avg-bits 3: +8.7 % over the ledger).
-``save_packed`` returns the byte breakdown; ``benchmarks`` and the closing notes give the measured
-gaps.
+the running statistics and scales. ``save_packed`` returns the byte breakdown; the measured gaps are
+in ``benchmarks/results/export_resnet20/table.md``.
 """
 from __future__ import annotations
 
