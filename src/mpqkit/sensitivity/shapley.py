@@ -122,8 +122,8 @@ class SupernetConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SupernetConfig":
-        """quick: sized for a search of minutes on 2 CPU cores (M = 6 permutations on 250 images; the
-        timings behind it are in docs/METHODS.md); full: docs/METHODS.md's M = 10, for a GPU."""
+        """quick: sized for 2 CPU cores (M = 6 permutations on 250 images; the ``draws_resnet20_smpq``
+        rows record its search seconds); full: docs/METHODS.md's M = 10, for a GPU."""
         presets = {"quick": {"lr_alpha": 0.05}, "full": {"train_size": 50_000, "epochs": 30, "warmup": 10, "permutations": 10,
                                          "val_size": 1000}}
         if name not in presets:
