@@ -201,12 +201,15 @@ def draws_markdown(rows: Sequence[dict], title: str) -> str:
     for r in (r for r in rows if r.get("error")):
         lines.append(f"| {r['method']} | {r['budget']} | {r['ptq'] or 'default'} | draw {r.get('draw', 0)} | | "
                      f"failed: {r['error'][:80]} | | | | |")
+    paired = _paired_rows(groups, metric)
+    if not paired:  # one method per budget and PTQ: nothing to pair
+        return "\n".join(lines) + "\n"
     lines += ["", f"Paired differences of top-1 {split} (A − B on the same draw; mean and 95 % t interval over "
               f"draws). **A > B** / **A < B** only from at least {MIN_DRAWS} draws, where the interval excludes 0 and the "
               f"side ahead is not the larger model (by more than {EQUAL_SIZE_BITS} avg w-bits); otherwise the draws do "
               "not separate them.", "", "| budget | PTQ | A | B | draws | mean A − B | 95 % interval | verdict |",
               "|---|---|---|---|---:|---:|---|---|"]
-    return "\n".join(lines + _paired_rows(groups, metric)) + "\n"
+    return "\n".join(lines + paired) + "\n"
 
 
 def _mean_rows(groups: dict, metric: str) -> list[str]:
@@ -322,10 +325,11 @@ def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: st
         named.append((bench_prefix(d, rows), d.name, rows))
         title = bench_title(bench_prefix(d, rows), rows)
         paths = write_outputs(rows, d, title)
-        table = paths["md"].read_text()
+        head, _, body = paths["md"].read_text().partition("\n")
+        head = f"{head} (`{d.name}`)"  # the directory tells sections of the same methods apart
         if (d / "note.md").exists():  # what a reader must know about these rows (e.g. an older protocol)
-            head, _, body = table.partition("\n")
-            table = f"{head}\n\n{(d / 'note.md').read_text().strip()}\n{body}"
+            body = f"\n{(d / 'note.md').read_text().strip()}\n{body}"
+        table = f"{head}\n{body}"
         md.append(table)
         # mpqkit proxies / benchmarks/paired_dirs.py wrote these here
         for extra in [d / "proxies.md", *sorted(d.glob("paired_*.md"))]:
