@@ -45,12 +45,13 @@ class Job:
     lr: float
     train_size: int | None
     allow_small_data: bool = False
+    steps: str = "log"
 
     @property
     def tag(self) -> str:
         """The rows' PTQ column: ``lsq-<epochs>ep``, plus ``-lr<lr>`` and ``-<N>img`` where they differ."""
         return (f"lsq-{self.epochs}ep" + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
-                + (f"-{self.train_size}img" if self.train_size else ""))
+                + (f"-{self.train_size}img" if self.train_size else "") + ("-linsteps" if self.steps == "linear" else ""))
 
     @property
     def folder(self) -> Path:
@@ -88,7 +89,7 @@ def run_job(job: Job, test: bool = True) -> tuple[dict, dict | None]:
     if summary is None:
         summary = api.finetune(job.model, plan_path(job.src_row["plan"]), job.data, job.folder, epochs=job.epochs,
                                lr=job.lr, train_size=job.train_size, seed=int(job.src_row["seed"]),
-                               allow_small_data=job.allow_small_data, progress=False)
+                               steps=job.steps, allow_small_data=job.allow_small_data, progress=False)
     return summary, test_row(job, summary) if test else None
 
 
@@ -114,6 +115,14 @@ def test_row(job: Job, summary: dict) -> dict:
     return row
 
 
+def ptq_row(job: Job, row: dict) -> dict:
+    """The source plan under today's PTQ (its fine-tuned row's ``top1_before``) as a row of its own
+    (``ptq`` None), so the directory pairs fine-tuned against not fine-tuned by itself."""
+    out = {k: job.src_row[k] for k in SOURCE_FIELDS if k in job.src_row}
+    out.update(ptq=None, top1_test=row["top1_before"], plan=plan_path(job.src_row["plan"]))
+    return out
+
+
 def jobs_from_args(args: argparse.Namespace) -> list[Job]:
     from mpqkit.report.bench import load_rows
 
@@ -126,7 +135,7 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
         r.setdefault("seed", 0)
     epochs = [args.epochs] + [int(e) for e in args.epochs_list.split(",") if e]
     lrs = [args.lr] + [float(v) for v in args.lr_list.split(",") if v]
-    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size, args.allow_small_data)
+    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size, args.allow_small_data, args.steps)
             for ep in epochs for lr in lrs for r in sorted(src, key=lambda r: (r["draw"], r["budget"], r["method"]))]
 
 
@@ -147,15 +156,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="fine-tune this many plans at once (processes)")
     ap.add_argument("--no-test", action="store_true", help="only fine-tune; write no rows (no test split here)")
     ap.add_argument("--allow-small-data", action="store_true", help="fine-tune on a small train split (tests)")
+    ap.add_argument("--steps", choices=["log", "linear"], default="log", help="step sizes trained as log s or s")
     args = ap.parse_args(argv)
     from mpqkit.report.bench import load_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
-    done = {(r["method"], r["budget"], r.get("draw"), r.get("ptq")) for r in load_rows(rows_path)} \
-        if rows_path.exists() else set()
-    todo = [j for j in jobs_from_args(args) if j.key not in done]
+    done = {(r["method"], r["budget"], r.get("draw"), r.get("ptq")): r for r in load_rows(rows_path)} \
+        if rows_path.exists() else {}
+    jobs = jobs_from_args(args)
+    for j in jobs:  # rows written before the plan's own row was: add it from the fine-tuned row's top1_before
+        m, b, d, _ = j.key
+        if j.key in done and (m, b, d, None) not in done:
+            done[(m, b, d, None)] = ptq_row(j, done[j.key])
+            with rows_path.open("a") as f:
+                f.write(json.dumps(done[(m, b, d, None)]) + "\n")
+    todo = [j for j in jobs if j.key not in done]
     test = not args.no_test
     if args.jobs > 1:
         import multiprocessing
@@ -177,7 +194,13 @@ def _report(job: Job, summary: dict, row: dict | None, rows_path: Path) -> None:
           f"on {summary.get('device', 'cpu')}", flush=True)
     if row is None:
         return
+    from mpqkit.report.bench import load_rows
+
+    have = {(r["method"], r["budget"], r.get("draw"), r.get("ptq")) for r in load_rows(rows_path)} \
+        if rows_path.exists() else set()
     with rows_path.open("a") as f:
+        if (row["method"], row["budget"], row["draw"], None) not in have:  # the plan before fine-tuning, as a row
+            f.write(json.dumps(ptq_row(job, row)) + "\n")
         f.write(json.dumps(row) + "\n")
     print(f"{row['method']} {row['budget']} draw {row['draw']} {row['ptq']}: top-1 {row['top1_before']:.2f} "
           f"→ {row['top1_test']:.2f} ({row['ptq_s']:.0f} s)", flush=True)

@@ -56,10 +56,10 @@ def test_finetune_plans_fine_tunes_then_tests_then_resumes(tmp_path, monkeypatch
     stamp = (folder / "model.pt").stat().st_mtime_ns
     fp.main(argv)
     assert (folder / "model.pt").stat().st_mtime_ns == stamp  # evaluated, not trained again
-    rows = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["ptq"] == "lsq-1ep" and rows[0]["device"] == "cpu"
-    assert rows[0]["top1_before"] == 100 * api.evaluate("digits-cnn", "digits", "test", plan=res.plan,
-                                                        progress=False)["top1"]
-    assert 0 < rows[0]["top1_test"] <= 100 and rows[0]["avg_w_bits"] == 4.0
+    before, tuned = [json.loads(x) for x in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    assert tuned["ptq"] == "lsq-1ep" and tuned["device"] == "cpu" and before["ptq"] is None  # the plan as it was
+    assert tuned["top1_before"] == before["top1_test"] == 100 * api.evaluate(
+        "digits-cnn", "digits", "test", plan=res.plan, progress=False)["top1"]
+    assert 0 < tuned["top1_test"] <= 100 and tuned["avg_w_bits"] == before["avg_w_bits"] == 4.0
     fp.main(argv)
-    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 2

@@ -133,6 +133,8 @@ def _add_finetune(sub: Any) -> None:
                    help="training images kept out of training for the per-epoch top-1 (default 1000)")
     f.add_argument("--train-size", type=positive_int,
                    help="images per epoch, a new random draw from the train split each epoch (default: all)")
+    f.add_argument("--lsq-steps", choices=["log", "linear"], default="log",
+                   help="train step sizes as log s (relative Adam steps, default) or as s")
     f.add_argument("--allow-small-data", action="store_true",
                    help="fine-tune even on a train split of fewer than 5,000 images (over-fits)")
     add_ptq(f)
@@ -264,7 +266,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     res = api.finetune(args.model, args.plan, args.data, args.out, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, distill=args.distill, augment=args.augment, heldout=args.heldout,
-                       train_size=args.train_size, allow_small_data=args.allow_small_data, settings=settings_from_args(args), **ptq_kwargs(args))
+                       train_size=args.train_size, steps=args.lsq_steps, allow_small_data=args.allow_small_data,
+                       settings=settings_from_args(args), **ptq_kwargs(args))
     ft = res["finetune"]
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
     _print(res, args.json, f"fine-tuned {res['model']} for {ft['epochs_done']} epoch(s) in {res['seconds']:.0f} s: "

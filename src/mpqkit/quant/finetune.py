@@ -52,6 +52,8 @@ class FinetuneConfig:
     seed: int = 0
     #: images per epoch, drawn afresh each epoch from the training set (None: all of them)
     train_size: int | None = None
+    #: how step sizes are trained: "log" (Adam on log s: relative steps) or "linear" (Adam on s itself)
+    steps: str = "log"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
@@ -64,6 +66,8 @@ class FinetuneConfig:
                 raise MpqkitError(f"{name} must be a finite number > 0, got {v!r}")
         if self.train_size is not None and not (isinstance(self.train_size, int) and self.train_size >= 1):
             raise MpqkitError(f"train size must be an integer >= 1, got {self.train_size!r}")
+        if self.steps not in ("log", "linear"):
+            raise MpqkitError(f"steps must be 'log' or 'linear', got {self.steps!r}")
         if self.augment not in AUGMENTATIONS:
             raise MpqkitError(f"unknown augmentation {self.augment!r}: use one of {', '.join(AUGMENTATIONS)}")
 
@@ -112,17 +116,19 @@ class _Learned:
     input: LsqQuantizer | None
 
 
-def install_lsq(qmodel: nn.Module) -> dict[str, _Learned]:
-    """Give every quantized layer of ``qmodel`` LSQ quantizers initialised from its current step sizes."""
+def install_lsq(qmodel: nn.Module, log_domain: bool = True) -> dict[str, _Learned]:
+    """Give every quantized layer of ``qmodel`` LSQ quantizers initialised from its current step sizes
+    (trained as ``log s`` with ``log_domain``)."""
     learned: dict[str, _Learned] = {}
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantMixin):
             wq = aq = None
             if m.w_spec is not None:
                 per_step = m.weight[0].numel() if m.w_scale.dim() > 0 else m.weight.numel()
-                wq = LsqQuantizer(m.w_scale, m.w_zero_point, *m._w_range, g=lsq_grad_scale(per_step, m._w_range[1]))
+                wq = LsqQuantizer(m.w_scale, m.w_zero_point, *m._w_range, g=lsq_grad_scale(per_step, m._w_range[1]),
+                                  log_domain=log_domain)
             if m.a_spec is not None:
-                aq = LsqQuantizer(m.a_scale, m.a_zero_point, *m._a_range, g=1.0)
+                aq = LsqQuantizer(m.a_scale, m.a_zero_point, *m._a_range, g=1.0, log_domain=log_domain)
             install_quantizers(m, wq, aq)
             learned[name] = _Learned(wq, aq)
     if not learned:
@@ -191,7 +197,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Ten
     for m in qmodel.modules():
         if isinstance(m, QuantAct):
             raise MpqkitError("fine-tuning a model with quantized attention matmuls is not supported yet")
-    learned = install_lsq(qmodel)
+    learned = install_lsq(qmodel, log_domain=cfg.steps == "log")
     params = _trainable(qmodel, learned)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     steps_per_epoch = math.ceil(min(len(images), cfg.train_size or len(images)) / cfg.batch_size)

@@ -85,18 +85,27 @@ class LsqQuantizer(nn.Module):
     """A fake-quantizer with a learnable step size, initialised from a calibrated ``(scale, zp)``.
 
     ``scale`` may be per tensor (0-d) or per channel (broadcastable against the input); ``g`` is the
-    gradient scale (1 keeps the plain straight-through gradient).
+    gradient scale (1 keeps the plain straight-through gradient). ``log_domain``: the parameter is
+    ``log s`` (step ``exp`` of it), so an optimizer's step is a relative change of the step size
+    whatever its magnitude — what Adam needs, which ignores a constant gradient scale such as ``g``
+    and would otherwise move a 0.01 step and a 1.0 step by the same absolute amount.
     """
 
-    def __init__(self, scale: Tensor, zp: Tensor, qmin: int, qmax: int, g: float = 1.0) -> None:
+    def __init__(self, scale: Tensor, zp: Tensor, qmin: int, qmax: int, g: float = 1.0,
+                 log_domain: bool = False) -> None:
         super().__init__()
-        self.scale = nn.Parameter(scale.detach().clone().float())
+        init = scale.detach().clone().float()
+        self.log_domain = log_domain
+        self.scale = nn.Parameter(init.abs().clamp_min(MIN_STEP).log() if log_domain else init)
         self.register_buffer("zp", zp.detach().clone().float())
         self.qmin, self.qmax, self.g = int(qmin), int(qmax), float(g)
 
+    def _step(self) -> Tensor:
+        return self.scale.exp() if self.log_domain else self.scale
+
     def step(self) -> Tensor:
         """The step size the forward uses (positive), detached."""
-        return self.scale.detach().abs().clamp_min(MIN_STEP)
+        return self._step().detach().abs().clamp_min(MIN_STEP)
 
     def forward(self, x: Tensor) -> Tensor:
-        return lsq_fake_quant(x, self.scale, self.zp, self.qmin, self.qmax, self.g)
+        return lsq_fake_quant(x, self._step(), self.zp, self.qmin, self.qmax, self.g)
