@@ -199,9 +199,26 @@ B=$R/bench_mobilenetv2_gptq
 .venv/bin/python benchmarks/claims.py --out $B/paired_claims.md --title "MobileNetV2: the quantizer and the allocation (issue 27)" \
     --claim "eval-delta > uniform (equal size);$B;eval-delta;$B;uniform;avg-bits=3,avg-bits=4,avg-bits=5" \
     --claim "eval-delta: allocation under GPTQ > under nearest rounding;$B;eval-delta;$R/bench_mobilenetv2_rtnalloc;eval-delta@gptq"
+# issue 30: LSQ fine-tuning of the GPTQ plans (3 epochs of 20,000 train images, Adam lr 3e-4), paired over draws
+FT=$R/finetune_resnet20
+FTA="--src $R/draws_resnet20_gptq --out $FT --methods auto,uniform --budgets avg-bits=2.5,avg-bits=3 --epochs 3 --train-size 20000"
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1,2 --lr 3e-4 --jobs 2
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1 --lr 3e-4 --steps linear --jobs 2  # steps trained as s
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --steps linear  # lr 1e-4
+.venv/bin/python benchmarks/finetune_plans.py --src $R/bench_convmixer_gptq --out $R/finetune_convmixer --model convmixer \
+    --methods eval-delta,uniform --budgets avg-bits=3 --draws 0 --epochs 3 --train-size 20000 --lr 3e-4
+.venv/bin/python benchmarks/finetune_plans.py --src $R/bench_resnet56_ft --out $R/finetune_resnet56 --model resnet56 \
+    --methods auto --budgets avg-bits=3 --draws 0 --epochs 3 --train-size 20000 --lr 3e-4
+L=lsq-3ep-lr0.0003-20000img
+.venv/bin/python benchmarks/claims.py --out $FT/paired_claims.md --title "Fine-tuning the plans (issue 30)" \
+    --claim "fine-tuned > PTQ only (auto);$FT;auto@$L;$FT;auto" \
+    --claim "fine-tuned > PTQ only (uniform);$FT;uniform@$L;$FT;uniform" \
+    --claim "auto > uniform after fine-tuning (equal size);$FT;auto@$L;$FT;uniform@$L;avg-bits=3" \
+    --claim "log steps > linear steps (auto);$FT;auto@$L;$FT;auto@$L-linsteps" \
+    --claim "log steps > linear steps (uniform);$FT;uniform@$L;$FT;uniform@$L-linsteps"
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq \
+    $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
