@@ -8,9 +8,11 @@ For every (method, budget, draw) row of ``--src`` (its default-PTQ rows), the ro
 with ``api.finetune`` (the run's seed is the draw's seed) into
 ``<out>/plans/<method>/<budget>/draw<k>/<tag>/`` and evaluated on the test split; the row is written to
 ``<out>/rows.jsonl`` with the source row's size fields and search seconds, ``ptq`` = the tag
-(``lsq-<epochs>ep``, ``-lr<lr>`` when not the default, ``-<N>img`` with ``--train-size``), ``ptq_s`` =
+(``lsq-<epochs>ep``, ``-lr<lr>`` when not the default, ``-<N>img`` with ``--train-size``, ``-linsteps``
+with ``--steps linear``), ``ptq_s`` =
 the seconds of PTQ plus fine-tuning, ``device`` = where it was fine-tuned and ``plan`` = the
-fine-tuned plan, so ``mpqkit report`` and ``benchmarks/claims.py`` pair it like any bench row.
+fine-tuned plan, so ``mpqkit report`` and ``benchmarks/claims.py`` pair it like any bench row; the
+source plan under today's PTQ is written beside it as a row without PTQ tag (fine-tuned vs not, paired).
 ``--epochs-list`` / ``--lr-list`` add runs at other epoch counts / learning rates (each its own run,
 with its own cosine schedule).
 
