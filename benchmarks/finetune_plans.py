@@ -82,9 +82,9 @@ def finished(folder: Path) -> dict | None:
     return summary if summary.get("finished") and (folder / "model.pt").is_file() else None
 
 
-def run_job(job: Job, test: bool = True) -> tuple[dict, dict | None]:
+def run_job(job: Job, test: bool = True, before: float | None = None) -> tuple[dict, dict | None]:
     """Fine-tune the job's plan unless its folder already holds a finished run; return its summary and,
-    with ``test``, its bench row."""
+    with ``test``, its bench row (``before``: the plan's top-1 under today's PTQ when a row already has it)."""
     from mpqkit import api
 
     summary = finished(job.folder)
@@ -92,7 +92,7 @@ def run_job(job: Job, test: bool = True) -> tuple[dict, dict | None]:
         summary = api.finetune(job.model, plan_path(job.src_row["plan"]), job.data, job.folder, epochs=job.epochs,
                                lr=job.lr, train_size=job.train_size, seed=int(job.src_row["seed"]),
                                steps=job.steps, allow_small_data=job.allow_small_data, progress=False)
-    return summary, test_row(job, summary) if test else None
+    return summary, test_row(job, summary, before) if test else None
 
 
 def _worker_init() -> None:
@@ -101,16 +101,18 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def test_row(job: Job, summary: dict) -> dict:
+def test_row(job: Job, summary: dict, before: float | None = None) -> dict:
     """The bench row of a finished fine-tune: its test top-1 beside the plan's under today's PTQ
-    (``top1_before``; the source row's may be older)."""
+    (``top1_before``: ``before``, else measured now; the source row's may be older)."""
     from mpqkit import api
 
     ev = api.evaluate(job.model, job.data, "test", quantized=job.folder / "model.pt", progress=False)
-    ptq = api.evaluate(job.model, job.data, "test", plan=plan_path(job.src_row["plan"]), progress=False)
+    if before is None:
+        before = 100 * api.evaluate(job.model, job.data, "test", plan=plan_path(job.src_row["plan"]),
+                                    progress=False)["top1"]
     row = {k: job.src_row[k] for k in SOURCE_FIELDS if k in job.src_row}
     ft = summary["finetune"]
-    row.update(ptq=job.tag, top1_test=100 * ev["top1"], top1_before=100 * ptq["top1"],
+    row.update(ptq=job.tag, top1_test=100 * ev["top1"], top1_before=before,
                ptq_s=summary["seconds"], seconds_per_epoch=sum(h["seconds"] for h in summary["history"])
                / max(ft["epochs_done"], 1), device=summary.get("device", "cpu"),
                heldout_top1=ft["heldout_top1"], plan=str(job.folder / "plan.json"))
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         import multiprocessing
 
         with ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn"), _worker_init) as pool:
-            futures = {pool.submit(run_job, j, test): j for j in todo}
+            futures = {pool.submit(run_job, j, test, _before(done, j)): j for j in todo}
             for fut in as_completed(futures):
                 try:
                     _report(futures[fut], *fut.result(), rows_path)
@@ -188,7 +190,13 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{futures[fut].folder}: FAILED: {type(e).__name__}: {e}", flush=True)
     else:
         for j in todo:
-            _report(j, *run_job(j, test), rows_path)
+            _report(j, *run_job(j, test, _before(done, j)), rows_path)
+
+
+def _before(done: dict, job: Job) -> float | None:
+    """The plan's top-1 under today's PTQ from its row, if one was written (not measured again)."""
+    m, b, d, _ = job.key
+    return done[(m, b, d, None)]["top1_test"] if (m, b, d, None) in done else None
 
 
 def _report(job: Job, summary: dict, row: dict | None, rows_path: Path) -> None:

@@ -153,18 +153,19 @@ class ProbeEngine:
         objective, seed, GPTQ settings, kernels), and the per-(layer, bits) PTQ builder with its own cache."""
         gptq_context = {"gptq": LOCAL_GPTQ.to_dict()} if self.qconfig.rounding != "nearest" else {}
         self.data_sha256 = tensor_sha256(images, labels)
+        model_sha256 = module_sha256(model)
         self._layers_from = layers_from
         if layers_from is not None:
             gptq_context["layers_from"] = layers_from.data_sha256
         context = {"engine": ENGINE_VERSION, "objective": self.objective, **gptq_context,
-                   "model": module_sha256(model), "data": self.data_sha256,
+                   "model": model_sha256, "data": self.data_sha256,
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
                    "kernels": kernels}
         self.cache = ProbeCache(cache_dir or default_cache_dir(), context) if use_cache else None
         self._builder = None
         if self.qconfig.layer_ptq and layers_from is None:  # GPTQ / bias correction per (layer, bits), cached
             store = ProbeCache(cache_dir or default_cache_dir(), layer_ptq_context(
-                module_sha256(model), tensor_sha256(images), self.qconfig, seed)) if use_cache else None
+                model_sha256, tensor_sha256(images), self.qconfig, seed)) if use_cache else None
             self._builder = LocalLayerBuilder(model, images, self.qconfig, seed, store, self.device)
 
     def _outputs(self, start: int, envs: list[dict] | None, swaps: Mapping[str, nn.Module],

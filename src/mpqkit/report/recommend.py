@@ -9,6 +9,7 @@ recorded in the rows (a search whose probes were already in the disk cache shows
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,16 +76,15 @@ def what_to_run_markdown(named: Sequence[tuple[str, str, Sequence[dict]]]) -> st
     directory. One row per model (the title before any parenthesis) and budget: the directory whose
     best (method + PTQ) has the highest mean over its draws, with that directory's cheapest choice
     not separated from it. Directories with fewer than ``MIN_DRAWS`` draws are left out."""
-    best_of: dict[tuple[str, str], tuple[str, Choice, Choice | None, str, int]] = {}
+    best_of: dict[tuple[str, str], tuple[str, Choice, Choice | None, str]] = {}
+    n_dirs: Counter[tuple[str, str]] = Counter()
     for title, directory, rows in named:
         model = title.split(" (")[0]
         for budget, best, cheap, diff in recommend(rows):
             key = (model, budget)
-            n_dirs = best_of[key][4] + 1 if key in best_of else 1
+            n_dirs[key] += 1
             if key not in best_of or best.mean > best_of[key][1].mean:
-                best_of[key] = (directory, best, cheap, diff, n_dirs)
-            else:
-                best_of[key] = (*best_of[key][:4], n_dirs)
+                best_of[key] = (directory, best, cheap, diff)
     if not best_of:
         return ""
     lines = ["## What to run", "",
@@ -97,9 +97,9 @@ def what_to_run_markdown(named: Sequence[tuple[str, str, Sequence[dict]]]) -> st
              "other protocols answer other questions: their sections below say how.", "",
              "| model | budget | best: method + PTQ | top-1 mean ± std (draws) | s | from (of N) | cheapest not "
              "separated | top-1 | s | best − it, 95 % interval |", "|---|---|---|---:|---:|---|---|---:|---:|---|"]
-    for (model, budget), (directory, best, cheap, diff, n_dirs) in sorted(best_of.items(), key=_guide_order):
+    for (model, budget), (directory, best, cheap, diff) in sorted(best_of.items(), key=_guide_order):
         head = (f"| {model} | {budget} | {best.label} | {best.mean:.2f} ± {best.std:.2f} ({best.n}) | "
-                f"{best.seconds:.0f} | `{directory}` ({n_dirs}) | ")
+                f"{best.seconds:.0f} | `{directory}` ({n_dirs[model, budget]}) | ")
         lines.append(head + ("the same | | | |" if cheap is None else
                              f"{cheap.label} | {cheap.mean:.2f} | {cheap.seconds:.0f} | {diff} |"))
     return "\n".join(lines) + "\n"
