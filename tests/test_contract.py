@@ -53,9 +53,10 @@ def test_table_plan_budget_and_determinism(method, tmp_path, graph):
     if METHODS.get(method).sensitivity is not None:
         assert res.table is not None
         assert set(res.table.w) == set(searched), "the table covers every searched layer"
-        for f in searched:
-            assert set(res.table.w[f]) == set(res.plan.method_params["w_candidates"]), f"{f}: every candidate"
-            assert all(math.isfinite(v) for v in res.table.w[f].values()), f"{f}: finite scores"
+        for f in searched:  # measured, or pruned with a bound (never both)
+            assert not set(res.table.w[f]) & set(res.table.pruned.get(f, {})), f"{f}: measured and pruned"
+            assert set(res.table.w_bounded[f]) == set(res.plan.method_params["w_candidates"]), f"{f}: every candidate"
+            assert all(math.isfinite(v) for v in res.table.w_bounded[f].values()), f"{f}: finite scores"
     # the plan covers every layer and meets the budget by the ledger
     assert set(res.plan.layers) == set(graph.names)
     ledger = Ledger(graph, searched)

@@ -20,6 +20,11 @@ def r20():
 
 
 @pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
 def test2k():
     return load_split("cifar10", "test", limit=2000)
 
@@ -52,7 +57,7 @@ def test_w8a8_close_to_fp(r20, test2k):
 
 def test_eval_delta_meets_budget_and_orders_bits(r20, test2k):
     res = mpqkit.search(r20, "cifar10", "avg-bits=3", "eval-delta", w_candidates=(2, 4, 8), calib_size=256,
-                        progress=False)
+                        progress=False, prune=False)  # the whole table: every candidate measured
     assert res.plan.costs["avg_w_bits_searched"] <= 3.0 + 1e-9
     assert res.solution.status == "optimal"
     # sensitivities are real measurements: 2-bit hurts far more than 8-bit overall, and in most layers
@@ -79,3 +84,17 @@ def test_mixquant_default_plan_differs_from_uniform_on_resnet20(r20, avg):
             for name, r in (("default", default), ("relative", relative))}
     assert len(set(bits["default"])) > 1 and set(bits["relative"]) == {avg}
     assert default.plan.costs["avg_w_bits_searched"] == pytest.approx(avg)
+
+
+@pytest.mark.parametrize("method", ["eval-delta", "greedy"])
+def test_pruning_keeps_the_plan_on_a_cifar_slice(r20, method, shared_cache):
+    """Pruned candidates never change the plan on the real network (128 calibration images)."""
+    import json
+
+    kw = dict(calib_size=128, progress=False, cache_dir=shared_cache)  # one cache: GPTQ layers built once
+    on = mpqkit.search(r20, "cifar10", "avg-bits=3", method, **kw)
+    off = mpqkit.search(r20, "cifar10", "avg-bits=3", method, prune=False, **kw)  # measures what on skipped
+    assert json.dumps(on.plan.to_dict()) == json.dumps(off.plan.to_dict())
+    skipped = (on.table.meta["pruned"] if method == "eval-delta" else
+               sum(not p["measured"] for p in on.table.pareto))
+    assert skipped > 0 and off.engine_stats["probes_run"] == skipped

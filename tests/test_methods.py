@@ -23,7 +23,7 @@ def digits_runs(tmp_path_factory):
     # nearest rounding: under GPTQ uniform W3 is nearly lossless on digits, and the ILP's plan is uniform's
     rtn = mpqkit.api.QuantConfig(rounding="nearest")
     ed = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", calib_size=512, out=out / "ed",
-                       progress=False, cache_dir=str(out / "cache"), qconfig=rtn)
+                       progress=False, cache_dir=str(out / "cache"), qconfig=rtn, prune=False)  # the whole table
     un = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "uniform", calib_size=512, progress=False, qconfig=rtn)
     return ed, un, out
 

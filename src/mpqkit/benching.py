@@ -259,8 +259,8 @@ def proxies(model: str | nn.Module | ModelBundle, data: str, out: str | Path,
     truth = true_drops(bundle, graph, load_split(data, "test", s), searched, bits, s,
                        calib=calibration_set(data, s.calib_size, s.seed, s.data_root))
     tables, corr = {}, {}
-    for m in methods:
-        res = search(bundle, data, "avg-bits=8", m, settings=s, options=(options or {}).get(m))
+    for m in methods:  # every (layer, bits) is compared with the truth: nothing pruned
+        res = search(bundle, data, "avg-bits=8", m, settings=s.replace(prune=False), options=(options or {}).get(m))
         tables[m] = res.table.w if res.table is not None else {}
         corr[m] = {**correlations(tables[m], truth), "sensitivity_s": res.seconds["sensitivity"]}
         log.info("proxies: %s %s", m, corr[m])

@@ -18,6 +18,7 @@ from .plan import LayerQuant, Plan, provenance
 from .quant.calibration import CALIB_CHUNK
 from .result import SearchResult
 from .sensitivity.base import SearchContext, SensitivityTable, SolveRequest
+from .sensitivity.evalbased import refine_scores
 from .sensitivity.registry import METHODS
 from .sensitivity.options import MethodOptions
 from .settings import RunSettings, resolve_settings
@@ -176,7 +177,7 @@ def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: Se
     if "a" in s.search:
         raise MpqkitError("--refine moves weight bits: use it with --search w")
     measure, on_accept = engine_halves_measure(ctx.engine, problem.full(assignment))
-    res = refine(problem, assignment, measure, s.refine, table.w if table is not None and "w" in s.search else None,
+    res = refine(problem, assignment, measure, s.refine, refine_scores(ctx, table) if "w" in s.search else None,
                  on_accept=on_accept)
     log.info("refine: %d probes, loss (half A, half B) %.4f, %.4f → %.4f, %.4f; %d moves (%s)", res.probes,
              *res.before, *res.after, len(res.moves), res.stopped)

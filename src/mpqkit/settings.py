@@ -54,6 +54,12 @@ class RunSettings:
         "--cache-dir", group=SOLVER, help="probe cache (default $MPQKIT_CACHE, else ~/.cache/mpqkit)"))
     use_cache: bool = field(default=True, metadata=flag(
         "--no-cache", group=SOLVER, kind="false", help="do not read or write the probe cache"))
+    #: skip the (layer, bits) candidates and configurations a bound shows the budget's plan cannot
+    #: choose (eval-delta under the KL objective, greedy's Pareto list): the same plan, fewer probes
+    prune: bool = field(default=True, metadata=flag(
+        "--no-prune", group=SOLVER, kind="false",
+        help="measure every candidate, also those a bound shows the budget's plan cannot choose (default: skip "
+             "them; the plan is the same)"))
     #: probe batch size (its flag's destination is not ``batch_size``: export and finetune have their own)
     batch_size: int | None = field(default=None, metadata=flag(
         "--batch-size", group=SOLVER, kind="int", dest="probe_batch_size",

@@ -27,6 +27,7 @@ from .base import SearchContext, SensitivityTable, SolveRequest
 from .registry import METHODS
 from ..solve.problem import TIME_LIMIT
 from .options import MethodOptions, option, positive
+from .evalbased import refine_scores
 from .solvers import chosen
 
 log = logging.getLogger("mpqkit")
@@ -131,7 +132,7 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     table = tables[best["method"]]
     plan, record, warnings = _refine_best(ctx, opts, held_engine, best, plans[best["method"]], table, trials)
     return SensitivityTable(w=table.w if table is not None else {}, a=table.a if table is not None else {},
-                            assignment=plan, trials=trials,
+                            pruned=table.pruned if table is not None else {}, assignment=plan, trials=trials,
                             meta={"score": f"the chosen method's ({best['method']})", "chosen": best["method"],
                                   "heldout_n": len(held), "refine": record,
                                   **({"warnings": warnings} if warnings else {})})
@@ -186,7 +187,7 @@ def _refine_best(ctx: SearchContext, opts: AutoOptions, held_engine: Any, best: 
         return plan, {"skipped": warning}, [warning]
     measure, on_accept = engine_halves_measure(engine, ctx.problem.full(plan))
     with stage("refine"):
-        res = refine(ctx.problem, plan, measure, opts.refine, table.w if table is not None else None,
+        res = refine(ctx.problem, plan, measure, opts.refine, refine_scores(ctx, table),
                      on_accept=on_accept)
     record = res.record()
     if res.moves:

@@ -67,10 +67,12 @@ class SensitivityTable:
     ``pairs`` (CLADO) holds the joint score of two layers' weight choices, keyed (ℓ, b, m, c).
     ``argmax_bits`` (supernet methods) is the per-layer bit choice of the method's own rule;
     ``pareto`` (greedy) the measured list of configurations its solver picks from; ``assignment``
-    a plan the method decided itself (auto), with ``trials`` what it tried. ``for_budget``: the
-    measurement depends on the run's budget (auto, a budget-targeted supernet), so a sweep must not
-    reuse it for another budget. ``meta`` is descriptive only (written to the results directory);
-    no solver reads it."""
+    a plan the method decided itself (auto), with ``trials`` what it tried. ``pruned``: weight
+    candidates the method skipped because a bound showed the budget's plan cannot choose them, each
+    with that lower bound of its score (never a measurement; ``w`` holds only measured scores).
+    ``for_budget``: the measurement depends on the run's budget (auto, a budget-targeted supernet,
+    a pruned table), so a sweep must not reuse it for another budget. ``meta`` is descriptive only
+    (written to the results directory); no solver reads it."""
 
     w: dict[str, dict[int, float]]
     a: dict[str, dict[int, float]] = field(default_factory=dict)
@@ -80,7 +82,16 @@ class SensitivityTable:
     pareto: list[dict[str, Any]] | None = None
     assignment: dict[str, tuple[int, int | None]] | None = None
     trials: list[dict[str, Any]] | None = None
+    pruned: dict[str, dict[int, float]] = field(default_factory=dict)
     for_budget: bool = False
+
+    @property
+    def w_bounded(self) -> dict[str, dict[int, float]]:
+        """Every weight candidate's score: the measured one, else its pruning bound."""
+        if not self.pruned:
+            return self.w
+        return {f: {**self.pruned.get(f, {}), **scores} for f, scores in {**{f: {} for f in self.pruned},
+                                                                           **self.w}.items()}
 
     @property
     def reusable(self) -> bool:
@@ -110,6 +121,8 @@ class SensitivityTable:
             d["assignment"] = {f: list(c) for f, c in self.assignment.items()}
         if self.trials is not None:
             d["trials"] = self.trials
+        if self.pruned:
+            d["pruned_lower_bounds"] = self.pruned
         return d
 
     def save(self, path) -> None:

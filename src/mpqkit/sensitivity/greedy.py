@@ -6,6 +6,9 @@ Phase 2: from every searched layer at its largest candidate, repeatedly take the
 size(ℓ,b) − size(ℓ,b'); after each move the *combined* configuration is measured through the
 engine (loss and top-1 on the calibration set). The whole list, down to every layer at its
 smallest bits, is the Pareto list (``table.pareto``); ``solve/greedy.py`` picks from it.
+With a budget and ``RunSettings.prune`` (default), only the points that meet the budget are measured
+(the solver picks the most accurate of those); the others stay in the list unmeasured (``measured``
+False, no loss or top-1): the same pick, fewer probes.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ class GreedyOptions(MethodOptions):
 def greedy(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "greedy")
     engine, ledger = ctx.engine, Ledger(ctx.graph, ctx.searched)  # built first: phase 1 shares it
-    table = eval_delta(dataclasses.replace(ctx, options=RunnerOptions()))
+    table = eval_delta(dataclasses.replace(ctx, options=RunnerOptions()), complete=True)
     bits = sorted(ctx.w_bits, reverse=True)
     config = {f: bits[0] for f in ctx.searched}
 
@@ -59,14 +62,30 @@ def greedy(ctx: SearchContext) -> SensitivityTable:
             heapq.heappush(heap, m)
     start = {f: bits[0] for f in ctx.searched}
     configs = [start] + [c for _, _, c in order]
-    results = engine.run([{f: (b, None) for f, b in c.items()} for c in configs], desc="greedy Pareto list")
+    wanted = _wanted(ctx, configs)
+    measured = engine.run([{f: (b, None) for f, b in configs[i].items()} for i in wanted], desc="greedy Pareto list")
+    results = dict(zip(wanted, measured))
     fp = engine.fp
     pareto = []
-    for i, (c, r) in enumerate(zip(configs, results)):
+    for i, c in enumerate(configs):
         full = {f: (b, None) for f, b in c.items()}
+        r = results.get(i)
         pareto.append({"step": i, "moved": None if i == 0 else f"{order[i - 1][0]}@{order[i - 1][1]}",
-                       "bits": dict(c), "loss": r.loss, "top1": r.top1, "drop_pct": 100 * (fp.top1 - r.top1),
+                       "bits": dict(c), "measured": r is not None, "loss": r.loss if r else None,
+                       "top1": r.top1 if r else None, "drop_pct": 100 * (fp.top1 - r.top1) if r else None,
                        "avg_w_bits": ledger.value("avg-bits", full), "searched_bytes": ledger.value("size", full)})
     table.pareto = pareto
-    table.meta.update({"score": "delta loss (phase 1); measured Pareto list (phase 2)", "fp_top1": fp.top1})
+    table.for_budget = len(wanted) < len(configs)
+    table.meta.update({"score": "delta loss (phase 1); measured Pareto list (phase 2)", "fp_top1": fp.top1,
+                       "pareto_measured": len(wanted)})
     return table
+
+
+def _wanted(ctx: SearchContext, configs: list[dict[str, int]]) -> list[int]:
+    """Indices of the Pareto points to measure: all of them, or with a budget and pruning on, those
+    that meet the budget (the solver never picks another)."""
+    problem = ctx.problem
+    if not (getattr(ctx.settings, "prune", False) and problem is not None and problem.constraints):
+        return list(range(len(configs)))
+    a_bits = problem.a_bits[0]
+    return [i for i, c in enumerate(configs) if not problem.violations({f: (b, a_bits) for f, b in c.items()})]

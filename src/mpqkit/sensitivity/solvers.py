@@ -31,7 +31,7 @@ def ilp(req: "SolveRequest") -> Solution:
     need_budget(req)
     p = req.problem
     zeros = {f: {b: 0.0 for b in p.w_bits} for f in p.layers}
-    return solve_ilp(p, table.w if "w" in req.search else zeros, table.a if "a" in req.search else None,
+    return solve_ilp(p, table.w_bounded if "w" in req.search else zeros, table.a if "a" in req.search else None,
                      alpha=req.alpha, time_limit=req.time_limit)
 
 

@@ -3,6 +3,7 @@
 Without a budget: the last (smallest) point whose measured accuracy drop ≤ ``max_drop`` points.
 With a budget: the most accurate point that meets it (its drop is reported; a drop above
 ``max_drop`` is flagged in the status rather than refused, since the budget is the harder limit).
+Points left unmeasured (``measured`` False: pruned, they do not meet the budget) are never picked.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .problem import Allocation, Solution
 def solve_greedy(problem: Allocation, pareto: Sequence[dict[str, Any]], max_drop: float = 1.0) -> Solution:
     t0 = time.perf_counter()
     a_bits = problem.a_bits[0]
-    points = [(p, {f: (b, a_bits) for f, b in p["bits"].items()}) for p in pareto]
+    points = [(p, {f: (b, a_bits) for f, b in p["bits"].items()}) for p in pareto if p.get("measured", True)]
     if problem.constraints:
         ok = [(p, a) for p, a in points if not problem.violations(a)]
         if not ok:

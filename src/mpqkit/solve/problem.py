@@ -70,5 +70,8 @@ class Solution:
     VOLATILE = ("seconds", "heuristic_restarts")
 
     def record(self) -> dict[str, Any]:
-        """What the plan file keeps: everything but timings, so a rerun writes the same bytes."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.VOLATILE}
+        """What the plan file keeps: everything but timings, so a rerun writes the same bytes; at an
+        optimal status also no dual bound (it is the objective, up to last digits that depend on the
+        solver's path, e.g. with or without pruned candidates)."""
+        drop = (*self.VOLATILE, "bound") if self.status == "optimal" else self.VOLATILE
+        return {k: v for k, v in self.to_dict().items() if k not in drop}
