@@ -1,4 +1,4 @@
-"""Every script under benchmarks/ imports (only public mpqkit names that exist) and parses --help."""
+"""Every script under benchmarks/ imports (only public mpqkit names that exist) and parses --help; smoke runs on digits."""
 from __future__ import annotations
 
 import os
@@ -63,3 +63,27 @@ def test_finetune_plans_fine_tunes_then_tests_then_resumes(tmp_path, monkeypatch
     assert 0 < tuned["top1_test"] <= 100 and tuned["avg_w_bits"] == before["avg_w_bits"] == 4.0
     fp.main(argv)
     assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 2
+
+
+def test_search_cost_records_each_method_once_and_writes_its_table(tmp_path, monkeypatch):
+    """benchmarks/search_cost.py on the digits model: one cold process per method, a cost record with its
+    peak resident memory, a table row per method; a rerun runs nothing again."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("search_cost", ROOT / "benchmarks" / "search_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    out = tmp_path / "cost"
+    argv = ["--model", "digits-cnn", "--methods", "uniform,mixquant-ilp", "--budgets", "avg-bits=3", "--out", str(out)]
+    mod.main(argv)
+    records = [json.loads(x) for x in (out / "cost.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["uniform", "mixquant-ilp"]
+    assert all(r["exit"] == 0 and not r["timed_out"] and r["peak_rss_mb"] > 50 for r in records)
+    table = (out / "cost.md").read_text()
+    assert "| digits-cnn | uniform | 1 |" in table and "| digits-cnn | mixquant-ilp | 1 |" in table
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"fp32", "uniform", "mixquant-ilp"}
+    mod.main(argv)  # resumes: nothing measured again
+    assert len((out / "cost.jsonl").read_text().splitlines()) == 2

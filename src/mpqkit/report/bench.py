@@ -331,8 +331,8 @@ def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: st
             body = f"\n{(d / 'note.md').read_text().strip()}\n{body}"
         table = f"{head}\n{body}"
         md.append(table)
-        # mpqkit proxies / benchmarks/paired_dirs.py wrote these here
-        for extra in [d / "proxies.md", *sorted(d.glob("paired_*.md"))]:
+        # mpqkit proxies / benchmarks/paired_dirs.py / benchmarks/search_cost.py wrote these here
+        for extra in [d / "proxies.md", d / "cost.md", *sorted(d.glob("paired_*.md"))]:
             if extra.exists():
                 md.append(extra.read_text())
         lines.append(f"{d}: {len(rows)} rows → {paths['html']}")
