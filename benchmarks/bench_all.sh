@@ -171,14 +171,16 @@ $M bench -q --model resnet20 $RTN --methods auto,eval-delta --budgets "avg-bits=
 $M bench -q --model mobilenetv2 --methods uniform,eval-delta --budgets "avg-bits=3:5:1" --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default --splits test \
-    --calib-size 128 --draws 1 --out $R/bench_mobilenetv2_gptq
+    --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
 # ConvMixer-256/8 (CIFAR-10, 1,024 calibration images), 3 draws
 $M bench -q --model convmixer --methods uniform,eval-delta --budgets avg-bits=3:5:1 --ptq default --splits test \
     --draws 3 --out $R/bench_convmixer_gptq
 # EfficientNet-Lite0, 3 draws
-$M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets avg-bits=4 --ptq default --splits test \
+$M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets "avg-bits=3:5:1" --ptq default \
+    --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
+$M bench -q --model efficientnet-lite0 --methods uniform --budgets "avg-bits=6;avg-bits=8" --ptq default --splits test \
     --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
 # the grid GPTQ rounds on: each candidate grid alone vs the per-channel choice (uniform plans, draw 0)
 PYTHONPATH=src .venv/bin/python benchmarks/gptq_grid.py --model resnet20 --bits 2,3,4
@@ -217,9 +219,16 @@ L=lsq-3ep-lr0.0003-20000img
     --claim "auto > uniform after fine-tuning (equal size);$FT;auto@$L;$FT;uniform@$L;avg-bits=3" \
     --claim "log steps > linear steps (auto);$FT;auto@$L;$FT;auto@$L-linsteps" \
     --claim "log steps > linear steps (uniform);$FT;uniform@$L;$FT;uniform@$L-linsteps"
+# issue 28: what a cold search costs (seconds, peak resident memory), one process per method, the 2 cores otherwise idle
+C="PYTHONPATH=src .venv/bin/python benchmarks/search_cost.py"
+eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/cost_resnet20
+eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/cost_resnet20_nogreedy \
+    -- --auto-methods uniform,eval-delta,mpqco,mixquant-ilp
+eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
+    --out $R/cost_mobilenetv2
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
-$M report $R/draws_resnet20_gptq $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
+$M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
+    $R/cost_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
