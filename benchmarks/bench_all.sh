@@ -164,6 +164,9 @@ $M bench -q --model resnet20 --methods auto --budgets "avg-bits=3" \
     --ptq nearest,gptq+bc,gptq-seq,cle+gptq --splits test --draws 3 --out $R/draws_resnet20_gptq
 $M bench -q --model resnet20 --methods uniform --budgets "avg-bits=3" \
     --ptq nearest --splits test --draws 3 --out $R/draws_resnet20_gptq
+# issue 28: eval-delta's pruned measurement replayed on full tables (probes needed, same plan?); tables measured
+# with pruning are skipped: their rows above are the same plans, so rerun that bench with --no-prune for full ones
+PYTHONPATH=src .venv/bin/python benchmarks/prune_replay.py --dir $R/draws_resnet20_gptq
 # the allocation chosen under nearest rounding, applied with the shipped GPTQ (paired with the rows above)
 $M bench -q --model resnet20 $RTN --methods auto,eval-delta --budgets "avg-bits=2.5;avg-bits=3" \
     --ptq gptq --splits test --draws 5 --out $R/draws_resnet20_rtnalloc
@@ -224,6 +227,9 @@ C="PYTHONPATH=src .venv/bin/python benchmarks/search_cost.py"
 eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/cost_resnet20
 eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/cost_resnet20_nogreedy \
     -- --auto-methods uniform,eval-delta,mpqco,mixquant-ilp
+.venv/bin/python benchmarks/claims.py --out $R/cost_resnet20/paired_claims.md --title "What auto's search costs (issue 28)" \
+    --claim "auto, pruned probes, cold (this directory) vs auto of draws_resnet20_gptq (same seeds);$R/cost_resnet20;auto;$G;auto" \
+    --claim "auto without greedy > auto with its default candidates;$R/cost_resnet20_nogreedy;auto;$R/cost_resnet20;auto"
 eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_mobilenetv2
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
