@@ -211,6 +211,8 @@ FTA="--src $R/draws_resnet20_gptq --out $FT --methods auto,uniform --budgets avg
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1 --lr 3e-4 --steps linear --jobs 2  # steps trained as s
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --steps linear  # lr 1e-4
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 10 --lr 3e-4
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 1 --epochs-list 2,5 \
+    --lr 3e-4
 .venv/bin/python benchmarks/finetune_plans.py --src $R/bench_convmixer_gptq --out $R/finetune_convmixer --model convmixer \
     --methods eval-delta,uniform --budgets avg-bits=3 --draws 0 --epochs 3 --train-size 20000 --lr 3e-4
 .venv/bin/python benchmarks/finetune_plans.py --src $R/bench_resnet56_ft --out $R/finetune_resnet56 --model resnet56 \

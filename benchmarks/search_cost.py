@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -85,11 +86,12 @@ def cost_markdown(out: Path) -> str:
     """The table of ``cost.md`` from ``cost.jsonl`` and the directory's rows."""
     records = [json.loads(line) for line in (out / "cost.jsonl").read_text().splitlines() if line.strip()]
     rows = load_rows(out / "rows.jsonl") if (out / "rows.jsonl").exists() else []
-    lines = ["#### What the searches cost (cold, one process per method)", "",
-             "Per method: median over its draws of the search seconds (`search_s`, the first budget's run: it "
-             "measures; later budgets reuse) and of search + PTQ; the peak resident memory of the whole process "
-             "(fp32 and plan evaluation, PTQ included); the stages with the largest median share of a search "
-             "(`mpqkit search --profile`). Written by `benchmarks/search_cost.py`.", "",
+    text = ("Per method: median over its draws of the search seconds (`search_s`, the first budget's run: it "
+            "measures; later budgets reuse) and of search + PTQ; the peak resident memory of the whole process "
+            "(fp32 and plan evaluation, PTQ included); the stages with the largest median share of a search "
+            "(`mpqkit search --profile`). Written by `benchmarks/search_cost.py`.")
+    lines = [f"#### What the searches cost (`{out.name}`: cold, one process per method)", "",
+             *textwrap.wrap(text, 110), "",
              "| model | method | draws | search s | search + PTQ s | peak resident MB | largest stages |",
              "|---|---|---:|---:|---:|---:|---|"]
     for rec in records:

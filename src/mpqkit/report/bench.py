@@ -150,6 +150,8 @@ def bench_title(prefix: str, rows: Sequence[dict]) -> str:
     """'<model> / <data>: <methods> at <n> budget(s)' over every row of the directory (a resumed or
     extended run appends to earlier rows, so the title is not the last command's arguments)."""
     measured = [r for r in rows if r["method"] != "fp32"]
+    if not measured:
+        return f"{prefix}: no plan measured"
     methods = list(dict.fromkeys(r["method"] for r in measured))
     return f"{prefix}: {', '.join(methods)} at {len({r['budget'] for r in measured})} budget(s)"
 

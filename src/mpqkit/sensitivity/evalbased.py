@@ -137,6 +137,7 @@ class MeasuredScores(Mapping):
         if f in self.table.pruned and not self.table.pruned[f]:
             del self.table.pruned[f]
         self.table.meta["pruned"] = sum(len(v) for v in self.table.pruned.values())
+        self.table.meta["probes"] = self.table.meta.get("probes", 0) + 1
         return self.table.w[f][b]
 
 
