@@ -71,3 +71,19 @@ def test_bounded_scores_merge_measured_over_bounds():
     t = SensitivityTable(w={"a": {2: 0.5}}, pruned={"a": {8: 0.0}, "b": {8: 0.0}})
     assert t.w_bounded == {"a": {8: 0.0, 2: 0.5}, "b": {8: 0.0}}
     assert SensitivityTable(w={"a": {2: 0.5}}).w_bounded == {"a": {2: 0.5}}
+
+
+def test_a_pruned_table_is_not_reused_for_another_budget(tmp_path):
+    """Its bounds are not scores: solving another budget from it would be wrong, so it is refused."""
+    from mpqkit.errors import MpqkitError
+
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", cache_dir=str(tmp_path), **SETTINGS)
+    assert res.table.pruned
+    with pytest.raises(MpqkitError, match="prune=False"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "eval-delta", table=res.table, cache_dir=str(tmp_path),
+                      **SETTINGS)
+    full = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", prune=False, cache_dir=str(tmp_path),
+                         **SETTINGS)
+    again = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "eval-delta", table=full.table,
+                          cache_dir=str(tmp_path), **SETTINGS)
+    assert again.plan.costs["avg_w_bits_searched"] <= 4 + 1e-9

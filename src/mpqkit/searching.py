@@ -74,6 +74,10 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
     from .quant.ptq import prepare_fp
 
     t_start = time.perf_counter()
+    if table is not None and table.pruned:  # its bounds stand in for scores only at the budget it was pruned for
+        raise MpqkitError("the given sensitivity table skipped candidates that its own budget's plan cannot choose "
+                          "(pruned): it cannot be solved for another budget; search without table=, or measure "
+                          "it with prune=False to reuse it")
     m = METHODS.get(method)
     opts = m.make_options(options)
     terms = parse_budget(budget)
