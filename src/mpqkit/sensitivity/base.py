@@ -90,8 +90,7 @@ class SensitivityTable:
         """Every weight candidate's score: the measured one, else its pruning bound."""
         if not self.pruned:
             return self.w
-        return {f: {**self.pruned.get(f, {}), **scores} for f, scores in {**{f: {} for f in self.pruned},
-                                                                           **self.w}.items()}
+        return {f: {**self.pruned.get(f, {}), **self.w.get(f, {})} for f in {**self.w, **self.pruned}}
 
     @property
     def reusable(self) -> bool:

@@ -65,8 +65,7 @@ def prunable(ctx: SearchContext) -> bool:
     """Whether eval-delta may skip candidates: pruning on, weights only, a budget, scores bounded by 0."""
     s = ctx.settings
     return (getattr(s, "prune", False) and ctx.search_w and not ctx.search_a and ctx.problem is not None
-            and bool(ctx.problem.constraints) and getattr(s, "objective", None) == "kl"
-            and len(ctx.w_bits) > 2)
+            and bool(ctx.problem.constraints) and len(ctx.w_bits) > 2 and ctx.engine.objective == "kl")
 
 
 def _lazy(ctx: SearchContext) -> SensitivityTable:
@@ -81,11 +80,7 @@ def _lazy(ctx: SearchContext) -> SensitivityTable:
     rounds = 0
     while todo:
         rounds += 1
-        probes = [{f: (b, None)} for f, b in todo]
-        dispatch_options(engine, ctx.options, lambda: _layer_jobs(probes))
-        for (f, b), r in zip(todo, engine.run(probes, desc="eval-delta probes")):
-            w[f][b] = r.loss - engine.fp.loss
-            dtop1[f"{f}@{b}"] = r.top1 - engine.fp.top1
+        _measure_w(ctx, todo, w, dtop1)
         bound = _bound(w)
         scores = {f: {b: w[f].get(b, bound) for b in ctx.w_bits} for f in ctx.searched}
         sol = solve_ilp(problem, scores, time_limit=getattr(ctx.settings, "time_limit", TIME_LIMIT))
@@ -102,6 +97,19 @@ def _lazy(ctx: SearchContext) -> SensitivityTable:
                             meta={"score": f"delta loss ({engine.objective})", "fp_loss": engine.fp.loss,
                                   "fp_top1": engine.fp.top1, "delta_top1": {"w": dtop1}, "probes": measured,
                                   "pruned": sum(len(v) for v in pruned.values()), "prune_rounds": rounds})
+
+
+def _measure_w(ctx: SearchContext, todo: list[tuple[str, int]], w: dict[str, dict[int, float]],
+               dtop1: dict[str, float], dispatch: bool = True) -> None:
+    """Measure the single-layer weight probes ``todo`` ((layer, bits) pairs) into ``w`` (ΔL) and
+    ``dtop1`` (Δtop-1, keyed ``layer@bits``); ``dispatch``: through the method's runner options."""
+    engine = ctx.engine
+    probes = [{f: (b, None)} for f, b in todo]
+    if dispatch:
+        dispatch_options(engine, ctx.options, lambda: _layer_jobs(probes))
+    for (f, b), r in zip(todo, engine.run(probes, desc="eval-delta probes", show=None if dispatch else False)):
+        w.setdefault(f, {})[b] = r.loss - engine.fp.loss
+        dtop1[f"{f}@{b}"] = r.top1 - engine.fp.top1
 
 
 def _bound(w: Mapping[str, Mapping[int, float]]) -> float:
@@ -130,9 +138,9 @@ class MeasuredScores(Mapping):
         return len(list(iter(self)))
 
     def measure(self, f: str, b: int) -> float:
-        engine = self.ctx.engine
-        r = engine.run([{f: (b, None)}], desc="eval-delta probes", show=False)[0]
-        self.table.w.setdefault(f, {})[b] = r.loss - engine.fp.loss
+        """Measure one pruned candidate into the table (no runner dispatch: the context may be auto's)."""
+        dtop1 = self.table.meta.setdefault("delta_top1", {}).setdefault("w", {})
+        _measure_w(self.ctx, [(f, b)], self.table.w, dtop1, dispatch=False)
         self.table.pruned.get(f, {}).pop(b, None)
         if f in self.table.pruned and not self.table.pruned[f]:
             del self.table.pruned[f]
