@@ -82,6 +82,12 @@ def _top_stages(profiles: list[dict], n: int = 3) -> str:
     return ", ".join(f"{k} {100 * statistics.median(v):.0f} %" for k, v in top)
 
 
+def _limit(command: str) -> str:
+    """The ``--max-memory`` a record's command passed to mpqkit (blank: none)."""
+    words = command.split()
+    return words[words.index("--max-memory") + 1] if "--max-memory" in words[:-1] else ""
+
+
 def cost_markdown(out: Path) -> str:
     """The table of ``cost.md`` from ``cost.jsonl`` and the directory's rows."""
     records = [json.loads(line) for line in (out / "cost.jsonl").read_text().splitlines() if line.strip()]
@@ -92,8 +98,8 @@ def cost_markdown(out: Path) -> str:
             "(`mpqkit search --profile`). Written by `benchmarks/search_cost.py`.")
     lines = [f"#### What the searches cost (`{out.name}`: cold, one process per method)", "",
              *textwrap.wrap(text, 110), "",
-             "| model | method | draws | search s | search + PTQ s | peak resident MB | largest stages |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| model | method | draws | search s | search + PTQ s | peak resident MB | --max-memory | largest stages |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for rec in records:
         mine = [r for r in rows if r.get("method") == rec["method"] and "search_s" in r and not r.get("error")]
         first = {}
@@ -104,7 +110,7 @@ def cost_markdown(out: Path) -> str:
         med = (lambda v: f"{statistics.median(v):.0f}" if v else "")
         status = " (timed out)" if rec["timed_out"] else (f" (exit {rec['exit']})" if rec["exit"] else "")
         lines.append(f"| {rec['model']} | {rec['method']}{status} | {len(first)} | {med(s)} | {med(sp)} | "
-                     f"{rec['peak_rss_mb']:.0f} | {_top_stages(_profiles(out, mine, rec['method']))} |")
+                     f"{rec['peak_rss_mb']:.0f} | {_limit(rec['command'])} | {_top_stages(_profiles(out, mine, rec['method']))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -76,13 +76,15 @@ def test_search_cost_records_each_method_once_and_writes_its_table(tmp_path, mon
     spec.loader.exec_module(mod)
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
     out = tmp_path / "cost"
-    argv = ["--model", "digits-cnn", "--methods", "uniform,mixquant-ilp", "--budgets", "avg-bits=3", "--out", str(out)]
+    argv = ["--model", "digits-cnn", "--methods", "uniform,mixquant-ilp", "--budgets", "avg-bits=3", "--out", str(out),
+            "--", "--max-memory", "20000"]
     mod.main(argv)
     records = [json.loads(x) for x in (out / "cost.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["uniform", "mixquant-ilp"]
     assert all(r["exit"] == 0 and not r["timed_out"] and r["peak_rss_mb"] > 50 for r in records)
     table = (out / "cost.md").read_text()
     assert "| digits-cnn | uniform | 1 |" in table and "| digits-cnn | mixquant-ilp | 1 |" in table
+    assert table.count("| 20000 |") == 2  # the limit each process ran under
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"fp32", "uniform", "mixquant-ilp"}
     mod.main(argv)  # resumes: nothing measured again

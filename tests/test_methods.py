@@ -155,3 +155,26 @@ def test_infoq_observer_choice_and_resume(tmp_path):
     again = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq",
                           options={"projections": 16, "observers": "last-1"}, **kw)
     assert again.engine_stats["probes_run"] == 0 and again.table.w == last.table.w  # all memoised
+
+
+def test_infoq_keeps_one_layer_cut_at_a_time(monkeypatch):
+    """InfoQ visits layers once, in network order: it drops the reference's earlier layer-cut tensors
+    (``ProbeEngine.forget_before``) instead of filling the prefix cache, with the same table."""
+    from mpqkit.engine.probe import ProbeEngine
+
+    most = {"kept": 0}
+    keep = ProbeEngine._keep
+
+    def counting(self, key, envs):
+        keep(self, key, envs)
+        most["kept"] = max(most["kept"], len(self._snapshots))
+
+    monkeypatch.setattr(ProbeEngine, "_keep", counting)
+    kw = dict(calib_size=128, progress=False, use_cache=False, options={"projections": 16})
+    lean = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq", **kw)
+    lean_most = most["kept"]
+    monkeypatch.setattr(ProbeEngine, "forget_before", lambda self, base, fqn: 0)
+    most["kept"] = 0
+    full = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "infoq", **kw)
+    assert lean.table.w == full.table.w and lean.table.a == full.table.a
+    assert lean_most <= 3 < most["kept"]  # fp input, the current cut and the one being walked to

@@ -17,7 +17,7 @@ from .graph import discover
 from .plan import LayerQuant, Plan, provenance
 from .quant.calibration import CALIB_CHUNK
 from .result import SearchResult
-from .sensitivity.base import SearchContext, SensitivityTable, SolveRequest
+from .sensitivity.base import Method, SearchContext, SensitivityTable, SolveRequest
 from .sensitivity.evalbased import refine_scores
 from .sensitivity.registry import METHODS
 from .sensitivity.options import MethodOptions
@@ -96,6 +96,7 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
                         load_train=lambda n, seed: train_subset(data, n, seed, s.data_root),
                         load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
                         problem=problem, settings=s)
+    _fit_memory(ctx, m, s)
     t_sens = time.perf_counter()
     table, warnings = _measure(m, ctx, table, bundle.model) if table is None else (table, [])
     t_solve = time.perf_counter()
@@ -112,6 +113,23 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
     return SearchResult(plan, solution, table, graph, problem.ledger,
                         {"sensitivity": t_solve - t_sens, "solve": t_end - t_solve, "total": t_end - t_start},
                         ctx.engine_stats())
+
+
+def _fit_memory(ctx: SearchContext, m: Method, s: RunSettings) -> None:
+    """Under ``--max-memory``: refuse a search whose estimated need exceeds it (``MemoryLimitError``,
+    before any probe) and size the probe engine's prefix cache within what is left."""
+    if s.max_memory_mb is None or m.sensitivity is None:
+        return
+    from .engine.probe import default_prefix_cache_mb
+    from .memory import plan_prefix_cache, search_parts
+
+    n_candidates = len(ctx.w_bits) + (len(ctx.a_bits) if ctx.search_a else 0)
+    own = (lambda g, x: m.memory(g, x, ctx.options)) if m.memory is not None else None
+    parts = search_parts(ctx.graph, ctx.calib_images, n_candidates, own)
+    cache = plan_prefix_cache(s.max_memory_mb, parts, s.prefix_cache_mb, default_prefix_cache_mb())
+    ctx.engine_kwargs["prefix_cache_mb"] = cache
+    log.info("memory estimate under --max-memory %.0f MB: %s; prefix cache %.0f MB", s.max_memory_mb,
+             ", ".join(f"{k} {v:.0f}" for k, v in parts.items()), cache)
 
 
 def _problem(graph: Any, s: RunSettings, terms: Any, uniform: bool) -> tuple[Allocation, list[str]]:

@@ -68,6 +68,12 @@ class RunSettings:
         "--eval-batch-size", group=OUTPUT, kind="positive_int",
         help="images per evaluation batch (default: sized by the input, 32 MB of it: 500 CIFAR images, 55 at "
              "224 x 224)"))
+    #: memory limit (MB) of a search: refused before the long work when the estimate of what it holds
+    #: before any cache exceeds it (``mpqkit.memory``); the prefix cache gets what the estimate leaves
+    max_memory_mb: float | None = field(default=None, metadata=flag(
+        "--max-memory", group=SOLVER, kind="float",
+        help="memory limit of a search, in MB: a search whose estimated need exceeds it stops before it starts, "
+             "naming the smallest limit it fits; the prefix cache is sized within it (default: no limit)"))
     #: memory (MB) for the live tensors the probe engine keeps at layer cuts so later probes start there
     #: instead of at the input (None: 1/8 of the memory available at start, at most 2048 MB)
     prefix_cache_mb: float | None = field(default=None, metadata=flag(
@@ -151,6 +157,9 @@ class RunSettings:
         if self.prefix_cache_mb is not None and (isinstance(self.prefix_cache_mb, bool) or not isinstance(
                 self.prefix_cache_mb, (int, float)) or not self.prefix_cache_mb >= 0):
             raise MpqkitError(f"--prefix-cache-mb must be a number of megabytes ≥ 0, got {self.prefix_cache_mb!r}")
+        if self.max_memory_mb is not None and (isinstance(self.max_memory_mb, bool) or not isinstance(
+                self.max_memory_mb, (int, float)) or not 0 < self.max_memory_mb < math.inf):
+            raise MpqkitError(f"--max-memory must be a finite number of megabytes > 0, got {self.max_memory_mb!r}")
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise MpqkitError(f"--refine takes a number of probes ≥ 0, got {self.refine!r}")
         if not 0 < self.time_limit < math.inf:

@@ -317,6 +317,22 @@ class ProbeEngine:
             with torch.inference_mode():
                 self._base_envs(dict(base), self.program.cut[fqn], remember=True)
 
+    def forget_before(self, base: Mapping[str, Override], fqn: str) -> int:
+        """Drop the kept live tensors of ``base`` at cuts before layer ``fqn`` except the last of them
+        (the one a walk to ``fqn`` or later starts from): for a method that visits layers once, in
+        network order, so the prefix cache holds one snapshot instead of filling its budget.
+        Returns the bytes released. Results are unchanged: a later probe walks from what is kept."""
+        if self.program is None:
+            return 0
+        cut = self.program.cut[fqn]
+        mine = sorted(c for k, c in self._snapshots if c <= cut and self._prefix_key(base, c) == (k, c))
+        freed = 0
+        for c in mine[:-1]:
+            key = self._prefix_key(base, c)
+            del self._snapshots[key]
+            freed += self._snapshot_bytes.pop(key)
+        return freed
+
     def _keep(self, key: tuple, envs: list[dict]) -> None:
         size = sum(t.numel() * t.element_size() for env in envs for t in env.values() if isinstance(t, Tensor))
         if size > self.prefix_cache_bytes:

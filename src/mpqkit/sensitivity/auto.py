@@ -104,8 +104,20 @@ class AutoOptions(MethodOptions):
         return out
 
 
+def auto_memory(graph: Any, images: Any, options: AutoOptions) -> float:
+    """MB auto holds beside the calibration engine (``Method.memory``): the held-out images, loaded and
+    batched, the held-out engine's model copy and its live tensors at the plans' first layer (at most
+    the widest layer input per image), and the largest of its candidates' own memory."""
+    per_image = images[0].numel() * images.element_size() if len(images) else 0
+    widest = 4 * max((layer.in_numel for layer in graph.layers), default=1)
+    held = options.heldout * (2 * per_image + widest) + 4 * graph.total_params
+    methods = (METHODS.get(n.strip()) for n in options.methods.split(",") if n.strip())
+    own = [m.memory(graph, images, m.make_options(None)) for m in methods if m.memory is not None]
+    return held / 2 ** 20 + max(own, default=0.0)
+
+
 @METHODS.register("auto", "runs the cheap methods, keeps the plan with the lowest loss on held-out images, "
-                  "refines it by measured moves", solver=chosen, options=AutoOptions)
+                  "refines it by measured moves", solver=chosen, options=AutoOptions, memory=auto_memory)
 def auto(ctx: SearchContext) -> SensitivityTable:
     """Each candidate method's plan, measured on held-out images; the lowest held-out loss wins and
     is refined by measured moves (kept only if the held-out loss does not rise)."""

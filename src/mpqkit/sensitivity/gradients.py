@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.observers import quantize_weight
+from ..graph import ModelGraph
 from .base import SearchContext
 
 
@@ -35,6 +36,17 @@ def calib_chunks(ctx: SearchContext, n: int | None = None, chunk: int = 128) -> 
     for i in range(0, n, chunk):
         yield (ctx.calib_images[i:min(i + chunk, n)].to(ctx.device),
                ctx.calib_labels[i:min(i + chunk, n)].to(ctx.device))
+
+
+#: bytes a gradient pass holds per image, in units of the fp32 inputs of all quantizable layers (the
+#: autograd graph: convolution inputs, normalisation and activation outputs, their gradients); fitted
+#: to peaks measured on MobileNetV2 (``benchmarks/memory_model.py``)
+GRAD_PASS_FACTOR = 7.0
+
+
+def grad_pass_mb(graph: ModelGraph, chunk: int) -> float:
+    """Estimated MB a backward (or double backward) pass over ``chunk`` images holds at its peak."""
+    return GRAD_PASS_FACTOR * chunk * 4 * sum(layer.in_numel for layer in graph.layers) / 2 ** 20
 
 
 def chunk_size(images: Tensor, elements: int, cap: int) -> int:

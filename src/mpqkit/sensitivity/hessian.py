@@ -22,7 +22,7 @@ from ..profile import stage
 from .base import SearchContext, SensitivityTable
 from .registry import METHODS
 from .options import MethodOptions, option, positive
-from .gradients import calib_chunks, chunk_size, grad_model, loss_sum, require_weight_search, weight_deltas
+from .gradients import calib_chunks, chunk_size, grad_model, grad_pass_mb, loss_sum, require_weight_search, weight_deltas
 
 log = logging.getLogger("mpqkit")
 
@@ -67,13 +67,13 @@ def _fisher_traces(model, params, names, ctx, n_samples: int) -> dict[str, float
     return {f: v / max(n, 1) for f, v in acc.items()}
 
 
-HVP_CHUNK_ELEMENTS = 32 * 3 * 224 * 224  # input elements per Hessian-vector chunk (32 ImageNet images)
+HVP_CHUNK_ELEMENTS = 8 * 3 * 224 * 224  # input elements per Hessian-vector chunk (8 ImageNet images)
 
 
 def hvp_chunk(images: Tensor) -> int:
     """Images per chunk of a Hessian-vector product: the double backward keeps the whole graph of a
-    chunk alive, so the chunk shrinks with the input size (128 CIFAR images, 32 at 224 × 224: the
-    128-image ImageNet chunk was killed for memory on a 24 GiB machine)."""
+    chunk alive, so the chunk shrinks with the input size (128 CIFAR images, 8 at 224 × 224, where
+    the graph holds about :func:`grad_pass_mb` per image)."""
     return chunk_size(images, HVP_CHUNK_ELEMENTS, 128)
 
 
@@ -129,7 +129,8 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
     return traces, info
 
 
-@METHODS.register("hawq", "Hutchinson Hessian trace × ‖Ŵ−W‖² per (layer, bits) + ILP (HAWQ-V2/V3)", options=HawqOptions)
+@METHODS.register("hawq", "Hutchinson Hessian trace × ‖Ŵ−W‖² per (layer, bits) + ILP (HAWQ-V2/V3)", options=HawqOptions,
+                  memory=lambda graph, images, options: grad_pass_mb(graph, hvp_chunk(images)))
 def hawq(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "hawq")
     o: HawqOptions = ctx.options  # type: ignore[assignment]

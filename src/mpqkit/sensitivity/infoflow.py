@@ -114,6 +114,7 @@ def infoq(ctx: SearchContext) -> SensitivityTable:
         obs = _observers(names, layer, opts["observers"])
         if not obs:
             continue
+        engine.forget_before(base, layer)  # one pass in network order: earlier cuts are never read again
         probes = [{layer: (b, ref_bits) if side == "w" else (ref_bits, b)} for side, b in sides]
         specs = [{**spec_common, "probe": [layer, side, b], "observers": obs} for side, b in sides]
         todo = [i for i, sp in enumerate(specs) if not engine.is_memoized(sp)]

@@ -14,21 +14,35 @@ Options: ``mpqco_samples`` (default: the whole calibration set), ``mpqco_output`
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from dataclasses import dataclass
 
+from ..graph import ModelGraph
 from ..profile import stage
 from .base import SearchContext, SensitivityTable
 from .registry import METHODS
 from .options import MethodOptions, option, positive
-from .gradients import calib_chunks, chunk_size, grad_model, require_weight_search, weight_deltas
+from .gradients import calib_chunks, chunk_size, grad_model, grad_pass_mb, require_weight_search, weight_deltas
 
 EPS = 1e-6  # |z_y| floor: the score divides by the logit
 #: input elements per vmapped chunk (8 images at 224 × 224, 32 on CIFAR): the per-sample gradients and
 #: the vmapped backward of a chunk live at once (MobileNetV2, 32 images: peak 5.28 GB in one chunk, 2.18 GB in 8s)
 CHUNK_ELEMENTS = 8 * 3 * 224 * 224
+
+
+def mpqco_chunk(images: Tensor) -> int:
+    """Images per vmapped per-sample-gradient chunk."""
+    return chunk_size(images, CHUNK_ELEMENTS, 32)
+
+
+def mpqco_memory(graph: ModelGraph, images: Tensor, options: Any = None) -> float:
+    """MB mpqco holds beside the probe engine: the vmapped backward of one chunk (``Method.memory``)."""
+    return grad_pass_mb(graph, mpqco_chunk(images))
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class MpqcoOptions(MethodOptions):
 
 
 @METHODS.register("mpqco", "per-sample first-order change of the true-class output, (ΔW·∇z_y / z_y)², + ILP",
-                  options=MpqcoOptions)
+                  options=MpqcoOptions, memory=mpqco_memory)
 def mpqco(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "mpqco")
     model, params = grad_model(ctx)
@@ -66,7 +80,7 @@ def mpqco(ctx: SearchContext) -> SensitivityTable:
     acc = {f: {b: 0.0 for b in ctx.w_bits} for f in ctx.searched}
     n = 0
     small = 0
-    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=chunk_size(ctx.calib_images, CHUNK_ELEMENTS, 32)):
+    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=mpqco_chunk(ctx.calib_images)):
         with stage("gradients"):
             g, z = per_sample(sel, x, y)
         if prob:  # g is already ∇ log p_y

@@ -26,10 +26,11 @@ class Registry:
         self._methods[method.name] = method
 
     def register(self, name: str, description: str, solver: Callable[[SolveRequest], Any] | None = None,
-                 options: type[MethodOptions] = MethodOptions):
-        """Decorator on a sensitivity function; ``solver`` defaults to the shared ILP."""
+                 options: type[MethodOptions] = MethodOptions, memory: Callable[..., float] | None = None):
+        """Decorator on a sensitivity function; ``solver`` defaults to the shared ILP; ``memory``: the
+        method's own memory beyond the probe engine (``Method.memory``)."""
         def deco(fn: Callable[[SearchContext], SensitivityTable]):
-            self.add(Method(name, description, fn, solver or ilp, options))
+            self.add(Method(name, description, fn, solver or ilp, options, memory))
             return fn
 
         return deco

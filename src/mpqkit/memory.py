@@ -1,0 +1,79 @@
+"""Memory planning for a search: what it will hold before any cache, checked against ``--max-memory``
+before the long work starts, and the probe engine's prefix cache sized inside what is left.
+
+The estimate is a sum of named parts (MB), each from sizes known before the search runs:
+
+- ``process``: what the process holds now (model, loaded data, the torch runtime);
+- ``model copies``: the probe engine's and the layer-PTQ builder's private fp copies, plus one
+  quantized copy of every layer per candidate bit-width the search may build;
+- ``calibration copies``: the engine's batches and the builder's images;
+- ``probe working set``: the live tensors at a layer cut for every calibration image (the walked
+  reference and the probe run from it), at the largest layer input, twice;
+- ``method``: what the method adds (e.g. a gradient pass on a chunk: ``Method.memory``).
+
+What is left under the limit goes to the prefix cache (the kept layer-cut tensors, which only save
+time). The estimate is a model of the main buffers, not a measurement: ``docs/RESULTS.md`` compares
+it with measured peaks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+from torch import Tensor
+
+from .errors import MpqkitError
+
+MB = 2 ** 20
+
+
+class MemoryLimitError(MpqkitError):
+    """The search would need more than ``--max-memory`` before any cache."""
+
+
+def resident_mb() -> float:
+    """The process's resident memory now (``VmRSS``), in MB; 0 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
+                 method_memory: Callable[[Any, Tensor], float] | None = None) -> dict[str, float]:
+    """The named parts (MB) a search on ``graph`` with ``calib_images`` holds before its prefix cache.
+    ``n_candidates``: bit-widths per layer the search may build (weights + activations)."""
+    weight_bytes = 4 * sum(layer.weight_numel + layer.bias_numel for layer in graph.layers)
+    model_bytes = 4 * graph.total_params
+    widest = 4 * max((layer.in_numel for layer in graph.layers), default=1)
+    parts = {
+        "process": resident_mb(),
+        "model copies": (2 * model_bytes + n_candidates * weight_bytes) / MB,
+        "calibration copies": 2 * calib_images.numel() * calib_images.element_size() / MB,
+        "probe working set": 2 * len(calib_images) * widest / MB,
+    }
+    if method_memory is not None:
+        parts["method"] = float(method_memory(graph, calib_images))
+    return parts
+
+
+def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], requested_mb: float | None,
+                      default_mb: float) -> float | None:
+    """The prefix cache's size (MB) under ``limit_mb``: what the parts leave, at most the requested or
+    the default size; ``requested_mb`` unchanged without a limit. Raises ``MemoryLimitError`` (naming the
+    parts and the smallest feasible limit) when the parts alone exceed it."""
+    if limit_mb is None:
+        return requested_mb
+    need = sum(parts.values())
+    if need > limit_mb:
+        detail = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items())
+        raise MemoryLimitError(
+            f"--max-memory {limit_mb:,.0f} MB is below what this search holds before any cache: about {need:,.0f} MB "
+            f"({detail}); the smallest limit it can run under is about {math.ceil(need):,} MB, or use a smaller "
+            f"--calib-size (the calibration copies and the probe working set scale with it)")
+    room = limit_mb - need
+    return min(room, requested_mb if requested_mb is not None else default_mb)

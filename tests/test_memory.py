@@ -1,0 +1,88 @@
+"""--max-memory: a search whose estimated need exceeds the limit stops before any probe, naming the
+smallest limit it fits; under a limit the prefix cache gets what the estimate leaves."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import mpqkit
+from mpqkit.engine.probe import ProbeEngine
+from mpqkit.errors import MpqkitError
+from mpqkit.memory import MemoryLimitError, plan_prefix_cache, search_parts
+from mpqkit.sensitivity.registry import METHODS
+
+KW = dict(calib_size=128, progress=False, use_cache=False)
+
+
+def _engines(monkeypatch) -> list[dict]:
+    """The keyword arguments of every probe engine built from now on."""
+    seen: list[dict] = []
+    init = ProbeEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProbeEngine, "__init__", spy)
+    return seen
+
+
+def test_a_search_over_the_limit_stops_before_any_probe_and_names_the_smallest_limit(monkeypatch):
+    seen = _engines(monkeypatch)
+    with pytest.raises(MemoryLimitError, match=r"--max-memory 10 MB .* smallest limit it can run under is about") as e:
+        mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", max_memory_mb=10, **KW)
+    assert seen == []  # refused before the engine (and any probe) existed
+    smallest = int(re.search(r"run under is about ([\d,]+) MB", str(e.value)).group(1).replace(",", ""))
+    res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", max_memory_mb=smallest + 300, **KW)
+    cache = seen[0]["prefix_cache_mb"]
+    assert 0 < cache <= 300 + 1  # what the estimate leaves goes to the prefix cache
+    plain = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", **KW)
+    assert res.plan.layers == plain.plan.layers  # the limit sizes caches only: the same plan
+
+
+def test_plan_prefix_cache_keeps_the_smaller_of_room_and_request():
+    parts = {"process": 500.0, "probe working set": 100.0}
+    assert plan_prefix_cache(None, parts, 64.0, 2048.0) == 64.0  # no limit: as requested
+    assert plan_prefix_cache(1000, parts, None, 2048.0) == 400.0
+    assert plan_prefix_cache(1000, parts, 64.0, 2048.0) == 64.0
+    with pytest.raises(MemoryLimitError, match="about 600 MB"):
+        plan_prefix_cache(599, parts, None, 2048.0)
+
+
+def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_their_pass():
+    import torch
+
+    from mpqkit.graph import discover
+    from mpqkit.loading import load_model
+    from mpqkit.settings import RunSettings
+
+    bundle = load_model("digits-cnn", RunSettings())
+    graph = discover(bundle.model, bundle.input_shape)
+    small, large = (search_parts(graph, torch.zeros(n, 1, 8, 8), 6) for n in (100, 10_000))
+    assert large["probe working set"] == pytest.approx(100 * small["probe working set"])
+    assert large["calibration copies"] == pytest.approx(100 * small["calibration copies"])
+    images = torch.zeros(256, 1, 8, 8)
+    for name in ("hawq", "mpqco"):
+        m = METHODS.get(name)
+        assert m.memory(graph, images, m.make_options(None)) > 0
+    auto = METHODS.get("auto")
+    few, many = (auto.memory(graph, images, auto.make_options({"heldout": n})) for n in (10, 1000))
+    assert many > few > METHODS.get("mpqco").memory(graph, images, None)  # its held-out images, then mpqco's pass
+    assert METHODS.get("eval-delta").memory is None  # the engine's own parts cover it
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf"), True, "4G"])
+def test_a_malformed_limit_is_refused(bad):
+    with pytest.raises(MpqkitError, match="--max-memory"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=3", "eval-delta", max_memory_mb=bad, **KW)
+
+
+def test_the_cli_refuses_with_the_message_and_writes_nothing(tmp_path, capsys):
+    from mpqkit.cli import main
+
+    out = tmp_path / "run"
+    code = main(["search", "--model", "digits-cnn", "--data", "digits", "--method", "eval-delta", "--budget",
+                 "avg-bits=3", "--calib-size", "64", "--no-cache", "-q", "--max-memory", "10", "--out", str(out)])
+    assert code != 0 and "smallest limit it can run under" in capsys.readouterr().err
+    assert not out.exists()
