@@ -48,6 +48,12 @@ def test_plan_prefix_cache_keeps_the_smaller_of_room_and_request():
     assert plan_prefix_cache(1000, parts, 64.0, 2048.0) == 64.0
     with pytest.raises(MemoryLimitError, match="about 600 MB"):
         plan_prefix_cache(599, parts, None, 2048.0)
+    # a method's own pass and the probe working set come one after the other: the peak counts the larger
+    both = {**parts, "method": 300.0}
+    assert plan_prefix_cache(800, both, None, 2048.0) == 0.0  # fits; nothing left for kept cuts
+    assert plan_prefix_cache(1000, both, None, 2048.0) == 100.0
+    with pytest.raises(MemoryLimitError, match="about 800 MB"):
+        plan_prefix_cache(799, both, None, 2048.0)
 
 
 def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_their_pass():

@@ -11,8 +11,10 @@ The estimate is a sum of named parts (MB), each from sizes known before the sear
   reference and the probe run from it), at the largest layer input, twice;
 - ``method``: what the method adds (e.g. a gradient pass on a chunk: ``Method.memory``).
 
-What is left under the limit goes to the prefix cache (the kept layer-cut tensors, which only save
-time). The estimate is a model of the main buffers, not a measurement: ``docs/RESULTS.md`` compares
+The probe working set and the method's own pass are not live at the same time (a method runs its
+gradient pass and its probes one after the other): the peak counts the larger of them. What is left
+under the limit after all parts goes to the prefix cache (the kept layer-cut tensors, which only save
+time; kept while either runs), none when nothing is left. The estimate is a model of the main buffers, not a measurement: ``docs/RESULTS.md`` compares
 it with measured peaks.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch import Tensor
 from .errors import MpqkitError
 
 MB = 2 ** 20
+#: parts live one after the other, never together
+TRANSIENT = ("probe working set", "method")
 
 
 class MemoryLimitError(MpqkitError):
@@ -65,15 +69,22 @@ def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], reques
                       default_mb: float) -> float | None:
     """The prefix cache's size (MB) under ``limit_mb``: what the parts leave, at most the requested or
     the default size; ``requested_mb`` unchanged without a limit. Raises ``MemoryLimitError`` (naming the
-    parts and the smallest feasible limit) when the parts alone exceed it."""
+    parts and the smallest feasible limit) when their peak (:func:`peak_mb`) exceeds it."""
     if limit_mb is None:
         return requested_mb
-    need = sum(parts.values())
+    need = peak_mb(parts)
     if need > limit_mb:
         detail = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items())
         raise MemoryLimitError(
             f"--max-memory {limit_mb:,.0f} MB is below what this search holds before any cache: about {need:,.0f} MB "
             f"({detail}); the smallest limit it can run under is about {math.ceil(need):,} MB, or use a smaller "
             f"--calib-size (the calibration copies and the probe working set scale with it)")
-    room = limit_mb - need
+    room = max(0.0, limit_mb - sum(parts.values()))
     return min(room, requested_mb if requested_mb is not None else default_mb)
+
+
+def peak_mb(parts: Mapping[str, float]) -> float:
+    """The estimated peak of ``parts``: all of them, but only the larger of the probe working set and
+    the method's own pass."""
+    apart = [parts.get(k, 0.0) for k in TRANSIENT]
+    return sum(v for k, v in parts.items() if k not in TRANSIENT) + max(apart)
