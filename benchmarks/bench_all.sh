@@ -180,6 +180,9 @@ $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 -
 # ConvMixer-256/8 (CIFAR-10, 1,024 calibration images), 3 draws
 $M bench -q --model convmixer --methods uniform,eval-delta --budgets avg-bits=3:5:1 --ptq default --splits test \
     --draws 3 --out $R/bench_convmixer_gptq
+# MiniLM-SST2 (128 calibration phrases), 3 draws
+$M bench -q --model minilm-sst2 --methods uniform,eval-delta --budgets "avg-bits=3;avg-bits=4" --ptq default --splits test \
+    --calib-size 128 --draws 3 --out $R/bench_minilm_sst2_gptq
 # EfficientNet-Lite0, 3 draws
 $M bench -q --model efficientnet-lite0 --methods eval-delta,uniform --budgets "avg-bits=3:5:1" --ptq default \
     --splits test --calib-size 128 --draws 3 --out $R/bench_efficientnet_lite0_gptq
@@ -204,6 +207,11 @@ B=$R/bench_mobilenetv2_gptq
 .venv/bin/python benchmarks/claims.py --out $B/paired_claims.md --title "MobileNetV2: the quantizer and the allocation (issue 27)" \
     --claim "eval-delta > uniform (equal size);$B;eval-delta;$B;uniform;avg-bits=3,avg-bits=4,avg-bits=5" \
     --claim "eval-delta: allocation under GPTQ > under nearest rounding;$B;eval-delta;$R/bench_mobilenetv2_rtnalloc;eval-delta@gptq"
+T=$R/bench_minilm_sst2_gptq
+.venv/bin/python benchmarks/claims.py --out $T/paired_claims.md --title "MiniLM-SST2 under GPTQ (issue 27)" \
+    --claim "eval-delta > uniform (GPTQ, equal size);$T;eval-delta;$T;uniform;avg-bits=3,avg-bits=4" \
+    --claim "GPTQ > nearest rounding (eval-delta, old RTN rows);$T;eval-delta;$R/bench_minilm_sst2;eval-delta;avg-bits=4" \
+    --claim "GPTQ > nearest rounding (uniform, old RTN rows);$T;uniform;$R/bench_minilm_sst2;uniform;avg-bits=4"
 # issue 30: LSQ fine-tuning of the GPTQ plans (3 epochs of 20,000 train images, Adam lr 3e-4), paired over draws
 FT=$R/finetune_resnet20
 FTA="--src $R/draws_resnet20_gptq --out $FT --methods auto,uniform --budgets avg-bits=2.5,avg-bits=3 --epochs 3 --train-size 20000"
@@ -236,7 +244,7 @@ eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 12
     --out $R/cost_mobilenetv2
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/cost_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
+    $R/cost_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \
