@@ -57,10 +57,13 @@ def test_plan_prefix_cache_keeps_the_smaller_of_room_and_request():
 
 
 def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_their_pass():
+    import dataclasses
+
     import torch
 
     from mpqkit.graph import discover
     from mpqkit.loading import load_model
+    from mpqkit.sensitivity.base import SearchContext
     from mpqkit.settings import RunSettings
 
     bundle = load_model("digits-cnn", RunSettings())
@@ -69,12 +72,18 @@ def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_th
     assert large["probe working set"] == pytest.approx(100 * small["probe working set"])
     assert large["calibration copies"] == pytest.approx(100 * small["calibration copies"])
     images = torch.zeros(256, 1, 8, 8)
+    ctx = SearchContext(model=bundle.model, graph=graph, calib_images=images, calib_labels=torch.zeros(256).long(),
+                        searched=graph.names, w_bits=[2, 4, 8], a_bits=[8])
     for name in ("hawq", "mpqco"):
-        m = METHODS.get(name)
-        assert m.memory(graph, images, m.make_options(None)) > 0
+        assert METHODS.get(name).memory(ctx) > 0
     auto = METHODS.get("auto")
-    few, many = (auto.memory(graph, images, auto.make_options({"heldout": n})) for n in (10, 1000))
-    assert many > few > METHODS.get("mpqco").memory(graph, images, None)  # its held-out images, then mpqco's pass
+
+    def auto_mb(heldout: int, available: int) -> float:
+        held = lambda n: torch.zeros(min(n, available), 1, 8, 8)  # noqa: E731  (the data has `available` left)
+        return auto.memory(dataclasses.replace(ctx, options=auto.make_options({"heldout": heldout}), load_heldout=held))
+
+    assert auto_mb(1000, 10_000) > auto_mb(10, 10_000) > METHODS.get("mpqco").memory(ctx)  # held-out, mpqco's pass
+    assert auto_mb(1000, 300) == auto_mb(300, 10_000)  # counts the held-out images the data has, not the option
     assert METHODS.get("eval-delta").memory is None  # the engine's own parts cover it
 
 

@@ -48,9 +48,10 @@ def resident_mb() -> float:
 
 
 def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
-                 method_memory: Callable[[Any, Tensor], float] | None = None) -> dict[str, float]:
+                 method_memory: Callable[[], float] | None = None) -> dict[str, float]:
     """The named parts (MB) a search on ``graph`` with ``calib_images`` holds before its prefix cache.
-    ``n_candidates``: bit-widths per layer the search may build (weights + activations)."""
+    ``n_candidates``: bit-widths per layer the search may build (weights + activations);
+    ``method_memory``: the method's own part (``Method.memory`` bound to the search's context)."""
     weight_bytes = 4 * sum(layer.weight_numel + layer.bias_numel for layer in graph.layers)
     model_bytes = 4 * graph.total_params
     widest = 4 * max((layer.in_numel for layer in graph.layers), default=1)
@@ -61,7 +62,7 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
         "probe working set": 2 * len(calib_images) * widest / MB,
     }
     if method_memory is not None:
-        parts["method"] = float(method_memory(graph, calib_images))
+        parts["method"] = float(method_memory())
     return parts
 
 

@@ -124,7 +124,7 @@ def _fit_memory(ctx: SearchContext, m: Method, s: RunSettings) -> None:
     from .memory import plan_prefix_cache, search_parts
 
     n_candidates = len(ctx.w_bits) + (len(ctx.a_bits) if ctx.search_a else 0)
-    own = (lambda g, x: m.memory(g, x, ctx.options)) if m.memory is not None else None
+    own = (lambda: m.memory(ctx)) if m.memory is not None else None
     parts = search_parts(ctx.graph, ctx.calib_images, n_candidates, own)
     cache = plan_prefix_cache(s.max_memory_mb, parts, s.prefix_cache_mb, default_prefix_cache_mb())
     ctx.engine_kwargs["prefix_cache_mb"] = cache

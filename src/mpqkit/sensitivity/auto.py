@@ -104,15 +104,19 @@ class AutoOptions(MethodOptions):
         return out
 
 
-def auto_memory(graph: Any, images: Any, options: AutoOptions) -> float:
-    """MB auto holds beside the calibration engine (``Method.memory``): the held-out images, loaded and
-    batched, the held-out engine's model copy and its live tensors at the plans' first layer (at most
-    the widest layer input per image), and the largest of its candidates' own memory."""
+def auto_memory(ctx: SearchContext) -> float:
+    """MB auto holds beside the calibration engine (``Method.memory``): the held-out images (as many as
+    the data has beside the calibration draw), loaded and batched, the held-out engine's model copy and
+    its live tensors at the plans' first layer (at most the widest layer input per image), and the
+    largest of its candidates' own memory."""
+    opts: AutoOptions = ctx.options  # type: ignore[assignment]
+    images, graph = ctx.calib_images, ctx.graph
+    n = len(ctx.load_heldout(opts.heldout)) if ctx.load_heldout is not None else opts.heldout
     per_image = images[0].numel() * images.element_size() if len(images) else 0
     widest = 4 * max((layer.in_numel for layer in graph.layers), default=1)
-    held = options.heldout * (2 * per_image + widest) + 4 * graph.total_params
-    methods = (METHODS.get(n.strip()) for n in options.methods.split(",") if n.strip())
-    own = [m.memory(graph, images, m.make_options(None)) for m in methods if m.memory is not None]
+    held = n * (2 * per_image + widest) + 4 * graph.total_params
+    methods = (METHODS.get(name.strip()) for name in opts.methods.split(",") if name.strip())
+    own = [m.memory(dataclasses.replace(ctx, options=m.make_options(None))) for m in methods if m.memory is not None]
     return held / 2 ** 20 + max(own, default=0.0)
 
 

@@ -158,9 +158,9 @@ class Method:
     sensitivity: Callable[[SearchContext], SensitivityTable] | None
     solver: Callable[[SolveRequest], Any]
     options: type[MethodOptions] = MethodOptions
-    #: (graph, calibration images, options) → MB the method holds beside the probe engine (e.g. a
-    #: gradient pass on a chunk), for ``--max-memory``'s estimate (``mpqkit.memory``); None: nothing
-    memory: Callable[[ModelGraph, torch.Tensor, MethodOptions], float] | None = None
+    #: the search's context (its options the method's own) → MB the method holds beside the probe engine
+    #: (e.g. a gradient pass on a chunk), for ``--max-memory``'s estimate (``mpqkit.memory``); None: nothing
+    memory: "Callable[[SearchContext], float] | None" = None
 
     def make_options(self, values: "MethodOptions | dict[str, Any] | None") -> MethodOptions:
         return self.options.from_mapping(values, self.name)

@@ -130,7 +130,7 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
 
 
 @METHODS.register("hawq", "Hutchinson Hessian trace × ‖Ŵ−W‖² per (layer, bits) + ILP (HAWQ-V2/V3)", options=HawqOptions,
-                  memory=lambda graph, images, options: grad_pass_mb(graph, hvp_chunk(images)))
+                  memory=lambda ctx: grad_pass_mb(ctx.graph, hvp_chunk(ctx.calib_images)))
 def hawq(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "hawq")
     o: HawqOptions = ctx.options  # type: ignore[assignment]

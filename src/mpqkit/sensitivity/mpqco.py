@@ -14,15 +14,12 @@ Options: ``mpqco_samples`` (default: the whole calibration set), ``mpqco_output`
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from dataclasses import dataclass
 
-from ..graph import ModelGraph
 from ..profile import stage
 from .base import SearchContext, SensitivityTable
 from .registry import METHODS
@@ -40,9 +37,9 @@ def mpqco_chunk(images: Tensor) -> int:
     return chunk_size(images, CHUNK_ELEMENTS, 32)
 
 
-def mpqco_memory(graph: ModelGraph, images: Tensor, options: Any = None) -> float:
+def mpqco_memory(ctx: SearchContext) -> float:
     """MB mpqco holds beside the probe engine: the vmapped backward of one chunk (``Method.memory``)."""
-    return grad_pass_mb(graph, mpqco_chunk(images))
+    return grad_pass_mb(ctx.graph, mpqco_chunk(ctx.calib_images))
 
 
 @dataclass(frozen=True)
