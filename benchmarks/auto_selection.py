@@ -45,7 +45,7 @@ def _scores(q_logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tenso
             "agree": (q_logits[:n].argmax(1) == fp_logits[:n].argmax(1)).float().mean().item()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="benchmarks/results/draws_resnet20")
     ap.add_argument("--model", default="resnet20")
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--heldout", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/draws_resnet20/paired_auto_selection.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = [r for r in load_rows(Path(args.dir) / "rows.jsonl") if not r.get("ptq") and not r.get("error")]
     test = {(r["method"], r["budget"], int(r.get("draw", 0))): r["top1_test"] for r in rows}
     plan_of = {(r["method"], r["budget"], int(r.get("draw", 0))): r["plan"] for r in rows if r.get("plan")}

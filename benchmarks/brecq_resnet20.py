@@ -45,19 +45,21 @@ def _reset_peak() -> None:
         pass
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/brecq_resnet20")
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--sweep-iters", default="100,500,2000")
     ap.add_argument("--sweep-plan", default="uniform W3A8")
     ap.add_argument("--budgets", default="2.5,3,4")
-    args = ap.parse_args()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default="cifar10")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    bundle = load_model("resnet20")
-    test = load_split("cifar10", "test")
+    bundle = load_model(args.model)
+    test = load_split(args.data, "test")
     done_path = out / "rows.jsonl"
     done = {}
     if done_path.exists():
@@ -67,10 +69,10 @@ def main() -> None:
 
     plans: dict[str, mpqkit.Plan] = {}
     for wb in (4, 3, 2):
-        plans[f"uniform W{wb}A8"] = mpqkit.search(bundle, "cifar10", None, "uniform", w_bits=wb, progress=False, qconfig=NEAREST).plan
+        plans[f"uniform W{wb}A8"] = mpqkit.search(bundle, args.data, None, "uniform", w_bits=wb, progress=False, qconfig=NEAREST).plan
     for b in args.budgets.split(","):
         for method in ("mixquant", "mixquant-ilp"):
-            plans[f"{method} avg-bits={b}"] = mpqkit.search(bundle, "cifar10", f"avg-bits={b}", method,
+            plans[f"{method} avg-bits={b}"] = mpqkit.search(bundle, args.data, f"avg-bits={b}", method,
                                                             progress=False, qconfig=NEAREST).plan
     same_as = {}  # identical assignments are measured once
     for name, plan in plans.items():
@@ -91,7 +93,7 @@ def main() -> None:
             _reset_peak()
             rss0 = _rss_mb("VmRSS")
             t0 = time.perf_counter()
-            q = mpqkit.apply_plan(bundle, plan, "cifar10", ptq=ptq,
+            q = mpqkit.apply_plan(bundle, plan, args.data, ptq=ptq,
                                   recon_options={"iters": iters} if iters is not None else None)
             ptq_s = time.perf_counter() - t0
             peak = _rss_mb("VmHWM")
@@ -111,7 +113,10 @@ def main() -> None:
     extra = [measure(args.sweep_plan, p, args.iters) for p in ("adaround", "qdrop")]
 
     by = {(r["plan"], r["ptq"]): r for r in main_rows}
-    lines = [f"# MixQuant × PTQ on ResNet-20 / CIFAR-10 (A8, first/last 8/8; top-1 % on the 10k test split; "
+    setting = ("ResNet-20 / CIFAR-10" if (args.model, args.data) == ("resnet20", "cifar10")
+               else f"{args.model} / {args.data}")
+    n_test = "10k" if len(test) == 10_000 else f"{len(test):,}-image"
+    lines = [f"# MixQuant × PTQ on {setting} (A8, first/last 8/8; top-1 % on the {n_test} test split; "
              f"BRECQ {args.iters} iterations per block)", "",
              "| plan | avg w-bits | weight MB | w-bits per layer | minmax | mse | brecq |", "|---|---:|---:|---|---:|---:|---:|"]
     for n, plan in plans.items():

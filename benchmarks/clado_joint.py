@@ -31,17 +31,18 @@ NEAREST = QuantConfig(rounding="nearest")
 BITS = (2, 4, 8)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--calib-size", "--sens-samples", dest="sens_samples", type=int, default=1024)
     ap.add_argument("--budgets", default="2.5,3,3.5,4")
+    ap.add_argument("--data", default="cifar10")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out or f"benchmarks/results/clado_{args.model}")
     bundle = load_model(args.model)
     graph = discover(bundle.model, bundle.input_shape)
-    calib = calibration_set("cifar10", args.sens_samples, 0)
+    calib = calibration_set(args.data, args.sens_samples, 0)
     engine = ProbeEngine(bundle.model, graph, calib.images, calib.labels, progress=False, qconfig=NEAREST)  # search's cache context
     base = {f: (None, 8) for f in graph.names}
     ref = engine.run([{}], base=base, show=False)[0]
@@ -51,7 +52,7 @@ def main() -> None:
     rows = []
     for b in args.budgets.split(","):
         budget = f"avg-bits={b}"
-        res = {m: mpqkit.search(bundle, "cifar10", budget, m, w_candidates=BITS, calib_size=args.sens_samples,
+        res = {m: mpqkit.search(bundle, args.data, budget, m, w_candidates=BITS, calib_size=args.sens_samples,
                                 progress=False, qconfig=NEAREST) for m in ("clado", "clado-diag")}
         layers = res["clado"].ledger.searched
         g, _ = build_g(res["clado"].table, layers, list(BITS))

@@ -46,11 +46,12 @@ NEAREST = QuantConfig(rounding="nearest")
 BITS = (2, 4, 8)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--calib-size", "--sens-samples", dest="sens_samples", type=int, default=1024)
     ap.add_argument("--budgets", default="2.5,3,3.5,4")
+    ap.add_argument("--data", default="cifar10")
     ap.add_argument("--naive-sample", type=int, default=40)
     ap.add_argument("--naive-batch", type=int, default=256, help="batch size of the naive loop (a typical eval batch)")
     ap.add_argument("--time-limit", type=float, default=60.0)
@@ -61,11 +62,11 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None,
                     help="probe cache for the CLADO sensitivity (default: a fresh temporary directory, so the "
                          "timing is cold; pass ~/.cache/mpqkit to let `mpqkit bench` reuse the probes)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out or f"benchmarks/results/clado_{args.model}")
     bundle = load_model(args.model)
     graph = discover(bundle.model, bundle.input_shape)
-    test = load_split("cifar10", "test")
+    test = load_split(args.data, "test")
     budgets = [f"avg-bits={b}" for b in args.budgets.split(",")]
     common = dict(calib_size=args.sens_samples, progress=False, time_limit=args.time_limit)
     rows, iqp_rows = [], []
@@ -73,14 +74,14 @@ def main() -> None:
 
     # ---- CLADO sensitivity, cold ----
     t0 = time.perf_counter()
-    first = mpqkit.search(bundle, "cifar10", budgets[0], "clado", w_candidates=BITS,
+    first = mpqkit.search(bundle, args.data, budgets[0], "clado", w_candidates=BITS,
                           cache_dir=cache, **common, qconfig=NEAREST)
     sens_s = first.seconds["sensitivity"]
     print(json.dumps({"clado_sensitivity_s": sens_s, "pairs": len(first.table.pairs),
                       "singles": first.table.meta["singles_measured"], "engine": first.engine_stats}), flush=True)
 
     def record(method, budget, res):
-        top1 = None if args.skip_eval else 100 * evaluate_model(mpqkit.apply_plan(bundle, res.plan, "cifar10"),
+        top1 = None if args.skip_eval else 100 * evaluate_model(mpqkit.apply_plan(bundle, res.plan, args.data),
                                                                 test)["top1"]
         row = {"budget": budget, "method": method, "top1_test": top1,
                "avg_w_bits": res.plan.costs["avg_w_bits_searched"], "solver": res.solution.solver,
@@ -93,15 +94,15 @@ def main() -> None:
     ed_cache = tempfile.mkdtemp(prefix="ed-bench-")
     for budget in budgets:
         clado = first if budget == budgets[0] else mpqkit.search(
-            bundle, "cifar10", budget, "clado", w_candidates=BITS, cache_dir=cache, **common, qconfig=NEAREST)
+            bundle, args.data, budget, "clado", w_candidates=BITS, cache_dir=cache, **common, qconfig=NEAREST)
         record("clado", budget, clado)
-        diag = mpqkit.search(bundle, "cifar10", budget, "clado-diag", w_candidates=BITS,
+        diag = mpqkit.search(bundle, args.data, budget, "clado-diag", w_candidates=BITS,
                              cache_dir=cache, **common, qconfig=NEAREST)
         record("clado-diag", budget, diag)
-        ed = mpqkit.search(bundle, "cifar10", budget, "eval-delta", w_candidates=BITS,
+        ed = mpqkit.search(bundle, args.data, budget, "eval-delta", w_candidates=BITS,
                            cache_dir=ed_cache, **common, qconfig=NEAREST)
         record("eval-delta (ILP)", budget, ed)
-        uni = mpqkit.search(bundle, "cifar10", budget, "uniform", **common, qconfig=NEAREST)
+        uni = mpqkit.search(bundle, args.data, budget, "uniform", **common, qconfig=NEAREST)
         record("uniform", budget, uni)
         # IQP quality on the measured G: CLADO's plan vs the diagonal-only plan and uniform W2/W4
         g, lin, _ = quadratic_objective(clado.table, _problem(clado))
@@ -121,7 +122,7 @@ def main() -> None:
         print(json.dumps(iqp_rows[-1]), flush=True)
 
     # ---- cost: naive loop on a sample, FLOP floor ----
-    calib = calibration_set("cifar10", args.sens_samples, 0)
+    calib = calibration_set(args.data, args.sens_samples, 0)
     layers = first.ledger.searched
     act = {f: (None, 8) for f in graph.names}
     probes = [{f: (b, 8)} for f in layers for b in BITS] + [
@@ -163,9 +164,12 @@ def main() -> None:
             "stat_chunks_of_128": first.table.meta["stat_chunks"], "engine_batch_size": cost_batch, "naive_batch_size": args.naive_batch}
     print(json.dumps(cost), flush=True)
 
-    lines = [f"# CLADO on {args.model} / CIFAR-10 (W{{2,4,8}}, A8; first/last 8/8)", "",
-             f"Produced by `.venv/bin/python benchmarks/clado_resnet20.py {' '.join(sys.argv[1:])}`".rstrip() +
-             f"; top-1 on the 10k test split; torch threads: {torch.get_num_threads()}.", "",
+    data_name = "CIFAR-10" if args.data == "cifar10" else args.data
+    n_test = "10k" if len(test) == 10_000 else f"{len(test):,}-image"
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"# CLADO on {args.model} / {data_name} (W{{2,4,8}}, A8; first/last 8/8)", "",
+             f"Produced by `.venv/bin/python benchmarks/clado_resnet20.py {cmd}`".rstrip() +
+             f"; top-1 on the {n_test} test split; torch threads: {torch.get_num_threads()}.", "",
              "| budget | method | top-1 % | avg w-bits | solver | status | solve s | w-bits per layer |",
              "|---|---|---:|---:|---|---|---:|---|"]
     lines += [f"| {r['budget']} | {r['method']} | {'-' if r['top1_test'] is None else format(r['top1_test'], '.2f')} | {r['avg_w_bits']:.3f} | {r['solver']} | "

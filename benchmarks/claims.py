@@ -63,14 +63,14 @@ def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str, 
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--claim", action="append", required=True,
                     help="text;dir_a;method_a[@ptq];dir_b;method_b[@ptq][;budget,budget] (A beats B; only at the "
                          "budgets listed, e.g. the integer ones where a mixed plan and uniform have equal size)")
     ap.add_argument("--out", required=True, help="markdown file to write (e.g. DIR/paired_claims.md)")
     ap.add_argument("--title", default="The seed methods' claims, paired over calibration draws")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     lines = [f"### {args.title} (top-1 test)", "",
              "A claim \"A > B\" holds where the 95 % t interval of A − B over paired draws (same calibration seed) "
              "lies above 0, is reversed where it lies below 0, and is not settled otherwise.", "",

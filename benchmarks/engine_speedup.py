@@ -29,16 +29,17 @@ from mpqkit.quant.config import QuantConfig
 NEAREST = QuantConfig(rounding="nearest")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--bits", default="2,4")
     ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--data", default="cifar10")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the engine's automatic size")
     ap.add_argument("--out", default="benchmarks/results/engine_speedup.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     bundle = load_model(args.model)
-    calib = calibration_set("cifar10", args.calib, 0)
+    calib = calibration_set(args.data, args.calib, 0)
     graph = discover(bundle.model, bundle.input_shape)
     layers = [l.fqn for l in graph.layers]
     probes = [{f: (int(b), None)} for f in layers for b in args.bits.split(",")]

@@ -28,18 +28,20 @@ from mpqkit.quant.config import QuantConfig
 NEAREST = QuantConfig(rounding="nearest")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/export_resnet20")
-    args = ap.parse_args()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default="cifar10")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     tmp = Path(tempfile.mkdtemp(prefix="export-bench-"))
-    bundle = load_model("resnet20")
-    test = load_split("cifar10", "test")
+    bundle = load_model(args.model)
+    test = load_split(args.data, "test")
     rows = []
     for bits in (4, 3):
-        plan = mpqkit.search(bundle, "cifar10", f"avg-bits={bits}", "eval-delta", progress=False, qconfig=NEAREST).plan
-        q = mpqkit.apply_plan(bundle, plan, "cifar10")
+        plan = mpqkit.search(bundle, args.data, f"avg-bits={bits}", "eval-delta", progress=False, qconfig=NEAREST).plan
+        q = mpqkit.apply_plan(bundle, plan, args.data)
         onnx_rep = export_onnx(q, plan, bundle.input_shape, tmp / f"r20_{bits}.onnx")
         onnx_chk = check_onnx(onnx_rep.path, q, test)
         row = {"plan": f"eval-delta avg-bits={bits}", "top1_torch": 100 * onnx_chk["top1_torch"],
@@ -66,7 +68,9 @@ def main() -> None:
             "max_abs_logit_diff": chk["max_abs_logit_diff"]}
     print(json.dumps({"mobilenet_v2": mbv2}), flush=True)
 
-    lines = ["# Export of ResNet-20 plans (10k test split) and a MobileNetV2 structural check", "",
+    name = "ResNet-20" if args.model == "resnet20" else args.model
+    n_test = "10k" if len(test) == 10_000 else f"{len(test):,}-image"
+    lines = [f"# Export of {name} plans ({n_test} test split) and a MobileNetV2 structural check", "",
              "Produced by `.venv/bin/python benchmarks/export_resnet20.py`.", "",
              "| plan | top-1 PyTorch | top-1 ONNX | ONNX max logit diff | ONNX bytes | ledger bytes | packed (BN folded) "
              "bytes | gap % | top-1 | packed (exact) bytes | gap % | max logit diff |",

@@ -35,14 +35,18 @@ VARIANTS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--calib-size", type=int, default=1024)
-    args = ap.parse_args()
+    ap.add_argument("--data", default=None,
+                    help="default: imagenet-subset for mobilenetv2 and efficientnet-lite0, else cifar10")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/gptq_grid_<model>")
+    args = ap.parse_args(argv)
     bundle = load_model(args.model)
-    data = {"mobilenetv2": "imagenet-subset", "efficientnet-lite0": "imagenet-subset"}.get(args.model, "cifar10")
+    data = args.data or {"mobilenetv2": "imagenet-subset", "efficientnet-lite0": "imagenet-subset"}.get(
+        args.model, "cifar10")
     calib = calibration_set(data, args.calib_size, 0)
     test = load_split(data, "test")
     nearest = QuantConfig(rounding="nearest")
@@ -68,7 +72,7 @@ def main() -> None:
              f"{args.calib_size} images; top-1 on the {len(test)}-image test split)", "",
              "| plan | weights | top-1 % | quantize s |", "|---|---|---:|---:|"]
     lines += [f"| {p} | {n} | {t:.2f} | {s:.1f} |" for p, n, t, s in rows]
-    out = Path("benchmarks/results") / f"gptq_grid_{args.model}"
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"gptq_grid_{args.model}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

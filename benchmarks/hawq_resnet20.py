@@ -21,15 +21,17 @@ from mpqkit.quant.config import QuantConfig
 NEAREST = QuantConfig(rounding="nearest")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/hawq_resnet20")
     ap.add_argument("--budget", default="avg-bits=3")
-    args = ap.parse_args()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default="cifar10")
+    args = ap.parse_args(argv)
     runs = []
     for seed in (0, 1):
         t0 = time.perf_counter()
-        res = mpqkit.search("resnet20", "cifar10", args.budget, "hawq", seed=seed, progress=False, qconfig=NEAREST)
+        res = mpqkit.search(args.model, args.data, args.budget, "hawq", seed=seed, progress=False, qconfig=NEAREST)
         runs.append((res, time.perf_counter() - t0))
     (a, ta), (b, tb) = runs
     ma, mb = a.table.meta, b.table.meta
@@ -49,7 +51,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "traces.json", json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
-    lines = ["# HAWQ Hessian traces on ResNet-20, two seeds (256 calibration images, per-layer Hutchinson, tol 1e-2)",
+    name = "ResNet-20" if args.model == "resnet20" else args.model
+    lines = [f"# HAWQ Hessian traces on {name}, two seeds (256 calibration images, per-layer Hutchinson, tol 1e-2)",
              "", f"{note}; median relative spread {summary['median_rel_spread']:.3f}, max {summary['max_rel_spread']:.3f}; "
              f"search wall time {ta:.0f} s / {tb:.0f} s; plans at {args.budget} identical: {summary['same_plan']}", "",
              "| layer | trace seed 0 | trace seed 1 | rel. spread | iters |", "|---|---:|---:|---:|---:|"]

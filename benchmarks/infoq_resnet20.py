@@ -38,29 +38,36 @@ WA_BUDGETS = ["bitops=1.0G", "bitops=0.75G"]
 METHODS = ["infoq", "eval-delta", "uniform"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/infoq_resnet20")
     ap.add_argument("--projections", type=int, default=128)
-    args = ap.parse_args()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default="cifar10")
+    ap.add_argument("--w-budgets", default=",".join(W_BUDGETS), help="budgets with weights searched (A8)")
+    ap.add_argument("--wa-budgets", default=",".join(WA_BUDGETS), help="budgets with W and A searched jointly")
+    args = ap.parse_args(argv)
     out = Path(args.out)
-    bundle = load_model("resnet20")
-    test = load_split("cifar10", "test")
+    bundle = load_model(args.model)
+    test = load_split(args.data, "test")
     opts = {"projections": args.projections}
     rows, tables = [], {}
 
     # ---- 1. accuracy at equal budgets ----
-    for mode, budgets in (("w", W_BUDGETS), ("wa", WA_BUDGETS)):
+    for mode, budgets in (("w", args.w_budgets.split(",")), ("wa", args.wa_budgets.split(","))):
         for method in METHODS:
             with tempfile.TemporaryDirectory() as cache:  # cold cache per (mode, method); later budgets reuse it
                 for budget in budgets:
                     t0 = time.perf_counter()
-                    r = mpqkit.search(bundle, "cifar10", budget, method, search=mode, progress=False,
-                                      cache_dir=cache, options=opts, qconfig=NEAREST)
+                    # prune=False: eval-delta measures every candidate (part 2 ranks its whole table; pruning, on
+                    # by default since this script was written, gives the same plan from fewer probes)
+                    r = mpqkit.search(bundle, args.data, budget, method, search=mode, progress=False,
+                                      cache_dir=cache, options=opts if method == "infoq" else None,
+                                      qconfig=NEAREST, prune=False)
                     secs = time.perf_counter() - t0
                     if mode == "w" and method != "uniform" and budget == budgets[0]:
                         tables[method] = r.table
-                    top1 = evaluate_model(mpqkit.apply_plan(bundle, r.plan, "cifar10"), test)["top1"]
+                    top1 = evaluate_model(mpqkit.apply_plan(bundle, r.plan, args.data), test)["top1"]
                     c = r.plan.costs
                     row = {"search": mode, "budget": budget, "method": method, "top1_test": 100 * top1,
                            "avg_w_bits": c["avg_w_bits_searched"], "gbitops": c["bitops"] / 1e9,
@@ -84,7 +91,7 @@ def main() -> None:
             if (target, obs) == ("labels", "all"):
                 t = tables["infoq"]
             else:
-                t = mpqkit.search(bundle, "cifar10", "avg-bits=3", "infoq", progress=False,
+                t = mpqkit.search(bundle, args.data, "avg-bits=3", "infoq", progress=False,
                                   options={**opts, "target": target, "observers": obs}, qconfig=NEAREST).table
             variants[f"infoq target={target} observers={obs}"] = t
     variants["eval-delta ΔL (calibration set)"] = tables["eval-delta"]
@@ -99,13 +106,14 @@ def main() -> None:
         print(json.dumps(proxy[-1]), flush=True)
 
     # ---- 3. cost of a cold InfoQ search ----
-    calib = calibration_set("cifar10", 1024, 0)
+    calib = calibration_set(args.data, 1024, 0)
     fwd = ProbeEngine(bundle.model, graph, calib.images, calib.labels, use_cache=False, progress=False, qconfig=NEAREST)
     t0 = time.perf_counter()
     fwd.run([{"conv1": (8, None)}], show=False)  # one full forward of the sensitivity set (starts at layer 0)
     forward_s = time.perf_counter() - t0
     cmd = ("import resource, sys, time, mpqkit.cli as c; t = time.perf_counter(); "
-           "rc = c.main(['search', '--model', 'resnet20', '--method', 'infoq', '--budget', 'avg-bits=3', "
+           f"rc = c.main(['search', '--model', '{args.model}', '--data', '{args.data}', '--method', 'infoq', "
+           "'--budget', 'avg-bits=3', "
            f"'--no-cache', '-q', '--projections', '{args.projections}']); "
            "print('WALL', time.perf_counter() - t); "
            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
@@ -118,8 +126,11 @@ def main() -> None:
             "truth_probe_s": truth_s}
     print(json.dumps(cost), flush=True)
 
-    lines = ["# InfoQ on ResNet-20 / CIFAR-10", "",
-             "Produced by `.venv/bin/python benchmarks/infoq_resnet20.py`; first/last layer 8/8; top-1 on the 10k test "
+    setting = ("ResNet-20 / CIFAR-10" if (args.model, args.data) == ("resnet20", "cifar10")
+               else f"{args.model} / {args.data}")
+    n_test = "10k" if len(test) == 10_000 else f"{len(test):,}-image"
+    lines = [f"# InfoQ on {setting}", "",
+             f"Produced by `.venv/bin/python benchmarks/infoq_resnet20.py`; first/last layer 8/8; top-1 on the {n_test} test "
              f"split; {args.projections} projections, k-NN MI (labels) / binned MI (input).", "",
              "## Top-1 at equal budgets", "",
              "| search | budget | method | top-1 % | avg w-bits | GBitOps | search s | bits (w/a per layer) |",
@@ -127,8 +138,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['search']} | {r['budget']} | {r['method']} | {r['top1_test']:.2f} | {r['avg_w_bits']:.3f} | "
                      f"{r['gbitops']:.4f} | {r['search_s']:.1f} | {r['bits']} |")
-    lines += ["", "## Proxy quality: Spearman ρ vs measured single-layer top-1 drop (test split, 18 layers × 6 bits)",
-              "", "| score | ρ (all 108) | ρ (without 8-bit) |", "|---|---:|---:|"]
+    lines += ["", "## Proxy quality: Spearman ρ vs measured single-layer top-1 drop (test split, "
+              f"{len(searched)} layers × {len(bits)} bits)", "", f"| score | ρ (all {len(keys)}) | ρ (without 8-bit) |",
+              "|---|---:|---:|"]
     lines += [f"| {p['score']} | {p['spearman']:.3f} | {p['spearman_without_8bit']:.3f} |" for p in proxy]
     lines += ["", "## Cost", "", "| quantity | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in cost.items()]

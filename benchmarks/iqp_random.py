@@ -44,13 +44,13 @@ def instance(n_layers: int, seed: int):
     return prob, g, lin, diag
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="20,50,200")
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--heuristic-s", type=float, default=10.0)
     ap.add_argument("--out", default="benchmarks/results/iqp_random")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         prob, g, lin, diag = instance(n, seed=n)

@@ -38,14 +38,14 @@ def load_table(path: Path) -> SensitivityTable:
     return SensitivityTable(w=w, pairs=pairs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", default="benchmarks/results/bench_resnet56_clado/plans/clado/avg-bits=3/sensitivity.json")
     ap.add_argument("--model", default="resnet56-orig")
     ap.add_argument("--budgets", default="2.5,3,3.5,4")
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--out", default="benchmarks/results/iqp_resnet56")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     table = load_table(Path(args.table))
     bundle = load_model(args.model)
     graph = discover(bundle.model, bundle.input_shape)

@@ -29,7 +29,7 @@ def _agreement(rows) -> str:
     return "" if a is None else f"{a:.2f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="bench directory of the reference runs")
     ap.add_argument("--other", required=True, help="bench directory of the changed runs (same seeds)")
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--base-label", default="base")
     ap.add_argument("--other-label", default="other")
     ap.add_argument("--title", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     base, other = (draw_groups(load_rows(Path(d) / "rows.jsonl")) for d in (args.base, args.other))
     bl, ol = args.base_label, args.other_label
     title = args.title or f"{ol} vs {bl}"

@@ -26,20 +26,22 @@ from mpqkit.quant.config import QuantConfig
 NEAREST = QuantConfig(rounding="nearest")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--budgets", default="3,4")
     ap.add_argument("--ranges", default="step", choices=("step", "epoch"))
     ap.add_argument("--out", default="benchmarks/results/smpq_resnet20")
-    args = ap.parse_args()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default="cifar10")
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = SupernetConfig.preset(args.preset, ranges=args.ranges)
     base = {"preset": args.preset, "ranges": args.ranges}
     rows = []
     t0 = time.perf_counter()
-    first = mpqkit.search("resnet20", "cifar10", f"avg-bits={args.budgets.split(',')[0]}", "smpq",
+    first = mpqkit.search(args.model, args.data, f"avg-bits={args.budgets.split(',')[0]}", "smpq",
                           options=base, progress=False, qconfig=NEAREST)
     supernet_s = time.perf_counter() - t0
     hist = first.table.meta["history"]
@@ -49,16 +51,19 @@ def main() -> None:
         for m in ("smpq", "dmpq"):
             runs += [(f"{m} (argmax)", m, base), (f"{m} (ilp, fills budget)", m, {**base, "select": "ilp"})]
         for label, method, opts in runs:
-            res = mpqkit.search("resnet20", "cifar10", budget, method, options=opts, progress=False, qconfig=NEAREST)
-            ev = mpqkit.evaluate("resnet20", "cifar10", "test", res.plan)
+            res = mpqkit.search(args.model, args.data, budget, method, options=opts, progress=False, qconfig=NEAREST)
+            ev = mpqkit.evaluate(args.model, args.data, "test", res.plan)
             row = {"budget": budget, "plan": label, "avg_w_bits": res.plan.costs["avg_w_bits_searched"],
                    "top1_test": 100 * ev["top1"], "solver": f"{res.solution.solver}: {res.solution.status}",
                    "bits": [lq.w_bits for lq in res.plan.layers.values()]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     val_curve = ", ".join(f"{100 * h['val_top1']:.1f}" for h in hist)
-    lines = ["# SMPQ vs DMPQ on ResNet-20 / CIFAR-10 (W searched in {2,3,4,5,6,8}, A8, first/last 8/8; top-1 % "
-             "on the 10k test split)", "",
+    setting = ("ResNet-20 / CIFAR-10" if (args.model, args.data) == ("resnet20", "cifar10")
+               else f"{args.model} / {args.data}")
+    n_test = "10k" if ev["n"] == 10_000 else f"{ev['n']:,}-image"
+    lines = [f"# SMPQ vs DMPQ on {setting} (W searched in {{2,3,4,5,6,8}}, A8, first/last 8/8; top-1 % "
+             f"on the {n_test} test split)", "",
              f"Supernet (preset `{args.preset}`, one run for every row): {first.table.meta['train_images']} train "
              f"images (half weights, half α), {cfg.epochs} epochs ({cfg.warmup} warm-up), batch {cfg.batch_size}, "
              f"λ {cfg.lam}, {cfg.permutations} Shapley permutations per epoch on {cfg.val_size} images, "
