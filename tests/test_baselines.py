@@ -54,7 +54,7 @@ def test_hutchinson_in_smaller_chunks_for_large_inputs_gives_the_same_traces(mon
     """The Hessian-vector chunk shrinks with the input size (memory), never the result."""
     from mpqkit.sensitivity import hessian
 
-    assert hessian.hvp_chunk(torch.zeros(4, 3, 224, 224)) == 32 and hessian.hvp_chunk(torch.zeros(4, 3, 32, 32)) == 128
+    assert hessian.hvp_chunk(torch.zeros(4, 3, 224, 224)) == 8 and hessian.hvp_chunk(torch.zeros(4, 3, 32, 32)) == 128
     model = make_tiny()
     data = tiny_data(model, n=96)
     ctx = _ctx(model, data, ["conv3", "fc"])
@@ -63,6 +63,37 @@ def test_hutchinson_in_smaller_chunks_for_large_inputs_gives_the_same_traces(mon
     assert hessian.hvp_chunk(data.images) == 24
     four, _ = hutchinson_traces(ctx, n_samples=96, max_iter=20, tol=1e-3, seed=0)
     assert four == pytest.approx(one, rel=1e-4)
+
+
+def test_fisher_traces_are_the_mean_squared_per_sample_gradient_and_auto_takes_them_for_depthwise_nets():
+    """hawq --hawq-curvature fisher: Tr(F) = mean_n ||grad_W l_n||^2 exactly (a loop over the images here);
+    the default (auto) measures it on a model with a depthwise convolution and Hessian traces otherwise,
+    and the table says which."""
+    from mpqkit.sensitivity.hessian import fisher_traces
+
+    model = make_tiny()
+    data = tiny_data(model, n=48)
+    ctx = _ctx(model, data, ["conv3", "fc"])
+    got = fisher_traces(ctx, 32)
+    for f in ("conv3", "fc"):
+        w = model.get_submodule(f).weight
+        w.requires_grad_(True)
+        try:
+            want = sum(float(torch.autograd.grad(F.cross_entropy(model(data.images[i:i + 1]), data.labels[i:i + 1]),
+                                                 w)[0].pow(2).sum()) for i in range(32)) / 32
+        finally:
+            w.requires_grad_(False)
+        assert got[f] == pytest.approx(want, rel=1e-5)
+    torch.manual_seed(0)
+    dw = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                       nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    kw = dict(input_shape=(3, 8, 8), w_candidates=(2, 4, 8), calib_size=48, progress=False, use_cache=False)
+    for net, expected in ((dw, "fisher"), (make_tiny(), "hessian")):
+        res = mpqkit.search(net, tiny_data(net, n=48), "avg-bits=4", "hawq", **kw)
+        assert res.table.meta["curvature"] == expected
+        assert ("Fisher" in res.table.meta["score"]) == (expected == "fisher")
+    forced = mpqkit.search(dw, tiny_data(dw, n=48), "avg-bits=4", "hawq", options={"curvature": "hessian"}, **kw)
+    assert forced.table.meta["curvature"] == "hessian" and "hutchinson" in forced.table.meta
 
 
 class _NoSecondDerivative(torch.autograd.Function):

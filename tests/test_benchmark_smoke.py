@@ -392,3 +392,12 @@ def test_export_resnet20_exports_onnx_and_packed_files_that_match_the_model(tmp_
     text = (out / "table.md").read_text()
     assert text.startswith("# Export of digits-cnn plans (500-image test split)") and len(_table_rows(text)) == 2
     assert sys.modules.get("onnxruntime") is not None  # the ONNX files were run, not only written
+
+
+def test_hawq_hvp_cost_times_both_passes(tmp_path):
+    mod = _script("hawq_hvp_cost")
+    rec = mod.main(["--model", "digits-cnn", "--images", "4", "--repeats", "1", "--out", str(tmp_path / "c.json")])
+    assert rec["layers"] >= 2 and not rec["grouped_conv"]
+    assert rec["hutchinson_step_s"][0] > 0 and rec["forward_backward_s"][0] > 0
+    assert rec["median_ratio"] == rec["hutchinson_step_s"][0] / rec["forward_backward_s"][0]
+    assert (tmp_path / "c.json").exists()

@@ -4,7 +4,11 @@ Tr(H_ℓ) = E_v[v_ℓᵀ H_ℓℓ v_ℓ] with Rademacher v_ℓ, one product per 
 layers is cheaper but its cross-layer terms swamp small traces). Each layer stops once its running mean changed by less than ``tol``
 (relative) for ``patience`` iterations in a row, all at ``max_iter``. Layers whose double backward fails (an op without a second derivative on the
 path) get a warning and fall back to the empirical Fisher trace E_n‖∇_W ℓ_n‖² (Gauss–Newton-like).
-Options: ``hawq_samples`` (default 256 calibration images), ``max_iter`` (200), ``tol`` (1e-2).
+``curvature="fisher"`` measures the empirical Fisher trace E_n‖∇_W ℓ_n‖² for every layer instead (one
+backward per image, no double backward); ``"auto"`` (default) does so on models with grouped or depthwise
+convolutions, whose double backward is far slower on a CPU (docs/METHODS.md), and the table's
+``meta["curvature"]`` says which was measured.
+Options: ``hawq_samples`` (default 256 calibration images), ``max_iter`` (200), ``tol`` (1e-2), ``curvature``.
 The traces are kept in the probe cache (``ProbeEngine.memo``), so a second search on the same draw
 reads them.
 """
@@ -14,7 +18,7 @@ import logging
 import time
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dataclasses import dataclass
 
@@ -33,6 +37,11 @@ class HawqOptions(MethodOptions):
     max_iter: int = option(200, flag="--hawq-iters", help="hawq: maximum Hutchinson iterations (default 200)")
     tol: float = option(1e-2, flag="--hawq-tol", help="hawq: stop a layer once its running mean changes by "
                         "less than this, relative (default 1e-2)")
+    curvature: str = option("auto", flag="--hawq-curvature", choices=("auto", "hessian", "fisher"),
+                            help="hawq: Hutchinson Hessian traces (hessian), the empirical Fisher trace "
+                                 "E_n||grad l_n||^2 from per-sample gradients (fisher: one backward per image, no "
+                                 "double backward), or auto (default): fisher for models with grouped or depthwise "
+                                 "convolutions, whose double backward is far slower on a CPU, else hessian")
 
     def __post_init__(self) -> None:
         for name in ("hawq_samples", "max_iter", "tol"):
@@ -56,15 +65,28 @@ def _hv(model, params, names, chunks, n, vs):
 
 
 def _fisher_traces(model, params, names, ctx, n_samples: int) -> dict[str, float]:
-    """Empirical Fisher trace E_n ‖∇_W ℓ_n‖² (per-sample gradients, a loop: fallback path only)."""
+    """Empirical Fisher trace E_n ‖∇_W ℓ_n‖² over the first ``n_samples`` calibration images (per-sample
+    gradients, one backward per image): the Gauss–Newton-like stand-in for Tr(H) (at a well-fit model
+    E[H] ≈ F, on the same scale as the Hessian of the mean loss)."""
     acc = {f: 0.0 for f in names}
     n = 0
-    for x, y in calib_chunks(ctx, min(n_samples, 64), chunk=1):
+    for x, y in calib_chunks(ctx, n_samples, chunk=1):
         grads = torch.autograd.grad(loss_sum(model, x, y), [params[f] for f in names])
         for f, g in zip(names, grads):
             acc[f] += float(g.pow(2).sum())
         n += 1
     return {f: v / max(n, 1) for f, v in acc.items()}
+
+
+def has_grouped_conv(model: nn.Module) -> bool:
+    """Whether the model has a grouped (e.g. depthwise) convolution."""
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
+def fisher_traces(ctx: SearchContext, n_samples: int) -> dict[str, float]:
+    """Per searched layer, the empirical Fisher trace on the first ``n_samples`` calibration images."""
+    model, params = grad_model(ctx)
+    return _fisher_traces(model, params, list(params), ctx, min(n_samples, len(ctx.calib_images)))
 
 
 HVP_CHUNK_ELEMENTS = 8 * 3 * 224 * 224  # input elements per Hessian-vector chunk (8 ImageNet images)
@@ -122,28 +144,46 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
         history.append(change)
     traces = dict(means)
     if failed:
-        traces.update(_fisher_traces(model, params, failed, ctx, n))
+        traces.update(_fisher_traces(model, params, failed, ctx, min(n, 64)))
     info = {"iterations": it, "iterations_per_layer": iters, "converged": not active, "last_rel_change": history[-1] if history else None,
             "samples": n, "tol": tol, "max_iter": max_iter, "seconds": time.perf_counter() - t0,
             "fisher_fallback": failed}
     return traces, info
 
 
-@METHODS.register("hawq", "Hutchinson Hessian trace × ‖Ŵ−W‖² per (layer, bits) + ILP (HAWQ-V2/V3)", options=HawqOptions,
-                  memory=lambda ctx: grad_pass_mb(ctx.graph, hvp_chunk(ctx.calib_images)))
+def _curvature(ctx: SearchContext) -> str:
+    """The curvature hawq measures: the option, or for "auto" fisher on models with grouped convolutions."""
+    chosen = getattr(ctx.options, "curvature", "auto")
+    return chosen if chosen != "auto" else ("fisher" if has_grouped_conv(ctx.model) else "hessian")
+
+
+def hawq_memory(ctx: SearchContext) -> float:
+    """MB hawq holds beside the probe engine (``Method.memory``): the graph of one Hessian-vector chunk,
+    or of one image for Fisher traces."""
+    return grad_pass_mb(ctx.graph, 1 if _curvature(ctx) == "fisher" else hvp_chunk(ctx.calib_images))
+
+
+@METHODS.register("hawq", "Hutchinson Hessian trace (or empirical Fisher) × ‖Ŵ−W‖² per (layer, bits) + ILP "
+                  "(HAWQ-V2/V3)", options=HawqOptions, memory=hawq_memory)
 def hawq(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "hawq")
     o: HawqOptions = ctx.options  # type: ignore[assignment]
 
+    curvature = _curvature(ctx)
+
     def measure() -> dict:
+        if curvature == "fisher":
+            with stage("gradients (Fisher traces)"):
+                return {"traces": fisher_traces(ctx, o.hawq_samples), "info": {"curvature": "fisher"}}
         with stage("gradients (Hessian traces)"):
             t, i = hutchinson_traces(ctx, o.hawq_samples, o.max_iter, o.tol, seed=ctx.seed)
-        return {"traces": t, "info": i}
+        return {"traces": t, "info": {"curvature": "hessian", **i}}
 
     # cached with the probes (same model, draw and quantizer): auto and a rerun read it instead of
     # spending the ~3 minutes of Hessian products again (ResNet-20, 2 cores)
-    memo = ctx.engine.memo({"method": "hawq", "samples": o.hawq_samples, "max_iter": o.max_iter, "tol": o.tol,
-                            "patience": 3, "min_iter": 10}, measure)
+    spec = {"method": "hawq", "samples": o.hawq_samples, "max_iter": o.max_iter, "tol": o.tol, "patience": 3,
+            "min_iter": 10} if curvature == "hessian" else {"method": "hawq-fisher", "samples": o.hawq_samples}
+    memo = ctx.engine.memo(spec, measure)
     traces, info = memo["traces"], memo["info"]
     deltas = weight_deltas(ctx)
     w = {}
@@ -151,4 +191,6 @@ def hawq(ctx: SearchContext) -> SensitivityTable:
         numel = ctx.model.get_submodule(f).weight.numel()
         # a negative trace (non-convex spot) would reward quantization noise: count it as flat
         w[f] = {b: max(traces[f], 0.0) / numel * float(d.pow(2).sum()) for b, d in deltas[f].items()}
-    return SensitivityTable(w=w, meta={"score": "Tr(H)/n · ||dW||^2", "traces": traces, "hutchinson": info})
+    score = "Tr(H)/n · ||dW||^2" if curvature == "hessian" else "Tr(F)/n · ||dW||^2 (empirical Fisher)"
+    return SensitivityTable(w=w, meta={"score": score, "curvature": curvature, "traces": traces,
+                                       ("hutchinson" if curvature == "hessian" else "fisher"): info})
