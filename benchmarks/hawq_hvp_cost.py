@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     chunks = list(calib_chunks(ctx, args.images, chunk=args.images))
     vs = {f: (torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for f, p in params.items()}
     grad_s, hv_s = [], []
+    torch.autograd.grad(loss_sum(model, x, y), [params[f] for f in names])  # warm-up (allocator, kernels): untimed
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         torch.autograd.grad(loss_sum(model, x, y), [params[f] for f in names])
