@@ -164,6 +164,9 @@ $M bench -q --model resnet20 --methods auto --budgets "avg-bits=3" \
     --ptq nearest,gptq+bc,gptq-seq,cle+gptq --splits test --draws 3 --out $R/draws_resnet20_gptq
 $M bench -q --model resnet20 --methods uniform --budgets "avg-bits=3" \
     --ptq nearest --splits test --draws 3 --out $R/draws_resnet20_gptq
+# the same auto plans at avg-bits 2.5 / 4 under nearest rounding, GPTQ+BC and BRECQ-500 (draw 0 only so far)
+$M bench -q --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=4" \
+    --ptq nearest,gptq+bc,brecq --splits test --draws 1 --out $R/draws_resnet20_gptq
 # issue 28: eval-delta's pruned measurement replayed on full tables (probes needed, same plan?); tables measured
 # with pruning are skipped: their rows above are the same plans, so rerun that bench with --no-prune for full ones
 PYTHONPATH=src .venv/bin/python benchmarks/prune_replay.py --dir $R/draws_resnet20_gptq
@@ -242,9 +245,18 @@ eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/
     --claim "auto without greedy > auto with its default candidates;$R/cost_resnet20_nogreedy;auto;$R/cost_resnet20;auto"
 eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_mobilenetv2
+# issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 900 s)
+eval $C --model mobilenetv2 --methods mpqco,eval-delta,infoq,hawq --budgets avg-bits=4 --calib-size 128 --draws 1 \
+    --timeout 900 --out $R/memory_mobilenetv2 -- --max-memory 4000
+# where the plan's PTQ spends its memory: the activation-range calibration pass, as is / observers fed in slices / none
+PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
+    --out $R/memory_mobilenetv2/calib_memory.jsonl
+# what HAWQ's Hessian-vector products cost against a forward + backward (why hawq measures Fisher traces there)
+PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 --images 8 --repeats 1 \
+    --out $R/hawq_mobilenetv2/hvp_cost.json
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/cost_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
+    $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
     $R/draws_resnet20_mixquant_relative $R/draws_resnet20_mixquant_weighted \

@@ -401,3 +401,12 @@ def test_hawq_hvp_cost_times_both_passes(tmp_path):
     assert rec["hutchinson_step_s"][0] > 0 and rec["forward_backward_s"][0] > 0
     assert rec["median_ratio"] == rec["hutchinson_step_s"][0] / rec["forward_backward_s"][0]
     assert (tmp_path / "c.json").exists()
+
+
+def test_calib_memory_measures_each_mode_in_its_own_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    mod = _script("calib_memory")
+    recs = mod.main(["--model", "digits-cnn", "--data", "digits", "--calib-size", "64", "--out", str(tmp_path / "m.jsonl")])
+    assert [r["mode"] for r in recs] == ["asis", "pieces", "noobs"]
+    assert all(r["peak_mb"] >= r["before_mb"] > 50 and r["seconds"] >= 0 for r in recs)
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3

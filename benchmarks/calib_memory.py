@@ -1,0 +1,81 @@
+"""Peak resident memory of the activation calibration pass (``quant.calibration.calibrate``), as is and
+with the observers fed in pieces, to locate where a plan's PTQ spends its memory.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset \
+        --calib-size 128 [--out benchmarks/results/memory_mobilenetv2/calib_memory.jsonl]
+
+Each mode runs in its own process (a peak is per process): ``asis`` calibrates as mpqkit does;
+``pieces`` feeds each observer update in slices of 4 × its sample size (a diagnostic: the sampled values
+differ); ``noobs`` skips the observers (the forward pass alone). One JSON line per mode: resident MB
+before, peak MB, seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("asis", "pieces", "noobs")
+
+
+def measure(model: str, data: str, calib_size: int, mode: str) -> dict:
+    """Calibrate in this process under ``mode``; its record."""
+    from mpqkit.graph import discover
+    from mpqkit.loading import calibration_set, load_model
+    from mpqkit.quant import calibration, observers
+    from mpqkit.settings import RunSettings
+
+    bundle = load_model(model, RunSettings())
+    graph = discover(bundle.model, bundle.input_shape)
+    calib = calibration_set(data, calib_size, 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if mode == "pieces":
+        whole = observers.ActivationObserver.update
+
+        def update(self, x):
+            v = x.detach().reshape(-1)
+            for i in range(0, v.numel(), 4 * self.max_samples):
+                whole(self, v[i:i + 4 * self.max_samples])
+
+        observers.ActivationObserver.update = update
+    elif mode == "noobs":
+        observers.ActivationObserver.update = lambda self, x: None
+    t0 = time.perf_counter()
+    calibration.calibrate(bundle.model.eval(), graph.names, calib.images)
+    return {"model": model, "data": data, "calib_size": calib_size, "mode": mode, "before_mb": round(before),
+            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mobilenetv2")
+    ap.add_argument("--data", default="imagenet-subset")
+    ap.add_argument("--calib-size", type=int, default=128)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.model, args.data, args.calib_size, args.one)), flush=True)
+        return []
+    recs = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--model", args.model, "--data", args.data, "--calib-size",
+               str(args.calib_size), "--one", mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ).stdout
+        recs.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(recs[-1]), flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+if __name__ == "__main__":
+    main()
