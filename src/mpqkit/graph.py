@@ -77,6 +77,11 @@ class ModelGraph:
         return sum(layer.weight_numel for layer in self.layers)
 
     @property
+    def widest_in_numel(self) -> int:
+        """Elements of the largest quantizable layer's input, per sample (1 with no layer)."""
+        return max((layer.in_numel for layer in self.layers), default=1)
+
+    @property
     def other_params(self) -> int:
         """Parameters that stay fp32 (biases, norms, embeddings): 32 bits each in the ledger."""
         return self.total_params - self.quantizable_weight_numel

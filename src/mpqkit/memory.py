@@ -14,8 +14,9 @@ The estimate is a sum of named parts (MB), each from sizes known before the sear
 The probe working set and the method's own pass are not live at the same time (a method runs its
 gradient pass and its probes one after the other): the peak counts the larger of them. What is left
 under the limit after all parts goes to the prefix cache (the kept layer-cut tensors, which only save
-time; kept while either runs), none when nothing is left. The estimate is a model of the main buffers, not a measurement: ``docs/RESULTS.md`` compares
-it with measured peaks.
+time; kept while either runs), none when nothing is left. The estimate models the main buffers, not
+every transient: it leaves out the activation-range calibration pass (``quant.calibration``), whose
+observers briefly hold several copies of a chunk's activations (docs/USAGE.md).
 """
 from __future__ import annotations
 
@@ -54,12 +55,11 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
     ``method_memory``: the method's own part (``Method.memory`` bound to the search's context)."""
     weight_bytes = 4 * sum(layer.weight_numel + layer.bias_numel for layer in graph.layers)
     model_bytes = 4 * graph.total_params
-    widest = 4 * max((layer.in_numel for layer in graph.layers), default=1)
     parts = {
         "process": resident_mb(),
         "model copies": (2 * model_bytes + n_candidates * weight_bytes) / MB,
         "calibration copies": 2 * calib_images.numel() * calib_images.element_size() / MB,
-        "probe working set": 2 * len(calib_images) * widest / MB,
+        "probe working set": 2 * len(calib_images) * 4 * graph.widest_in_numel / MB,
     }
     if method_memory is not None:
         parts["method"] = float(method_memory())

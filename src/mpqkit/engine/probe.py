@@ -468,7 +468,7 @@ def auto_batch_size(graph: ModelGraph, target_bytes: int = 16 * 2**20, lo: int =
     """Images per batch such that the largest layer input is about ``target_bytes`` (fp32), within
     ``lo``..``hi``: big batches do not run faster per image on a CPU (tensors of tens of MB are
     mapped and faulted in anew), and an ImageNet-size network gets batches that fit in memory."""
-    per_sample = 4 * max((layer.in_numel for layer in graph.layers), default=1)
+    per_sample = 4 * graph.widest_in_numel
     return int(min(hi, max(lo, target_bytes // per_sample)))
 
 

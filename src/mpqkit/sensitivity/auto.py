@@ -113,8 +113,7 @@ def auto_memory(ctx: SearchContext) -> float:
     images, graph = ctx.calib_images, ctx.graph
     n = len(ctx.load_heldout(opts.heldout)) if ctx.load_heldout is not None else opts.heldout
     per_image = images[0].numel() * images.element_size() if len(images) else 0
-    widest = 4 * max((layer.in_numel for layer in graph.layers), default=1)
-    held = n * (2 * per_image + widest) + 4 * graph.total_params
+    held = n * (2 * per_image + 4 * graph.widest_in_numel) + 4 * graph.total_params
     methods = (METHODS.get(name.strip()) for name in opts.methods.split(",") if name.strip())
     own = [m.memory(dataclasses.replace(ctx, options=m.make_options(None))) for m in methods if m.memory is not None]
     return held / 2 ** 20 + max(own, default=0.0)

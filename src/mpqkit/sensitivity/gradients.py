@@ -40,7 +40,7 @@ def calib_chunks(ctx: SearchContext, n: int | None = None, chunk: int = 128) -> 
 
 #: bytes a gradient pass holds per image, in units of the fp32 inputs of all quantizable layers (the
 #: autograd graph: convolution inputs, normalisation and activation outputs, their gradients); fitted
-#: to peaks measured on MobileNetV2 (``benchmarks/memory_model.py``)
+#: to the peaks of single gradient passes on MobileNetV2 (``benchmarks/results/memory_mobilenetv2/note.md``)
 GRAD_PASS_FACTOR = 7.0
 
 
