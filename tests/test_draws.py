@@ -116,3 +116,27 @@ def test_bench_refuses_to_resume_another_protocol(tmp_path, capsys):
     assert (out / "rows.jsonl").read_text() == rows  # nothing appended, nothing lost
     assert main(argv + ["--seed", "3"]) == 0  # the same protocol resumes
     assert (out / "rows.jsonl").read_text() == rows
+
+
+def test_bench_resume_with_another_ptq_quantizes_the_measured_plan(tmp_path, monkeypatch):
+    """A PTQ added to a results directory quantizes the plan its earlier rows measured (read from the
+    plan file, with the earlier search seconds), not a new search that could give other bits."""
+    from mpqkit import api, benching
+
+    out = tmp_path / "b"
+    kw = dict(splits=["test"], calib_size=64, progress=False)
+    first = api.bench("digits-cnn", "digits", ["eval-delta"], ["avg-bits=3"], out, ptqs=["nearest"], **kw)
+    plan_file = next(r["plan"] for r in first if r["method"] == "eval-delta")
+
+    def no_search(*a, **k):
+        raise AssertionError("a plan with rows was searched again")
+
+    monkeypatch.setattr(benching, "search", no_search)
+    rows = api.bench("digits-cnn", "digits", ["eval-delta"], ["avg-bits=3"], out, ptqs=["nearest", "gptq"], **kw)
+    ours = {r["ptq"]: r for r in rows if r["method"] == "eval-delta"}
+    assert set(ours) == {"nearest", "gptq"}
+    assert ours["gptq"]["plan"] == plan_file and ours["gptq"]["search_s"] == ours["nearest"]["search_s"]
+    assert ours["gptq"]["size_mb"] == ours["nearest"]["size_mb"]
+    # a (method, budget, draw) with no rows is still searched
+    with pytest.raises(AssertionError, match="searched again"):
+        api.bench("digits-cnn", "digits", ["eval-delta"], ["avg-bits=4"], out, ptqs=["nearest"], **kw)

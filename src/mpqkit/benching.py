@@ -15,7 +15,7 @@ from .fileutil import writer_lock
 from .errors import DataError, MissingResourceError, MpqkitError
 from .evaluation import evaluate_model
 from .graph import discover
-from .result import SearchResult
+from .plan import Plan
 from .sensitivity.registry import METHODS
 from .sensitivity.options import MethodOptions
 from .settings import RunSettings, resolve_settings
@@ -170,16 +170,21 @@ def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[s
                 if not todo:
                     continue
                 pdir = plan_dir(out, method, budget, draw)
-                try:
-                    res = search(bundle, data, budget, method, settings=sd, options=opts[method], out=pdir,
-                                 table=table)
-                except MpqkitError as e:
-                    for p in todo:
-                        append({"method": method, "budget": budget, "ptq": p, **tag, "error": str(e)})
-                    continue
-                # a table is reused for the next budget, unless it was made for this budget (auto, supernet)
-                table = res.table if res.table is not None and res.table.reusable else None
-                _bench_plan(res, bundle, data, todo, eval_sets, quiet, recon_options, pdir,
+                kept = _measured_plan(rows, method, budget, draw, pdir)
+                if kept is not None:  # rows of this plan exist: new PTQ rows measure the same plan
+                    plan, search_s = kept
+                else:
+                    try:
+                        res = search(bundle, data, budget, method, settings=sd, options=opts[method], out=pdir,
+                                     table=table)
+                    except MpqkitError as e:
+                        for p in todo:
+                            append({"method": method, "budget": budget, "ptq": p, **tag, "error": str(e)})
+                        continue
+                    # a table is reused for the next budget, unless it was made for this budget (auto, supernet)
+                    table = res.table if res.table is not None and res.table.reusable else None
+                    plan, search_s = res.plan, res.seconds["total"]
+                _bench_plan(plan, search_s, bundle, data, todo, eval_sets, quiet, recon_options, pdir,
                             {**tag, "objective": sd.objective}, append, recon_iters)
     return rows
 
@@ -214,25 +219,41 @@ def _check_same_run(rows: Sequence[dict], out: Path, s: RunSettings, recon_iters
                               f"use another --out, or the same settings to resume it")
 
 
-def _bench_plan(res: SearchResult, bundle: ModelBundle, data: str, ptqs: Sequence[str | None],
+def _measured_plan(rows: Sequence[dict], method: str, budget: str, draw: int,
+                   pdir: Path) -> tuple[Plan, float] | None:
+    """The plan (and its search seconds) that earlier rows of ``(method, budget, draw)`` measured,
+    when its file is in ``pdir``; None when no such row exists (the plan is searched).
+
+    Resuming with another PTQ must quantize the plan those rows measured: a new search may give
+    other bits (the code or the caches changed), and rows of one key would then describe two plans.
+    """
+    prior = [r for r in rows if r["method"] == method and r["budget"] == budget
+             and int(r.get("draw", 0)) == draw and not r.get("error") and r.get("search_s") is not None]
+    path = pdir / "plan.json"
+    if not prior or not path.is_file():
+        return None
+    return Plan.load(path), float(prior[0]["search_s"])
+
+
+def _bench_plan(plan: Plan, search_s: float, bundle: ModelBundle, data: str, ptqs: Sequence[str | None],
                 eval_sets: Mapping[str, LabeledData], settings: RunSettings, recon_options: dict[str, Any] | None,
                 pdir: Path, tag: dict[str, Any], append: Any, recon_iters: int | None = None) -> None:
-    """Quantize one searched plan with each PTQ backend, evaluate it, append one row each."""
+    """Quantize one plan with each PTQ backend, evaluate it, append one row each."""
     from .quant.ptq import parse_ptq
 
-    c = res.plan.costs
+    c = plan.costs
     for p in ptqs:
         t0 = time.perf_counter()
-        q = apply_plan(bundle, res.plan, data, settings=settings, ptq=p,
+        q = apply_plan(bundle, plan, data, settings=settings, ptq=p,
                        recon_options=recon_options if p is not None and parse_ptq(p).recon else None)
         ptq_s = time.perf_counter() - t0
         with torch.inference_mode():
             ev = {sp: evaluate_model(q, d, settings.eval_batch_size) for sp, d in eval_sets.items()}
         recon = {"recon_iters": recon_iters} if p is not None and parse_ptq(p).recon else {}
-        append({"method": res.plan.method, "budget": res.plan.budget, "ptq": p, **tag, **recon, "size_mb": c["weight_mb"],
+        append({"method": plan.method, "budget": plan.budget, "ptq": p, **tag, **recon, "size_mb": c["weight_mb"],
                 "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
                 "avg_w_bits": c["avg_w_bits_searched"], **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},
-                "search_s": res.seconds["total"], "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
+                "search_s": search_s, "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
 
 
 def sweep(model: str | nn.Module | ModelBundle, data: str, method: str, budgets: Sequence[str], out: str | Path,
