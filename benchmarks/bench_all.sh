@@ -248,7 +248,7 @@ eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 12
 # issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 900 s)
 eval $C --model mobilenetv2 --methods mpqco,eval-delta,infoq,hawq --budgets avg-bits=4 --calib-size 128 --draws 1 \
     --timeout 900 --out $R/memory_mobilenetv2 -- --max-memory 4000
-# where the plan's PTQ spends its memory: the activation-range calibration pass, as is / observers fed in slices / none
+# where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
     --out $R/memory_mobilenetv2/calib_memory.jsonl
 # what HAWQ's Hessian-vector products cost against a forward + backward (why hawq measures Fisher traces there)

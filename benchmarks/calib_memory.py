@@ -1,13 +1,14 @@
-"""Peak resident memory of the activation calibration pass (``quant.calibration.calibrate``), as is and
-with the observers fed in pieces, to locate where a plan's PTQ spends its memory.
+"""Peak resident memory of the activation calibration pass (``quant.calibration.calibrate``): as mpqkit
+does it, with whole-batch observer updates, and with no observer.
 
     PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset \
         --calib-size 128 [--out benchmarks/results/memory_mobilenetv2/calib_memory.jsonl]
 
-Each mode runs in its own process (a peak is per process): ``asis`` calibrates as mpqkit does;
-``pieces`` feeds each observer update in slices of 4 × its sample size (a diagnostic: the sampled values
-differ); ``noobs`` skips the observers (the forward pass alone). One JSON line per mode: resident MB
-before, peak MB, seconds.
+Each mode runs in its own process (a peak is per process): ``asis`` calibrates as mpqkit does (an
+observer update takes at most ``observers.UPDATE_PIECE`` values at a time); ``whole`` feeds each batch to
+its observers in one update, as mpqkit did before the pieces (the 128-image chunk's values all at once);
+``noobs`` skips the observers (the forward pass alone). One JSON line per mode: resident MB before,
+peak MB, seconds.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("asis", "pieces", "noobs")
+MODES = ("asis", "whole", "noobs")
 
 
 def measure(model: str, data: str, calib_size: int, mode: str) -> dict:
@@ -34,15 +35,8 @@ def measure(model: str, data: str, calib_size: int, mode: str) -> dict:
     graph = discover(bundle.model, bundle.input_shape)
     calib = calibration_set(data, calib_size, 0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if mode == "pieces":
-        whole = observers.ActivationObserver.update
-
-        def update(self, x):
-            v = x.detach().reshape(-1)
-            for i in range(0, v.numel(), 4 * self.max_samples):
-                whole(self, v[i:i + 4 * self.max_samples])
-
-        observers.ActivationObserver.update = update
+    if mode == "whole":
+        observers.UPDATE_PIECE = 1 << 62  # no batch is split
     elif mode == "noobs":
         observers.ActivationObserver.update = lambda self, x: None
     t0 = time.perf_counter()

@@ -407,6 +407,6 @@ def test_calib_memory_measures_each_mode_in_its_own_process(tmp_path, monkeypatc
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
     mod = _script("calib_memory")
     recs = mod.main(["--model", "digits-cnn", "--data", "digits", "--calib-size", "64", "--out", str(tmp_path / "m.jsonl")])
-    assert [r["mode"] for r in recs] == ["asis", "pieces", "noobs"]
+    assert [r["mode"] for r in recs] == ["asis", "whole", "noobs"]
     assert all(r["peak_mb"] >= r["before_mb"] > 50 and r["seconds"] >= 0 for r in recs)
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3

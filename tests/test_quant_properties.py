@@ -394,6 +394,30 @@ def test_observer_sample_is_bounded_deterministic_and_uniform() -> None:
     assert float(t_hi) < float(p_hi) < 4.5 and float(t_lo) > float(p_lo) > -4.5
 
 
+def test_observer_feeds_a_large_batch_in_pieces(monkeypatch) -> None:
+    """A batch over ``UPDATE_PIECE`` values is exactly the updates of its consecutive pieces (bounded
+    transient memory), its sample stays uniform over the whole batch, and a batch up to the piece
+    size is sampled as one update."""
+    from mpqkit.quant import observers
+
+    monkeypatch.setattr(observers, "UPDATE_PIECE", 7_000)
+    ramp = torch.arange(100_000, dtype=torch.float32).reshape(10, 10_000)
+    whole, pieces = ActivationObserver(max_samples=5_000, seed=2), ActivationObserver(max_samples=5_000, seed=2)
+    whole.update(ramp)
+    for piece in ramp.reshape(-1).split(7_000):
+        pieces.update(piece)
+    assert torch.equal(whole.sample, pieces.sample) and torch.equal(whole._keys, pieces._keys)
+    assert whole.num_seen == 100_000 and whole.sample.unique().numel() == 5_000
+    assert (float(whole._min), float(whole._max)) == (0.0, 99_999.0)
+    assert abs(float(whole.sample.double().mean()) / 1e5 - 0.5) < 0.02  # std ~0.004: not the first piece
+    small = torch.randn(7_000, generator=torch.Generator().manual_seed(1))
+    one, two = ActivationObserver(max_samples=5_000, seed=3), ActivationObserver(max_samples=5_000, seed=3)
+    one.update(small)
+    monkeypatch.setattr(observers, "UPDATE_PIECE", 1 << 24)
+    two.update(small)
+    assert torch.equal(one.sample, two.sample)  # at or under the piece size: one update, as before
+
+
 def test_empty_observer_raises() -> None:
     obs = ActivationObserver()
     for method in RANGE_METHODS:

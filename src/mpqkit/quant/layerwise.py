@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..errors import MpqkitError
 from ..tracing import Program, trace_model
 from .config import QuantConfig
+from .observers import OBSERVER_VERSION
 from .fold import bn_affine, conv_bn_nodes
 from .gptq import GptqConfig, InputStats, gptq_weight, layer_groups
 from .modules import QuantMixin
@@ -177,7 +178,7 @@ def layer_ptq_context(model_sha256: str, images_sha256: str, qconfig: QuantConfi
     the calibration images, the quantizer (grid, rounding, bias correction, GPTQ settings) and the
     activation observers' seed. The probe engine and ``apply_plan`` use the same context, so a plan
     is applied with the very layers its search measured."""
-    return {"layer_ptq": LAYER_PTQ_VERSION, "model": model_sha256, "data": images_sha256,
+    return {"layer_ptq": LAYER_PTQ_VERSION, "observer": OBSERVER_VERSION, "model": model_sha256, "data": images_sha256,
             "qconfig": qconfig.to_dict(), "gptq": LOCAL_GPTQ.to_dict(), "seed": seed}
 
 

@@ -195,6 +195,15 @@ def _uniform_subset(n: int, m: int, gen: torch.Generator) -> Tensor:
             return cand[torch.randperm(cand.numel(), generator=gen)[:m]]
 
 
+#: values per observer update: a larger batch is fed in pieces of this size, in order, so its
+#: transient copies (the values, one random key each, their concatenation with the sample) stay
+#: ~64 MB each instead of growing with the batch. Batches up to this size are sampled exactly as
+#: before pieces existed; above it the sample is drawn from another (equally uniform) key stream.
+UPDATE_PIECE = 1 << 24
+#: part of every cache key built from calibrated activations (bump when the sample's values change)
+OBSERVER_VERSION = 2
+
+
 class ActivationObserver:
     """Statistics of a layer's input activations over calibration batches (per tensor).
 
@@ -204,7 +213,8 @@ class ActivationObserver:
     The keys come from a generator seeded with ``seed``, so the same batches give the same
     sample. The sample feeds the percentile and MSE range methods; min-max uses the exact
     running extremes, which also seed the MSE search. Once the sample is full, an update costs
-    O(values entering the sample), not O(batch size).
+    O(values entering the sample), not O(batch size); a batch of more than ``UPDATE_PIECE`` values
+    is taken as consecutive updates of that size (the same min/max, a bounded transient).
     """
 
     def __init__(self, max_samples: int = 262_144, seed: int = 0) -> None:
@@ -223,6 +233,10 @@ class ActivationObserver:
         """Add one batch of activations (any shape, any device). Min/max are reduced on the
         tensor's device; only the values that enter the sample are copied to CPU (float32)."""
         v = x.detach().reshape(-1)
+        if v.numel() > UPDATE_PIECE:
+            for i in range(0, v.numel(), UPDATE_PIECE):
+                self.update(v[i:i + UPDATE_PIECE])
+            return
         if v.numel() == 0:
             return
         lo, hi = (t.to("cpu", torch.float32) for t in torch.aminmax(v))
