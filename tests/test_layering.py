@@ -82,3 +82,17 @@ def test_report_and_engine_do_not_import_upward():
             assert "mpqkit.api" not in deps and "mpqkit.cli" not in deps, mod
         if mod.startswith("mpqkit.engine"):
             assert not any(d.startswith(("mpqkit.zoo", "mpqkit.plan", "mpqkit.report")) for d in deps), (mod, deps)
+
+
+def test_functions_fit_a_screen_and_api_stays_a_facade():
+    """No function in ``src/`` is over 60 lines (nested ones counted inside their parent too), and
+    ``api.py`` (the public facade over the pipeline's stages) stays under 250 lines."""
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{path.relative_to(SRC)}:{node.name} ({n} lines)")
+    assert not long, long
+    assert len((SRC / "api.py").read_text().splitlines()) <= 250

@@ -137,16 +137,7 @@ def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[s
     _check_same_run(rows, out, s, recon_iters)
     done = {(r["method"], r["budget"], r["ptq"], r.get("draw", 0)) for r in rows}
     bundle = load_model(model, s)
-    eval_sets = {}
-    for split in splits:
-        try:
-            eval_sets[split] = load_split(data, split, s)
-        except MissingResourceError:
-            raise  # the data root is wrong: nothing can be measured
-        except MpqkitError as e:  # e.g. no 'exact' subset for this dataset
-            log.warning("bench: split %s not available (%s); its column stays empty", split, e)
-    if not eval_sets:
-        raise DataError(f"none of the evaluation splits {', '.join(splits)} is available for {data}")
+    eval_sets = _eval_sets(data, splits, s)
     quiet = s.replace(progress=False)
 
     def append(row: dict) -> None:
@@ -187,6 +178,22 @@ def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[s
                 _bench_plan(plan, search_s, bundle, data, todo, eval_sets, quiet, recon_options, pdir,
                             {**tag, "objective": sd.objective}, append, recon_iters)
     return rows
+
+
+def _eval_sets(data: str, splits: Sequence[str], s: RunSettings) -> dict[str, LabeledData]:
+    """The evaluation splits that ``data`` has (a missing one is logged, its column stays empty);
+    an error when none is available or the data root is wrong."""
+    eval_sets = {}
+    for split in splits:
+        try:
+            eval_sets[split] = load_split(data, split, s)
+        except MissingResourceError:
+            raise  # the data root is wrong: nothing can be measured
+        except MpqkitError as e:  # e.g. no 'exact' subset for this dataset
+            log.warning("bench: split %s not available (%s); its column stays empty", split, e)
+    if not eval_sets:
+        raise DataError(f"none of the evaluation splits {', '.join(splits)} is available for {data}")
+    return eval_sets
 
 
 def _bench_recon_iters(ptqs: Sequence[str | None], recon_options: Mapping[str, Any] | None) -> int | None:
