@@ -9,7 +9,7 @@ import pytest
 import mpqkit
 from mpqkit.engine.probe import ProbeEngine
 from mpqkit.errors import MpqkitError
-from mpqkit.memory import MemoryLimitError, plan_prefix_cache, search_parts
+from mpqkit.memory import MemoryLimitError, peak_mb, plan_prefix_cache, search_parts
 from mpqkit.sensitivity.registry import METHODS
 
 KW = dict(calib_size=128, progress=False, use_cache=False)
@@ -71,6 +71,14 @@ def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_th
     small, large = (search_parts(graph, torch.zeros(n, 1, 8, 8), 6) for n in (100, 10_000))
     assert large["probe working set"] == pytest.approx(100 * small["probe working set"])
     assert large["calibration copies"] == pytest.approx(100 * small["calibration copies"])
+    # the calibration pass walks one chunk at a time: it stops growing at CALIB_CHUNK images
+    from mpqkit.quant.calibration import CALIB_CHUNK
+
+    chunk = search_parts(graph, torch.zeros(CALIB_CHUNK, 1, 8, 8), 6)["calibration pass"]
+    assert small["calibration pass"] < chunk == pytest.approx(large["calibration pass"])
+    # it runs before the probes and any gradient pass: the peak counts only the largest of the three
+    parts = {"process": 10.0, "probe working set": 5.0, "method": 7.0, "calibration pass": 9.0}
+    assert peak_mb(parts) == 19.0
     images = torch.zeros(256, 1, 8, 8)
     ctx = SearchContext(model=bundle.model, graph=graph, calib_images=images, calib_labels=torch.zeros(256).long(),
                         searched=graph.names, w_bits=[2, 4, 8], a_bits=[8])

@@ -9,14 +9,16 @@ The estimate is a sum of named parts (MB), each from sizes known before the sear
 - ``calibration copies``: the engine's batches and the builder's images;
 - ``probe working set``: the live tensors at a layer cut for every calibration image (the walked
   reference and the probe run from it), at the largest layer input, twice;
-- ``method``: what the method adds (e.g. a gradient pass on a chunk: ``Method.memory``).
+- ``method``: what the method adds (e.g. a gradient pass on a chunk: ``Method.memory``);
+- ``calibration pass``: the activation-range calibration's forward over one chunk of images
+  (``quant.calibration``): the widest layer's input and output for the chunk, plus the observers'
+  bounded transient (three buffers of ``UPDATE_PIECE`` values).
 
-The probe working set and the method's own pass are not live at the same time (a method runs its
-gradient pass and its probes one after the other): the peak counts the larger of them. What is left
-under the limit after all parts goes to the prefix cache (the kept layer-cut tensors, which only save
-time; kept while either runs), none when nothing is left. The estimate models the main buffers, not
-every transient: it leaves out the activation-range calibration pass (``quant.calibration``), whose
-observers briefly hold several copies of a chunk's activations (docs/USAGE.md).
+The probe working set, the method's own pass and the calibration pass are never live at the same
+time (they run one after the other): the peak counts the largest of them. What is left under the
+limit after all parts goes to the prefix cache (the kept layer-cut tensors, which only save time;
+kept while any of them runs), none when nothing is left. The estimate models the main buffers, not
+every short-lived temporary.
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from .errors import MpqkitError
+from .quant.calibration import CALIB_CHUNK
+from .quant.observers import UPDATE_PIECE
 
 MB = 2 ** 20
 #: parts live one after the other, never together
-TRANSIENT = ("probe working set", "method")
+TRANSIENT = ("probe working set", "method", "calibration pass")
 
 
 class MemoryLimitError(MpqkitError):
@@ -60,6 +64,8 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
         "model copies": (2 * model_bytes + n_candidates * weight_bytes) / MB,
         "calibration copies": 2 * calib_images.numel() * calib_images.element_size() / MB,
         "probe working set": 2 * len(calib_images) * 4 * graph.widest_in_numel / MB,
+        "calibration pass": (2 * min(len(calib_images), CALIB_CHUNK) * graph.widest_in_numel
+                             + 3 * UPDATE_PIECE) * 4 / MB,
     }
     if method_memory is not None:
         parts["method"] = float(method_memory())
@@ -85,7 +91,7 @@ def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], reques
 
 
 def peak_mb(parts: Mapping[str, float]) -> float:
-    """The estimated peak of ``parts``: all of them, but only the larger of the probe working set and
-    the method's own pass."""
+    """The estimated peak of ``parts``: all of them, but only the largest of those in ``TRANSIENT``
+    (they run one after the other)."""
     apart = [parts.get(k, 0.0) for k in TRANSIENT]
     return sum(v for k, v in parts.items() if k not in TRANSIENT) + max(apart)
