@@ -410,3 +410,17 @@ def test_calib_memory_measures_each_mode_in_its_own_process(tmp_path, monkeypatc
     assert [r["mode"] for r in recs] == ["asis", "whole", "noobs"]
     assert all(r["peak_mb"] >= r["before_mb"] > 50 and r["seconds"] >= 0 for r in recs)
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3
+
+
+def test_recheck_rows_reproduces_the_rows_of_the_picked_plans(bench_dirs, tmp_path):
+    """Re-applying a plan with its PTQ today gives its row's top-1 (the digits bench just measured it)."""
+    plain, _ = bench_dirs
+    out = tmp_path / "recheck.jsonl"
+    recs = _script("recheck_rows").main(["--dir", str(plain), "--model", "digits-cnn", "--data", "digits",
+                                         "--pick", "eval-delta,avg-bits=3,1", "--pick", "uniform,avg-bits=3,0",
+                                         "--out", str(out)])
+    assert [(r["method"], r["draw"]) for r in recs] == [("eval-delta", 1), ("uniform", 0)]
+    assert all(r["diff"] == 0 and abs(r["now_top1"] - r["row_top1"]) < 1e-3 for r in recs)
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(SystemExit, match="no measured row"):
+        _script("recheck_rows").main(["--dir", str(plain), "--model", "digits-cnn", "--pick", "greedy,avg-bits=3,0"])
