@@ -183,3 +183,30 @@ def test_engine_and_apply_plan_calibrate_identically_whatever_the_batch_size():
     # the test can fail: another draw of the sample gives another scale
     other = calibrate(model, ["conv2"], data.images, seed=6)["conv2"].qparams(qc.a_spec(4))[0]
     assert not torch.equal(other, scales[0])
+
+
+def test_calibration_forwards_are_sized_by_the_input():
+    """Calibration walks 256 samples per forward for small inputs (32 x 32 images, token ids) and fewer
+    for large ones, so its live activations stay bounded; every pass sees the same chunks."""
+    import torch
+    from torch import nn
+
+    from mpqkit.quant.calibration import CALIB_CHUNK, CALIB_CHUNK_ELEMS, calib_chunk, calibrate
+
+    assert calib_chunk(torch.zeros(1024, 3, 32, 32)) == CALIB_CHUNK == 256
+    assert calib_chunk(torch.zeros(300, 64, dtype=torch.long)) == 256
+    assert calib_chunk(torch.zeros(128, 3, 224, 224)) == CALIB_CHUNK_ELEMS // (3 * 224 * 224) == 27
+    assert calib_chunk(torch.zeros(4, 3, 4000, 4000)) == 1
+    sizes = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    model.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    obs = calibrate(model, ["0"], torch.randn(70, 3, 224, 224))
+    assert sizes == [27, 27, 16] and obs["0"].num_seen == 70 * 3 * 224 * 224
+    # evaluation batches follow the same bound (a CIFAR test set at its cap of 500)
+    from mpqkit.evaluation import eval_batch_size
+    from mpqkit.zoo.data import LabeledData
+
+    def data(*shape):
+        return LabeledData(torch.zeros(2, *shape), torch.zeros(2, dtype=torch.long), "x", "test", 10)
+
+    assert eval_batch_size(data(3, 32, 32)) == 500 and eval_batch_size(data(3, 224, 224)) == 27

@@ -14,9 +14,10 @@ from .quant.apply import model_device
 from .zoo.data import LabeledData
 
 
-#: input elements per evaluation batch when no batch size is given (32 MB of fp32 input: 500 CIFAR
-#: images, 55 at 224 x 224), so the activations of a 224 x 224 network stay around a gigabyte
-EVAL_BATCH_ELEMENTS = 1 << 23
+#: input elements per evaluation batch when no batch size is given (16 MB of fp32 input: 500 CIFAR
+#: images (the cap), 27 at 224 x 224: as many as a calibration forward, ``quant.calibration``), so
+#: the live activations of a 224 x 224 network stay around half a gigabyte
+EVAL_BATCH_ELEMENTS = 1 << 22
 
 
 def eval_batch_size(data: LabeledData, cap: int = 500) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from .errors import MpqkitError
-from .quant.calibration import CALIB_CHUNK
+from .quant.calibration import calib_chunk
 from .quant.observers import UPDATE_PIECE
 
 MB = 2 ** 20
@@ -64,7 +64,7 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
         "model copies": (2 * model_bytes + n_candidates * weight_bytes) / MB,
         "calibration copies": 2 * calib_images.numel() * calib_images.element_size() / MB,
         "probe working set": 2 * len(calib_images) * 4 * graph.widest_in_numel / MB,
-        "calibration pass": (2 * min(len(calib_images), CALIB_CHUNK) * graph.widest_in_numel
+        "calibration pass": (2 * min(len(calib_images), calib_chunk(calib_images)) * graph.widest_in_numel
                              + 3 * UPDATE_PIECE) * 4 / MB,
     }
     if method_memory is not None:

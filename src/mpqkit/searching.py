@@ -15,7 +15,7 @@ from .errors import MpqkitError
 from .evaluation import check_outputs
 from .graph import discover
 from .plan import LayerQuant, Plan, provenance
-from .quant.calibration import CALIB_CHUNK
+from .quant.calibration import calib_chunk
 from .result import SearchResult
 from .sensitivity.base import Method, SearchContext, SensitivityTable, SolveRequest
 from .sensitivity.evalbased import refine_scores
@@ -180,7 +180,8 @@ def _plan(bundle: ModelBundle, problem: Allocation, solution: Any, s: RunSetting
               "fixed": fixed_names, "objective": s.objective, "alpha": s.alpha, "time_limit": s.time_limit,
               "qconfig": s.qconfig.to_dict(), **opts.to_params()}
     prov = provenance(s.seed, len(calib), calib.sha256())
-    prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split, "chunk": CALIB_CHUNK}
+    prov["calib"] = {**prov["calib"], "seed": s.seed, "data": calib.name, "split": calib.split,
+                     "chunk": calib_chunk(calib.images)}
     if refined is not None:
         prov["refine"] = {"max_probes": s.refine, **refined.record()}
     if warnings:

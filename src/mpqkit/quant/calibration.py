@@ -16,9 +16,20 @@ from torch import nn
 from ..errors import DataError
 from .observers import ActivationObserver
 
-#: images per forward pass during calibration; fixed so the observers' reservoir sampling sees
-#: the same sequence of updates on every path
+#: images per forward pass during calibration (at most); fixed by the input's shape so the
+#: observers' reservoir sampling sees the same sequence of updates on every path
 CALIB_CHUNK = 256
+#: input values per calibration forward (at most): large inputs (224 x 224 images) go in fewer
+#: images per forward, so the forward's live activations stay bounded; 32 x 32 images and
+#: 64-token texts stay at ``CALIB_CHUNK``
+CALIB_CHUNK_ELEMS = 1 << 22
+
+
+def calib_chunk(images: torch.Tensor) -> int:
+    """Images per calibration forward for ``images`` (N x sample shape): ``CALIB_CHUNK``, fewer
+    when a sample has more than ``CALIB_CHUNK_ELEMS / CALIB_CHUNK`` values; at least 1."""
+    per_sample = max(1, images[0].numel()) if len(images) else 1
+    return max(1, min(CALIB_CHUNK, CALIB_CHUNK_ELEMS // per_sample))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -30,7 +41,7 @@ def model_device(model: nn.Module) -> torch.device:
 def calibrate(model: nn.Module, fqns: Iterable[str], images: torch.Tensor, seed: int = 0,
               memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, ActivationObserver]:
     """Observe the input of each named layer of the (fp) model over ``images``, in chunks of
-    ``CALIB_CHUNK`` in order, with observers seeded by ``seed``."""
+    ``calib_chunk(images)`` in order, with observers seeded by ``seed``."""
     fqns = list(fqns)
     if len(images) == 0:
         raise DataError("calibration data is empty: activation ranges cannot be calibrated")
@@ -41,8 +52,9 @@ def calibrate(model: nn.Module, fqns: Iterable[str], images: torch.Tensor, seed:
     model.eval()
     device = model_device(model)
     try:
-        for i in range(0, len(images), CALIB_CHUNK):
-            x = images[i:i + CALIB_CHUNK].to(device)
+        step = calib_chunk(images)
+        for i in range(0, len(images), step):
+            x = images[i:i + step].to(device)
             model(x.contiguous(memory_format=memory_format) if x.ndim == 4 else x)
     finally:
         for h in handles:
