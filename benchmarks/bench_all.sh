@@ -248,9 +248,10 @@ eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 12
 # issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 900 s)
 eval $C --model mobilenetv2 --methods mpqco,eval-delta,infoq,hawq --budgets avg-bits=4 --calib-size 128 --draws 1 \
     --timeout 900 --out $R/memory_mobilenetv2 -- --max-memory 4000
-# where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none
+# where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none,
+# with mpqkit's chunk (27 images at 224 x 224) and with all 128 images in one forward (before the chunk was sized by the input)
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
-    --out $R/memory_mobilenetv2/calib_memory.jsonl
+    --chunks 0,128 --out $R/memory_mobilenetv2/calib_memory.jsonl
 # what HAWQ's Hessian-vector products cost against a forward + backward (why hawq measures Fisher traces there)
 PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 --images 8 --repeats 1 \
     --out $R/hawq_mobilenetv2/hvp_cost.json

@@ -406,10 +406,12 @@ def test_hawq_hvp_cost_times_both_passes(tmp_path):
 def test_calib_memory_measures_each_mode_in_its_own_process(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
     mod = _script("calib_memory")
-    recs = mod.main(["--model", "digits-cnn", "--data", "digits", "--calib-size", "64", "--out", str(tmp_path / "m.jsonl")])
-    assert [r["mode"] for r in recs] == ["asis", "whole", "noobs"]
+    recs = mod.main(["--model", "digits-cnn", "--data", "digits", "--calib-size", "64", "--chunks", "0,16",
+                     "--out", str(tmp_path / "m.jsonl")])
+    assert [(r["chunk"], r["mode"]) for r in recs] == [(256, "asis"), (256, "whole"), (256, "noobs"),
+                                                      (16, "asis"), (16, "whole"), (16, "noobs")]
     assert all(r["peak_mb"] >= r["before_mb"] > 50 and r["seconds"] >= 0 for r in recs)
-    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 6
 
 
 def test_recheck_rows_reproduces_the_rows_of_the_picked_plans(bench_dirs, tmp_path):
