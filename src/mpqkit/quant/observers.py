@@ -200,8 +200,9 @@ def _uniform_subset(n: int, m: int, gen: torch.Generator) -> Tensor:
 #: ~64 MB each instead of growing with the batch. Batches up to this size are sampled exactly as
 #: before pieces existed; above it the sample is drawn from another (equally uniform) key stream.
 UPDATE_PIECE = 1 << 24
-#: part of every cache key built from calibrated activations (bump when the sample's values change)
-OBSERVER_VERSION = 2
+#: part of every cache key built from calibrated activations or calibration-set statistics (bump
+#: when the sample's values or the calibration chunks change)
+OBSERVER_VERSION = 3
 
 
 class ActivationObserver:
