@@ -164,9 +164,10 @@ $M bench -q --model resnet20 --methods auto --budgets "avg-bits=3" \
     --ptq nearest,gptq+bc,gptq-seq,cle+gptq --splits test --draws 3 --out $R/draws_resnet20_gptq
 $M bench -q --model resnet20 --methods uniform --budgets "avg-bits=3" \
     --ptq nearest --splits test --draws 3 --out $R/draws_resnet20_gptq
-# the same auto plans at avg-bits 2.5 / 4 under nearest rounding, GPTQ+BC and BRECQ-500 (draw 0 only so far)
+# the same auto plans at avg-bits 2.5 / 4 under nearest rounding, GPTQ+BC and BRECQ-500 (a resumed bench
+# quantizes the plans its earlier rows measured: no new search)
 $M bench -q --model resnet20 --methods auto --budgets "avg-bits=2.5;avg-bits=4" \
-    --ptq nearest,gptq+bc,brecq --splits test --draws 1 --out $R/draws_resnet20_gptq
+    --ptq nearest,gptq+bc,brecq --splits test --draws 5 --out $R/draws_resnet20_gptq
 # issue 28: eval-delta's pruned measurement replayed on full tables (probes needed, same plan?); tables measured
 # with pruning are skipped: their rows above are the same plans, so rerun that bench with --no-prune for full ones
 PYTHONPATH=src .venv/bin/python benchmarks/prune_replay.py --dir $R/draws_resnet20_gptq
@@ -180,6 +181,10 @@ $M bench -q --model mobilenetv2 --methods uniform --budgets "avg-bits=6;avg-bits
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_gptq
 $M bench -q --model mobilenetv2 $RTN --methods eval-delta --budgets avg-bits=4 --ptq gptq --splits test \
     --calib-size 128 --draws 3 --out $R/bench_mobilenetv2_rtnalloc
+# the same plans re-applied after the calibration chunks were sized by the input (953c1d6): how far rows move
+PYTHONPATH=src .venv/bin/python benchmarks/recheck_rows.py --dir $R/bench_mobilenetv2_gptq --model mobilenetv2 \
+    --pick "eval-delta,avg-bits=3,0" --pick "eval-delta,avg-bits=4,0" --pick "uniform,avg-bits=4,0" \
+    --pick "eval-delta,avg-bits=4,1" --out $R/bench_mobilenetv2_gptq/recheck.jsonl
 # ConvMixer-256/8 (CIFAR-10, 1,024 calibration images), 3 draws
 $M bench -q --model convmixer --methods uniform,eval-delta --budgets avg-bits=3:5:1 --ptq default --splits test \
     --draws 3 --out $R/bench_convmixer_gptq
@@ -199,6 +204,7 @@ G=$R/draws_resnet20_gptq
     --claim "GPTQ > nearest rounding (auto's plans);$G;auto;$G;auto@nearest" \
     --claim "auto + GPTQ (this default) > auto + BRECQ-500 (plans chosen under nearest rounding);$G;auto;$R/draws_resnet20;auto@brecq;avg-bits=3" \
     --claim "GPTQ+BC > GPTQ (auto's plans);$G;auto@gptq+bc;$G;auto" \
+    --claim "GPTQ (the default) > BRECQ-500 (the same auto plans);$G;auto;$G;auto@brecq;avg-bits=2.5,avg-bits=4" \
     --claim "sequential GPTQ > layer-local GPTQ (auto's plans);$G;auto@gptq-seq;$G;auto" \
     --claim "CLE+GPTQ > GPTQ (auto's plans);$G;auto@cle+gptq;$G;auto" \
     --claim "auto > uniform (GPTQ, equal size);$G;auto;$G;uniform;avg-bits=3,avg-bits=4" \
@@ -245,9 +251,9 @@ eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/
     --claim "auto without greedy > auto with its default candidates;$R/cost_resnet20_nogreedy;auto;$R/cost_resnet20;auto"
 eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_mobilenetv2
-# issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 900 s)
-eval $C --model mobilenetv2 --methods mpqco,eval-delta,infoq,hawq --budgets avg-bits=4 --calib-size 128 --draws 1 \
-    --timeout 900 --out $R/memory_mobilenetv2 -- --max-memory 4000
+# issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 1,200 s)
+eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta --budgets avg-bits=4 --calib-size 128 --draws 1 \
+    --timeout 1200 --out $R/memory_mobilenetv2 -- --max-memory 4000
 # where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none,
 # with mpqkit's chunk (27 images at 224 x 224) and with all 128 images in one forward (before the chunk was sized by the input)
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
