@@ -92,6 +92,23 @@ def test_cache_resumes_and_detects_corruption(tmp_path):
     assert r3 == r1
 
 
+def test_cache_key_depends_on_the_observer_version(tmp_path, monkeypatch):
+    """Activation ranges feed every probe with quantized inputs: entries cached under another
+    observer/calibration version are not read."""
+    from mpqkit.engine import probe
+
+    model = make_tiny()
+    data = tiny_data(model)
+    _engine(model, data, cache_dir=str(tmp_path)).run(PROBES)
+    again = _engine(model, data, cache_dir=str(tmp_path))
+    again.run(PROBES)
+    assert again.stats["probes_run"] == 0
+    monkeypatch.setattr(probe, "OBSERVER_VERSION", probe.OBSERVER_VERSION + 1)
+    other = _engine(model, data, cache_dir=str(tmp_path))
+    other.run(PROBES)
+    assert other.stats["probes_run"] == len(PROBES)
+
+
 def test_cache_key_depends_on_data_and_weights(tmp_path):
     model = make_tiny()
     data = tiny_data(model)

@@ -36,7 +36,7 @@ from ..quant.calibration import calibrate
 from ..quant.config import QuantConfig
 from ..quant.modules import quantize_module
 from ..quant.layerwise import LOCAL_GPTQ, LocalLayerBuilder, install, layer_ptq_context
-from ..quant.observers import weight_qparams
+from ..quant.observers import OBSERVER_VERSION, weight_qparams
 from ..profile import probe_done, stage
 from ..tracing import Program, trace_model
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
@@ -157,7 +157,7 @@ class ProbeEngine:
         self._layers_from = layers_from
         if layers_from is not None:
             gptq_context["layers_from"] = layers_from.data_sha256
-        context = {"engine": ENGINE_VERSION, "objective": self.objective, **gptq_context,
+        context = {"engine": ENGINE_VERSION, "observer": OBSERVER_VERSION, "objective": self.objective, **gptq_context,
                    "model": model_sha256, "data": self.data_sha256,
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
                    "kernels": kernels}

@@ -178,8 +178,8 @@ def layer_ptq_context(model_sha256: str, images_sha256: str, qconfig: QuantConfi
     the calibration images, the quantizer (grid, rounding, bias correction, GPTQ settings) and the
     activation observers' seed. The probe engine and ``apply_plan`` use the same context, so a plan
     is applied with the very layers its search measured."""
-    return {"layer_ptq": LAYER_PTQ_VERSION, "observer": OBSERVER_VERSION, "model": model_sha256, "data": images_sha256,
-            "qconfig": qconfig.to_dict(), "gptq": LOCAL_GPTQ.to_dict(), "seed": seed}
+    return {"layer_ptq": LAYER_PTQ_VERSION, "observer": OBSERVER_VERSION, "model": model_sha256,
+            "data": images_sha256, "qconfig": qconfig.to_dict(), "gptq": LOCAL_GPTQ.to_dict(), "seed": seed}
 
 
 class LocalLayerBuilder:
