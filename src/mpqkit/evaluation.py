@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 
 from .errors import DataError
 from .quant.apply import model_device
+from .quant.calibration import CALIB_CHUNK_ELEMS
 from .zoo.data import LabeledData
 
 
-#: input elements per evaluation batch when no batch size is given (16 MB of fp32 input: 500 CIFAR
-#: images (the cap), 27 at 224 x 224: as many as a calibration forward, ``quant.calibration``), so
-#: the live activations of a 224 x 224 network stay around half a gigabyte
-EVAL_BATCH_ELEMENTS = 1 << 22
+#: input elements per evaluation batch when no batch size is given: as many as a calibration
+#: forward (``quant.calibration``; 500 CIFAR images at the cap, 27 at 224 x 224), so the live
+#: activations of a 224 x 224 network stay bounded the same way
+EVAL_BATCH_ELEMENTS = CALIB_CHUNK_ELEMS
 
 
 def eval_batch_size(data: LabeledData, cap: int = 500) -> int:

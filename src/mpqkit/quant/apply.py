@@ -63,12 +63,11 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
         if calib_images is None:
             raise DataError("the quantizer (GPTQ, bias correction or reconstruction) learns from the calibration "
                             "set: calibration data is required")
-        from .calibration import calib_chunk
+        from .calibration import calib_batches
         from .layerwise import LocalLayerBuilder
 
         dev = model_device(model)
-        step = calib_chunk(calib_images)
-        batches = [calib_images[i:i + step].to(dev) for i in range(0, len(calib_images), step)]
+        batches = [chunk.to(dev) for chunk in calib_batches(calib_images)]
         builder = LocalLayerBuilder(model, calib_images, qconfig, seed, store, dev) \
             if qconfig.rounding == "gptq" else None
         qmodel.mpqkit_ptq = layer_steps(qmodel, model, batches, qconfig, recon, builder, progress)

@@ -8,7 +8,7 @@ one ResNet-20 activation came out 0.366, 0.345 or 0.356 depending on batch size 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,6 +32,14 @@ def calib_chunk(images: torch.Tensor) -> int:
     return max(1, min(CALIB_CHUNK, CALIB_CHUNK_ELEMS // per_sample))
 
 
+def calib_batches(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``images`` in consecutive chunks of ``calib_chunk(images)``: the chunks every calibration-set
+    pass walks (activation ranges, layer-PTQ statistics, reconstruction batches)."""
+    step = calib_chunk(images)
+    for i in range(0, len(images), step):
+        yield images[i:i + step]
+
+
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -52,9 +60,8 @@ def calibrate(model: nn.Module, fqns: Iterable[str], images: torch.Tensor, seed:
     model.eval()
     device = model_device(model)
     try:
-        step = calib_chunk(images)
-        for i in range(0, len(images), step):
-            x = images[i:i + step].to(device)
+        for chunk in calib_batches(images):
+            x = chunk.to(device)
             model(x.contiguous(memory_format=memory_format) if x.ndim == 4 else x)
     finally:
         for h in handles:

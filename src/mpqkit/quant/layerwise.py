@@ -189,7 +189,7 @@ class LocalLayerBuilder:
 
     Statistics of every layer's fp input (Hessian, mean; through the layer's ``a_bits`` input
     quantizer) are gathered in one forward of a private copy of ``model`` over ``images`` in
-    ``calib_chunk`` chunks, the first time a layer needs them. ``store`` (optional; ``get_tensors`` /
+    ``calib_batches`` chunks, the first time a layer needs them. ``store`` (optional; ``get_tensors`` /
     ``put_tensors`` / ``key``, e.g. an ``engine.cache.ProbeCache`` with :func:`layer_ptq_context`)
     keeps every built layer on disk: a layer is computed once per context, then read."""
 
@@ -251,7 +251,7 @@ class LocalLayerBuilder:
         """Per layer, statistics of the fp input (through its ``a_bits`` input quantizer when given),
         Hessians included when ``want_h`` (gathered again if an earlier pass skipped them)."""
         if a_bits not in self._stats or (want_h and any(st.xx is None for st in self._stats[a_bits].values())):
-            from .calibration import calib_chunk, calibrate
+            from .calibration import calib_batches, calibrate
             from .primitives import fake_quant
 
             names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -270,9 +270,8 @@ class LocalLayerBuilder:
             hs = [self.model.get_submodule(f).register_forward_pre_hook(hook(f)) for f in names]
             device = next(self.model.parameters()).device
             try:
-                step = calib_chunk(self.images)
-                for i in range(0, len(self.images), step):
-                    self.model(self.images[i:i + step].to(device))
+                for chunk in calib_batches(self.images):
+                    self.model(chunk.to(device))
             finally:
                 for h in hs:
                     h.remove()
