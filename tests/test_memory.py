@@ -51,9 +51,21 @@ def test_plan_prefix_cache_keeps_the_smaller_of_room_and_request():
     # a method's own pass and the probe working set come one after the other: the peak counts the larger
     both = {**parts, "method": 300.0}
     assert plan_prefix_cache(800, both, None, 2048.0) == 0.0  # fits; nothing left for kept cuts
-    assert plan_prefix_cache(1000, both, None, 2048.0) == 100.0
+    assert plan_prefix_cache(1000, both, None, 2048.0) == 200.0  # the cache lives beside the peak, not the sum
     with pytest.raises(MemoryLimitError, match="about 800 MB"):
         plan_prefix_cache(799, both, None, 2048.0)
+
+
+def test_without_a_limit_the_prefix_cache_aims_at_the_default_target_and_never_refuses():
+    from mpqkit.memory import DEFAULT_TARGET_MB
+
+    small = {"process": 500.0, "probe working set": 100.0}
+    assert plan_prefix_cache(None, small, None, 2048.0) == 2048.0  # room enough: the default size
+    big = {"process": DEFAULT_TARGET_MB - 900.0, "probe working set": 700.0, "method": 400.0}
+    assert plan_prefix_cache(None, big, None, 2048.0) == pytest.approx(200.0)  # what the peak leaves
+    over = {"process": DEFAULT_TARGET_MB, "probe working set": 700.0}
+    assert plan_prefix_cache(None, over, None, 2048.0) == 0.0  # over the target: runs, with no kept cuts
+    assert plan_prefix_cache(None, over, 64.0, 2048.0) == 64.0  # an explicit --prefix-cache-mb is kept
 
 
 def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_their_pass():

@@ -16,8 +16,9 @@ The estimate is a sum of named parts (MB), each from sizes known before the sear
 
 The probe working set, the method's own pass and the calibration pass are never live at the same
 time (they run one after the other): the peak counts the largest of them. What is left under the
-limit after all parts goes to the prefix cache (the kept layer-cut tensors, which only save time;
-kept while any of them runs), none when nothing is left. The estimate models the main buffers, not
+limit after the parts' peak goes to the prefix cache (the kept layer-cut tensors, which only save
+time; kept while any of them runs), none when nothing is left. Without a limit the same sizing aims at
+``DEFAULT_TARGET_MB`` without refusing anything. The estimate models the main buffers, not
 every short-lived temporary.
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ from .quant.observers import UPDATE_PIECE
 MB = 2 ** 20
 #: parts live one after the other, never together
 TRANSIENT = ("probe working set", "method", "calibration pass")
+#: without ``--max-memory`` (or ``--prefix-cache-mb``), the prefix cache is sized so that the estimated
+#: peak stays within this many MB: 256 MB under 4 GiB, for the temporaries the estimate does not model
+DEFAULT_TARGET_MB = 3840.0
 
 
 class MemoryLimitError(MpqkitError):
@@ -74,11 +78,15 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
 
 def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], requested_mb: float | None,
                       default_mb: float) -> float | None:
-    """The prefix cache's size (MB) under ``limit_mb``: what the parts leave, at most the requested or
-    the default size; ``requested_mb`` unchanged without a limit. Raises ``MemoryLimitError`` (naming the
-    parts and the smallest feasible limit) when their peak (:func:`peak_mb`) exceeds it."""
+    """The prefix cache's size (MB) under ``limit_mb``: what the parts' peak (:func:`peak_mb`) leaves, at
+    most the requested or the default size. Raises ``MemoryLimitError`` (naming the parts and the smallest
+    feasible limit) when the peak exceeds the limit. Without a limit: ``requested_mb`` when given, else
+    the default size within :data:`DEFAULT_TARGET_MB` (a target, never a refusal: a search whose peak
+    exceeds it runs with no prefix cache)."""
     if limit_mb is None:
-        return requested_mb
+        if requested_mb is not None:
+            return requested_mb
+        return min(default_mb, max(0.0, DEFAULT_TARGET_MB - peak_mb(parts)))
     need = peak_mb(parts)
     if need > limit_mb:
         detail = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items())
@@ -86,7 +94,7 @@ def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], reques
             f"--max-memory {limit_mb:,.0f} MB is below what this search holds before any cache: about {need:,.0f} MB "
             f"({detail}); the smallest limit it can run under is about {math.ceil(need):,} MB, or use a smaller "
             f"--calib-size (the calibration copies and the probe working set scale with it)")
-    room = max(0.0, limit_mb - sum(parts.values()))
+    room = max(0.0, limit_mb - need)
     return min(room, requested_mb if requested_mb is not None else default_mb)
 
 

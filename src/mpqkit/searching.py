@@ -1,6 +1,7 @@
 """``search``: calibrate → measure (the method) → decide (the solver) → refine → the plan."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ from .budget import Ledger, parse_budget
 from .fileutil import writer_lock
 from .errors import MpqkitError
 from .evaluation import check_outputs
+from .engine.probe import default_prefix_cache_mb
 from .graph import discover
+from .memory import plan_prefix_cache, search_parts
 from .plan import LayerQuant, Plan, provenance
 from .quant.calibration import calib_chunk
 from .result import SearchResult
@@ -94,7 +97,8 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
                         a_bits=problem.a_bits, search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig,
                         seed=s.seed, options=opts, engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
                         load_train=lambda n, seed: train_subset(data, n, seed, s.data_root),
-                        load_heldout=lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root),
+                        load_heldout=functools.lru_cache(maxsize=1)(  # read once: the memory estimate counts it
+                            lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root)),
                         problem=problem, settings=s)
     _fit_memory(ctx, m, s)
     t_sens = time.perf_counter()
@@ -117,18 +121,17 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
 
 def _fit_memory(ctx: SearchContext, m: Method, s: RunSettings) -> None:
     """Under ``--max-memory``: refuse a search whose estimated need exceeds it (``MemoryLimitError``,
-    before any probe) and size the probe engine's prefix cache within what is left."""
-    if s.max_memory_mb is None or m.sensitivity is None:
+    before any probe) and size the probe engine's prefix cache within what is left; without it (and
+    without ``--prefix-cache-mb``), size the prefix cache within ``memory.DEFAULT_TARGET_MB``."""
+    if m.sensitivity is None or (s.max_memory_mb is None and s.prefix_cache_mb is not None):
         return
-    from .engine.probe import default_prefix_cache_mb
-    from .memory import plan_prefix_cache, search_parts
-
     n_candidates = len(ctx.w_bits) + (len(ctx.a_bits) if ctx.search_a else 0)
     own = (lambda: m.memory(ctx)) if m.memory is not None else None
     parts = search_parts(ctx.graph, ctx.calib_images, n_candidates, own)
     cache = plan_prefix_cache(s.max_memory_mb, parts, s.prefix_cache_mb, default_prefix_cache_mb())
     ctx.engine_kwargs["prefix_cache_mb"] = cache
-    log.info("memory estimate under --max-memory %.0f MB: %s; prefix cache %.0f MB", s.max_memory_mb,
+    log.info("memory estimate (%s): %s; prefix cache %.0f MB",
+             f"--max-memory {s.max_memory_mb:.0f} MB" if s.max_memory_mb is not None else "default target",
              ", ".join(f"{k} {v:.0f}" for k, v in parts.items()), cache)
 
 

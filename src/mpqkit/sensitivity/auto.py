@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.probe import ProbeEngine, auto_batch_size
 from ..errors import MpqkitError
 from ..profile import stage
 from .base import SearchContext, SensitivityTable, SolveRequest
@@ -107,13 +108,14 @@ class AutoOptions(MethodOptions):
 def auto_memory(ctx: SearchContext) -> float:
     """MB auto holds beside the calibration engine (``Method.memory``): the held-out images (as many as
     the data has beside the calibration draw), loaded and batched, the held-out engine's model copy and
-    its live tensors at the plans' first layer (at most the widest layer input per image), and the
-    largest of its candidates' own memory."""
+    the live tensors of one batch (it runs plans from the input, batch by batch: at most the widest
+    layer's input and output per image), and the largest of its candidates' own memory."""
     opts: AutoOptions = ctx.options  # type: ignore[assignment]
     images, graph = ctx.calib_images, ctx.graph
     n = len(ctx.load_heldout(opts.heldout)) if ctx.load_heldout is not None else opts.heldout
     per_image = images[0].numel() * images.element_size() if len(images) else 0
-    held = n * (2 * per_image + 4 * graph.widest_in_numel) + 4 * graph.total_params
+    batch = min(n, ctx.engine_kwargs.get("batch_size") or auto_batch_size(graph))
+    held = n * 2 * per_image + batch * 2 * 4 * graph.widest_in_numel + 4 * graph.total_params
     methods = (METHODS.get(name.strip()) for name in opts.methods.split(",") if name.strip())
     own = [m.memory(dataclasses.replace(ctx, options=m.make_options(None))) for m in methods if m.memory is not None]
     return held / 2 ** 20 + max(own, default=0.0)
@@ -124,8 +126,6 @@ def auto_memory(ctx: SearchContext) -> float:
 def auto(ctx: SearchContext) -> SensitivityTable:
     """Each candidate method's plan, measured on held-out images; the lowest held-out loss wins and
     is refined by measured moves (kept only if the held-out loss does not rise)."""
-    from ..engine.probe import ProbeEngine
-
     opts: AutoOptions = ctx.options  # type: ignore[assignment]
     if ctx.problem is None or not ctx.problem.constraints:
         raise MpqkitError("method 'auto' needs a --budget (e.g. avg-bits=3)")
@@ -134,9 +134,12 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     if ctx.load_heldout is None:
         raise MpqkitError("method 'auto' needs held-out training images (search by dataset name)")
     held = ctx.load_heldout(opts.heldout)
-    # the plans are measured on held-out images with the layers the calibration set built (ranges, GPTQ)
+    # the plans are measured on held-out images with the layers the calibration set built (ranges, GPTQ);
+    # each is a whole plan that differs from the fp model from its first searched layer on, so a kept
+    # layer cut would save only the layers before it: the held-out engine runs every plan from the
+    # input, batch by batch, and holds no live tensors of all its images at once
     held_engine = ProbeEngine(ctx.model, ctx.graph, held.images, held.labels, qconfig=ctx.qconfig, seed=ctx.seed,
-                              layers_from=ctx.engine, **ctx.engine_kwargs)
+                              layers_from=ctx.engine, **{**ctx.engine_kwargs, "prefix": False})
     trials, tables, plans = _candidates(ctx, opts, held_engine)
     ok = [t for t in trials if "heldout_loss" in t and math.isfinite(t["heldout_loss"])]
     if not ok:
