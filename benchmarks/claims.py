@@ -5,7 +5,9 @@
         --claim "MixQuant+BRECQ > uniform+BRECQ;DIR;mixquant@brecq;DIR2;uniform@brecq" ...
 
 A claim is ``text;dir_a;method_a[@ptq];dir_b;method_b[@ptq][;budgets]`` (ptq default: ``default``;
-budgets: only these, comma-separated): "A beats B".
+budgets: only these, comma-separated): "A beats B". A difference whose side ahead is the larger model
+(by more than ``EQUAL_SIZE_BITS`` average weight bits, e.g. a mixed plan at avg-bits 2.5 against
+uniform W2) gets no verdict: "not at equal size".
 Per budget measured on both sides, rows are paired by calibration seed; the table gives each side's
 mean ± std, the mean of A − B with its 95 % t interval, and the verdict: the claim holds where the
 interval lies above 0, is reversed where it lies below 0, and is not settled otherwise. Written to
@@ -18,19 +20,29 @@ from pathlib import Path
 
 from mpqkit.fileutil import atomic_write_text
 from mpqkit.report.bench import load_rows
-from mpqkit.report.stats import paired_difference, summarize
+from mpqkit.report.stats import larger_winner, paired_difference, summarize
 
 
-def _side(spec_dir: str, spec_method: str) -> dict[str, dict[int, float]]:
-    """{budget: {seed: top-1 test}} of one method (and PTQ) in one bench directory."""
+def _side(spec_dir: str, spec_method: str) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """({budget: {seed: top-1 test}}, {budget: {seed: avg w-bits}}) of one method (and PTQ) in one bench
+    directory (rows without ``avg_w_bits`` are left out of the second)."""
     method, _, ptq = spec_method.partition("@")
     ptq = ptq or "default"
-    out: dict[str, dict[int, float]] = {}
+    top1: dict[str, dict[int, float]] = {}
+    bits: dict[str, dict[int, float]] = {}
     for r in load_rows(Path(spec_dir) / "rows.jsonl"):
         if r["method"] != method or r.get("error") or (r.get("ptq") or "default") != ptq:
             continue
-        out.setdefault(r["budget"], {})[int(r.get("seed", r.get("draw", 0)))] = float(r["top1_test"])
-    return out
+        seed = int(r.get("seed", r.get("draw", 0)))
+        top1.setdefault(r["budget"], {})[seed] = float(r["top1_test"])
+        if r.get("avg_w_bits") is not None:
+            bits.setdefault(r["budget"], {})[seed] = float(r["avg_w_bits"])
+    return top1, bits
+
+
+def _mean_bits(bits: dict[int, float], seeds: list[int]) -> float | None:
+    vals = [bits[s] for s in seeds if s in bits]
+    return sum(vals) / len(vals) if vals else None
 
 
 def _budget_key(budget: str) -> tuple:
@@ -43,7 +55,7 @@ def _budget_key(budget: str) -> tuple:
 
 def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str, budgets: str = "") -> list[str]:
     """One table row per budget both sides measured (only ``budgets``, comma-separated, when given)."""
-    a, b = _side(dir_a, method_a), _side(dir_b, method_b)
+    (a, bits_a), (b, bits_b) = _side(dir_a, method_a), _side(dir_b, method_b)
     common = set(a) & set(b)
     only = {t.strip() for t in budgets.split(",") if t.strip()}
     if only:
@@ -56,6 +68,10 @@ def claim_rows(text: str, dir_a: str, method_a: str, dir_b: str, method_b: str, 
         seeds = sorted(set(a[budget]) & set(b[budget]))
         sa, sb = summarize([a[budget][s] for s in seeds]), summarize([b[budget][s] for s in seeds])
         interval, verdict = d.interval_text, d.verdict("**holds**", "**reversed**", "not settled")
+        size_a, size_b = _mean_bits(bits_a.get(budget, {}), seeds), _mean_bits(bits_b.get(budget, {}), seeds)
+        unequal = larger_winner(d.mean, size_a, size_b) if size_a is not None and size_b is not None else ""
+        if unequal and d.significant:  # a larger model ahead of a smaller one is no verdict on the method
+            verdict = f"not at equal size ({unequal})"
         std_a = f" ± {sa.std:.2f}" if d.n > 1 else ""
         std_b = f" ± {sb.std:.2f}" if d.n > 1 else ""
         lines.append(f"| {text} | {budget} | {d.n} | {sa.mean:.2f}{std_a} | {sb.mean:.2f}{std_b} | {d.mean:+.2f} | "

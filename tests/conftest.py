@@ -105,3 +105,19 @@ def shared_available() -> bool:
 
 requires_shared = pytest.mark.skipif(not shared_available(), reason="../shared data/models not found "
                                      "(set MPQKIT_DATA / MPQKIT_MODELS)")
+
+
+def assert_on_planned_grid(layer: nn.Module, bits: int) -> None:
+    """The quantized layer's weight lies on a ``bits``-bit grid: its spec says ``bits``, the integer range
+    has 2^bits levels, and every (scale, zero point) code of ``quantized_weight()`` is an integer in it.
+    A layer left in fp32 or quantized at other bits fails."""
+    assert getattr(layer, "w_spec", None) is not None and layer.w_spec.bits == bits, (getattr(layer, "w_spec", None), bits)
+    qmin, qmax = layer._w_range
+    assert qmax - qmin + 1 == 2 ** bits
+    w = layer.quantized_weight().detach().double()
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    scale = layer.w_scale.double().reshape(shape if layer.w_scale.numel() > 1 else ())
+    zp = layer.w_zero_point.double().reshape(shape if layer.w_zero_point.numel() > 1 else ())
+    codes = w / scale + zp
+    assert torch.allclose(codes, codes.round(), atol=1e-3), "weights off the grid"
+    assert int(codes.round().min()) >= qmin and int(codes.round().max()) <= qmax

@@ -426,3 +426,26 @@ def test_recheck_rows_reproduces_the_rows_of_the_picked_plans(bench_dirs, tmp_pa
     assert len(out.read_text().splitlines()) == 2
     with pytest.raises(SystemExit, match="no measured row"):
         _script("recheck_rows").main(["--dir", str(plain), "--model", "digits-cnn", "--pick", "greedy,avg-bits=3,0"])
+
+
+def test_claims_give_no_verdict_when_the_side_ahead_is_the_larger_model(tmp_path):
+    """A mixed plan at avg-bits 2.5 far ahead of uniform W2 is a larger model ahead of a smaller one:
+    "not at equal size", not "holds"; the same gap at equal size holds."""
+    def rows(bits_a: float, bits_b: float) -> Path:
+        d = tmp_path / f"{bits_a}-{bits_b}"
+        d.mkdir()
+        lines = []
+        for seed in range(3):
+            lines.append({"method": "mixed", "budget": "avg-bits=2.5", "draw": seed, "seed": seed,
+                          "top1_test": 80.0 + 0.1 * seed, "avg_w_bits": bits_a})
+            lines.append({"method": "uniform", "budget": "avg-bits=2.5", "draw": seed, "seed": seed,
+                          "top1_test": 60.0 - 0.2 * seed, "avg_w_bits": bits_b})
+        (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return d
+
+    claims = _script("claims")
+    unequal, equal = rows(2.5, 2.0), rows(2.5, 2.5)
+    (row_unequal,) = claims.claim_rows("mixed > uniform", str(unequal), "mixed", str(unequal), "uniform")
+    (row_equal,) = claims.claim_rows("mixed > uniform", str(equal), "mixed", str(equal), "uniform")
+    assert row_unequal.endswith("| not at equal size (the side ahead has 2.50 vs 2.00 avg w-bits) |")
+    assert row_equal.endswith("| **holds** |")

@@ -99,7 +99,8 @@ def test_bench_with_draws_pairs_methods_on_the_same_draws(tmp_path, capsys):
 
 
 def test_bench_refuses_to_resume_another_protocol(tmp_path, capsys):
-    """Rows measured with another seed or objective are not resumed into (they would be mixed in every mean)."""
+    """Rows measured with another seed or objective, and plans searched with other calibration images or
+    another quantizer, are not resumed into (they would be mixed in every mean)."""
     from mpqkit.cli import main
 
     out = tmp_path / "b"
@@ -116,6 +117,15 @@ def test_bench_refuses_to_resume_another_protocol(tmp_path, capsys):
     assert (out / "rows.jsonl").read_text() == rows  # nothing appended, nothing lost
     assert main(argv + ["--seed", "3"]) == 0  # the same protocol resumes
     assert (out / "rows.jsonl").read_text() == rows
+    # a new PTQ onto the measured plan: refused where the plan says it was searched otherwise
+    argv_new_ptq = [a if a != "default" else "nearest" for a in argv] + ["--seed", "3"]
+    assert main([a if a != "64" else "48" for a in argv_new_ptq]) == 2
+    assert "other calibration images (64 drawn with seed 3; this run: 48 with seed 3)" in capsys.readouterr().err
+    assert main(argv_new_ptq + ["--rounding", "nearest"]) == 2
+    assert "qconfig" in capsys.readouterr().err
+    assert (out / "rows.jsonl").read_text() == rows
+    assert main(argv_new_ptq) == 0  # the same protocol adds the new PTQ's rows
+    assert '"ptq": "nearest"' in (out / "rows.jsonl").read_text()
 
 
 def test_bench_resume_with_another_ptq_quantizes_the_measured_plan(tmp_path, monkeypatch):

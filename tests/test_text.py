@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from conftest import assert_on_planned_grid
 from mpqkit import api
 from mpqkit.errors import MissingResourceError
 from mpqkit.graph import discover
@@ -52,10 +53,7 @@ def test_every_projection_is_a_searchable_layer_and_quantizes(caplog):
     q = api.apply_plan(net, res.plan, data, input_shape=(8,), calib_size=32)
     assert type(q.get_submodule("encoder.layer.0.attention.self.query")).__name__ == "QuantLinear"
     for name in ("encoder.layer.1.attention.self.value", "encoder.layer.0.attention.self.query"):
-        # the projection is quantized at the planned bits: each output row on at most 2^bits levels
-        b = res.plan.layers[name].w_bits
-        w = q.get_submodule(name).quantized_weight()
-        assert max(len(torch.unique(row)) for row in w.detach()) <= 2 ** b
+        assert_on_planned_grid(q.get_submodule(name), res.plan.layers[name].w_bits)  # at the planned bits
     ev = api.evaluate(net, data, "train", res.plan, input_shape=(8,), calib_size=32)
     assert 0.0 <= ev["top1"] <= 1.0
 

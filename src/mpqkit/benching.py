@@ -1,6 +1,7 @@
 """Many searches: ``bench`` (methods × budgets × PTQ × draws, resumable rows), ``sweep``, ``proxies``."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -164,6 +165,8 @@ def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[s
                 kept = _measured_plan(rows, method, budget, draw, pdir)
                 if kept is not None:  # rows of this plan exist: new PTQ rows measure the same plan
                     plan, search_s = kept
+                    _check_plan_protocol(plan, sd, opts[method], pdir, calibration_set(data, sd.calib_size, sd.seed,
+                                                                                        sd.data_root))
                 else:
                     try:
                         res = search(bundle, data, budget, method, settings=sd, options=opts[method], out=pdir,
@@ -224,6 +227,30 @@ def _check_same_run(rows: Sequence[dict], out: Path, s: RunSettings, recon_iters
         if clash:
             raise MpqkitError(f"{out} holds rows measured with {clash}; a results directory describes one run: "
                               f"use another --out, or the same settings to resume it")
+
+
+def _check_plan_protocol(plan: Plan, s: RunSettings, opts: MethodOptions, pdir: Path, calib: LabeledData) -> None:
+    """Resuming onto a plan an earlier run searched is refused when that run's settings differ from this
+    run's where the plan records them: the quantizer (qconfig), the probe objective, the candidate
+    bit-widths, the method's options and the calibration images (``calib``: this run's draw)."""
+    params, recorded = plan.method_params, plan.provenance.get("calib", {})
+    mine = {"qconfig": s.qconfig.to_dict(), "objective": s.objective, **opts.to_params()}
+    if s.w_bits is None:
+        mine["w_candidates"] = list(s.w_candidates)
+
+    def differs(old: Any, new: Any) -> bool:  # a dict recorded before a field existed is compared where both have it
+        old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+        if isinstance(old, dict) and isinstance(new, dict):
+            return any(old[k] != new[k] for k in old.keys() & new.keys())
+        return old != new
+
+    clashes = [f"{k} {params[k]!r} (this run: {v!r})" for k, v in mine.items() if k in params and differs(params[k], v)]
+    if recorded.get("sha256") not in (None, calib.sha256()):
+        clashes.append(f"other calibration images ({recorded.get('n')} drawn with seed {recorded.get('seed')}; "
+                       f"this run: {len(calib)} with seed {s.seed})")
+    if clashes:
+        raise MpqkitError(f"{pdir / 'plan.json'} was searched with {'; '.join(clashes)}: a results directory describes "
+                          "one run: use another --out, or the same settings to resume it")
 
 
 def _measured_plan(rows: Sequence[dict], method: str, budget: str, draw: int,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ._version import __version__
 from .errors import PlanError
 from .fileutil import atomic_write_text, json_text  # noqa: F401  (atomic_write_text re-exported)
 from .graph import ModelGraph, unknown_layer_message
@@ -198,7 +199,6 @@ def _field(d: dict, key: str, kind: type, source: str) -> Any:
 
 
 def provenance(seed: int, calib_n: int, calib_sha256: str) -> dict[str, Any]:
-    from . import __version__
 
     # no timestamp: the same inputs give the byte-identical plan (the results directory's
     # summary.json records when and how long)

@@ -17,8 +17,8 @@ from typing import Sequence
 from ..fileutil import atomic_write_text, json_text
 from ..plan import Plan
 from .recommend import toc_markdown, what_to_run_markdown
-from .stats import (EQUAL_SIZE_BITS, MIN_DRAWS, bits_agreement, draw_groups, metric_column, paired_difference,
-                    summarize)
+from .stats import (EQUAL_SIZE_BITS, MIN_DRAWS, bits_agreement, draw_groups, larger_winner, metric_column,
+                    paired_difference, summarize)
 
 log = logging.getLogger("mpqkit")
 
@@ -260,22 +260,12 @@ def _paired_rows(groups: dict, metric: str) -> list[str]:
                 if d is None:
                     continue
                 verdict = d.verdict("**A > B**", "**A < B**", "not separated")
-                larger = _larger_winner(d.mean, bits_of[(m, b, p)], bits_of[(ref, b, p)])
+                larger = larger_winner(d.mean, bits_of[(m, b, p)], bits_of[(ref, b, p)])
                 if larger and d.n >= MIN_DRAWS:
                     verdict = f"not at equal size ({larger})"
                 lines.append(f"| {b} | {p or 'default'} | {m} | {ref} | {d.n} | {d.mean:+.2f} | {d.interval_text} | "
                              f"{verdict} |")
     return lines
-
-
-def _larger_winner(diff: float, bits_a: float, bits_b: float) -> str:
-    """Why A − B = ``diff`` is no verdict: the side ahead is larger by more than ``EQUAL_SIZE_BITS``
-    (e.g. a mixed plan at avg-bits 2.5 against uniform W2); "" when the comparison is fair (equal
-    size, or the smaller side is the one ahead)."""
-    ahead, behind = (bits_a, bits_b) if diff > 0 else (bits_b, bits_a)
-    if ahead - behind > EQUAL_SIZE_BITS:
-        return f"the side ahead has {ahead:.2f} vs {behind:.2f} avg w-bits"
-    return ""
 
 
 def markdown_table(rows: Sequence[dict], title: str) -> str:

@@ -87,6 +87,16 @@ def bits_agreement(plans: Sequence[Mapping[str, tuple]]) -> float | None:
 EQUAL_SIZE_BITS = 0.1  # average weight bits two plans may differ by and still be compared "at equal size"
 
 
+def larger_winner(diff: float, bits_a: float, bits_b: float) -> str:
+    """Why A − B = ``diff`` is no verdict: the side ahead is larger by more than ``EQUAL_SIZE_BITS``
+    (e.g. a mixed plan at avg-bits 2.5 against uniform W2); "" when the comparison is fair (equal
+    size, or the smaller side is the one ahead)."""
+    ahead, behind = (bits_a, bits_b) if diff > 0 else (bits_b, bits_a)
+    if ahead - behind > EQUAL_SIZE_BITS:
+        return f"the side ahead has {ahead:.2f} vs {behind:.2f} avg w-bits"
+    return ""
+
+
 def metric_column(rows: Sequence[dict]) -> str:
     """The top-1 column the draw statistics use: the test split when measured."""
     cols = [k for k in dict.fromkeys(k for r in rows for k in r if k.startswith("top1_"))

@@ -180,7 +180,7 @@ def hawq(ctx: SearchContext) -> SensitivityTable:
         return {"traces": t, "info": {"curvature": "hessian", **i}}
 
     # cached with the probes (same model, draw and quantizer): auto and a rerun read it instead of
-    # spending the ~3 minutes of Hessian products again (ResNet-20, 2 cores)
+    # computing the Hessian products again
     spec = {"method": "hawq", "samples": o.hawq_samples, "max_iter": o.max_iter, "tol": o.tol, "patience": 3,
             "min_iter": 10} if curvature == "hessian" else {"method": "hawq-fisher", "samples": o.hawq_samples}
     memo = ctx.engine.memo(spec, measure)

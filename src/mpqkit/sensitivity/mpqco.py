@@ -6,8 +6,7 @@ cross-entropy −log z_y. ``mpqco_output`` says what z is:
 - ``prob`` (default): the softmax probability, as in the paper's cross-entropy derivation; then
   ∇z_y / z_y = ∇ log z_y is computed directly and never divides by a small number.
 - ``logit``: the true-class logit (the METHODS.md wording). A logit near 0 makes one image's term
-  dominate the sum: on MobileNetV2 (1000 classes) one 128-image draw gave a table 10⁴–10⁶× larger
-  than another, non-monotone in the bits, and a plan at 1.6 % top-1 (the other draw: 71 %).
+  dominate the sum (what that did on MobileNetV2: docs/METHODS.md, MPQCO).
 Per-sample gradients come from ``torch.func`` (vmap of grad, one batched pass per chunk); ΔW·∇z is
 then a dot product per (layer, bits), so the cost does not grow with the number of candidates.
 Options: ``mpqco_samples`` (default: the whole calibration set), ``mpqco_output``.
@@ -28,7 +27,7 @@ from .gradients import calib_chunks, chunk_size, grad_model, grad_pass_mb, requi
 
 EPS = 1e-6  # |z_y| floor: the score divides by the logit
 #: input elements per vmapped chunk (8 images at 224 × 224, 32 on CIFAR): the per-sample gradients and
-#: the vmapped backward of a chunk live at once (MobileNetV2, 32 images: peak 5.28 GB in one chunk, 2.18 GB in 8s)
+#: the vmapped backward of a chunk live at once (measured peaks: benchmarks/results/memory_mobilenetv2/note.md)
 CHUNK_ELEMENTS = 8 * 3 * 224 * 224
 
 
