@@ -111,6 +111,7 @@ $M bench -q $RTN --model resnet20 --methods smpq --shapley-game layer --shapley-
     --claim "MixQuant+BRECQ > uniform+BRECQ;$R/draws_resnet20;mixquant@brecq;$R/draws_resnet20;uniform@brecq" \
     --claim "auto+BRECQ > uniform+BRECQ;$R/draws_resnet20;auto@brecq;$R/draws_resnet20;uniform@brecq" \
     --claim "auto+BRECQ > uniform+BRECQ (2,000 iterations);$R/draws_resnet20_brecq2000;auto@brecq;$R/draws_resnet20_brecq2000;uniform@brecq" \
+    --claim "auto+BRECQ, 2,000 iterations > 500;$R/draws_resnet20_brecq2000;auto@brecq;$R/draws_resnet20;auto@brecq;avg-bits=3" \
     --claim "auto+BRECQ, 5,000 iterations > 2,000;$R/draws_resnet20_brecq5000;auto@brecq;$R/draws_resnet20_brecq2000;auto@brecq" \
     --claim "SMPQ > DMPQ;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;dmpq" \
     --claim "SMPQ > uniform;$R/draws_resnet20_smpq;smpq;$R/draws_resnet20_smpq;uniform" \

@@ -172,7 +172,9 @@ def test_results_page_opens_with_what_to_run(tmp_path):
     toc = text[text.index("## Contents"):text.index("### ")]
     titles = [line[4:] for line in text.splitlines() if line.startswith("### ")]
     assert toc.count("\n- [") == len(titles) == 3  # every section listed, in order
-    assert text.rstrip().endswith("This page: `mpqkit report r one worse`")
+    assert text.rstrip().endswith("This page:\n\n```\nmpqkit report r one worse\n```")
+    opening = text.split("| model | budget |")[0]
+    assert max(map(len, opening.splitlines())) <= 110  # the page's own prose is wrapped
 
 
 def test_what_to_run_does_not_call_a_much_worse_method_a_tie():

@@ -9,6 +9,7 @@ recorded in the rows (a search whose probes were already in the disk cache shows
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -16,6 +17,7 @@ from typing import Sequence
 from .stats import EQUAL_SIZE_BITS, MIN_DRAWS, draw_groups, metric_column, paired_difference, summarize
 
 
+LINE_WIDTH = 110  #: prose lines of the generated page are wrapped at this width
 TIE_POINTS = 0.2  #: top-1 points the cheaper choice may trail the best by on the mean (and not be separated)
 
 
@@ -28,10 +30,12 @@ class Choice:
     std: float
     avg_w_bits: float
     seconds: float  # median over draws of search_s + ptq_s
+    recon_iters: int | None = None  # reconstruction iterations per block (BRECQ rows that record them)
 
     @property
     def label(self) -> str:
-        return f"{self.method} + {self.ptq}"
+        iters = f" ({self.recon_iters:,} iterations)" if self.recon_iters else ""
+        return f"{self.method} + {self.ptq}{iters}"
 
 
 def _choice(key: tuple, by_draw: dict[int, dict], metric: str) -> Choice | None:
@@ -40,8 +44,9 @@ def _choice(key: tuple, by_draw: dict[int, dict], metric: str) -> Choice | None:
         return None
     st = summarize([r[metric] for r in rows])
     secs = statistics.median((r.get("search_s") or 0.0) + (r.get("ptq_s") or 0.0) for r in rows)
+    iters = {r.get("recon_iters") for r in rows}
     return Choice(key[0], key[2] or "default", st.n, st.mean, st.std,
-                  summarize([r["avg_w_bits"] for r in rows]).mean, secs)
+                  summarize([r["avg_w_bits"] for r in rows]).mean, secs, iters.pop() if len(iters) == 1 else None)
 
 
 def recommend(rows: Sequence[dict]) -> list[tuple[str, Choice, Choice | None, str]]:
@@ -87,14 +92,14 @@ def what_to_run_markdown(named: Sequence[tuple[str, str, Sequence[dict]]]) -> st
                 best_of[key] = (directory, best, cheap, diff)
     if not best_of:
         return ""
-    lines = ["## What to run", "",
-             f"Per model and budget, over every results directory below with at least {MIN_DRAWS} calibration draws: "
+    intro = (f"Per model and budget, over every results directory below with at least {MIN_DRAWS} calibration draws: "
              f"the (method + PTQ) with the best mean top-1 (the directory it comes from, and how many directories "
              f"measured that budget), and the cheapest choice of the same directory within {TIE_POINTS} points of it on "
              "the mean whose paired difference from it over the same draws is not separated from 0 (95 % t interval), "
              "at equal size. Seconds: median over the draws of search + PTQ (or fine-tuning), as the rows recorded "
              "them (with the probe cache of that run; a cached search shows less). Directories measured under "
-             "other protocols answer other questions: their sections below say how.", "",
+             "other protocols answer other questions: their sections below say how.")
+    lines = ["## What to run", "", textwrap.fill(intro, LINE_WIDTH, break_on_hyphens=False), "",
              "| model | budget | best: method + PTQ | top-1 mean ± std (draws) | s | from (of N) | cheapest not "
              "separated | top-1 | s | best − it, 95 % interval |", "|---|---|---|---:|---:|---|---|---:|---:|---|"]
     for (model, budget), (directory, best, cheap, diff) in sorted(best_of.items(), key=_guide_order):
