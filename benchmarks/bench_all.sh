@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every row of docs/RESULTS.md, then the page itself. Resumable: each `mpqkit bench` skips the rows
 # already in its rows.jsonl and the probe cache keeps measured sensitivities, so rerun after a stop.
-# Hours on a 2-core CPU (ResNet-56: about 2.5 h with one core). Run from the repository root.
+# Hours on a 2-core CPU. Run from the repository root.
 set -euo pipefail
 M="${MPQKIT:-.venv/bin/mpqkit}"
 R=benchmarks/results
@@ -25,6 +25,8 @@ $M bench -q $LEGACY --model resnet20 --methods clado,clado-diag,eval-delta,unifo
 # legacy: the original akamaster ResNet-56 (trained on the original pixels; `resnet56` is the JPEG fine-tune now)
 $M bench -q $LEGACY --model resnet56-orig --methods "$BASE" --mpqco-output logit --budgets "$AVG" --ptq default \
     --out $R/bench_resnet56
+$M bench -q $LEGACY --model resnet56-orig --methods uniform --budgets "avg-bits=2.5;avg-bits=3" --ptq brecq \
+    --out $R/bench_resnet56
 # CLADO on ResNet-56 with 256 sensitivity images: 13k probes, ~40 min on one core (the probes are
 # shared with benchmarks/clado_resnet20.py --model resnet56-orig --cache-dir ~/.cache/mpqkit)
 $M bench -q $LEGACY --model resnet56-orig --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
@@ -45,8 +47,10 @@ $M bench -q $RTN --model resnet20 --methods auto,uniform,eval-delta,mpqco,mixqua
     --budgets avg-bits=3 --ptq default --splits test --draws 5 --out $R/draws_resnet20
 # mpqco's logit form (the default before 04fe2d3) on the same draws; the auto rows in that directory were made
 # by 927a871, whose auto tried the logit form (see its note.md)
-$M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets "$AVG" --ptq default --splits test \
+$M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets avg-bits=3 --ptq default --splits test \
     --draws 5 --out $R/draws_resnet20_mpqco_logit
+$M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets "avg-bits=2.5;avg-bits=3.5;avg-bits=4" \
+    --ptq default --splits test --draws 3 --out $R/draws_resnet20_mpqco_logit
 $M bench -q $RTN --model resnet20 --methods uniform,eval-delta,mpqco,mixquant,mixquant-ilp,greedy \
     --budgets "$AVG" --ptq default --splits test --draws 5 --out $R/draws_resnet20
 # infoq and hawq (~5 min of 2 cores per draw) at the other budgets
@@ -83,8 +87,10 @@ $M bench -q $RTN --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" 
     --title "CLADO: pairs chosen by --pair-tol 0.05 (default) vs all pairs"
 # MixQuant: the default rule (absolute) is measured in draws_resnet20 above; the other two rules here (the
 # relative rows were measured in draws_resnet20 while relative was the default, then moved; see its note.md)
-$M bench -q $RTN --model resnet20 --methods mixquant --mixquant-rule relative --budgets "$AVG" --ptq default \
+$M bench -q $RTN --model resnet20 --methods mixquant --mixquant-rule relative --budgets avg-bits=3 --ptq default \
     --splits test --draws 5 --out $R/draws_resnet20_mixquant_relative
+$M bench -q $RTN --model resnet20 --methods mixquant --mixquant-rule relative --budgets "avg-bits=2.5;avg-bits=3.5;avg-bits=4" \
+    --ptq default --splits test --draws 3 --out $R/draws_resnet20_mixquant_relative
 $M bench -q $RTN --model resnet20 --methods mixquant --mixquant-rule weighted --budgets "$AVG" --ptq default \
     --splits test --draws 3 --out $R/draws_resnet20_mixquant_weighted
 # MixQuant + BRECQ vs uniform + BRECQ at equal size (avg-bits 3: uniform+BRECQ has 5 draws above)
@@ -130,8 +136,11 @@ $M bench -q $RTN --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,
 # (auto: 128 images are one chunk, so its refinement is skipped with a warning)
 # hawq with 32 of the 128 images: not run to the end (12 Hutchinson iterations of up to 200 took 70 min of a loaded
 # 2-core machine; see the note.md): a GPU job
-$M bench -q $RTN --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto,infoq,hawq --hawq-samples 32 \
+# (`--methods hawq --hawq-samples 32` with these settings left no row); infoq ran on draw 0 only
+$M bench -q $RTN --model mobilenetv2 --methods uniform,eval-delta,clado-diag,mpqco,auto \
     --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 2 --out $R/bench_mobilenetv2
+$M bench -q $RTN --model mobilenetv2 --methods infoq \
+    --budgets avg-bits=3:5:1 --ptq default --splits test --calib-size 128 --draws 1 --out $R/bench_mobilenetv2
 # BRECQ on MobileNetV2 (avg-bits 4, draw 0, 128 images), 100 iterations per block: not run to the end. The default
 # 500 did not reconstruct one plan in 40 min on a loaded 2-core machine; with 100, blocks 0-1 took 7 min and block 2 ran
 # at 11 s per iteration (19 min for 100) on a 2-core machine shared by four jobs: hours per plan there
@@ -232,7 +241,9 @@ T=$R/bench_minilm_sst2_gptq
 FT=$R/finetune_resnet20
 FTA="--src $R/draws_resnet20_gptq --out $FT --methods auto,uniform --budgets avg-bits=2.5,avg-bits=3 --epochs 3 --train-size 20000"
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1,2 --lr 3e-4 --jobs 2
-.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1 --lr 3e-4 --steps linear --jobs 2  # steps trained as s
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1 --lr 3e-4 --steps linear --jobs 2 --methods auto  # steps as s
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1 --lr 3e-4 --steps linear --methods uniform --budgets avg-bits=2.5
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --lr 3e-4 --steps linear --methods uniform --budgets avg-bits=3
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --steps linear  # lr 1e-4
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 10 --lr 3e-4
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 1 --epochs-list 2,5 \
@@ -258,6 +269,15 @@ eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/
     --claim "auto without greedy > auto with its default candidates;$R/cost_resnet20_nogreedy;auto;$R/cost_resnet20;auto"
 eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_mobilenetv2
+# CLADO at its default bit-widths, cold (ResNet-20); auto cold on the larger models, default settings (no --max-memory:
+# the prefix cache is sized within memory.DEFAULT_TARGET_MB)
+eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 --out $R/cost_resnet20_clado
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 3 --timeout 2400 \
+    --out $R/cost_mobilenetv2_auto
+eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
+    --out $R/cost_efficientnet_lite0_auto
+eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
+    --out $R/cost_minilm_sst2_auto
 # issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 1,200 s)
 eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta --budgets avg-bits=4 --calib-size 128 --draws 1 \
     --timeout 1200 --out $R/memory_mobilenetv2 -- --max-memory 4000

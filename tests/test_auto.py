@@ -15,7 +15,7 @@ KW = dict(calib_size=384, progress=False)
 def test_auto_keeps_the_best_held_out_plan_and_lists_what_it_tried():
     opts = {"methods": "uniform,eval-delta,mixquant-ilp,mpqco,greedy", "heldout": 512, "refine": 0}
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=opts, **KW)
-    trials = res.table.trials
+    trials = res.table.decision.trials
     assert [t["method"] for t in trials] == opts["methods"].split(",")
     ok = [t for t in trials if "heldout_loss" in t]
     best = min(ok, key=lambda t: (t["heldout_loss"], t["method"]))
@@ -36,9 +36,9 @@ def test_auto_keeps_the_best_held_out_plan_and_lists_what_it_tried():
 def test_auto_refines_and_keeps_only_what_holds_out():
     opts = {"methods": "uniform,mixquant-ilp", "heldout": 512, "refine": 30}
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=opts, **KW)
-    last = res.table.trials[-1]
+    last = res.table.decision.trials[-1]
     assert last["method"].endswith("+ refine") and last["probes"] <= 30
-    chosen = next(t for t in res.table.trials if t.get("chosen"))
+    chosen = next(t for t in res.table.decision.trials if t.get("chosen"))
     if last.get("kept"):
         assert last["heldout_loss"] <= chosen["heldout_loss"]
     assert not res.solution.info.get("violations")
@@ -65,7 +65,7 @@ def test_auto_with_a_small_calibration_set_skips_refinement_with_a_warning():
     res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", options=opts, calib_size=128, progress=False)
     assert "refinement skipped" in res.table.meta["refine"]["skipped"]
     assert any("refinement skipped" in w for w in res.plan.provenance["warnings"])
-    assert not any(t["method"].endswith("+ refine") for t in res.table.trials)
+    assert not any(t["method"].endswith("+ refine") for t in res.table.decision.trials)
 
 
 def test_auto_passes_candidate_flags_to_its_candidates():

@@ -204,8 +204,8 @@ def test_greedy_pareto_list_and_max_drop(tmp_path):
     # nearest rounding: damage that compounds across layers (GPTQ keeps all-2-bit digits within 0.2 points)
     res = mpqkit.search("digits-cnn", "digits", None, "greedy", calib_size=512, progress=False,
                         options={"max_drop": 1.0}, out=tmp_path / "g", qconfig=mpqkit.api.QuantConfig(rounding="nearest"))
-    assert len((tmp_path / "g" / "pareto.csv").read_text().splitlines()) == 1 + len(res.table.pareto)
-    pareto = res.table.pareto
+    assert len((tmp_path / "g" / "pareto.csv").read_text().splitlines()) == 1 + len(res.table.decision.pareto)
+    pareto = res.table.decision.pareto
     sizes = [p["avg_w_bits"] for p in pareto]
     assert sizes == sorted(sizes, reverse=True) and len(pareto) == 1 + len(res.ledger.searched) * 5
     pick = res.solution.info["step"]

@@ -449,3 +449,24 @@ def test_claims_give_no_verdict_when_the_side_ahead_is_the_larger_model(tmp_path
     (row_equal,) = claims.claim_rows("mixed > uniform", str(equal), "mixed", str(equal), "uniform")
     assert row_unequal.endswith("| not at equal size (the side ahead has 2.50 vs 2.00 avg w-bits) |")
     assert row_equal.endswith("| **holds** |")
+
+
+def test_clado_pair_replay_drops_pairs_by_tolerance_and_compares_plans(tmp_path, monkeypatch):
+    """benchmarks/clado_pair_replay.py on a 2-draw digits CLADO bench: the measured table reproduces its own
+    plan; a tolerance above every bound keeps no pair; larger tolerances keep fewer pairs."""
+    from mpqkit.cli import main
+
+    out = tmp_path / "clado"
+    monkeypatch.setenv("MPQKIT_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "-q", *DIGITS, "--methods", "clado", "--budgets", "avg-bits=3", "--draws", "2",
+                 "--calib-size", "256", "--ptq", "default", "--splits", "test", "--out", str(out)]) == 0
+    _script("clado_pair_replay").main(["--dir", str(out), "--model", "digits-cnn", "--tols", "0.5,1000",
+                                       "--budgets", "3,4", "--time-limit", "5"])
+    rows = json.loads((out / "pair_replay.json").read_text())
+    assert {r["draw"] for r in rows} == {0, 1} and {r["budget"] for r in rows} == {"avg-bits=3", "avg-bits=4"}
+    by = {(r["draw"], r["budget"], r["pair_tol"]): r for r in rows}
+    for (draw, budget, tol), r in by.items():
+        if tol == "measured":
+            assert r["same_plan"] and r["layers_changed"] == 0 and r["pairs"] > 0
+            assert by[draw, budget, 1000.0]["pairs"] == 0 <= by[draw, budget, 0.5]["pairs"] <= r["pairs"]
+    assert "| measured | 4 | 4 |" in (out / "pair_replay.md").read_text()

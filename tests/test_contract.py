@@ -210,3 +210,25 @@ def test_calibration_forwards_are_sized_by_the_input():
         return LabeledData(torch.zeros(2, *shape), torch.zeros(2, dtype=torch.long), "x", "test", 10)
 
     assert eval_batch_size(data(3, 32, 32)) == 500 and eval_batch_size(data(3, 224, 224)) == 27
+
+
+def test_a_method_either_measures_or_decides_and_its_table_says_which():
+    """A method registered as deciding (auto, greedy, smpq, dmpq) hands its solver a ``Decision``; a
+    measuring one only scores. A table that contradicts its method's kind is an error, not a silent plan."""
+    from mpqkit.sensitivity import METHODS
+    from mpqkit.sensitivity.base import Decision, Method, SensitivityTable
+    from mpqkit.sensitivity.solvers import chosen, ilp
+
+    def scores(ctx):
+        return SensitivityTable(w={"conv": {2: 1.0, 4: 0.1}})
+
+    def decided(ctx):
+        return SensitivityTable(w={}, decision=Decision(assignment={"conv": (4, 8)}))
+
+    assert Method("m", "", scores, ilp).measure(None).decision is None
+    assert Method("d", "", decided, chosen, decides=True).measure(None).decision.assignment == {"conv": (4, 8)}
+    with pytest.raises(RuntimeError, match="registered as deciding but its table lacks a Decision"):
+        Method("d", "", scores, chosen, decides=True).measure(None)
+    with pytest.raises(RuntimeError, match="registered as measuring but its table carries a Decision"):
+        Method("m", "", decided, ilp).measure(None)
+    assert {m.name for m in METHODS if m.decides} == {"auto", "greedy", "smpq", "dmpq"}

@@ -96,5 +96,5 @@ def test_pruning_keeps_the_plan_on_a_cifar_slice(r20, method, shared_cache):
     off = mpqkit.search(r20, "cifar10", "avg-bits=3", method, prune=False, **kw)  # measures what on skipped
     assert json.dumps(on.plan.to_dict()) == json.dumps(off.plan.to_dict())
     skipped = (on.table.meta["pruned"] if method == "eval-delta" else
-               sum(not p["measured"] for p in on.table.pareto))
+               sum(not p["measured"] for p in on.table.decision.pareto))
     assert skipped > 0 and off.engine_stats["probes_run"] == skipped

@@ -94,3 +94,32 @@ def test_functions_fit_a_screen_and_api_stays_a_facade():
                     long.append(f"{path.relative_to(SRC)}:{node.name} ({n} lines)")
     assert not long, long
     assert len((SRC / "api.py").read_text().splitlines()) <= 250
+
+
+def test_imports_inside_functions_state_why():
+    """Imports sit at module top; one inside a function says why (``# lazy: …`` / ``# optional …``) on its
+    line or on the comment and import lines right above it (e.g. torchvision or matplotlib take seconds
+    to import, the CLI imports only what its command uses, an optional extra)."""
+    missing = []
+    for path in sorted(SRC.rglob("*.py")):
+        lines = path.read_text().split("\n")
+        tree = ast.parse("\n".join(lines))
+        parents = {c: p for p in ast.walk(tree) for c in ast.iter_child_nodes(p)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            p = parents.get(node)
+            while p is not None and not isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                p = parents.get(p)
+            if p is None:
+                continue
+            j, said = node.lineno - 1, False
+            while j >= 0 and not said:
+                text = lines[j].strip()
+                said = "# lazy" in text or "# optional" in text
+                if j < node.lineno - 1 and not text.startswith(("#", "from ", "import ")) and not text.endswith((",", ")")):
+                    break
+                j -= 1
+            if not said:
+                missing.append(f"{path.relative_to(SRC.parent)}:{node.lineno}")
+    assert not missing, f"imports inside functions without a stated reason: {missing}"

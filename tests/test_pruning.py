@@ -49,7 +49,7 @@ def test_eval_delta_pruned_refinement_reads_the_same_scores(tmp_path):
 def test_greedy_measures_only_points_under_the_budget(budget, tmp_path):
     on, off = _pair("digits-cnn", "digits", budget, "greedy", tmp_path)
     assert _plan_bytes(on) == _plan_bytes(off)
-    pts_on, pts_off = on.table.pareto, off.table.pareto
+    pts_on, pts_off = on.table.decision.pareto, off.table.decision.pareto
     assert [p["bits"] for p in pts_on] == [p["bits"] for p in pts_off]
     measured = [p for p in pts_on if p["measured"]]
     assert 0 < len(measured) < len(pts_on)

@@ -125,7 +125,7 @@ def test_smpq_and_dmpq_share_one_cached_supernet_run(tmp_path, monkeypatch):
         alpha = res.table.meta[key]
         bits = [2, 3, 4, 5, 6, 8]  # the default candidates
         argmax = {f: bits[max(range(len(bits)), key=a.__getitem__)] for f, a in zip(res.ledger.searched, alpha)}
-        assert res.table.argmax_bits == argmax
+        assert res.table.decision.argmax_bits == argmax
         if res.solution.solver == "argmax":
             assert {f: lq.w_bits for f, lq in res.plan.layers.items() if f in argmax} == argmax
     assert len(s.table.meta["history"]) == 3 and "shapley_s" in s.table.meta["history"][-1]

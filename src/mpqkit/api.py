@@ -20,11 +20,11 @@ from torch import nn
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
 from .applying import apply_plan, evaluate, load_quantized, plan_qconfig, save_quantized
 from .benching import MAX_DRAWS, bench, method_options_for, proxies, sweep, unique, unique_budgets
-from .finetuning import MIN_FINETUNE_IMAGES, finetune
 from .budget import Ledger
+from .fileutil import atomic_write_text
+from .finetuning import MIN_FINETUNE_IMAGES, finetune
 from .graph import discover
-from .loading import (calibration_set, check_compatible, check_out_dir, heldout_set, load_model, load_split,
-                      on_device)
+from .loading import calibration_set, check_compatible, check_out_dir, heldout_set, load_model, load_split, on_device
 from .quant.config import QuantConfig
 from .result import SearchResult
 from .searching import search
@@ -53,7 +53,6 @@ def demo(out: str | Path = "results/demo", budget: str = "avg-bits=3", progress:
          echo: Any = print) -> list[tuple]:
     """The embedded default: the digits CNN, every kind of method, search → plan → quantize → eval,
     offline (no ../shared needed). Returns the summary rows; ``echo`` receives progress lines."""
-    from .fileutil import atomic_write_text
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -1,6 +1,7 @@
 """Plans to quantized models: ``apply_plan``, saving and loading quantized models, ``evaluate``."""
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -8,16 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, DataError, MpqkitError
+from .engine.cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
+from .errors import CheckpointError, DataError, MpqkitError, PlanError
 from .evaluation import evaluate_model
+from .fileutil import atomic_write_bytes
 from .graph import discover
+from .loading import calibration_set, check_compatible, load_model, load_split, on_device
 from .plan import Plan
 from .quant.apply import apply_plan as _apply_plan
+from .quant.brecq import recon_config
 from .quant.config import QuantConfig
+from .quant.layerwise import layer_ptq_context
+from .quant.ptq import parse_ptq, prepare_fp
 from .settings import RunSettings, resolve_settings
 from .zoo.data import LabeledData
 from .zoo.models import ModelBundle
-from .loading import calibration_set, check_compatible, load_model, load_split, on_device
 
 log = logging.getLogger("mpqkit")
 
@@ -29,7 +35,6 @@ def plan_qconfig(plan: Plan) -> QuantConfig | None:
     try:
         return QuantConfig.from_dict(q)
     except (TypeError, ValueError) as e:
-        from .errors import PlanError
 
         raise PlanError(f"the plan's qconfig is malformed: {e}") from None
 
@@ -50,8 +55,6 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
     :class:`ReconConfig` fields (e.g. ``{"iters": 2000}``). The quantized copy lives on
     ``settings.device``; its ``mpqkit_qconfig`` attribute is the quantizer config that built it.
     """
-    from .quant.brecq import recon_config
-    from .quant.ptq import parse_ptq
 
     s = resolve_settings(settings, overrides)
     recipe = parse_ptq(ptq) if ptq not in (None, "default") else None
@@ -97,9 +100,6 @@ def apply_plan(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, da
 def _layer_store(fp: nn.Module, images: torch.Tensor | None, qconfig: QuantConfig, seed: int, s: RunSettings):
     """The probe-cache folder of the layers a search built on its own (GPTQ on the fp inputs): a plan is
     applied with the very layers its search measured, computed only when not cached."""
-    from .engine.cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
-    from .quant.layerwise import layer_ptq_context
-    from .quant.ptq import prepare_fp
 
     if qconfig.rounding != "gptq" or images is None or not s.use_cache:
         return None
@@ -109,9 +109,6 @@ def _layer_store(fp: nn.Module, images: torch.Tensor | None, qconfig: QuantConfi
 
 def save_quantized(qmodel: nn.Module, plan: Plan, path: str | Path) -> Path:
     """Write a quantized model (plan + state dict with every quantizer's parameters), atomically."""
-    import io
-
-    from .fileutil import atomic_write_bytes
 
     buf = io.BytesIO()
     qconfig = getattr(qmodel, "mpqkit_qconfig", None)  # the quantizer that built it (--ptq may differ from the plan's)

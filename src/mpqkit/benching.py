@@ -11,20 +11,24 @@ import torch
 from torch import nn
 
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
+from .applying import apply_plan
 from .budget import parse_budget
-from .fileutil import writer_lock
 from .errors import DataError, MissingResourceError, MpqkitError
 from .evaluation import evaluate_model
+from .fileutil import writer_lock
 from .graph import discover
+from .loading import calibration_set, check_out_dir, load_model, load_split, on_device
 from .plan import Plan
+from .quant.brecq import DEFAULT_ITERS
+from .quant.ptq import parse_ptq
+from .report.bench import append_row, load_rows, plan_dir
+from .report.proxies import DEFAULT_METHODS, correlations, true_drops, write_proxies
+from .searching import search
+from .sensitivity.options import MethodOptions, field_flag
 from .sensitivity.registry import METHODS
-from .sensitivity.options import MethodOptions
 from .settings import RunSettings, resolve_settings
 from .zoo.data import LabeledData
 from .zoo.models import ModelBundle
-from .applying import apply_plan
-from .loading import calibration_set, check_out_dir, load_model, load_split, on_device
-from .searching import search
 
 log = logging.getLogger("mpqkit")
 MAX_DRAWS = 100  #: calibration draws one bench may ask for (each is a full search per method)
@@ -44,7 +48,6 @@ def method_options_for(methods: Sequence[str], given: Mapping[str, Any]) -> dict
         used |= passed
     unused = sorted(set(given) - used)
     if unused:
-        from .sensitivity.options import field_flag
 
         owners = {f.name: (field_flag(f) or f.name, []) for m in METHODS for f in m.options.option_fields()}
         for m in METHODS:
@@ -107,7 +110,6 @@ def bench(model: str | nn.Module | ModelBundle, data: str, methods: Sequence[str
     fails at a budget gets a row with the error. ``options``: per method name, its options
     (methods not named use their defaults).
     """
-    from .quant.ptq import parse_ptq
 
     s = resolve_settings(settings, overrides)
     if isinstance(draws, bool) or not isinstance(draws, int) or not 1 <= draws <= MAX_DRAWS:
@@ -130,7 +132,6 @@ def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[s
                 ptqs: list[str | None], s: RunSettings, opts: dict[str, MethodOptions], splits: list[str],
                 recon_options: dict[str, Any] | None, draws: int) -> list[dict]:
     """``bench``'s measurements, with the validated inputs, while this process holds ``out``."""
-    from .report.bench import append_row, load_rows
 
     rows_path = out / "rows.jsonl"
     rows = load_rows(rows_path, repair=True)
@@ -150,7 +151,6 @@ def _bench_rows(model: str | nn.Module | ModelBundle, data: str, methods: list[s
         ev = {sp: evaluate_model(fp_model, d, s.eval_batch_size) for sp, d in eval_sets.items()}
         append({"method": "fp32", "budget": "-", "ptq": None, "size_mb": None, "compression": 1.0, "gbitops": None,
                 "avg_w_bits": 32.0, **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()}})
-    from .report.bench import plan_dir
 
     for draw in range(draws):
         sd = s.replace(seed=s.seed + draw)
@@ -201,8 +201,6 @@ def _eval_sets(data: str, splits: Sequence[str], s: RunSettings) -> dict[str, La
 
 def _bench_recon_iters(ptqs: Sequence[str | None], recon_options: Mapping[str, Any] | None) -> int | None:
     """Reconstruction iterations per unit of this bench's reconstruction rows (None: no such row)."""
-    from .quant.brecq import DEFAULT_ITERS
-    from .quant.ptq import parse_ptq
 
     if not any(p is not None and parse_ptq(p).recon for p in ptqs):
         return None
@@ -273,7 +271,6 @@ def _bench_plan(plan: Plan, search_s: float, bundle: ModelBundle, data: str, ptq
                 eval_sets: Mapping[str, LabeledData], settings: RunSettings, recon_options: dict[str, Any] | None,
                 pdir: Path, tag: dict[str, Any], append: Any, recon_iters: int | None = None) -> None:
     """Quantize one plan with each PTQ backend, evaluate it, append one row each."""
-    from .quant.ptq import parse_ptq
 
     c = plan.costs
     for p in ptqs:
@@ -302,7 +299,6 @@ def proxies(model: str | nn.Module | ModelBundle, data: str, out: str | Path,
             **overrides: Any) -> dict[str, Any]:
     """Rank correlation of each method's sensitivity with the true single-layer top-1 drop on the
     test split; writes proxies.json/.csv/.md/.png into ``out``."""
-    from .report.proxies import DEFAULT_METHODS, correlations, true_drops, write_proxies
 
     s = resolve_settings(settings, overrides)
     methods = [METHODS.get(m).name for m in (methods or DEFAULT_METHODS)]

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_args import (OneLineParser, add_method_options, add_ptq, add_settings, given_options, positive_int, ptq_kwargs,
-                       settings_from_args)
+from .cli_args import (OneLineParser, add_method_options, add_ptq, add_settings, given_options, positive_int,
+                       ptq_kwargs, settings_from_args)
 from .errors import MpqkitError
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mpqkit`` parser: one sub-command per pipeline entry point."""
+    # lazy: the CLI imports only what the command it runs uses
     from .export.cli import add_parser as add_export_parser
     from .sensitivity import METHODS
 
@@ -76,6 +77,7 @@ def _add_apply_eval(sub: Any) -> None:
 
 
 def _add_sweep_bench(sub: Any, method_help: str) -> None:
+    # lazy: the CLI imports only what the command it runs uses
     from .sensitivity import METHODS
 
     for name, help_ in (("sweep", "one method over many budgets from one sensitivity: frontier CSV + PNG"),
@@ -146,12 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or an argument error, printed as one line (2): a code, like every command
         return e.code if isinstance(e.code, int) else 2
     if hasattr(args, "data") and args.data is None:
+        # lazy: the CLI imports only what the command it runs uses
         from .zoo.models import FIXED_RESOLUTION
 
         args.data = FIXED_RESOLUTION.get(getattr(args, "model", ""), "cifar10")
     quiet = getattr(args, "quiet", False) or not getattr(args, "progress", True)  # -q: its own, or the settings'
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(message)s")
+    # lazy: the CLI imports only what the command it runs uses
     from .export.cli import cmd_export
 
     try:
@@ -171,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print(obj: dict[str, Any], as_json: bool, text: str) -> None:
+    # lazy: the CLI imports only what the command it runs uses
     from .api import results_json
 
     print(results_json(obj) if as_json else text)
@@ -191,6 +196,7 @@ def _out_paths(out: str | None, default: str) -> tuple[Path, Path | None]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
     from .fileutil import check_output_file
 
@@ -219,7 +225,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             + (f" (gap {res.solution.gap:.2e})" if res.solution.gap is not None else "")
             + f" in {res.solution.seconds:.2f}s · search {res.seconds['total']:.1f}s\n"
             + "bits (w/a): " + " ".join(f"{f}={lq.w_bits}/{lq.a_bits}" for f, lq in res.plan.layers.items()))
-    for t in (res.table.trials if res.table is not None and res.table.trials else []):
+    dec = res.table.decision if res.table is not None else None
+    for t in (dec.trials if dec is not None and dec.trials else []):
         text += (f"\n  tried {t['method']:<22} " + (f"error: {t['error']}" if "error" in t else
                  (f"held-out loss {t['heldout_loss']:.4f}, top-1 {100 * t['heldout_top1']:.2f} %"
                   if "heldout_loss" in t else f"{t.get('probes', 0)} probes, no move helped")
@@ -233,6 +240,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     for w in res.plan.provenance.get("warnings", []):
         text += f"\nWARNING: {w}"
     if args.profile:
+        # lazy: the CLI imports only what the command it runs uses
         from .profile import format_profile
 
         out["profile"] = res.profile
@@ -245,6 +253,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
     from .fileutil import check_output_file
     from .plan import Plan
@@ -262,6 +271,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
 
     res = api.finetune(args.model, args.plan, args.data, args.out, epochs=args.epochs, lr=args.lr,
@@ -277,6 +287,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
 
     res = api.evaluate(args.model, args.data, args.split, args.plan, settings=settings_from_args(args),
@@ -290,6 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``sweep`` (one method) and ``bench`` (many): ``api.bench`` measures, ``report`` renders."""
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
     from .budget import expand_budgets
     from .report.bench import bench_title, write_outputs
@@ -307,6 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = api.bench(args.model, args.data, methods, budgets, args.out, ptqs=ptqs, settings=settings,
                      options=options, splits=[s for s in args.splits.split(",") if s], draws=args.draws,
                      recon_options={"iters": args.recon_iters} if args.recon_iters else None)
+    # lazy: the CLI imports only what the command it runs uses
     from .quant.ptq import parse_ptq
 
     name = api.load_model(args.model, settings).name
@@ -322,11 +335,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_proxies(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
     from .sensitivity import METHODS
 
     methods = None if not args.methods else [METHODS.get(m.strip()).name for m in args.methods.split(",") if m.strip()]
     out = Path(args.out or f"results/proxies-{Path(args.model).name}")
+    # lazy: the CLI imports only what the command it runs uses
     from .report.proxies import DEFAULT_METHODS
 
     options = api.method_options_for(methods or list(DEFAULT_METHODS), given_options(args))
@@ -337,6 +352,7 @@ def cmd_proxies(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from .fileutil import check_output_file
     from .report.bench import write_markdown_index
 
@@ -352,6 +368,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
 
     res = api.layers(args.model, settings_from_args(args))
@@ -365,6 +382,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: digits CNN, no downloads, no ../shared needed."""
+    # lazy: the CLI imports only what the command it runs uses
     from . import api
 
     api.demo(args.out, args.budget, progress=not args.quiet)

@@ -15,6 +15,9 @@ from typing import Any, NoReturn
 from .errors import MpqkitError
 from .flagspec import DATA, MODEL, OUTPUT, SEARCH_GROUPS, FlagSpec, flag_of
 from .quant.config import QuantConfig
+from .quant.ptq import parse_ptq
+from .sensitivity import METHODS
+from .sensitivity.options import field_flag, field_type
 from .settings import RunSettings
 
 OPT_PREFIX = "opt__"
@@ -117,8 +120,6 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
     """One flag per method option declared in the registry (shared flags declared once)."""
-    from .sensitivity import METHODS
-    from .sensitivity.options import field_flag, field_type
 
     seen: dict[str, tuple[str, str]] = {}  # flag -> (field name, help)
     users: dict[str, list[str]] = {}
@@ -167,8 +168,6 @@ def add_ptq(p: argparse.ArgumentParser) -> None:
 
 
 def ptq_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from .quant.ptq import parse_ptq
-
     opts = {"iters": args.recon_iters, "batch_size": args.recon_batch, "drop": args.qdrop}
     opts = {k: v for k, v in opts.items() if v is not None}
     recipe = parse_ptq(args.ptq) if args.ptq not in (None, "default") else None

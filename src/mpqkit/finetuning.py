@@ -8,16 +8,18 @@ from typing import Any
 
 from torch import nn
 
-from .fileutil import writer_lock
+from .applying import apply_plan, save_quantized
 from .errors import DataError, MpqkitError
 from .evaluation import evaluate_model
-from .plan import Plan
-from .settings import RunSettings, resolve_settings
-from .zoo.data import LabeledData
-from .zoo.models import ModelBundle
-from .applying import apply_plan, save_quantized
+from .fileutil import atomic_write_text, json_text, writer_lock
 from .loading import check_compatible, check_out_dir, load_model, load_split, on_device
+from .plan import Plan
 from .quant.apply import model_device
+from .quant.finetune import CHECKPOINT, FinetuneConfig
+from .quant.finetune import finetune as run_finetune
+from .settings import RunSettings, resolve_settings
+from .zoo.data import LabeledData, sample_indices
+from .zoo.models import ModelBundle
 
 log = logging.getLogger("mpqkit")
 
@@ -45,7 +47,6 @@ def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data
     epoch's, resumed ones included); ``stop_after`` stops after that many epochs in total without
     writing the final files (what a killed run leaves).
     """
-    from .quant.finetune import FinetuneConfig
 
     s = resolve_settings(settings, overrides)
     name = data.name if isinstance(data, LabeledData) else data
@@ -64,10 +65,6 @@ def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data
 def _finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData, name: str,
               out: Path, cfg: Any, heldout: int, allow_small_data: bool, ptq: dict[str, Any], s: RunSettings,
               stop_after: int | None) -> dict[str, Any]:
-    from .fileutil import atomic_write_text, json_text
-    from .quant.finetune import CHECKPOINT
-    from .quant.finetune import finetune as run_finetune
-    from .zoo.data import sample_indices
 
     bundle = load_model(model, s)
     if not isinstance(plan, Plan):

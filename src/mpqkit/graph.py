@@ -7,6 +7,7 @@ must share activation bits, which the solver can enforce.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -98,8 +99,6 @@ class ModelGraph:
 
 
 def unknown_layer_message(fqn: str, known: list[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(fqn, known, n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     shown = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
@@ -117,6 +116,7 @@ def _macs(module: nn.Module, out: torch.Tensor) -> int:
 
 def discover(model: nn.Module, input_shape: tuple[int, ...]) -> ModelGraph:
     """Run one forward pass (batch 1, zeros) and record every Conv2d/Linear in execution order."""
+    # lazy: torchvision takes seconds to import
     from .attention import unexposed_attention
 
     hidden = unexposed_attention(model)

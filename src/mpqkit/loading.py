@@ -1,6 +1,7 @@
 """Resolving names to objects: models, data splits, calibration and held-out sets, devices, output folders."""
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -10,7 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .device import resolve_device
+from .engine.cache import default_cache_dir
 from .errors import CheckpointError, DataError, MpqkitError
+from .fileutil import check_output_dir
 from .quant.apply import model_device
 from .settings import CALIB_SIZE, RunSettings, resolve_settings
 from .zoo.data import LabeledData, load_data, sample_data
@@ -31,6 +35,7 @@ def load_model(model: str | nn.Module | ModelBundle, settings: RunSettings | Non
         for name, t in model.state_dict().items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise CheckpointError(f"model tensor '{name}' contains NaN or Inf")
+        # lazy: torchvision takes seconds to import
         from .attention import expose_attention
 
         expose_attention(model)  # in place: the same function, with searchable attention projections
@@ -89,12 +94,10 @@ def check_compatible(bundle: ModelBundle, data: LabeledData) -> None:
 
 def on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module:
     """The model itself when already there, else a moved copy (the caller's model never moves)."""
-    from .device import resolve_device
 
     dev = resolve_device(device)
     if model_device(model) == dev:
         return model
-    import copy
 
     return copy.deepcopy(model).to(dev)
 
@@ -102,10 +105,8 @@ def on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module:
 def check_out_dir(out: str | Path | None, what: str, settings: RunSettings | None = None) -> None:
     """Fail before any long work when ``out`` cannot hold a results directory (or the settings'
     probe cache cannot be written)."""
-    from .fileutil import check_output_dir
 
     if settings is not None and settings.use_cache:
-        from .engine.cache import default_cache_dir
 
         check_output_dir(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(),
                          "probe cache directory (--cache-dir / $MPQKIT_CACHE)")

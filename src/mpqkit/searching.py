@@ -1,6 +1,7 @@
 """``search``: calibrate → measure (the method) → decide (the solver) → refine → the plan."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -11,24 +12,28 @@ from torch import nn
 
 from . import sensitivity as _sensitivity  # noqa: F401  (registers the built-in methods)
 from .budget import Ledger, parse_budget
-from .fileutil import writer_lock
+from .device import resolve_device
+from .engine.probe import default_prefix_cache_mb
 from .errors import MpqkitError
 from .evaluation import check_outputs
-from .engine.probe import default_prefix_cache_mb
+from .fileutil import writer_lock
 from .graph import discover
+from .loading import calibration_set, check_compatible, check_out_dir, heldout_set, load_model, train_subset
 from .memory import plan_prefix_cache, search_parts
 from .plan import LayerQuant, Plan, provenance
+from .profile import profiling, stage
 from .quant.calibration import calib_chunk
+from .quant.ptq import prepare_fp
 from .result import SearchResult
 from .sensitivity.base import Method, SearchContext, SensitivityTable, SolveRequest
 from .sensitivity.evalbased import refine_scores
-from .sensitivity.registry import METHODS
 from .sensitivity.options import MethodOptions
+from .sensitivity.registry import METHODS
 from .settings import RunSettings, resolve_settings
 from .solve import Allocation
+from .solve.refine import engine_halves_measure, refine
 from .zoo.data import LabeledData
 from .zoo.models import ModelBundle
-from .loading import calibration_set, check_compatible, check_out_dir, heldout_set, load_model, train_subset
 
 log = logging.getLogger("mpqkit")
 
@@ -45,9 +50,6 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
     ``table``: a sensitivity table from an earlier search with the same settings (sweeps solve
     many budgets from one measurement); the method's measurement is then skipped.
     """
-    import contextlib
-
-    from .profile import profiling
 
     existed = out is not None and Path(out).is_dir()
     try:
@@ -60,6 +62,7 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
         raise
     result.profile = prof.to_dict()
     if out is not None:
+        # lazy: matplotlib takes a second to import
         from .report.results import write_results
 
         with writer_lock(Path(out), "search results directory", remove_if_empty=not existed):
@@ -72,9 +75,6 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
             out: str | Path | None = None) -> SearchResult:
     """``search`` inside its profile: calibrate, pose the problem, measure (unless ``table``), decide,
     refine, write the plan; writes no file (``out`` is only checked, before the long work)."""
-    from .device import resolve_device
-    from .profile import stage
-    from .quant.ptq import prepare_fp
 
     t_start = time.perf_counter()
     if table is not None and table.pruned:  # its bounds stand in for scores only at the budget it was pruned for
@@ -164,7 +164,7 @@ def _measure(m: Any, ctx: SearchContext, table: SensitivityTable | None,
     if m.sensitivity is None:
         return None, []
     check_outputs(fp_model, ctx.calib_images)
-    table = m.sensitivity(ctx)
+    table = m.measure(ctx)
     warnings = []
     if table.flat:
         warnings.append(f"{m.name}: every sensitivity of the table is the same value, so the plan carries no "
@@ -198,7 +198,6 @@ def _refine(ctx: SearchContext, problem: Allocation, assignment: dict, table: Se
             s: RunSettings):
     """``--refine``: the method's plan improved by measured moves (``solve/refine.py``), measured
     through the search's probe engine on the two halves of the calibration set."""
-    from .solve.refine import engine_halves_measure, refine
 
     if "a" in s.search:
         raise MpqkitError("--refine moves weight bits: use it with --search w")

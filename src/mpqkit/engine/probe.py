@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import OrderedDict
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -29,15 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..device import resolve_device
 from ..errors import DataError
 from ..graph import ModelGraph
+from ..profile import probe_done, stage
 from ..quant.apply import set_submodule
 from ..quant.calibration import calibrate
 from ..quant.config import QuantConfig
-from ..quant.modules import quantize_module
 from ..quant.layerwise import LOCAL_GPTQ, LocalLayerBuilder, install, layer_ptq_context
+from ..quant.modules import quantize_module
 from ..quant.observers import OBSERVER_VERSION, weight_qparams
-from ..profile import probe_done, stage
 from ..tracing import Program, trace_model
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
 
@@ -126,7 +127,6 @@ class ProbeEngine:
                fold_bn: bool, channels_last: bool) -> None:
         """The engine's private copy of the model on its device, its batches (NHWC for convs when
         ``channels_last``) and the traced program the probes run (None: a full forward per probe)."""
-        from ..device import resolve_device
 
         self.device = resolve_device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)  # private copy: the user's model is never touched

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ..errors import MissingResourceError, MpqkitError
 from .probe import Override, ProbeEngine, ProbeResult
 
@@ -36,7 +38,6 @@ class ProbeJob:
 
 def _worker(args: tuple[dict[str, Any], list[ProbeJob], int]) -> int:
     spec, jobs, threads = args
-    import torch
 
     torch.set_num_threads(threads)
     engine = ProbeEngine(**{**spec, "progress": False})
@@ -83,6 +84,7 @@ def run_in_ray(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int, addr
     if not jobs:
         return 0
     try:
+        # optional extra [ray]
         import ray
     except ImportError:
         raise MissingResourceError("--runner ray needs Ray: pip install 'mpqkit[ray]'") from None
@@ -99,8 +101,6 @@ def run_in_ray(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int, addr
         @ray.remote(num_cpus=1, num_gpus=gpus)
         class ProbeWorker:
             def __init__(self, spec):
-                import torch
-
                 torch.set_num_threads(1)
                 self.engine = ProbeEngine(**spec, use_cache=False, progress=False,
                                           device="cuda" if gpus else "cpu")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..errors import MpqkitError
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to the ``mpqkit`` sub-parsers."""
+    # lazy: the CLI imports only what the command it runs uses
     from ..cli_args import add_settings
 
     x = subparsers.add_parser("export", help="export a quantized model: QDQ ONNX or bit-packed file")
@@ -41,6 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _quantized_model(args: argparse.Namespace, settings: Any) -> tuple[Any, Any, Any]:
     """(model bundle, plan, quantized model) from ``--quantized FILE`` or from ``--plan`` applied now."""
+    # lazy: the CLI imports only what the command it runs uses
     from .. import api
     from ..plan import Plan
 
@@ -54,21 +57,21 @@ def _quantized_model(args: argparse.Namespace, settings: Any) -> tuple[Any, Any,
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a quantized model; with ``--check``, fail (MpqkitError) when it is off by more than the tolerances."""
+    # lazy: the CLI imports only what the command it runs uses
     from .. import api
+    from ..cli_args import settings_from_args
     from ..fileutil import check_output_file
+    from .onnx import export_onnx
+    from .packed import save_packed
 
     for flag, tol in (("--tolerance", args.tolerance), ("--logit-tolerance", args.logit_tolerance)):
         if tol is not None and not tol >= 0:  # NaN too
             raise MpqkitError(f"{flag} must be a number >= 0, got {tol}")
     check_output_file(args.out, "the export file")  # before any work
-    from ..cli_args import settings_from_args
-
     settings = settings_from_args(args)
     bundle, plan, qmodel = _quantized_model(args, settings)
     out: dict[str, Any] = {"model": bundle.name, "plan": args.plan or args.quantized, "format": args.format}
     if args.format == "onnx":
-        from .onnx import export_onnx
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # widened types are listed in the output below
             rep = export_onnx(qmodel, plan, bundle.input_shape, args.out, opset=args.opset,
@@ -78,8 +81,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         if rep.widened:
             text += f"\nwidened to the next ONNX integer type: {'; '.join(rep.widened)}"
     else:
-        from .packed import save_packed
-
         prep = save_packed(qmodel, plan, args.out, fold_bn=args.fold_bn, input_shape=bundle.input_shape)
         out["export"] = prep.to_dict()
         text = (f"packed model ({prep.file_bytes} bytes; ledger weight size {prep.ledger_weight_bytes:.0f} bytes, "
@@ -102,8 +103,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                  f"({diff:+.2f} pt, tolerance {args.tolerance:g} pt), max |logit diff| {logit_diff:.3g}"
                  + (f" (tolerance {lt:g})" if lt is not None else "") + (": FAILED" if failures else ": passed"))
     if args.json:
-        import json
-
         print(json.dumps(out, indent=2, default=str))
     else:
         print(text)
@@ -115,10 +114,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace, bundle: Any, qmodel: torch.nn.Module, data: Any) -> dict[str, Any]:
     progress = args.progress  # -q (a settings flag) turns it off
     if args.format == "onnx":
+        # lazy: the CLI imports only what the command it runs uses
         from .onnx import check_onnx
 
         res = check_onnx(args.out, qmodel, data, args.batch_size, progress=progress)
         return {**res, "top1_export": res["top1_onnx"]}
+    # lazy: the CLI imports only what the command it runs uses
     from .packed import load_packed
 
     again = load_packed(args.out, bundle)
@@ -129,8 +130,10 @@ def _check(args: argparse.Namespace, bundle: Any, qmodel: torch.nn.Module, data:
 def compare_models(model: torch.nn.Module, ref: torch.nn.Module, data: Any, batch_size: int,
                    progress: bool = False) -> dict[str, Any]:
     """Top-1 of ``model`` and ``ref`` on ``data``, and how far their logits are apart."""
+    # lazy: the CLI imports only what the command it runs uses
     from tqdm.auto import tqdm
 
+    # lazy: the CLI imports only what the command it runs uses
     from ..quant.apply import model_device
 
     n = c_model = c_ref = 0

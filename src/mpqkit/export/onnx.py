@@ -30,6 +30,8 @@ How often codes flip, and what each optimization level does to the graph, is mea
 """
 from __future__ import annotations
 
+import copy
+import importlib
 import io
 import json
 import time
@@ -43,10 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..errors import MpqkitError
 from ..fileutil import atomic_write_bytes
 from ..plan import Plan
+from ..quant.apply import model_device
 from ..quant.modules import QuantConv2d, QuantLinear, QuantMixin
 from ..quant.primitives import quantize
 from ..zoo.data import LabeledData
@@ -81,7 +85,6 @@ class ExportReport:
 
 def require(package: str) -> Any:
     """Import ``onnx``/``onnxruntime``, or fail with one clear message naming what to install."""
-    import importlib
 
     try:
         return importlib.import_module(package)
@@ -92,6 +95,7 @@ def require(package: str) -> Any:
 # ------------------------------------------------------------------ integer containers
 def _int_types() -> list[tuple[int, bool, int, int, Any]]:
     """(width, signed, min opset, ONNX type, numpy dtype), narrowest first."""
+    # lazy: only ONNX export needs onnx
     import ml_dtypes
     from onnx import TensorProto as T
 
@@ -150,8 +154,6 @@ def quant_layers(qmodel: nn.Module) -> dict[str, QuantMixin]:
 
 
 def _marked_copy(qmodel: nn.Module) -> nn.Module:
-    import copy
-
     model = copy.deepcopy(qmodel).cpu().eval()
     for fqn, m in quant_layers(model).items():
         m._fqn = fqn
@@ -182,6 +184,7 @@ class _Lowering:
         self.report = ExportReport(Path(), opset, 0)
 
     def _init(self, name: str, arr: np.ndarray) -> str:
+        # lazy: only ONNX export needs onnx
         from onnx import numpy_helper
 
         self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))  # keeps 0-d
@@ -191,6 +194,7 @@ class _Lowering:
         return self._init(name, values.detach().cpu().to(torch.int64).numpy().astype(dtype))
 
     def _type(self, fqn: str, role: str, qmin: int, qmax: int) -> tuple[int, Any]:
+        # lazy: only ONNX export needs onnx
         from onnx import TensorProto
 
         width, onnx_type, dtype = container(qmin, qmax, self.opset)
@@ -202,6 +206,7 @@ class _Lowering:
         return width, dtype
 
     def weight(self, fqn: str, out: str) -> None:
+        # lazy: only ONNX export needs onnx
         from onnx import helper
 
         m = self.layers[fqn]
@@ -217,6 +222,7 @@ class _Lowering:
                                            **({"axis": 0} if per_channel else {})))
 
     def act(self, fqn: str, x_in: str, out: str) -> None:
+        # lazy: only ONNX export needs onnx
         from onnx import helper
 
         m = self.layers[fqn]
@@ -242,6 +248,7 @@ def _attr(node: Any, name: str) -> str:
 
 def lower_marks(model_bytes: bytes, layers: dict[str, QuantMixin], opset: int) -> tuple[Any, ExportReport]:
     """The exported graph with every Mark replaced by QDQ nodes, relabelled to ``opset``."""
+    # lazy: only ONNX export needs onnx
     import onnx
 
     model = onnx.load_from_string(model_bytes)
@@ -329,9 +336,6 @@ def check_onnx(path: str | Path, qmodel: nn.Module, data: LabeledData, batch_siz
     fraction of samples whose predicted class agrees, and the session options used. ``progress``
     shows a progress bar.
     """
-    from tqdm.auto import tqdm
-
-    from ..quant.apply import model_device
 
     sess = ort_session(path, optimization, threads)
     qmodel = qmodel.eval()

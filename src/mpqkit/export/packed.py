@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from ..api import load_model
 from ..budget import Ledger
 from ..errors import CheckpointError, PlanError
 from ..fileutil import atomic_write_bytes
@@ -361,7 +362,6 @@ def load_packed(path: str | Path, model: Any, *, checkpoint: str | None = None, 
     are built with random weights (every tensor is overwritten from the file, so no checkpoint is
     needed), a given module is copied, never changed.
     """
-    from ..api import load_model
 
     path = Path(path)
     header, buf = _read(path)

@@ -7,15 +7,18 @@ searched.
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 
 from ..errors import DataError, PlanError
 from ..plan import Plan
+from .calibration import calib_batches, calibrate, model_device
 from .config import QuantConfig
+from .layerwise import LocalLayerBuilder
 from .modules import QuantAct, quantize_module
-from .calibration import calibrate, model_device
 from .observers import ActivationObserver
+from .ptq import layer_steps, prepare_fp
 
 
 def set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -41,7 +44,6 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
     learns from data, unless ready ``observers`` are given, or a saved quantized ``state_dict``
     supplies every quantizer's parameters (``mpqkit apply --out`` files; no PTQ then runs).
     """
-    from .ptq import layer_steps, prepare_fp
 
     qconfig = qconfig or QuantConfig()
     names = {n for n, m in model.named_modules()}
@@ -63,8 +65,6 @@ def apply_plan(model: nn.Module, plan: Plan, calib_images: torch.Tensor | None =
         if calib_images is None:
             raise DataError("the quantizer (GPTQ, bias correction or reconstruction) learns from the calibration "
                             "set: calibration data is required")
-        from .calibration import calib_batches
-        from .layerwise import LocalLayerBuilder
 
         dev = model_device(model)
         batches = [chunk.to(dev) for chunk in calib_batches(calib_images)]
@@ -112,6 +112,7 @@ def _quantize_matmul_inputs(model: nn.Module, qmodel: nn.Module, plan: Plan, cal
                             qconfig: QuantConfig, from_state_dict: bool) -> None:
     """With ``qconfig.matmul_a_bits``: swap every ``MatMulInput`` tap of ``qmodel`` for a fake-quantizer
     whose range is calibrated on the fp ``model`` through the same path as the layer inputs."""
+    # lazy: torchvision takes seconds to import
     from ..attention import MatMulInput
 
     if qconfig.matmul_a_bits is None:

@@ -17,6 +17,7 @@ was never stopped (same machine and thread count).
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import CheckpointError, DataError, MpqkitError
+from ..fileutil import atomic_write_bytes
 from .lsq import LsqQuantizer, lsq_grad_scale
 from .modules import QuantAct, QuantMixin, install_quantizers
 from .primitives import fake_quant
@@ -258,9 +260,6 @@ def _epoch(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Tenso
 # ------------------------------------------------------------------------------ checkpoints
 def _save(path: Path, qmodel: nn.Module, learned: dict[str, _Learned], opt: torch.optim.Optimizer, sched: Any,
           cfg: FinetuneConfig, state: FinetuneState) -> None:
-    import io
-
-    from ..fileutil import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save({"mpqkit_finetune": 1, "config": cfg.to_dict(), "epochs_done": state.epochs_done,

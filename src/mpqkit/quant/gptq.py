@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MpqkitError
+from .primitives import qparams
 
 # im2col rows per chunk when accumulating statistics (bounds the unfolded tensor to ~64 MB in float32)
 _STAT_CHUNK_ELEMS = 1 << 24
@@ -252,7 +253,6 @@ def candidate_grids(layer: nn.Module, w3: Tensor, shrink: tuple[float, ...] = GR
     """``(K, G, R, 1)`` scales and zero points: the layer's own grid first (``own_grid``), then the
     min–max range of each row (of the whole tensor for a per-tensor grid) shrunk by each factor, on the
     layer's integer grid."""
-    from .primitives import qparams
 
     scale, zp, _, _ = layer_grid(layer)
     per_tensor = layer.w_scale.numel() == 1 and layer.weight.shape[0] > 1

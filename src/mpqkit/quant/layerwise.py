@@ -34,11 +34,13 @@ from torch import Tensor, nn
 
 from ..errors import MpqkitError
 from ..tracing import Program, trace_model
+from .calibration import calib_batches, calibrate
 from .config import QuantConfig
-from .observers import OBSERVER_VERSION
 from .fold import bn_affine, conv_bn_nodes
 from .gptq import GptqConfig, InputStats, gptq_weight, layer_groups
 from .modules import QuantMixin
+from .observers import OBSERVER_VERSION
+from .primitives import fake_quant
 
 #: GPTQ's settings (dampening, blocks, act-order) for every layer mpqkit rounds
 LOCAL_GPTQ = GptqConfig()
@@ -251,8 +253,6 @@ class LocalLayerBuilder:
         """Per layer, statistics of the fp input (through its ``a_bits`` input quantizer when given),
         Hessians included when ``want_h`` (gathered again if an earlier pass skipped them)."""
         if a_bits not in self._stats or (want_h and any(st.xx is None for st in self._stats[a_bits].values())):
-            from .calibration import calib_batches, calibrate
-            from .primitives import fake_quant
 
             names = [n for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
             stats = {f: InputStats(self.model.get_submodule(f), hessian=want_h) for f in names}

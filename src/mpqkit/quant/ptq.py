@@ -27,8 +27,12 @@ import torch
 from torch import nn
 
 from ..errors import MpqkitError
+from .brecq import reconstruct
 from .config import QuantConfig
+from .equalize import equalize
 from .gptq import GptqConfig
+from .layerwise import LocalLayerBuilder, sequential_ptq, set_weight
+from .modules import QuantMixin
 
 RANGES = ("minmax", "mse")
 ROUNDING = {"nearest": "nearest", "rtn": "nearest", "gptq": "gptq", "gptq-seq": "gptq-seq"}
@@ -95,7 +99,6 @@ def prepare_fp(model: nn.Module, qconfig: QuantConfig) -> nn.Module:
     """The fp model the quantizer starts from: ``model`` itself, or an equalized copy (same outputs)."""
     if not qconfig.equalize:
         return model
-    from .equalize import equalize
 
     eq = copy.deepcopy(model)
     equalize(eq)
@@ -109,8 +112,6 @@ def layer_steps(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[torch.
     images: cached, the same layers the search measured), or sequential GPTQ; then reconstruction
     (``recon``, a ``brecq.ReconConfig``) and bias correction, walked layer by layer. Returns what
     each stage did."""
-    from .layerwise import LocalLayerBuilder, sequential_ptq, set_weight
-    from .modules import QuantMixin
 
     stats: dict = {}
     if qconfig.rounding == "gptq":
@@ -124,7 +125,6 @@ def layer_steps(qmodel: nn.Module, fp_model: nn.Module, batches: Sequence[torch.
     elif qconfig.rounding == "gptq-seq":
         stats["gptq-seq"] = sequential_ptq(qmodel, fp_model, batches, GptqConfig(), False)
     if recon is not None:
-        from .brecq import reconstruct
 
         stats["recon"] = reconstruct(qmodel, fp_model, batches, recon, progress=progress)  # type: ignore[arg-type]
     if qconfig.bias_correction:

@@ -15,8 +15,12 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
+from ..errors import MpqkitError
 from ..fileutil import atomic_write_text, json_text
 from ..plan import Plan
+from .html import write_html
 from .recommend import LINE_WIDTH, toc_markdown, what_to_run_markdown
 from .stats import (EQUAL_SIZE_BITS, MIN_DRAWS, bits_agreement, draw_groups, larger_winner, metric_column,
                     paired_difference, summarize)
@@ -101,6 +105,7 @@ def pareto_lines(rows: Sequence[dict]) -> tuple[str, dict[tuple, list[tuple[floa
 def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     """Top-1 vs weight size, one line per (method, PTQ), on the test split (or, when a run
     evaluated only another split, e.g. ``--splits exact``, on that one)."""
+    # lazy: matplotlib takes a second to import
     from .plots import plt
 
     col, lines = pareto_lines(rows)
@@ -124,8 +129,8 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
 
 def plot_bits_grid(plans: dict[str, Plan], path: Path, title: str) -> Path:
     """Weight bits per layer (columns) of several plans (rows): one picture per method."""
-    import numpy as np
 
+    # lazy: matplotlib takes a second to import
     from .plots import plt
 
     names = list(next(iter(plans.values())).layers)
@@ -159,7 +164,6 @@ def bench_title(prefix: str, rows: Sequence[dict]) -> str:
 
 def write_outputs(rows: Sequence[dict], out: Path, title: str) -> dict[str, Path]:
     """results.csv, pareto.png, per-method bit grids, results.md and the self-contained report.html."""
-    from .html import write_html
 
     atomic_write_text(out / "title.txt", title + "\n")
     paths = {"csv": write_csv(rows, out / "results.csv"), "pareto": plot_pareto(rows, out / "pareto.png", title)}
@@ -307,7 +311,6 @@ def bench_prefix(d: Path, rows: list[dict]) -> str:
 def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: str) -> list[str]:
     """Rewrite every directory's outputs from its rows; with ``markdown``, one file holding all
     their tables (``docs/RESULTS.md``). Returns the progress lines."""
-    from ..errors import MpqkitError
 
     md, lines, named = [], [], []
     for d in dirs:
@@ -324,8 +327,8 @@ def write_markdown_index(dirs: Sequence[Path], markdown: str | None, command: st
             body = f"\n{(d / 'note.md').read_text().strip()}\n{body}"
         table = f"{head}\n{body}"
         md.append(table)
-        # mpqkit proxies / benchmarks/paired_dirs.py / benchmarks/search_cost.py wrote these here
-        for extra in [d / "proxies.md", d / "cost.md", *sorted(d.glob("paired_*.md"))]:
+        # mpqkit proxies / benchmarks/paired_dirs.py / search_cost.py / clado_pair_replay.py wrote these here
+        for extra in [d / "proxies.md", d / "cost.md", d / "pair_replay.md", *sorted(d.glob("paired_*.md"))]:
             if extra.exists():
                 md.append(extra.read_text())
         lines.append(f"{d}: {len(rows)} rows → {paths['html']}")

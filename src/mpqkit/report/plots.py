@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 
 from ..plan import Plan  # noqa: E402
 
@@ -34,7 +35,6 @@ def plot_bits(plan: Plan, path: Path, searched: set[str] | None = None, title: s
 
 def plot_matrix(g, labels: list[str], path: Path, title: str = "") -> Path:
     """Heatmap of a square matrix (CLADO's G over (layer, bits)), symmetric colour scale around 0."""
-    import numpy as np
 
     g = np.asarray(g)
     lim = float(np.abs(g).max()) or 1.0

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 from scipy import stats
 
+from ..engine.probe import ProbeEngine
 from ..fileutil import atomic_write_text, json_text
+from ..quant.ptq import prepare_fp
 
 log = logging.getLogger("mpqkit")
 
@@ -31,8 +33,6 @@ def true_drops(bundle, graph, ds, searched: Sequence[str], bits: Sequence[int],
     """{layer: {bits: {"drop_pct", "dloss"}}} measured on ``ds`` (weights of one layer quantized). The
     quantized layers are the ones a plan ships with: built on ``calib`` (the calibration set: GPTQ,
     bias correction), never fitted on ``ds``."""
-    from ..engine.probe import ProbeEngine
-    from ..quant.ptq import prepare_fp
 
     model = prepare_fp(bundle.model, settings.qconfig)
     kw = dict(qconfig=settings.qconfig, seed=settings.seed, device=settings.device, **settings.engine_kwargs())
@@ -67,6 +67,7 @@ def correlations(scores: dict[str, dict[int, float]], truth: dict[str, dict[int,
 
 def write_proxies(result: dict[str, Any], out: Path, searched: Sequence[str]) -> None:
     """proxies.json, proxies.csv, proxies.md and the scatter proxies.png of a measured proxy study."""
+    # lazy: matplotlib takes a second to import
     from .plots import plt
 
     corr, truth, tables = result["correlations"], result["truth"], result["scores"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..fileutil import atomic_write_text, json_text
+from ..sensitivity.crosslayer import build_g
 from .plots import plot_bits, plot_matrix
 
 if TYPE_CHECKING:
@@ -83,18 +84,18 @@ def _write_result_files(out: Path, result: "SearchResult") -> list[str]:
     if result.table is not None:
         result.table.save(out / "sensitivity.json")
         written.append("sensitivity.json")
-        if result.table.pareto:  # greedy: the whole measured list, one row per step
+        pareto = result.table.decision.pareto if result.table.decision is not None else None
+        if pareto:  # greedy: the whole measured list, one row per step
             buf = io.StringIO()
             cols = ["step", "moved", "avg_w_bits", "searched_bytes", "top1", "drop_pct", "loss", "bits"]
             w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
-            for p in result.table.pareto:
+            for p in pareto:
                 w.writerow({**p, "bits": " ".join(f"{f}={b}" for f, b in p["bits"].items())})
             text("pareto.csv", buf.getvalue())
     plot_bits(result.plan, out / "bits.png", set(result.ledger.searched))
     written.append("bits.png")
     if result.table is not None and result.table.pairs:  # CLADO: the measured G, before any PSD step
-        from ..sensitivity.crosslayer import build_g
 
         bits = sorted({b for (_, b, _, _) in result.table.pairs})
         g, index = build_g(result.table, list(result.ledger.searched), bits)

@@ -1,6 +1,6 @@
 """Sensitivity methods; importing this package registers every built-in method."""
-from . import auto, crosslayer, evalbased, greedy, hessian, infoflow, mpqco, roundoff, shapley  # noqa: F401  (registers every built-in method)
-from . import solvers
+from . import (auto, crosslayer, evalbased, greedy, hessian, infoflow,  # noqa: F401  (registers every built-in method)
+               mpqco, roundoff, shapley, solvers)
 from .base import Method, SearchContext, SensitivityTable
 from .registry import METHODS
 

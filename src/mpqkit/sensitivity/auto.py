@@ -9,7 +9,7 @@
 3. The chosen plan is refined (``solve/refine.py``, at most ``refine`` probes on the calibration
    set's two halves) and the refined plan is kept only if its held-out loss is not higher.
 The table of what was tried (method, held-out loss and top-1, seconds) travels in
-``SensitivityTable.trials`` and the plan's solver record.
+``Decision.trials`` and the plan's solver record.
 """
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.probe import ProbeEngine, auto_batch_size
+from ..engine.probe import STAT_CHUNK, ProbeEngine, auto_batch_size
 from ..errors import MpqkitError
 from ..profile import stage
-from .base import SearchContext, SensitivityTable, SolveRequest
-from .registry import METHODS
 from ..solve.problem import TIME_LIMIT
-from .options import MethodOptions, option, positive
+from ..solve.refine import engine_halves_measure, refine
+from .base import Decision, SearchContext, SensitivityTable, SolveRequest
 from .evalbased import refine_scores
+from .options import MethodOptions, option, positive
+from .registry import METHODS
 from .solvers import chosen
 
 log = logging.getLogger("mpqkit")
@@ -122,7 +123,7 @@ def auto_memory(ctx: SearchContext) -> float:
 
 
 @METHODS.register("auto", "runs the cheap methods, keeps the plan with the lowest loss on held-out images, "
-                  "refines it by measured moves", solver=chosen, options=AutoOptions, memory=auto_memory)
+                  "refines it by measured moves", solver=chosen, options=AutoOptions, memory=auto_memory, decides=True)
 def auto(ctx: SearchContext) -> SensitivityTable:
     """Each candidate method's plan, measured on held-out images; the lowest held-out loss wins and
     is refined by measured moves (kept only if the held-out loss does not rise)."""
@@ -150,7 +151,8 @@ def auto(ctx: SearchContext) -> SensitivityTable:
     table = tables[best["method"]]
     plan, record, warnings = _refine_best(ctx, opts, held_engine, best, plans[best["method"]], table, trials)
     return SensitivityTable(w=table.w if table is not None else {}, a=table.a if table is not None else {},
-                            pruned=table.pruned if table is not None else {}, assignment=plan, trials=trials,
+                            pruned=table.pruned if table is not None else {},
+                            decision=Decision(assignment=plan, trials=trials),
                             meta={"score": f"the chosen method's ({best['method']})", "chosen": best["method"],
                                   "heldout_n": len(held), "refine": record,
                                   **({"warnings": warnings} if warnings else {})})
@@ -168,10 +170,10 @@ def _candidates(ctx: SearchContext, opts: AutoOptions, held_engine: Any) -> tupl
         t0 = time.perf_counter()
         sub = dataclasses.replace(ctx, options=m.make_options(given.get(name)))
         try:
-            table = m.sensitivity(sub) if m.sensitivity is not None else None
+            table = m.measure(sub) if m.sensitivity is not None else None
             sol = m.solver(SolveRequest(problem=ctx.problem, table=table, options=sub.options, has_budget=True,
-                                        method=name, search="w", alpha=getattr(s, "alpha", 1.0),
-                                        time_limit=getattr(s, "time_limit", TIME_LIMIT),
+                                        method=name, search="w", alpha=s.alpha if s is not None else 1.0,
+                                        time_limit=s.time_limit if s is not None else TIME_LIMIT,
                                         seed=ctx.seed))
         except MpqkitError as e:  # e.g. greedy finds no point under the budget: that candidate drops out
             trials.append({"method": name, "error": str(e)})
@@ -192,8 +194,6 @@ def _refine_best(ctx: SearchContext, opts: AutoOptions, held_engine: Any, best: 
                  trials: list[dict]) -> tuple[dict, dict | None, list[str]]:
     """The winner refined by measured moves on the calibration halves, kept only if its held-out loss
     does not rise: (plan, refinement record, warnings); appends the refinement's trial to ``trials``."""
-    from ..engine.probe import STAT_CHUNK
-    from ..solve.refine import engine_halves_measure, refine
 
     engine = ctx.engine
     if opts.refine <= 0:

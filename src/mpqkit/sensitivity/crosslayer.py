@@ -27,11 +27,13 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import MpqkitError
 from ..engine.runners import ProbeJob, dispatch_options
+from ..errors import MpqkitError
+from ..solve import solve_iqp
 from .base import SearchContext, SensitivityTable, SolveRequest
-from .registry import METHODS
 from .options import RunnerOptions, option
+from .registry import METHODS
+from .solvers import need_budget
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,6 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
 
 def solve(req: SolveRequest):
     """CLADO's IQP on ½xᵀGx (G after the option's PSD treatment); needs a budget."""
-    from ..solve import solve_iqp
-    from .solvers import need_budget
 
     need_budget(req)
     assert req.table is not None

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from .base import SearchContext, SensitivityTable
-from .registry import METHODS
 from ..engine.runners import ProbeJob, dispatch_options
+from ..solve import solve_ilp
+from ..solve.problem import TIME_LIMIT
+from .base import SearchContext, SensitivityTable
 from .options import RunnerOptions
+from .registry import METHODS
 
 
 @METHODS.register("eval-delta", "single-layer Δloss probes for every (layer, bits) + ILP", options=RunnerOptions)
@@ -63,15 +65,12 @@ def _layer_jobs(probes: list[dict]) -> list[ProbeJob]:
 
 def prunable(ctx: SearchContext) -> bool:
     """Whether eval-delta may skip candidates: pruning on, weights only, a budget, scores bounded by 0."""
-    s = ctx.settings
-    return (getattr(s, "prune", False) and ctx.search_w and not ctx.search_a and ctx.problem is not None
+    return (ctx.settings is not None and ctx.settings.prune and ctx.search_w and not ctx.search_a and ctx.problem is not None
             and bool(ctx.problem.constraints) and len(ctx.w_bits) > 2 and ctx.engine.objective == "kl")
 
 
 def _lazy(ctx: SearchContext) -> SensitivityTable:
     """eval-delta measuring only what the budget's ILP plan can choose (module docstring)."""
-    from ..solve import solve_ilp
-    from ..solve.problem import TIME_LIMIT
 
     engine, problem = ctx.engine, ctx.problem
     w: dict[str, dict[int, float]] = {f: {} for f in ctx.searched}
@@ -83,7 +82,7 @@ def _lazy(ctx: SearchContext) -> SensitivityTable:
         _measure_w(ctx, todo, w, dtop1)
         bound = _bound(w)
         scores = {f: {b: w[f].get(b, bound) for b in ctx.w_bits} for f in ctx.searched}
-        sol = solve_ilp(problem, scores, time_limit=getattr(ctx.settings, "time_limit", TIME_LIMIT))
+        sol = solve_ilp(problem, scores, time_limit=ctx.settings.time_limit if ctx.settings is not None else TIME_LIMIT)
         if sol.status != "optimal":  # the argument needs the optimum: measure the rest
             todo = [(f, b) for f in ctx.searched for b in ctx.w_bits if b not in w[f]]
             continue

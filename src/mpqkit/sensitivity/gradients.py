@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.observers import quantize_weight
+from ..errors import MpqkitError
 from ..graph import ModelGraph
+from ..quant.observers import quantize_weight
 from .base import SearchContext
 
 
@@ -77,7 +78,5 @@ def weight_deltas(ctx: SearchContext) -> dict[str, dict[int, Tensor]]:
 
 
 def require_weight_search(ctx: SearchContext, method: str) -> None:
-    from ..errors import MpqkitError
-
     if ctx.search_a:
         raise MpqkitError(f"method '{method}' scores weight bits only: use --search w (activations at --a-bits)")

@@ -5,7 +5,7 @@ Phase 2: from every searched layer at its largest candidate, repeatedly take the
 (ℓ: b → next lower b') with the least loss increase per byte saved, ΔL(ℓ,b') − ΔL(ℓ,b) over
 size(ℓ,b) − size(ℓ,b'); after each move the *combined* configuration is measured through the
 engine (loss and top-1 on the calibration set). The whole list, down to every layer at its
-smallest bits, is the Pareto list (``table.pareto``); ``solve/greedy.py`` picks from it.
+smallest bits, is the Pareto list (``Decision.pareto``); ``solve/greedy.py`` picks from it.
 With a budget and ``RunSettings.prune`` (default), only the points that meet the budget are measured
 (the solver picks the most accurate of those); the others stay in the list unmeasured (``measured``
 False, no loss or top-1): the same pick, fewer probes.
@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-
-from ..budget import Ledger
 from dataclasses import dataclass
 
-from .base import SearchContext, SensitivityTable
-from .registry import METHODS
-from .options import MethodOptions, RunnerOptions, option, positive
-from .solvers import greedy as greedy_solver
+from ..budget import Ledger
+from ..solve import Solution, solve_greedy
+from .base import Decision, SearchContext, SensitivityTable, SolveRequest
 from .evalbased import eval_delta
 from .gradients import require_weight_search
+from .options import MethodOptions, RunnerOptions, option, positive
+from .registry import METHODS
+from .solvers import need_decision
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,18 @@ class GreedyOptions(MethodOptions):
         positive("max_drop", self.max_drop, "greedy", allow_zero=True)
 
 
+def greedy_solver(req: SolveRequest) -> Solution:
+    """The configuration of the measured Pareto list that meets the budget (or ``--max-drop``)."""
+    dec = need_decision(req)
+    opts = req.options
+    assert isinstance(opts, GreedyOptions)
+    if dec.pareto is None:
+        raise RuntimeError("the greedy method must give its Pareto list (Decision.pareto)")
+    return solve_greedy(req.problem, dec.pareto, opts.max_drop)
+
+
 @METHODS.register("greedy", "lower the least sensitive layers while the measured accuracy drop ≤ --max-drop "
-                  "(whole Pareto list)", solver=greedy_solver, options=GreedyOptions)
+                  "(whole Pareto list)", solver=greedy_solver, options=GreedyOptions, decides=True)
 def greedy(ctx: SearchContext) -> SensitivityTable:
     require_weight_search(ctx, "greedy")
     engine, ledger = ctx.engine, Ledger(ctx.graph, ctx.searched)  # built first: phase 1 shares it
@@ -74,7 +84,7 @@ def greedy(ctx: SearchContext) -> SensitivityTable:
                        "bits": dict(c), "measured": r is not None, "loss": r.loss if r else None,
                        "top1": r.top1 if r else None, "drop_pct": 100 * (fp.top1 - r.top1) if r else None,
                        "avg_w_bits": ledger.value("avg-bits", full), "searched_bytes": ledger.value("size", full)})
-    table.pareto = pareto
+    table.decision = Decision(pareto=pareto)
     table.for_budget = len(wanted) < len(configs)
     table.meta.update({"score": "delta loss (phase 1); measured Pareto list (phase 2)", "fp_top1": fp.top1,
                        "pareto_measured": len(wanted)})
@@ -85,7 +95,7 @@ def _wanted(ctx: SearchContext, configs: list[dict[str, int]]) -> list[int]:
     """Indices of the Pareto points to measure: all of them, or with a budget and pruning on, those
     that meet the budget (the solver never picks another)."""
     problem = ctx.problem
-    if not (getattr(ctx.settings, "prune", False) and problem is not None and problem.constraints):
+    if not (ctx.settings is not None and ctx.settings.prune and problem is not None and problem.constraints):
         return list(range(len(configs)))
     a_bits = problem.a_bits[0]
     return [i for i, c in enumerate(configs) if not problem.violations({f: (b, a_bits) for f, b in c.items()})]

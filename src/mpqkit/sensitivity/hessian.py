@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from dataclasses import dataclass
-
 from ..profile import stage
 from .base import SearchContext, SensitivityTable
-from .registry import METHODS
+from .gradients import (calib_chunks, chunk_size, grad_model, grad_pass_mb, loss_sum, require_weight_search,
+                        weight_deltas)
 from .options import MethodOptions, option, positive
-from .gradients import calib_chunks, chunk_size, grad_model, grad_pass_mb, loss_sum, require_weight_search, weight_deltas
+from .registry import METHODS
 
 log = logging.getLogger("mpqkit")
 
@@ -153,7 +153,9 @@ def hutchinson_traces(ctx: SearchContext, n_samples: int = 256, max_iter: int = 
 
 def _curvature(ctx: SearchContext) -> str:
     """The curvature hawq measures: the option, or for "auto" fisher on models with grouped convolutions."""
-    chosen = getattr(ctx.options, "curvature", "auto")
+    opts = ctx.options
+    assert isinstance(opts, HawqOptions)
+    chosen = opts.curvature
     return chosen if chosen != "auto" else ("fisher" if has_grouped_conv(ctx.model) else "hessian")
 
 

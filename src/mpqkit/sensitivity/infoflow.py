@@ -17,18 +17,19 @@ Per-probe SMI values are memoised in the engine's cache, so a killed search resu
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from dataclasses import dataclass
-
+from ..engine.cache import tensor_sha256
 from ..errors import MpqkitError
 from ..profile import stage
 from .base import SearchContext, SensitivityTable
-from .registry import METHODS
-from .options import MethodOptions, option, positive
 from .mi import sliced_mi
+from .options import MethodOptions, option, positive
+from .registry import METHODS
 
 log = logging.getLogger("mpqkit")
 
@@ -108,7 +109,6 @@ def infoq(ctx: SearchContext) -> SensitivityTable:
     w: dict[str, dict[int, float]] = {}
     a: dict[str, dict[int, float]] = {}
     details: dict[str, dict[str, float]] = {}
-    from tqdm.auto import tqdm
 
     for layer in tqdm(ctx.searched, desc="infoq layers", disable=not engine.progress, leave=False):
         obs = _observers(names, layer, opts["observers"])
@@ -159,6 +159,4 @@ def _target(ctx: SearchContext, opts: dict[str, Any]) -> torch.Tensor:
 
 
 def _sha(t: torch.Tensor) -> str:
-    from ..engine.cache import tensor_sha256
-
     return tensor_sha256(t)

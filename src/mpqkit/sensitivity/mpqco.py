@@ -13,17 +13,17 @@ Options: ``mpqco_samples`` (default: the whole calibration set), ``mpqco_output`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from dataclasses import dataclass
-
 from ..profile import stage
 from .base import SearchContext, SensitivityTable
-from .registry import METHODS
-from .options import MethodOptions, option, positive
 from .gradients import calib_chunks, chunk_size, grad_model, grad_pass_mb, require_weight_search, weight_deltas
+from .options import MethodOptions, option, positive
+from .registry import METHODS
 
 EPS = 1e-6  # |z_y| floor: the score divides by the logit
 #: input elements per vmapped chunk (8 images at 224 × 224, 32 on CIFAR): the per-sample gradients and

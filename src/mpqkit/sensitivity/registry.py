@@ -26,11 +26,13 @@ class Registry:
         self._methods[method.name] = method
 
     def register(self, name: str, description: str, solver: Callable[[SolveRequest], Any] | None = None,
-                 options: type[MethodOptions] = MethodOptions, memory: Callable[..., float] | None = None):
+                 options: type[MethodOptions] = MethodOptions, memory: Callable[..., float] | None = None,
+                 decides: bool = False):
         """Decorator on a sensitivity function; ``solver`` defaults to the shared ILP; ``memory``: the
-        method's own memory beyond the probe engine (``Method.memory``)."""
+        method's own memory beyond the probe engine (``Method.memory``); ``decides``: the method returns
+        a ``Decision`` (its own plan, bit choice or Pareto list) for its solver, not only scores."""
         def deco(fn: Callable[[SearchContext], SensitivityTable]):
-            self.add(Method(name, description, fn, solver or ilp, options, memory))
+            self.add(Method(name, description, fn, solver or ilp, options, memory, decides))
             return fn
 
         return deco

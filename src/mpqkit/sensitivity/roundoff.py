@@ -12,16 +12,17 @@ ratios QE(ℓ, b) / mean(W_ℓ²) so layers of different weight scales are compa
 """
 from __future__ import annotations
 
-import torch
-
-from ..quant.observers import quantize_weight
 from dataclasses import dataclass
 
-from .base import SearchContext, SensitivityTable
-from .registry import METHODS
-from .options import MethodOptions, option, positive
-from .solvers import threshold
+import torch
 
+from ..errors import BudgetError, MpqkitError
+from ..quant.observers import quantize_weight
+from ..solve import Solution, solve_threshold
+from .base import SearchContext, SensitivityTable, SolveRequest
+from .options import MethodOptions, option, positive
+from .registry import METHODS
+from .solvers import need_table
 
 RULES = ("relative", "absolute", "weighted")
 
@@ -38,7 +39,6 @@ class MixQuantOptions(MethodOptions):
     def __post_init__(self) -> None:
         positive("qem", self.qem, "mixquant")
         if not 1 <= self.bref <= 16:
-            from ..errors import MpqkitError
 
             raise MpqkitError(f"option 'bref' of method 'mixquant' must be 1..16, got {self.bref}")
 
@@ -51,6 +51,16 @@ def roundoff_errors(ctx: SearchContext, bits: list[int]) -> dict[str, dict[int, 
             w = ctx.model.get_submodule(f).weight.detach()
             out[f] = {b: float((w - quantize_weight(w, ctx.qconfig.w_spec(b))).pow(2).mean()) for b in bits}
     return out
+
+
+def threshold(req: SolveRequest) -> Solution:
+    """MixQuant's rule: ``--qem`` as given, else bisected to the budget."""
+    table = need_table(req)
+    opts = req.options
+    assert isinstance(opts, MixQuantOptions)
+    if opts.qem is None and not req.has_budget:
+        raise BudgetError("method 'mixquant' needs --qem or a --budget")
+    return solve_threshold(req.problem, table.w, opts.qem)
 
 
 @METHODS.register("mixquant", "round-off error rule: smallest bits with QE ≤ QEM·QE(b_ref); QEM bisected to a budget",

@@ -50,9 +50,9 @@ Measurements behind these defaults: ``docs/METHODS.md`` (smpq and dmpq).
 from __future__ import annotations
 
 import base64
-import math
 import copy
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -61,20 +61,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..engine.cache import ProbeCache
 from ..errors import MpqkitError
 from ..evaluation import evaluate_model
+from ..profile import stage
 from ..quant.config import QuantConfig
 from ..quant.observers import QuantSpec, weight_qparams
 from ..quant.primitives import fake_quant
+from ..solve import Solution, solve_supernet
+from ..solve.ilp import MilpModel
+from ..tracing import Program, trace_model
 from ..zoo.data import LabeledData
-from ..profile import stage
-from .base import SearchContext, SensitivityTable
-from .registry import METHODS
-from .options import MethodOptions, option, positive
-from .solvers import supernet as supernet_solver
+from .base import Decision, SearchContext, SensitivityTable, SolveRequest
 from .gradients import require_weight_search
+from .options import MethodOptions, option, positive
+from .registry import METHODS
+from .solvers import need_decision
 
 log = logging.getLogger("mpqkit")
 SUPERNET_VERSION = 5  # bump when a change alters supernet results (part of the records' key)
@@ -296,8 +300,6 @@ class Supernet(nn.Module):
                        for f in self.layers]
 
     def forward(self, x: Tensor) -> Tensor:
-        from torch.func import functional_call
-
         mixed = {f"{f}.weight": m(self.alpha[i]) for i, (f, m) in enumerate(zip(self.layers, self.mixers))}
         return functional_call(self.net, mixed, (x,), strict=False)
 
@@ -416,8 +418,6 @@ class _BudgetPenalty:
     shared ILP's rows, ``MilpModel.budget_arrays``); the penalty is |u − 1|. ``usage`` is u."""
 
     def __init__(self, ctx: SearchContext) -> None:
-        from ..solve.ilp import MilpModel
-
         model = MilpModel(ctx.problem)
         costs, limits, _ = model.budget_arrays()
         a = ctx.problem.a_bits[0]
@@ -640,8 +640,6 @@ class _PrefixValue:
     Shapley permutation removes one player at a time, so each value runs from that layer on."""
 
     def __init__(self, sup: Supernet, val: LabeledData, kind: str) -> None:
-        from ..tracing import Program, trace_model
-
         self.sup, self.kind = sup, kind
         self.y = val.labels
         net = copy.deepcopy(sup.net).eval()
@@ -753,7 +751,9 @@ def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
     rates most probable among those within the budget (the argmax plan when it fits). SMPQ with
     ``score="shapley"``: the mean Shapley values instead, cost max − value (the ILP maximises their sum)."""
     layers, bits = run["layers"], run["bits"]
-    by_shapley = which == "smpq" and getattr(ctx.options, "score", "alpha") == "shapley"
+    opts = ctx.options
+    assert isinstance(opts, SupernetOptions)
+    by_shapley = which == "smpq" and opts.score == "shapley"
     if by_shapley:  # the Shapley values themselves: the plan maximising their sum within the budget
         choice = np.asarray(run.get("shapley_mean", run["shapley"]), dtype=float)
         cost = choice.max(1, keepdims=True) - choice
@@ -769,16 +769,27 @@ def _table(ctx: SearchContext, run: dict, which: str) -> SensitivityTable:
             "alpha": run["alpha"], "alpha_s": run["alpha_s"], "shapley": run["shapley"], "history": run["history"],
             "supernet_config": run["config"], "supernet_quantizer": run["quantizer"],
             "train_images": run["train_images"], "budget_targeted": run.get("budget_targeted", False)}
-    return SensitivityTable(w=w, argmax_bits=argmax, meta=meta, for_budget=bool(run.get("budget_targeted")))
+    return SensitivityTable(w=w, decision=Decision(argmax_bits=argmax), meta=meta,
+                            for_budget=bool(run.get("budget_targeted")))
+
+
+def supernet_solver(req: SolveRequest) -> Solution:
+    """Argmax of the method's α when it fits, else the ILP on its costs (``--select``)."""
+    dec, table = need_decision(req), req.table
+    opts = req.options
+    assert isinstance(opts, SupernetOptions) and table is not None
+    if dec.argmax_bits is None:
+        raise RuntimeError("a supernet method must give its per-layer bits (Decision.argmax_bits)")
+    return solve_supernet(req.problem, dec.argmax_bits, table.w, req.time_limit, select=opts.select)
 
 
 @METHODS.register("smpq", "supernet + Monte-Carlo Shapley value of each (layer, bits); argmax of Shapley-updated α "
-                  "(ILP on −Shapley when over budget)", solver=supernet_solver, options=SupernetOptions)
+                  "(ILP on −Shapley when over budget)", solver=supernet_solver, options=SupernetOptions, decides=True)
 def smpq(ctx: SearchContext) -> SensitivityTable:
     return _table(ctx, _run(ctx), "smpq")
 
 
 @METHODS.register("dmpq", "the same supernet, argmax of the trained α (the baseline SMPQ improves on)",
-                  solver=supernet_solver, options=SupernetOptions)
+                  solver=supernet_solver, options=SupernetOptions, decides=True)
 def dmpq(ctx: SearchContext) -> SensitivityTable:
     return _table(ctx, _run(ctx), "dmpq")

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from ..engine.probe import STAT_CHUNK
+from ..errors import MpqkitError
 from .problem import Allocation, Choice
 
 #: (loss on half A, loss on half B) of each full assignment
@@ -42,8 +44,6 @@ def engine_halves_measure(engine, start: Mapping[str, Choice]) -> tuple[Measure,
     """A ``Measure`` through a probe engine: each plan is one probe on top of the current plan (so
     it runs from its earliest changed layer), scored on the even and the odd 128-image chunks of
     the engine's set; and the ``on_accept`` hook that moves the current plan forward."""
-    from ..engine.probe import STAT_CHUNK
-    from ..errors import MpqkitError
 
     n = engine.fp.n
     if n <= STAT_CHUNK:

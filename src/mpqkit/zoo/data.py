@@ -11,6 +11,7 @@ Everything fits in memory, so a dataset is just two tensors plus metadata.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
@@ -287,6 +288,7 @@ def _load_digits(split: str, limit: int | None) -> LabeledData:
     if split == "exact":
         raise DataError("split 'exact' is CIFAR-10 only (digits has train and test)")
     _check_split("digits", split)
+    # lazy: only the digits data needs scikit-learn
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -305,6 +307,7 @@ def _load_imagenet_subset(split: str, root: str | Path | None, limit: int | None
     ImageNet normalisation (the folder README's recommended pipeline). Easier than the full validation
     set: never report its top-1 as ImageNet accuracy."""
     _check_split("imagenet-subset", split)
+    # lazy: only image folders need Pillow
     from PIL import Image
 
     base = data_root(root) / _INET_DIR
@@ -341,8 +344,8 @@ def _load_imagenet_subset(split: str, root: str | Path | None, limit: int | None
 # --------------------------------------------------------------------------- SST-2
 def _load_sst2(split: str, root: str | Path | None, limit: int | None) -> LabeledData:
     """GLUE SST-2 as MiniLM token ids (``train``: GLUE train; ``test``: GLUE dev, the split papers report)."""
-    import csv
 
+    # lazy: torchvision takes seconds to import
     from mpqkit.zoo.text import tokenize
 
     _check_split("sst2", split)
@@ -366,6 +369,7 @@ def _load_sst2(split: str, root: str | Path | None, limit: int | None) -> Labele
 # --------------------------------------------------------------------------- image folders
 def _load_image_folder(path: Path, limit: int | None) -> LabeledData:
     """Eagerly load an ImageFolder tree (resize 256, center-crop 224, ImageNet normalization)."""
+    # lazy: torchvision takes seconds to import
     from torchvision import datasets, transforms
 
     why = _folder_problem(path)

@@ -65,6 +65,7 @@ class TFMobileNetV2(nn.Module):
 
     def __init__(self, input_size: int = 224) -> None:
         super().__init__()
+        # lazy: torchvision takes seconds to import
         import torchvision
 
         base = torchvision.models.mobilenet_v2(weights=None, num_classes=1001)

@@ -6,6 +6,7 @@ Every model is built in eval mode, is ``torch.fx.symbolic_trace``-able, and come
 """
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 from mpqkit.errors import CheckpointError, MissingResourceError, MpqkitError, UnknownNameError
 from mpqkit.fileutil import state_dict_sha256  # noqa: F401  (re-exported)
+from mpqkit.zoo import imagenet
+from mpqkit.zoo.imagenet import IMAGENET_MEAN_STD, InputAdapter
 from mpqkit.zoo.paths import models_dir as _models_dir
 
 __all__ = [
@@ -159,7 +162,6 @@ def convmixer(dim: int = 256, depth: int = 8, kernel: int = 9, patch: int = 4, n
     """ConvMixer (Trockman & Kolter 2022) exactly as kentaroy47/vision-transformers-cifar10 builds it, after
     an input adapter from the ImageNet statistics of ``cifar10`` data here to the CIFAR ones it was trained
     with (the Sequential's entry ``adapter``; the layers keep their checkpoint indices 0..13)."""
-    from mpqkit.zoo.imagenet import IMAGENET_MEAN_STD, InputAdapter
 
     blocks = [nn.Sequential(
         Residual(nn.Sequential(nn.Conv2d(dim, dim, kernel, groups=dim, padding=kernel // 2), nn.GELU(),
@@ -233,6 +235,7 @@ def _apply_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Pa
 # --------------------------------------------------------------------------- factory
 def _minilm_sst2(ckpt: Path | None, random_init: bool) -> ModelBundle:
     """all-MiniLM-L6-v2 (package weights) with the committed SST-2 head, or a full ``--checkpoint``."""
+    # lazy: torchvision takes seconds to import
     from mpqkit.zoo.text import MINILM_HEAD, SEQ_LEN, BertClassifier, encoder_state_dict, minilm_dir
 
     model = BertClassifier()
@@ -249,7 +252,6 @@ def _minilm_sst2(ckpt: Path | None, random_init: bool) -> ModelBundle:
 
 def _packaged_checkpoint(name: str) -> Path:
     """The weight file shipped in an optional pip package (MissingResourceError naming the install)."""
-    import importlib
 
     package, install = PACKAGED_MODELS[name]
     try:
@@ -264,6 +266,7 @@ def _packaged_checkpoint(name: str) -> Path:
 
 
 def _torchvision_names() -> list[str]:
+    # lazy: torchvision takes seconds to import
     import torchvision
 
     return list(torchvision.models.list_models(module=torchvision.models))
@@ -301,6 +304,7 @@ def get_model(
         )
     b = builder(name, num_classes, models_dir, ckpt, random_init)
     if b.ckpt is not None:
+        # lazy: torchvision takes seconds to import
         from mpqkit.attention import exposed_state_dict
 
         _apply_state_dict(b.model, exposed_state_dict(dict(load_checkpoint(b.ckpt, b.setting)), b.model), b.ckpt,
@@ -342,7 +346,6 @@ def _cifar_resnet(name: str, num_classes: int | None, models_dir: str | Path | N
 def _zoo_network(name: str, num_classes: int | None, models_dir: str | Path | None, ckpt: Path | None,
                  random_init: bool) -> _Built:
     """ConvMixer, MobileNetV2 (shared checkpoints) and EfficientNet-Lite0 (packaged checkpoint)."""
-    from mpqkit.zoo import imagenet
 
     if name == "convmixer":
         b = _Built(convmixer(num_classes=num_classes or 10), (3, 32, 32), num_classes or 10, "ConvMixer-256/8", ckpt)
@@ -371,8 +374,10 @@ def _digits(name: str, num_classes: int | None, models_dir: str | Path | None, c
 
 def _torchvision(name: str, num_classes: int | None, models_dir: str | Path | None, ckpt: Path | None,
                  random_init: bool) -> _Built:
+    # lazy: torchvision takes seconds to import
     import torchvision
 
+    # lazy: torchvision takes seconds to import
     from mpqkit.attention import expose_attention
 
     if ckpt is None and not random_init:

