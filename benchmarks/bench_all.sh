@@ -125,11 +125,17 @@ $M bench -q $RTN --model resnet20 --methods smpq --shapley-game layer --shapley-
     --claim "SMPQ (equal size) > uniform;$R/draws_resnet20_smpq_fill;smpq;$R/draws_resnet20_smpq;uniform" \
     --claim "SMPQ (exact layer game, by Shapley) > DMPQ;$R/draws_resnet20_smpq_layer;smpq;$R/draws_resnet20_smpq;dmpq" \
     --claim "SMPQ (layer game on pretrained weights) > DMPQ;$R/draws_resnet20_smpq_layer_pretrained;smpq;$R/draws_resnet20_smpq;dmpq"
-# Issue 17: models beyond CIFAR ResNets. The fine-tuned ResNets are made first (ResNet-56: ~36 min of one core):
+# Issue 17: models beyond CIFAR ResNets. The fine-tuned ResNets are made first:
 for d in 32 44; do test -f ../shared/models/cifar10_resnet${d}_jpegft/resnet${d}_jpegft.th || \
     PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth $d --epochs 2; done
 test -f ../shared/models/cifar10_resnet56_jpegft/resnet56_jpegft.th || \
     PYTHONPATH=src .venv/bin/python scripts/finetune_cifar_resnet.py --depth 56 --epochs 3
+# the zoo's fp32 accuracies that no bench directory records (docs/USAGE.md's model table)
+mkdir -p $R/zoo_fp32
+for m in resnet32 resnet44 resnet20-orig resnet32-orig resnet44-orig; do
+    $M eval -q --model $m --data cifar10 --split test --json > $R/zoo_fp32/$m-test.json
+done
+for m in resnet32 resnet44; do $M eval -q --model $m --data cifar10 --split exact --json > $R/zoo_fp32/$m-exact.json; done
 $M bench -q $RTN --model resnet56 --methods uniform,eval-delta,mpqco,clado-diag,auto --budgets avg-bits=3:4:1 \
     --ptq default --out $R/bench_resnet56_ft
 # MobileNetV2 (depthwise: uniform 3-5 bits collapse) on the ImageNet subset, 128 calibration images, 2 draws
@@ -278,6 +284,14 @@ eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-s
     --out $R/cost_efficientnet_lite0_auto
 eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_minilm_sst2_auto
+PYTHONPATH=src .venv/bin/python benchmarks/clado_pair_replay.py --dir $R/cost_resnet20_clado --model resnet20 \
+    --tols 0.1,0.2,0.5 --budgets 3
+.venv/bin/python benchmarks/claims.py --out $R/cost_mobilenetv2_auto/paired_claims.md \
+    --title "auto cold on the larger models vs the rows before it (issue 28)" \
+    --claim "MobileNetV2: auto (cold) vs eval-delta + GPTQ;$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;eval-delta" \
+    --claim "MobileNetV2: auto (cold) vs uniform + GPTQ;$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;uniform" \
+    --claim "EfficientNet-Lite0: auto (cold) vs eval-delta + GPTQ;$R/cost_efficientnet_lite0_auto;auto;$R/bench_efficientnet_lite0_gptq;eval-delta" \
+    --claim "MiniLM-SST2: auto (cold) vs uniform + GPTQ;$R/cost_minilm_sst2_auto;auto;$R/bench_minilm_sst2_gptq;uniform"
 # issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 1,200 s)
 eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta --budgets avg-bits=4 --calib-size 128 --draws 1 \
     --timeout 1200 --out $R/memory_mobilenetv2 -- --max-memory 4000
@@ -290,6 +304,7 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
     --out $R/hawq_mobilenetv2/hvp_cost.json
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
+    $R/cost_resnet20_clado $R/cost_mobilenetv2_auto $R/cost_efficientnet_lite0_auto $R/cost_minilm_sst2_auto \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \

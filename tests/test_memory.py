@@ -94,8 +94,8 @@ def test_the_estimate_grows_with_the_calibration_set_and_gradient_methods_add_th
     images = torch.zeros(256, 1, 8, 8)
     ctx = SearchContext(model=bundle.model, graph=graph, calib_images=images, calib_labels=torch.zeros(256).long(),
                         searched=graph.names, w_bits=[2, 4, 8], a_bits=[8])
-    for name in ("hawq", "mpqco"):
-        assert METHODS.get(name).memory(ctx) > 0
+    for name in ("hawq", "mpqco"):  # each method reads its own options from the context
+        assert METHODS.get(name).memory(dataclasses.replace(ctx, options=METHODS.get(name).make_options(None))) > 0
     auto = METHODS.get("auto")
 
     def auto_mb(heldout: int, available: int) -> float:
@@ -121,3 +121,32 @@ def test_the_cli_refuses_with_the_message_and_writes_nothing(tmp_path, capsys):
                  "avg-bits=3", "--calib-size", "64", "--no-cache", "-q", "--max-memory", "10", "--out", str(out)])
     assert code != 0 and "smallest limit it can run under" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_mpqco_chunks_are_bounded_by_their_per_sample_gradients_and_give_the_same_scores(monkeypatch):
+    """A chunk holds at most GRAD_BYTES of per-sample gradients (a transformer's weights, not its inputs,
+    bound it), the memory estimate counts them, and the chunking does not change the scores."""
+    import torch
+
+    from mpqkit.graph import discover
+    from mpqkit.loading import load_model
+    from mpqkit.sensitivity import mpqco as m
+    from mpqkit.sensitivity.base import SearchContext
+    from mpqkit.settings import RunSettings
+
+    bundle = load_model("digits-cnn", RunSettings())
+    graph = discover(bundle.model, bundle.input_shape)
+    ctx = SearchContext(model=bundle.model, graph=graph, calib_images=torch.zeros(256, 1, 8, 8),
+                        calib_labels=torch.zeros(256).long(), searched=graph.names, w_bits=[2, 4, 8], a_bits=[8])
+    per_sample = m.searched_weight_bytes(ctx)
+    assert per_sample == 4 * sum(layer.weight_numel for layer in graph.layers)
+    assert m.mpqco_chunk(ctx) == 32  # small weights: the input bound (capped at 32) as before
+    wide = m.mpqco_memory(ctx)
+    monkeypatch.setattr(m, "GRAD_BYTES", 3 * per_sample)
+    assert m.mpqco_chunk(ctx) == 3 and m.mpqco_memory(ctx) < wide
+    narrow = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "mpqco", **KW).table.w
+    monkeypatch.undo()
+    full = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "mpqco", **KW).table.w
+    for f, row in full.items():
+        for b, v in row.items():
+            assert narrow[f][b] == pytest.approx(v, rel=1e-5)

@@ -18,10 +18,6 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-
-from .errors import MpqkitError
-
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
@@ -124,6 +120,7 @@ def check_output_file(path: str | Path, what: str = "the output file") -> Path:
     Refused: an existing directory at ``path``; a parent that exists as a file; a parent folder
     where no file can be created. Missing parent folders are created. Returns ``path`` as a Path.
     """
+    from .errors import MpqkitError  # lazy: fileutil is a leaf (no mpqkit or torch import at module level)
 
     path = Path(path).expanduser()
     if path.is_dir():
@@ -146,6 +143,7 @@ def check_output_dir(path: str | Path, what: str = "the output folder") -> Path:
     Refused: ``path`` (or an ancestor) exists as a file; a folder where no file can be created.
     The folder is created if missing. Returns ``path`` as a Path.
     """
+    from .errors import MpqkitError  # lazy: fileutil is a leaf (no mpqkit or torch import at module level)
 
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -167,6 +165,7 @@ def json_text(obj: Any, what: str, **kwargs: Any) -> str:
     try:
         return json.dumps(obj, allow_nan=False, **kwargs)
     except ValueError:
+        from .errors import MpqkitError  # lazy: fileutil is a leaf (no mpqkit or torch import at module level)
 
         raise MpqkitError(f"{what} holds a non-finite number at {_non_finite_path(obj) or '?'}; JSON has no "
                           "NaN or Infinity (was an option or a measurement NaN?)") from None
@@ -196,6 +195,7 @@ def writer_lock(folder: Path, what: str, remove_if_empty: bool = False) -> Itera
     ``remove_if_empty``: the folder was made for this run; if nothing was written into it (the run
     failed first), it is removed again.
     """
+    from .errors import MpqkitError  # lazy: fileutil is a leaf (no mpqkit or torch import at module level)
 
     lock = Path(folder) / LOCK_NAME
     me = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -261,6 +261,7 @@ def sha256_json(obj: Any) -> str:
 
 def tensor_sha256(*tensors: "torch.Tensor") -> str:
     """sha256 of the dtype, shape and bytes of each tensor, in order."""
+    import torch  # lazy: fileutil is a leaf (no mpqkit or torch import at module level)
 
     h = hashlib.sha256()
     for t in tensors:
@@ -272,6 +273,7 @@ def tensor_sha256(*tensors: "torch.Tensor") -> str:
 
 def state_dict_sha256(model: "nn.Module") -> str:
     """Deterministic hash of the state-dict: key names, dtypes, shapes and tensor bytes, in key order."""
+    import torch  # lazy: fileutil is a leaf (no mpqkit or torch import at module level)
 
     h = hashlib.sha256()
     for key, t in model.state_dict().items():

@@ -31,14 +31,29 @@ EPS = 1e-6  # |z_y| floor: the score divides by the logit
 CHUNK_ELEMENTS = 8 * 3 * 224 * 224
 
 
-def mpqco_chunk(images: Tensor) -> int:
-    """Images per vmapped per-sample-gradient chunk."""
-    return chunk_size(images, CHUNK_ELEMENTS, 32)
+#: bytes the per-sample gradients of one chunk may take (chunk × the searched layers' weights, fp32): a
+#: transformer's weights, not its inputs, bound its chunk
+GRAD_BYTES = 256 * 2**20
+
+
+def searched_weight_bytes(ctx: SearchContext) -> int:
+    """fp32 bytes of one sample's gradient with respect to every searched layer's weight."""
+    searched = set(ctx.searched)
+    return 4 * sum(layer.weight_numel for layer in ctx.graph.layers if layer.fqn in searched)
+
+
+def mpqco_chunk(ctx: SearchContext) -> int:
+    """Samples per vmapped per-sample-gradient chunk: at most ``CHUNK_ELEMENTS`` input elements and
+    ``GRAD_BYTES`` of per-sample gradients (and 32 samples)."""
+    by_input = chunk_size(ctx.calib_images, CHUNK_ELEMENTS, 32)
+    return max(1, min(by_input, GRAD_BYTES // max(1, searched_weight_bytes(ctx))))
 
 
 def mpqco_memory(ctx: SearchContext) -> float:
-    """MB mpqco holds beside the probe engine: the vmapped backward of one chunk (``Method.memory``)."""
-    return grad_pass_mb(ctx.graph, mpqco_chunk(ctx.calib_images))
+    """MB mpqco holds beside the probe engine (``Method.memory``): the vmapped backward of one chunk and
+    its per-sample gradients."""
+    chunk = mpqco_chunk(ctx)
+    return grad_pass_mb(ctx.graph, chunk) + chunk * searched_weight_bytes(ctx) / 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -76,7 +91,7 @@ def mpqco(ctx: SearchContext) -> SensitivityTable:
     acc = {f: {b: 0.0 for b in ctx.w_bits} for f in ctx.searched}
     n = 0
     small = 0
-    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=mpqco_chunk(ctx.calib_images)):
+    for x, y in calib_chunks(ctx, ctx.options.mpqco_samples, chunk=mpqco_chunk(ctx)):
         with stage("gradients"):
             g, z = per_sample(sel, x, y)
         if prob:  # g is already ∇ log p_y
