@@ -233,8 +233,9 @@ def _check_plan_protocol(plan: Plan, s: RunSettings, opts: MethodOptions, pdir: 
     bit-widths, the method's options and the calibration images (``calib``: this run's draw)."""
     params, recorded = plan.method_params, plan.provenance.get("calib", {})
     mine = {"qconfig": s.qconfig.to_dict(), "objective": s.objective, **opts.to_params()}
-    if s.w_bits is None:
-        mine["w_candidates"] = list(s.w_candidates)
+    if s.w_bits is None and "w_candidates" in params:  # the same candidates in any order
+        mine["w_candidates"] = sorted(s.w_candidates)
+        params = {**params, "w_candidates": sorted(params["w_candidates"])}
 
     def differs(old: Any, new: Any) -> bool:  # a dict recorded before a field existed is compared where both have it
         old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
