@@ -150,3 +150,21 @@ def test_mpqco_chunks_are_bounded_by_their_per_sample_gradients_and_give_the_sam
     for f, row in full.items():
         for b, v in row.items():
             assert narrow[f][b] == pytest.approx(v, rel=1e-5)
+
+
+def test_a_search_leaves_no_probe_engine_alive():
+    """The engines sit in reference cycles: search collects them before returning, so a bench's next draw
+    does not run beside the last one's kept layer cuts (automatic collection disabled here)."""
+    import gc
+
+    from mpqkit.engine.probe import ProbeEngine
+    from mpqkit.quant.layerwise import LocalLayerBuilder
+
+    gc.disable()
+    try:
+        res = mpqkit.search("digits-cnn", "digits", "avg-bits=3", "auto", **{**KW, "calib_size": 512})
+        assert res.plan.layers
+        del res
+        assert not [o for o in gc.get_objects() if isinstance(o, (ProbeEngine, LocalLayerBuilder))]
+    finally:
+        gc.enable()

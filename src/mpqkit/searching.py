@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import time
 from pathlib import Path
@@ -60,6 +61,10 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
             with contextlib.suppress(OSError):
                 Path(out).rmdir()  # made by the output check; only removed while still empty
         raise
+    finally:
+        # the probe engines (their kept layer cuts, quantized layers, GPTQ statistics) sit in reference
+        # cycles: free them now, not at some later collection while the next search holds its own
+        gc.collect()
     result.profile = prof.to_dict()
     if out is not None:
         # lazy: matplotlib takes a second to import
