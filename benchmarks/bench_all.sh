@@ -280,6 +280,9 @@ eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 12
 eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 --out $R/cost_resnet20_clado
 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 3 --timeout 2400 \
     --out $R/cost_mobilenetv2_auto
+# the same after e66d0cd (search collects its probe engines before returning), 2 draws: the later draw's peak
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 1500 \
+    --out $R/cost_mobilenetv2_auto_gc
 eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_efficientnet_lite0_auto
 eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
@@ -304,7 +307,8 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
     --out $R/hawq_mobilenetv2/hvp_cost.json
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/cost_resnet20_clado $R/cost_mobilenetv2_auto $R/cost_efficientnet_lite0_auto $R/cost_minilm_sst2_auto \
+    $R/cost_resnet20_clado $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_efficientnet_lite0_auto \
+    $R/cost_minilm_sst2_auto \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \
