@@ -169,3 +169,53 @@ def test_pair_selection_skips_only_pairs_whose_cross_term_bound_is_small(tmp_pat
     cross = {k: abs(v - w[k[0]][k[1]] - w[k[2]][k[3]]) for k, v in full.table.pairs.items()}
     skipped = full.table.pairs.keys() - sel.table.pairs.keys()
     assert max(cross[k] for k in skipped) < meta["pair_threshold"] < max(cross.values())
+
+
+def test_pair_samples_measure_cross_terms_on_the_draws_first_samples(digits_clado, tmp_path):
+    """--pair-samples N: G's diagonal is the whole set's singles; each cross term is the one measured
+    on the draw's first N samples (pair and singles on the same N, with the whole set's quantized
+    layers), and the tables agree with the all-samples ones up to that subset's noise."""
+    res, _ = digits_clado  # pair_samples ≥ calib_size: every pair on all 256 samples
+    sub = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
+                        progress=False, cache_dir=str(tmp_path), options={"psd": "none", "pair_tol": 0,
+                                                                         "pair_samples": 64}, time_limit=10)
+    assert sub.table.w == res.table.w and sub.table.pairs.keys() == res.table.pairs.keys()
+    assert sub.table.meta["pair_samples"] == 64 and res.table.meta["pair_samples"] == 256
+    bundle = get_model("digits-cnn")
+    calib = mpqkit.api.calibration_set("digits", 256, 0)
+    kw = dict(use_cache=False, progress=False, objective=mpqkit.api.RunSettings().objective)
+    graph = discover(bundle.model, bundle.input_shape)
+    whole = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **kw)
+    first = ProbeEngine(bundle.model, graph, calib.images[:64], calib.labels[:64], layers_from=whole, **kw)
+    base = {f: (None, 8) for f in ["conv1", "conv2", "conv3", "fc"]}
+    ref, a, b, ab = first.run([{}, {"conv2": (2, 8)}, {"conv3": (4, 8)}, {"conv2": (2, 8), "conv3": (4, 8)}],
+                              base=base)
+    cross = (ab.loss - ref.loss) - (a.loss - ref.loss) - (b.loss - ref.loss)
+    g, index = build_g(sub.table, ["conv2", "conv3"], list(BITS))
+    assert g[index.index(("conv2", 2)), index.index(("conv3", 4))] == pytest.approx(cross, abs=1e-6)
+    g_all, _ = build_g(res.table, ["conv2", "conv3"], list(BITS))
+    assert not np.allclose(g, g_all)  # another sample, another estimate
+    assert np.abs(g - g_all).max() < 0.5 * np.abs(g_all).max()  # … of the same cross terms
+    with pytest.raises(mpqkit.errors.MpqkitError, match="pair_samples"):
+        mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={"pair_samples": -1},
+                      calib_size=64, progress=False, use_cache=False)
+
+
+def test_workers_measure_subset_pairs_into_the_cache(tmp_path, monkeypatch):
+    """With --pair-samples below the set, the workers rebuild the subset engine (with the whole
+    set's layers) from its spec: the tables equal the serial ones, and the main process's subset
+    engine ran only its two references."""
+    from mpqkit.sensitivity import crosslayer
+
+    built = []
+    real = crosslayer.pair_engine
+    monkeypatch.setattr(crosslayer, "pair_engine", lambda ctx, n: built.append(real(ctx, n)) or built[-1])
+    kw = dict(w_candidates=BITS, calib_size=128, progress=False, time_limit=5)
+    opts = {"pair_samples": 32, "pair_tol": 0}
+    serial = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options=opts,
+                           cache_dir=str(tmp_path / "a"), **kw)
+    par = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={**opts, "workers": 2},
+                        cache_dir=str(tmp_path / "b"), **kw)
+    assert par.table.pairs == serial.table.pairs and par.table.w == serial.table.w
+    assert built[1] is not built[0] and built[1].fp.n == 32
+    assert built[1].stats["probes_run"] == 2  # fp and A8 references; every pair tree came from the workers

@@ -98,7 +98,8 @@ class ProbeEngine:
                                          batch_size=batch_size, use_cache=use_cache, prefix=prefix, device=device,
                                          seed=seed, prefix_cache_mb=prefix_cache_mb, fold_bn=fold_bn,
                                          channels_last=channels_last, objective=objective,
-                                         cache_dir=str(cache_dir or default_cache_dir()))
+                                         cache_dir=str(cache_dir or default_cache_dir()),
+                                         layers_from=None if layers_from is None else layers_from.spec)
         self._place(model, graph, images, labels, qconfig, batch_size, device, fold_bn, channels_last)
         self.progress = progress
         self.prefix = prefix

@@ -36,11 +36,21 @@ class ProbeJob:
     warm_base: dict[str, Override] = field(default_factory=dict)
 
 
+def engine_from_spec(spec: dict[str, Any], **overrides: Any) -> ProbeEngine:
+    """The engine ``ProbeEngine.spec`` describes, in this process; an engine that uses another's
+    quantized layers (``layers_from``) gets that one rebuilt from its own spec first, with the same
+    overrides."""
+    spec = dict(spec)
+    source = spec.pop("layers_from", None)
+    layers_from = None if source is None else engine_from_spec(source, **overrides)
+    return ProbeEngine(**{**spec, **overrides}, layers_from=layers_from)
+
+
 def _worker(args: tuple[dict[str, Any], list[ProbeJob], int]) -> int:
     spec, jobs, threads = args
 
     torch.set_num_threads(threads)
-    engine = ProbeEngine(**{**spec, "progress": False})
+    engine = engine_from_spec(spec, progress=False)
     for job in jobs:
         if job.warm is not None:
             engine.warm(job.warm_base, job.warm)
@@ -69,6 +79,14 @@ def run_in_workers(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int) 
     return done
 
 
+def _portable(spec: dict[str, Any]) -> dict[str, Any]:
+    """An engine spec without this machine's cache and device (Ray actors choose their own)."""
+    out = {k: v for k, v in spec.items() if k not in ("cache_dir", "use_cache", "device", "progress")}
+    if out.get("layers_from") is not None:
+        out["layers_from"] = _portable(out["layers_from"])
+    return out
+
+
 def _job_results(engine: ProbeEngine, job: ProbeJob) -> list[dict]:
     if job.warm is not None:
         engine.warm(job.warm_base, job.warm)
@@ -95,15 +113,15 @@ def run_in_ray(engine: ProbeEngine, jobs: Sequence[ProbeJob], workers: int, addr
     try:
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = gpus_per_worker if gpus_per_worker is not None else (min(1.0, cluster_gpus / workers) if cluster_gpus else 0)
-        spec = {k: v for k, v in engine.spec.items() if k not in ("cache_dir", "use_cache", "device", "progress")}
+        spec = _portable(engine.spec)
         spec_ref = ray.put(spec)
 
         @ray.remote(num_cpus=1, num_gpus=gpus)
         class ProbeWorker:
             def __init__(self, spec):
                 torch.set_num_threads(1)
-                self.engine = ProbeEngine(**spec, use_cache=False, progress=False,
-                                          device="cuda" if gpus else "cpu")
+                self.engine = engine_from_spec(spec, use_cache=False, progress=False,
+                                               device="cuda" if gpus else "cpu")
 
             def run(self, job):
                 return _job_results(self.engine, job)

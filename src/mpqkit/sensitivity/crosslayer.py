@@ -16,6 +16,12 @@ only where its cross term can matter, i.e. where the second-order bound 2·sqrt(
 reaches ``pair_tol`` × the median single ΔL at the smallest bit-width. Pairs of nearly lossless
 choices (5-8 bits) are skipped with a zero cross term; ``--pair-tol 0`` measures every pair (the
 paper's exact all-pairs mode).
+
+On how many samples (``--pair-samples``, default 256): the singles, G's diagonal, use the whole
+calibration set; each kept pair's cross term ΔL_S(ℓ,b;m,c) − ΔL_S(ℓ,b) − ΔL_S(m,c) is measured on the
+draw's first N samples S, singles and pair on the same S, so most of their sampling noise cancels
+in the difference. The pair walks, most of CLADO's time, then cost N / n of a walk over all n
+samples. ``--pair-samples 0`` measures the pairs on every sample (the paper's protocol).
 """
 from __future__ import annotations
 
@@ -27,11 +33,12 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..engine.probe import ProbeEngine, ProbeResult
 from ..engine.runners import ProbeJob, dispatch_options
 from ..errors import MpqkitError
 from ..solve import solve_iqp
 from .base import SearchContext, SensitivityTable, SolveRequest
-from .options import RunnerOptions, option
+from .options import RunnerOptions, option, positive
 from .registry import METHODS
 from .solvers import need_budget
 
@@ -46,8 +53,13 @@ class CladoOptions(RunnerOptions):
                              "cross term can reach this fraction of the median 2-bit-like single ΔL (bound "
                              "2·sqrt(ΔL(ℓ,b)·ΔL(m,c))); 0 measures all pairs (default 0.05)")
 
+    pair_samples: int = option(256, flag="--pair-samples", help="clado: measure the pairs' cross terms on the "
+                               "first N calibration samples (the singles use all of them); 0: all samples, the "
+                               "paper's protocol (default 256)")
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        positive("pair_samples", self.pair_samples, "clado", allow_zero=True)
         if not (isinstance(self.pair_tol, (int, float)) and 0 <= self.pair_tol):
             raise MpqkitError(f"option 'pair_tol' of method 'clado' must be ≥ 0, got {self.pair_tol!r}")
         if self.act_bits is None:
@@ -95,60 +107,96 @@ def select_pairs(singles: dict[str, dict[int, float]], layers: list[str], bits: 
                     "largest_skipped_bound": skipped_bound}
 
 
+@dataclass
+class _Walks:
+    """What the tree walks of one engine measured: ΔL per single and per pair (against ``ref``), and
+    the spread of each single's ΔL over the engine's chunks of samples."""
+
+    ref: ProbeResult
+    singles: dict[str, dict[int, float]]
+    pairs: dict[tuple[str, int, str, int], float]
+    chunk_std: list[float]
+
+
+def _walk_trees(engine: ProbeEngine, opts: CladoOptions, base: dict, layers: list[str], bits: list[int],
+                later_of: Callable[[str, int], list[tuple[str, int]]], desc: str) -> _Walks:
+    """One walk per (ℓ, b) from ℓ's reference input: the single, then the chosen later pairs."""
+    act = opts.act
+    ref = engine.run([{}], base=base, show=False)[0]
+    out = _Walks(ref, {f: {} for f in layers}, {}, [])
+    # trees run in parallel into the cache (with --workers / --runner ray); the loop below reads them
+    dispatch_options(engine, opts, lambda: [
+        ProbeJob([{}] + [{g: (c, act)} for g, c in later_of(f, b)], base={**base, f: (b, act)}, warm=f,
+                 warm_base=base) for f in layers for b in bits])
+    bar = tqdm(total=sum(1 + len(later_of(f, b)) for f in layers for b in bits), desc=desc, unit="probe",
+               disable=not engine.progress, leave=False)
+    for f in layers:
+        engine.warm(base, f)  # the reference's live tensors at ℓ: every (ℓ, b) walk starts there
+        for b in bits:
+            later = later_of(f, b)
+            res = engine.run([{}] + [{g: (c, act)} for g, c in later], base={**base, f: (b, act)},
+                             remember=False, show=False)
+            out.singles[f][b] = res[0].loss - ref.loss
+            out.chunk_std.append(statistics.pstdev(x - y for x, y in zip(res[0].batch_losses, ref.batch_losses))
+                                 if len(ref.batch_losses) > 1 else 0.0)
+            for (g, c), r in zip(later, res[1:]):
+                out.pairs[(f, b, g, c)] = r.loss - ref.loss
+            bar.update(1 + len(later))
+    bar.close()
+    return out
+
+
+def pair_engine(ctx: SearchContext, n: int) -> ProbeEngine:
+    """The engine the pairs are measured on: the calibration engine itself when ``n`` is 0 or covers
+    the set, else one on the draw's first ``n`` samples (a random subset: the draw is shuffled) with
+    the calibration engine's quantized layers (same ranges, same GPTQ weights)."""
+    if n == 0 or n >= len(ctx.calib_images):
+        return ctx.engine
+    return ProbeEngine(ctx.model, ctx.graph, ctx.calib_images[:n], ctx.calib_labels[:n], qconfig=ctx.qconfig,
+                       seed=ctx.seed, layers_from=ctx.engine, **ctx.engine_kwargs)
+
+
+def subset_pairs(full: dict[str, dict[int, float]], sub: _Walks) -> dict[tuple[str, int, str, int], float]:
+    """Pair ΔL whose cross term is the subset's: ΔL(a) + ΔL(b) from the whole set plus
+    [ΔL_S(a,b) − ΔL_S(a) − ΔL_S(b)], all three on the same subset S (paired, so the noise of the
+    singles cancels in the difference). ``build_g`` then reads exactly the subset's cross term."""
+    return {(f, b, g, c): full[f][b] + full[g][c] + (v - sub.singles[f][b] - sub.singles[g][c])
+            for (f, b, g, c), v in sub.pairs.items()}
+
+
 def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     if ctx.search_a:
         raise MpqkitError("CLADO searches weight bits; activations stay at --clado-act-bits (use --search w)")
     opts: CladoOptions = ctx.options  # type: ignore[assignment]
-    act = opts.act
-    engine = ctx.engine
     layers, bits = list(ctx.searched), sorted(ctx.w_bits)
-    base = {f: (None, act) for f in ctx.graph.names} if act is not None else {}
-    ref = engine.run([{}], base=base, show=False)[0]
-    singles: dict[str, dict[int, float]] = {f: {} for f in layers}
-    pairs: dict[tuple[str, int, str, int], float] = {}
-    batch_deltas: list[float] = []
-
-    def trees(later_of: Callable[[str, int], list[tuple[str, int]]], desc: str) -> None:
-        """One walk per (ℓ, b) from ℓ's reference input: the single, then the chosen later pairs."""
-        # trees run in parallel into the cache (with --workers / --runner ray); the loop below reads them
-        dispatch_options(engine, opts, lambda: [
-            ProbeJob([{}] + [{g: (c, act)} for g, c in later_of(f, b)], base={**base, f: (b, act)}, warm=f,
-                     warm_base=base) for f in layers for b in bits])
-        bar = tqdm(total=sum(1 + len(later_of(f, b)) for f in layers for b in bits), desc=desc, unit="probe",
-                   disable=not engine.progress, leave=False)
-        for f in layers:
-            engine.warm(base, f)  # the reference's live tensors at ℓ: every (ℓ, b) walk starts there
-            for b in bits:
-                later = later_of(f, b)
-                res = engine.run([{}] + [{g: (c, act)} for g, c in later], base={**base, f: (b, act)},
-                                 remember=False, show=False)
-                if b not in singles[f]:
-                    singles[f][b] = res[0].loss - ref.loss
-                    batch_deltas.append(statistics.pstdev(x - y for x, y in zip(res[0].batch_losses,
-                                                                                ref.batch_losses))
-                                        if len(ref.batch_losses) > 1 else 0.0)
-                for (g, c), r in zip(later, res[1:]):
-                    pairs[(f, b, g, c)] = r.loss - ref.loss
-                bar.update(1 + len(later))
-        bar.close()
-
+    base = {f: (None, opts.act) for f in ctx.graph.names} if opts.act is not None else {}
+    engine = ctx.engine
+    pairs_on = pair_engine(ctx, opts.pair_samples) if with_pairs else engine
+    every = (lambda f, b: [(g, c) for g in layers[layers.index(f) + 1:] for c in bits])
     selection: dict[str, Any] = {}
-    if with_pairs and opts.pair_tol == 0:  # every pair, in the same walks as the singles
-        trees(lambda f, b: [(g, c) for g in layers[layers.index(f) + 1:] for c in bits], "clado probes")
+    if with_pairs and opts.pair_tol == 0 and pairs_on is engine:  # every pair, in the same walks as the singles
+        walks = _walk_trees(engine, opts, base, layers, bits, every, "clado probes")
+        pairs = walks.pairs
     else:
-        trees(lambda f, b: [], "clado singles")
+        walks = _walk_trees(engine, opts, base, layers, bits, lambda f, b: [], "clado singles")
+        pairs = {}
         if with_pairs:
-            chosen, selection = select_pairs(singles, layers, bits, opts.pair_tol)
-            trees(lambda f, b: chosen[(f, b)], "clado pairs")  # each walk's single is read from the cache
-    nb = len(ref.batch_losses)
-    return SensitivityTable(w=singles, pairs=pairs, meta={
+            chosen, selection = select_pairs(walks.singles, layers, bits, opts.pair_tol) \
+                if opts.pair_tol else ({(f, b): every(f, b) for f in layers for b in bits}, {"pair_tol": 0})
+            sub = _walk_trees(pairs_on, opts, base, layers, bits, lambda f, b: chosen[(f, b)], "clado pairs")
+            pairs = sub.pairs if pairs_on is engine else subset_pairs(walks.singles, sub)
+    if with_pairs:
+        selection["pair_samples"] = pairs_on.fp.n
+    ref = walks.ref
+    return SensitivityTable(w=walks.singles, pairs=pairs, meta={
         "score": f"delta loss ({engine.objective}; single and pair probes)", "ref_loss": ref.loss,
-        "ref_top1": ref.top1, "act_bits": act, "psd": opts.psd, "pairs_measured": len(pairs),
+        "ref_top1": ref.top1, "act_bits": opts.act, "psd": opts.psd, "pairs_measured": len(pairs),
         "singles_measured": len(layers) * len(bits), **selection,
-        "sens_samples": ref.n, "stat_chunks": nb,
-        "median_chunk_std_of_single_delta": float(np.median(batch_deltas)) if batch_deltas else 0.0,
+        "sens_samples": ref.n, "stat_chunks": len(ref.batch_losses),
+        "median_chunk_std_of_single_delta": float(np.median(walks.chunk_std)) if walks.chunk_std else 0.0,
         "note": "chunk std: spread of ΔL(ℓ,b) over chunks of 128 samples; the standard error of ΔL is "
-                "about std/sqrt(chunks)",
+                "about std/sqrt(chunks)" + ("; pairs: singles of the whole set + cross terms measured on the "
+                                            "first pair_samples samples" if pairs_on is not engine else ""),
     })
 
 
