@@ -21,7 +21,7 @@ $M bench -q $LEGACY --model resnet20 --methods "$BASE" --mpqco-output logit --bu
     --out $R/bench_resnet20
 $M proxies -q $RTN --model resnet20 --out $R/bench_resnet20
 $M bench -q $LEGACY --model resnet20 --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 \
-    --budgets "$AVG" --ptq default --out $R/bench_resnet20_clado
+    --pair-samples 0 --budgets "$AVG" --ptq default --out $R/bench_resnet20_clado
 # legacy: the original akamaster ResNet-56 (trained on the original pixels; `resnet56` is the JPEG fine-tune now)
 $M bench -q $LEGACY --model resnet56-orig --methods "$BASE" --mpqco-output logit --budgets "$AVG" --ptq default \
     --out $R/bench_resnet56
@@ -30,7 +30,7 @@ $M bench -q $LEGACY --model resnet56-orig --methods uniform --budgets "avg-bits=
 # CLADO on ResNet-56 with 256 sensitivity images: 13k probes, ~40 min on one core (the probes are
 # shared with benchmarks/clado_resnet20.py --model resnet56-orig --cache-dir ~/.cache/mpqkit)
 $M bench -q $LEGACY --model resnet56-orig --methods clado,clado-diag,eval-delta,uniform --w-candidates 2,4,8 --calib-size 256 \
-    --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
+    --pair-samples 0 --budgets "$AVG" --ptq default --out $R/bench_resnet56_clado
 # CLADO's IQP on that measured G (issue 16, part 2): gap without and with the convex bound, 60 s each, no probes
 PYTHONPATH=src .venv/bin/python benchmarks/iqp_resnet56.py
 # The probe objective (issue 15, part 2): eval-delta and greedy with label cross-entropy and with KL to
@@ -77,11 +77,12 @@ $M bench -q $RTN --model resnet20 --methods mpqco --mpqco-output logit --budgets
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20 --other $R/draws_resnet20_refine --name refine \
     --base-label plain --other-label refined --title "--refine 60 vs the method's own plan"
 # issue 16: CLADO at the default six bit-widths (pairs chosen by --pair-tol 0.05) and CLADO-diag over 5 draws, and
-# the exact all-pairs mode (--pair-tol 0) on the same draws; MixQuant's threshold rules over 3 draws
+# the exact all-pairs mode (--pair-tol 0) on the same draws (pairs on every calibration sample, as measured
+# before --pair-samples); MixQuant's threshold rules over 3 draws
 $M bench -q $RTN --model resnet20 --methods clado,clado-diag,uniform --budgets "$AVG" --ptq default --splits test \
-    --draws 5 --out $R/draws_resnet20_clado
+    --draws 5 --pair-samples 0 --out $R/draws_resnet20_clado
 $M bench -q $RTN --model resnet20 --methods clado --pair-tol 0 --budgets "$AVG" --ptq default --splits test --draws 2 \
-    --out $R/draws_resnet20_clado_allpairs
+    --pair-samples 0 --out $R/draws_resnet20_clado_allpairs
 .venv/bin/python benchmarks/paired_dirs.py --base $R/draws_resnet20_clado_allpairs --other $R/draws_resnet20_clado \
     --name allpairs --base-label "all pairs" --other-label "pair-tol 0.05" \
     --title "CLADO: pairs chosen by --pair-tol 0.05 (default) vs all pairs"
@@ -251,7 +252,7 @@ FTA="--src $R/draws_resnet20_gptq --out $FT --methods auto,uniform --budgets avg
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1 --lr 3e-4 --steps linear --methods uniform --budgets avg-bits=2.5
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --lr 3e-4 --steps linear --methods uniform --budgets avg-bits=3
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --steps linear  # lr 1e-4
-.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 10 --lr 3e-4
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1,2 --methods auto --budgets avg-bits=3 --epochs 10 --lr 3e-4
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 1 --epochs-list 2,5 \
     --lr 3e-4
 .venv/bin/python benchmarks/finetune_plans.py --src $R/bench_convmixer_gptq --out $R/finetune_convmixer --model convmixer \
@@ -277,7 +278,20 @@ eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 12
     --out $R/cost_mobilenetv2
 # CLADO at its default bit-widths, cold (ResNet-20); auto cold on the larger models, default settings (no --max-memory:
 # the prefix cache is sized within memory.DEFAULT_TARGET_MB)
-eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 --out $R/cost_resnet20_clado
+# (cost_resnet20_clado: the pairs on all 1,024 samples, as before --pair-samples; draw 2 ran in a second process)
+eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 --out $R/cost_resnet20_clado \
+    -- --pair-samples 0
+# the cross terms on 256 samples: the draw's first 256 (a uniform subset), then 256 drawn by importance (the default)
+eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 \
+    --out $R/cost_resnet20_clado_first256 -- --pair-draw first
+.venv/bin/python benchmarks/paired_dirs.py --base $R/cost_resnet20_clado --other $R/cost_resnet20_clado_first256 \
+    --name pair_samples --base-label "pairs on 1,024" --other-label "pairs on the first 256" \
+    --title "CLADO: cross terms on the first 256 of the 1,024 calibration samples vs on all (issue 28)"
+eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 \
+    --out $R/cost_resnet20_clado_pairs256
+.venv/bin/python benchmarks/paired_dirs.py --base $R/cost_resnet20_clado --other $R/cost_resnet20_clado_pairs256 \
+    --name pair_samples --base-label "pairs on 1,024" --other-label "pairs on 256 by importance" \
+    --title "CLADO: cross terms on 256 samples drawn by importance (default) vs on all 1,024 (issue 28)"
 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 3 --timeout 2400 \
     --out $R/cost_mobilenetv2_auto
 # the same after e66d0cd (search collects its probe engines before returning), 2 draws: the later draw's peak
@@ -307,7 +321,8 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
     --out $R/hawq_mobilenetv2/hvp_cost.json
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
-    $R/cost_resnet20_clado $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_efficientnet_lite0_auto \
+    $R/cost_resnet20_clado $R/cost_resnet20_clado_first256 $R/cost_resnet20_clado_pairs256 \
+    $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_efficientnet_lite0_auto \
     $R/cost_minilm_sst2_auto \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \

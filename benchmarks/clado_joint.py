@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     for b in args.budgets.split(","):
         budget = f"avg-bits={b}"
         res = {m: mpqkit.search(bundle, args.data, budget, m, w_candidates=BITS, calib_size=args.sens_samples,
-                                progress=False, qconfig=NEAREST) for m in ("clado", "clado-diag")}
+                                progress=False, qconfig=NEAREST, options={"pair_samples": 0})  # as measured
+               for m in ("clado", "clado-diag")}
         layers = res["clado"].ledger.searched
         g, _ = build_g(res["clado"].table, layers, list(BITS))
         objectives = {mode: QuadraticObjective(make_psd(g, mode)[0], None, len(layers), len(BITS))

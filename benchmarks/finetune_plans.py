@@ -9,7 +9,7 @@ with ``api.finetune`` (the run's seed is the draw's seed) into
 ``<out>/plans/<method>/<budget>/draw<k>/<tag>/`` and evaluated on the test split; the row is written to
 ``<out>/rows.jsonl`` with the source row's size fields and search seconds, ``ptq`` = the tag
 (``lsq-<epochs>ep``, ``-lr<lr>`` when not the default, ``-<N>img`` with ``--train-size``, ``-linsteps``
-with ``--steps linear``), ``ptq_s`` =
+with ``--steps linear``, ``-norm`` with ``--train-norm``), ``ptq_s`` =
 the seconds of PTQ plus fine-tuning, ``device`` = where it was fine-tuned and ``plan`` = the
 fine-tuned plan, so ``mpqkit report`` and ``benchmarks/claims.py`` pair it like any bench row; the
 source plan under today's PTQ is written beside it as a row without PTQ tag (fine-tuned vs not, paired).
@@ -48,12 +48,14 @@ class Job:
     train_size: int | None
     allow_small_data: bool = False
     steps: str = "log"
+    train_norm: bool = False
 
     @property
     def tag(self) -> str:
         """The rows' PTQ column: ``lsq-<epochs>ep``, plus ``-lr<lr>`` and ``-<N>img`` where they differ."""
         return (f"lsq-{self.epochs}ep" + (f"-lr{self.lr:g}" if self.lr != DEFAULT_LR else "")
-                + (f"-{self.train_size}img" if self.train_size else "") + ("-linsteps" if self.steps == "linear" else ""))
+                + (f"-{self.train_size}img" if self.train_size else "") + ("-linsteps" if self.steps == "linear" else "")
+                + ("-norm" if self.train_norm else ""))
 
     @property
     def folder(self) -> Path:
@@ -91,7 +93,8 @@ def run_job(job: Job, test: bool = True, before: float | None = None) -> tuple[d
     if summary is None:
         summary = api.finetune(job.model, plan_path(job.src_row["plan"]), job.data, job.folder, epochs=job.epochs,
                                lr=job.lr, train_size=job.train_size, seed=int(job.src_row["seed"]),
-                               steps=job.steps, allow_small_data=job.allow_small_data, progress=False)
+                               steps=job.steps, train_norm=job.train_norm, allow_small_data=job.allow_small_data,
+                               progress=False)
     return summary, test_row(job, summary, before) if test else None
 
 
@@ -139,7 +142,8 @@ def jobs_from_args(args: argparse.Namespace) -> list[Job]:
         r.setdefault("seed", 0)
     epochs = [args.epochs] + [int(e) for e in args.epochs_list.split(",") if e]
     lrs = [args.lr] + [float(v) for v in args.lr_list.split(",") if v]
-    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size, args.allow_small_data, args.steps)
+    return [Job(r, args.model, args.data, Path(args.out), ep, lr, args.train_size, args.allow_small_data, args.steps,
+                args.train_norm)
             for ep in epochs for lr in lrs for r in sorted(src, key=lambda r: (r["draw"], r["budget"], r["method"]))]
 
 
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-test", action="store_true", help="only fine-tune; write no rows (no test split here)")
     ap.add_argument("--allow-small-data", action="store_true", help="fine-tune on a small train split (tests)")
     ap.add_argument("--steps", choices=["log", "linear"], default="log", help="step sizes trained as log s or s")
+    ap.add_argument("--train-norm", action="store_true", help="also train the norm layers' affine parameters")
     args = ap.parse_args(argv)
     from mpqkit.report.bench import load_rows
 

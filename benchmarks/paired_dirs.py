@@ -29,6 +29,16 @@ def _agreement(rows) -> str:
     return "" if a is None else f"{a:.2f}"
 
 
+def _same_draw(base_rows, other_rows) -> str:
+    """Per common draw, the fraction of layers whose bits agree between the two sides' plans (their
+    mean), and how many draws have identical plans: did the change change the plan?"""
+    fracs = [bits_agreement([Plan.load(b["plan"]).assignment(), Plan.load(o["plan"]).assignment()])
+             for b, o in zip(base_rows, other_rows) if b.get("plan") and o.get("plan")]
+    if not fracs:
+        return ""
+    return f"{sum(fracs) / len(fracs):.2f} ({sum(f == 1.0 for f in fracs)}/{len(fracs)})"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="bench directory of the reference runs")
@@ -43,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     title = args.title or f"{ol} vs {bl}"
     lines = [f"### {title} (top-1 test, paired over calibration draws)", "",
              f"Rows from `{args.base}` ({bl}) and `{args.other}` ({ol}), same seeds. Agreement: mean over pairs of "
-             "draws of the fraction of layers whose bits agree (plan stability).", "",
+             "draws of the fraction of layers whose bits agree (plan stability); same draw: that fraction between "
+             "the two sides' plans of one draw, mean over draws.", "",
              f"| method | budget | draws | {bl} mean ± std | agreement | {ol} mean ± std | agreement | {ol} − {bl} | "
-             "95 % interval | verdict | refine probes (mean) | moves (mean) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+             "95 % interval | verdict | same draw: bits agree (identical plans) | refine probes (mean) | moves (mean) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for key, rows in other.items():
         if key not in base:
             continue
@@ -65,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {key[0]} | {key[1]} | {d.n} | {sb.mean:.2f} ± {sb.std:.2f} | "
                      f"{_agreement([base[key][k] for k in common])} | {sa.mean:.2f} ± {sa.std:.2f} | "
                      f"{_agreement([rows[k] for k in common])} | {d.mean:+.2f} | {interval} | "
-                     f"{verdict} | {probes} | {moves} |")
+                     f"{verdict} | {_same_draw([base[key][k] for k in common], [rows[k] for k in common])} | "
+                     f"{probes} | {moves} |")
     text = "\n".join(lines) + "\n"
     atomic_write_text(Path(args.other) / f"paired_{args.name}.md", text)
     print(text)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mpqkit.plan import Plan
+
 ROOT = Path(__file__).parents[1]
 DIGITS = ["--model", "digits-cnn", "--data", "digits"]
 SEARCHED = ["conv2", "conv3"]  # digits-cnn: conv1 and fc are kept at 8/8
@@ -111,13 +113,19 @@ def test_paired_dirs_writes_the_paired_difference_and_refine_columns(bench_dirs)
     assert "| method | budget | draws | plain mean ± std | agreement | refined mean ± std |" in text
     rows = _table_rows(text)
     assert len(rows) == 1  # uniform is only in the base directory
-    method, budget, n, base, agree_b, other, agree_o, diff, interval, verdict, probes, moves = rows[0]
+    method, budget, n, base, agree_b, other, agree_o, diff, interval, verdict, same, probes, moves = rows[0]
     a, b = _top1(refined, "eval-delta"), _top1(plain, "eval-delta")
     assert (method, budget, n) == ("eval-delta", "avg-bits=3", "3")
     assert base == f"{statistics.mean(b.values()):.2f} ± {statistics.stdev(b.values()):.2f}"
     assert other == f"{statistics.mean(a.values()):.2f} ± {statistics.stdev(a.values()):.2f}"
     assert diff == f"{statistics.mean(a[s] - b[s] for s in a):+.2f}"
     assert 0 <= float(agree_b) <= 1 and 0 <= float(agree_o) <= 1
+    frac, identical = re.fullmatch(r"(\d\.\d\d) \((\d)/3\)", same).groups()
+    pairs = [[Plan.load(d / "plans" / "eval-delta" / "avg-bits=3" / sub / "plan.json").assignment()
+              for d in (plain, refined)] for sub in ("", "draw1", "draw2")]
+    assert int(identical) == sum(p == q for p, q in pairs)
+    agree = [sum(p[f] == q[f] for f in p) / len(p) for p, q in pairs]
+    assert frac == f"{statistics.mean(agree):.2f}"
     plans = [refined / "plans" / "eval-delta" / "avg-bits=3" / d / "plan.json" for d in ("", "draw1", "draw2")]
     recs = [json.loads(p.read_text())["provenance"]["refine"] for p in plans]
     assert all(0 < r["probes"] <= 20 for r in recs)  # --refine 20: at most 20 probes per plan

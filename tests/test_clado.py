@@ -6,11 +6,12 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 import mpqkit
 from mpqkit.engine.probe import ProbeEngine
 from mpqkit.graph import discover
-from mpqkit.sensitivity.crosslayer import build_g, make_psd
+from mpqkit.sensitivity.crosslayer import build_g, importance_draw, make_psd
 from mpqkit.solve.iqp import QuadraticObjective
 from mpqkit.zoo import get_model, load_data
 
@@ -171,10 +172,11 @@ def test_pair_selection_skips_only_pairs_whose_cross_term_bound_is_small(tmp_pat
     assert max(cross[k] for k in skipped) < meta["pair_threshold"] < max(cross.values())
 
 
-def test_pair_samples_measure_cross_terms_on_the_draws_first_samples(digits_clado, tmp_path):
+def test_pair_samples_measure_cross_terms_on_an_importance_draw(digits_clado, tmp_path):
     """--pair-samples N: G's diagonal is the whole set's singles; each cross term is the one measured
-    on the draw's first N samples (pair and singles on the same N, with the whole set's quantized
-    layers), and the tables agree with the all-samples ones up to that subset's noise."""
+    on N samples drawn by importance (fragility: how much the objective moves with every searched layer at the
+    smallest bits), weighted, pair and singles on the same draw with the whole set's quantized
+    layers; the tables agree with the all-samples ones up to that draw's noise."""
     res, _ = digits_clado  # pair_samples ≥ calib_size: every pair on all 256 samples
     sub = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
                         progress=False, cache_dir=str(tmp_path), options={"psd": "none", "pair_tol": 0,
@@ -186,9 +188,13 @@ def test_pair_samples_measure_cross_terms_on_the_draws_first_samples(digits_clad
     kw = dict(use_cache=False, progress=False, objective=mpqkit.api.RunSettings().objective)
     graph = discover(bundle.model, bundle.input_shape)
     whole = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **kw)
-    first = ProbeEngine(bundle.model, graph, calib.images[:64], calib.labels[:64], layers_from=whole, **kw)
     base = {f: (None, 8) for f in ["conv1", "conv2", "conv3", "fc"]}
-    ref, a, b, ab = first.run([{}, {"conv2": (2, 8)}, {"conv3": (4, 8)}, {"conv2": (2, 8), "conv3": (4, 8)}],
+    fragility = (whole.sample_losses({**base, "conv2": (2, 8), "conv3": (2, 8)}) - whole.sample_losses(base)).abs()
+    idx, weights = importance_draw(fragility, 64, 0)
+    assert fragility[idx].mean() > 1.5 * fragility.mean()  # the draw favours the samples the bits move
+    drawn = ProbeEngine(bundle.model, graph, calib.images[idx], calib.labels[idx], layers_from=whole,
+                        sample_weights=weights, **kw)
+    ref, a, b, ab = drawn.run([{}, {"conv2": (2, 8)}, {"conv3": (4, 8)}, {"conv2": (2, 8), "conv3": (4, 8)}],
                               base=base)
     cross = (ab.loss - ref.loss) - (a.loss - ref.loss) - (b.loss - ref.loss)
     g, index = build_g(sub.table, ["conv2", "conv3"], list(BITS))
@@ -196,20 +202,55 @@ def test_pair_samples_measure_cross_terms_on_the_draws_first_samples(digits_clad
     g_all, _ = build_g(res.table, ["conv2", "conv3"], list(BITS))
     assert not np.allclose(g, g_all)  # another sample, another estimate
     assert np.abs(g - g_all).max() < 0.5 * np.abs(g_all).max()  # … of the same cross terms
+    # --pair-draw first: the draw's first N samples, unweighted
+    head = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
+                         progress=False, cache_dir=str(tmp_path), time_limit=10,
+                         options={"psd": "none", "pair_tol": 0, "pair_samples": 64, "pair_draw": "first"})
+    first = ProbeEngine(bundle.model, graph, calib.images[:64], calib.labels[:64], layers_from=whole, **kw)
+    ref, a, b, ab = first.run([{}, {"conv2": (2, 8)}, {"conv3": (4, 8)}, {"conv2": (2, 8), "conv3": (4, 8)}],
+                              base=base)
+    g, index = build_g(head.table, ["conv2", "conv3"], list(BITS))
+    assert g[index.index(("conv2", 2)), index.index(("conv3", 4))] == pytest.approx(
+        ab.loss - a.loss - b.loss + ref.loss, abs=1e-6)
     with pytest.raises(mpqkit.errors.MpqkitError, match="pair_samples"):
         mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={"pair_samples": -1},
                       calib_size=64, progress=False, use_cache=False)
 
 
+def test_importance_draw_is_unbiased_and_weighted_engines_average_weight_times_loss():
+    """The weighted mean over a draw estimates the mean over all samples without bias (averaged over
+    many draws), with a smaller spread than a uniform draw when the values are heavy-tailed; an
+    engine's loss with sample weights is the mean of weight × objective."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.distributions.Exponential(1.0).sample((1000,)) ** 3  # heavy-tailed, like per-sample KL
+    est = torch.stack([(values[i] * w).mean() for i, w in (importance_draw(values, 50, s) for s in range(2000))])
+    uniform = torch.stack([values[torch.randint(0, 1000, (50,), generator=gen)].mean() for _ in range(2000)])
+    assert abs(float(est.mean()) - float(values.mean())) < 3 * float(est.std()) / 2000 ** 0.5
+    assert float(est.std()) < 0.6 * float(uniform.std())
+    bundle = get_model("digits-cnn")
+    calib = mpqkit.api.calibration_set("digits", 64, 0)
+    graph = discover(bundle.model, bundle.input_shape)
+    kw = dict(use_cache=False, progress=False, objective="kl")
+    plain = ProbeEngine(bundle.model, graph, calib.images, calib.labels, **kw)
+    w = torch.linspace(0.0, 2.0, 64)
+    weighted = ProbeEngine(bundle.model, graph, calib.images, calib.labels, sample_weights=w, **kw)
+    probe = {"conv2": (2, 8)}
+    per_sample = plain.sample_losses(probe)
+    assert plain.run([probe])[0].loss == pytest.approx(float(per_sample.mean()), rel=1e-6)
+    assert weighted.run([probe])[0].loss == pytest.approx(float((per_sample * w.double()).mean()), rel=1e-6)
+    with pytest.raises(mpqkit.errors.DataError, match="sample_weights"):
+        ProbeEngine(bundle.model, graph, calib.images, calib.labels, sample_weights=-w, **kw)
+
+
 def test_workers_measure_subset_pairs_into_the_cache(tmp_path, monkeypatch):
     """With --pair-samples below the set, the workers rebuild the subset engine (with the whole
-    set's layers) from its spec: the tables equal the serial ones, and the main process's subset
-    engine ran only its two references."""
+    set's layers and the draw's weights) from its spec: the tables equal the serial ones, and the
+    main process's subset engine ran only its two references."""
     from mpqkit.sensitivity import crosslayer
 
     built = []
     real = crosslayer.pair_engine
-    monkeypatch.setattr(crosslayer, "pair_engine", lambda ctx, n: built.append(real(ctx, n)) or built[-1])
+    monkeypatch.setattr(crosslayer, "pair_engine", lambda *a: built.append(real(*a)) or built[-1])
     kw = dict(w_candidates=BITS, calib_size=128, progress=False, time_limit=5)
     opts = {"pair_samples": 32, "pair_tol": 0}
     serial = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options=opts,
@@ -217,5 +258,5 @@ def test_workers_measure_subset_pairs_into_the_cache(tmp_path, monkeypatch):
     par = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", options={**opts, "workers": 2},
                         cache_dir=str(tmp_path / "b"), **kw)
     assert par.table.pairs == serial.table.pairs and par.table.w == serial.table.w
-    assert built[1] is not built[0] and built[1].fp.n == 32
+    assert built[1] is not built[0] and built[1].fp.n == 32 and built[1].sample_weights is not None
     assert built[1].stats["probes_run"] == 2  # fp and A8 references; every pair tree came from the workers

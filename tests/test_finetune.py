@@ -180,3 +180,19 @@ def test_log_domain_steps_move_by_the_same_ratio_whatever_their_size():
             ratios[log_domain, s0] = float(q.step()) / s0
     assert abs(ratios[True, 0.01] - ratios[True, 1.0]) < 1e-4 and abs(ratios[True, 1.0] - 1) > 0.005
     assert abs(ratios[False, 0.01] - 1) > 0.5 and abs(ratios[False, 1.0] - 1) < 0.02
+
+
+def test_train_norm_trains_the_norm_affine_and_nothing_else_of_the_norms(digits_plan, tmp_path):
+    """--train-norm: the BatchNorm scale and shift move, their running statistics do not; without it
+    every norm parameter stays as it was; the plan records the setting."""
+    start = api.apply_plan("digits-cnn", Plan.load(digits_plan), "digits").state_dict()
+    for norm in (False, True):
+        res = _ft(digits_plan, tmp_path / f"ft{norm}", epochs=1, train_norm=norm)
+        assert Plan.load(tmp_path / f"ft{norm}" / "plan.json").method_params["finetune"]["train_norm"] is norm
+        tuned = api.load_quantized("digits-cnn", tmp_path / f"ft{norm}" / "model.pt").state_dict()
+        for bn in ("bn1", "bn2", "bn3"):
+            assert torch.equal(tuned[f"{bn}.running_mean"], start[f"{bn}.running_mean"])
+            assert torch.equal(tuned[f"{bn}.running_var"], start[f"{bn}.running_var"])
+            for p in ("weight", "bias"):
+                assert torch.equal(tuned[f"{bn}.{p}"], start[f"{bn}.{p}"]) is not norm
+        assert res["finished"]

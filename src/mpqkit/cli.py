@@ -137,6 +137,8 @@ def _add_finetune(sub: Any) -> None:
                    help="images per epoch, a new random draw from the train split each epoch (default: all)")
     f.add_argument("--lsq-steps", choices=["log", "linear"], default="log",
                    help="train step sizes as log s (relative Adam steps, default) or as s")
+    f.add_argument("--train-norm", action="store_true",
+                   help="also train the norm layers' affine scale and shift (their statistics stay frozen)")
     f.add_argument("--allow-small-data", action="store_true",
                    help="fine-tune even on a train split of fewer than 5,000 images (over-fits)")
     add_ptq(f)
@@ -276,7 +278,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     res = api.finetune(args.model, args.plan, args.data, args.out, epochs=args.epochs, lr=args.lr,
                        batch_size=args.batch_size, distill=args.distill, augment=args.augment, heldout=args.heldout,
-                       train_size=args.train_size, steps=args.lsq_steps, allow_small_data=args.allow_small_data,
+                       train_size=args.train_size, steps=args.lsq_steps, train_norm=args.train_norm,
+                       allow_small_data=args.allow_small_data,
                        settings=settings_from_args(args), **ptq_kwargs(args))
     ft = res["finetune"]
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731

@@ -30,7 +30,7 @@ MIN_FINETUNE_IMAGES = 5_000
 def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data: str | LabeledData = "cifar10",
              out: str | Path = "results/finetune", *, epochs: int = 5, lr: float = 1e-4, batch_size: int = 128,
              distill: bool = True, augment: str | None = None, heldout: int = 1000, train_size: int | None = None,
-             steps: str = "log", allow_small_data: bool = False,
+             steps: str = "log", train_norm: bool = False, allow_small_data: bool = False,
              ptq: str | None = None, recon_options: dict[str, Any] | None = None,
              settings: RunSettings | None = None, stop_after: int | None = None, **overrides: Any) -> dict[str, Any]:
     """Quantization-aware fine-tuning (LSQ, ``quant/finetune.py``) of ``model`` quantized by ``plan``
@@ -39,7 +39,8 @@ def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data
     ``heldout`` training images (seeded by the run's seed) are kept out of training and give the
     held-out top-1 after every epoch; ``train_size`` images of the rest make one epoch (a new draw each
     epoch; default all). ``augment`` defaults to "crop-flip" for CIFAR-10, "none" otherwise. ``steps``:
-    step sizes trained as ``log s`` ("log") or as ``s`` ("linear"; ``quant/lsq.py``).
+    step sizes trained as ``log s`` ("log") or as ``s`` ("linear"; ``quant/lsq.py``). ``train_norm``:
+    also train the norm layers' affine scale and shift (statistics frozen).
     Writes into ``out``: ``checkpoint.pt`` after every epoch (a rerun with the same settings resumes
     from it), then ``model.pt`` (loadable by :func:`load_quantized`, ``mpqkit eval/export --quantized``),
     ``plan.json`` (the plan, bits and budget unchanged, with ``method.params.finetune`` saying how it
@@ -52,7 +53,7 @@ def finetune(model: str | nn.Module | ModelBundle, plan: Plan | str | Path, data
     name = data.name if isinstance(data, LabeledData) else data
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=s.seed,
                          augment=augment or ("crop-flip" if name == "cifar10" else "none"), train_size=train_size,
-                         steps=steps)
+                         steps=steps, train_norm=train_norm)
     if not (isinstance(heldout, int) and heldout >= 0):
         raise MpqkitError(f"heldout must be an integer >= 0, got {heldout!r}")
     existed = Path(out).is_dir()

@@ -88,18 +88,25 @@ class ProbeEngine:
                  qconfig: QuantConfig | None = None, batch_size: int | None = None, cache_dir: str | None = None,
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
                  progress: bool = True, seed: int = 0, prefix_cache_mb: float | None = None, fold_bn: bool = True,
-                 channels_last: bool = True, objective: str = "ce", layers_from: "ProbeEngine | None" = None):
+                 channels_last: bool = True, objective: str = "ce", layers_from: "ProbeEngine | None" = None,
+                 sample_weights: Tensor | None = None):
         """``layers_from``: another engine (same model and quantizer) whose quantized layers this one
         uses — e.g. plans measured on held-out images with the layers built, activation ranges
-        calibrated and GPTQ fitted on the calibration set, as the shipped plan is."""
+        calibrated and GPTQ fitted on the calibration set, as the shipped plan is.
+        ``sample_weights``: one non-negative multiplier per image; a probe's loss is then the mean of
+        weight × objective (an importance-sampled estimate of a larger set's mean; None: all 1)."""
         _check_inputs(images, labels, objective)
+        if sample_weights is not None and (sample_weights.shape != (len(images),) or bool((sample_weights < 0).any())):
+            raise DataError(f"sample_weights must be {len(images)} non-negative numbers, one per image")
+        self.sample_weights = None if sample_weights is None else sample_weights.detach().double().cpu()
         # everything needed to build the same engine in another process (engine/runners.py)
         self.spec: dict[str, Any] = dict(model=model, graph=graph, images=images, labels=labels, qconfig=qconfig,
                                          batch_size=batch_size, use_cache=use_cache, prefix=prefix, device=device,
                                          seed=seed, prefix_cache_mb=prefix_cache_mb, fold_bn=fold_bn,
                                          channels_last=channels_last, objective=objective,
                                          cache_dir=str(cache_dir or default_cache_dir()),
-                                         layers_from=None if layers_from is None else layers_from.spec)
+                                         layers_from=None if layers_from is None else layers_from.spec,
+                                         sample_weights=sample_weights)
         self._place(model, graph, images, labels, qconfig, batch_size, device, fold_bn, channels_last)
         self.progress = progress
         self.prefix = prefix
@@ -158,6 +165,8 @@ class ProbeEngine:
         self._layers_from = layers_from
         if layers_from is not None:
             gptq_context["layers_from"] = layers_from.data_sha256
+        if self.sample_weights is not None:
+            gptq_context["sample_weights"] = tensor_sha256(self.sample_weights)
         context = {"engine": ENGINE_VERSION, "observer": OBSERVER_VERSION, "objective": self.objective, **gptq_context,
                    "model": model_sha256, "data": self.data_sha256,
                    "qconfig": self.qconfig.to_dict(), "seed": seed,  # kernels change the last float digits:
@@ -268,20 +277,33 @@ class ProbeEngine:
         per image (0 for the fp model itself)."""
         losses, correct = [], 0
         for j, (logits, y) in enumerate(outputs):
-            if self._fp_logp is None:
-                losses.append(F.cross_entropy(logits.float(), y, reduction="none").double())
-            else:
-                ref = self._fp_logp[j]
-                losses.append(F.kl_div(F.log_softmax(logits.float(), dim=1), ref, log_target=True,
-                                       reduction="none").sum(1).double())
+            losses.append(self._sample_objective(j, logits, y))
             correct += int((logits.argmax(1) == y).sum())
         per_sample = torch.cat(losses)
+        if self.sample_weights is not None:
+            per_sample = per_sample * self.sample_weights.to(per_sample.device)
         n = len(per_sample)
         loss = float(per_sample.sum()) / n
         if not math.isfinite(loss):
             log.warning("non-finite loss in a probe")
         chunks = tuple(float(c.mean()) for c in per_sample.split(STAT_CHUNK))
         return ProbeResult(loss, correct / n, n, chunks)
+
+    def _sample_objective(self, j: int, logits: Tensor, y: Tensor) -> Tensor:
+        """The objective of each sample of batch ``j`` (float64, unweighted)."""
+        if self._fp_logp is None:
+            return F.cross_entropy(logits.float(), y, reduction="none").double()
+        return F.kl_div(F.log_softmax(logits.float(), dim=1), self._fp_logp[j], log_target=True,
+                        reduction="none").sum(1).double()
+
+    @torch.inference_mode()
+    def sample_losses(self, probe: Mapping[str, Override]) -> Tensor:
+        """The unweighted objective of every image under ``probe`` (a full configuration), run from
+        the input and not cached: e.g. to find the images a perturbation moves most."""
+        self.graph.check_names(probe)
+        config = {f: ov for f, ov in probe.items() if _norm(ov) != (None, None)}
+        return torch.cat([self._sample_objective(j, logits, y) for j, (logits, y)
+                          in enumerate(self._outputs(0, None, self._swaps(config), {}))])
 
     def _swaps(self, config: Mapping[str, Override]) -> dict[str, nn.Module]:
         return {f: self.quant_layer(f, *ov) for f, ov in config.items() if _norm(ov) != (None, None)}
@@ -317,6 +339,14 @@ class ProbeEngine:
         if self.program is not None and self.prefix:
             with torch.inference_mode():
                 self._base_envs(dict(base), self.program.cut[fqn], remember=True)
+
+    def release_snapshots(self) -> int:
+        """Drop every kept live tensor (e.g. when another engine takes over the probes); returns the
+        bytes released. Results are unchanged: a later probe walks from the input."""
+        freed = sum(self._snapshot_bytes.values())
+        self._snapshots.clear()
+        self._snapshot_bytes.clear()
+        return freed
 
     def forget_before(self, base: Mapping[str, Override], fqn: str) -> int:
         """Drop the kept live tensors of ``base`` at cuts before layer ``fqn`` except the last of them

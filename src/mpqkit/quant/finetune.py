@@ -56,6 +56,9 @@ class FinetuneConfig:
     train_size: int | None = None
     #: how step sizes are trained: "log" (Adam on log s: relative steps) or "linear" (Adam on s itself)
     steps: str = "log"
+    #: also train the affine scale and shift of the norm layers (their statistics stay frozen): the
+    #: per-channel correction a conv without bias has no other way to learn; BN folds them on export
+    train_norm: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
@@ -152,9 +155,13 @@ def bake(qmodel: nn.Module, learned: dict[str, _Learned]) -> None:
         install_quantizers(m, None, None)
 
 
-def _trainable(qmodel: nn.Module, learned: dict[str, _Learned]) -> list[nn.Parameter]:
-    """The quantized layers' weights, biases and step sizes; every other parameter (BatchNorm, layers
-    left in fp32) is frozen, so the backward pass computes no gradient for it."""
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _trainable(qmodel: nn.Module, learned: dict[str, _Learned], norm: bool = False) -> list[nn.Parameter]:
+    """The quantized layers' weights, biases and step sizes, and with ``norm`` the affine parameters
+    of the norm layers; every other parameter (norm layers without ``norm``, layers left in fp32) is
+    frozen, so the backward pass computes no gradient for it."""
     for p in qmodel.parameters():
         p.requires_grad_(False)
     params = []
@@ -162,6 +169,8 @@ def _trainable(qmodel: nn.Module, learned: dict[str, _Learned]) -> list[nn.Param
         m = qmodel.get_submodule(name)
         params += [p for p in (m.weight, m.bias) if p is not None]
         params += [q.scale for q in (lq.weight, lq.input) if q is not None]
+    if norm:
+        params += [p for m in qmodel.modules() if isinstance(m, NORMS) for p in (m.weight, m.bias) if p is not None]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -200,7 +209,7 @@ def finetune(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, labels: Ten
         if isinstance(m, QuantAct):
             raise MpqkitError("fine-tuning a model with quantized attention matmuls is not supported yet")
     learned = install_lsq(qmodel, log_domain=cfg.steps == "log")
-    params = _trainable(qmodel, learned)
+    params = _trainable(qmodel, learned, cfg.train_norm)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     steps_per_epoch = math.ceil(min(len(images), cfg.train_size or len(images)) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch, eta_min=0.0)

@@ -18,10 +18,12 @@ choices (5-8 bits) are skipped with a zero cross term; ``--pair-tol 0`` measures
 paper's exact all-pairs mode).
 
 On how many samples (``--pair-samples``, default 256): the singles, G's diagonal, use the whole
-calibration set; each kept pair's cross term ΔL_S(ℓ,b;m,c) − ΔL_S(ℓ,b) − ΔL_S(m,c) is measured on the
-draw's first N samples S, singles and pair on the same S, so most of their sampling noise cancels
-in the difference. The pair walks, most of CLADO's time, then cost N / n of a walk over all n
-samples. ``--pair-samples 0`` measures the pairs on every sample (the paper's protocol).
+calibration set; each kept pair's cross term ΔL_S(ℓ,b;m,c) − ΔL_S(ℓ,b) − ΔL_S(m,c) is measured on N
+samples S drawn from the set by importance (``importance_draw``: half in proportion to how much the
+all-lowest-bits model moves a sample's objective, half uniformly; weighted, so the estimate is
+unbiased), singles and pair on the same S, so most of their sampling noise cancels in the
+difference. The pair walks, most of CLADO's time, then cost N / n of a walk over all n samples.
+``--pair-samples 0`` measures the pairs on every sample (the paper's protocol).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..engine.probe import ProbeEngine, ProbeResult
@@ -53,9 +56,12 @@ class CladoOptions(RunnerOptions):
                              "cross term can reach this fraction of the median 2-bit-like single ΔL (bound "
                              "2·sqrt(ΔL(ℓ,b)·ΔL(m,c))); 0 measures all pairs (default 0.05)")
 
-    pair_samples: int = option(256, flag="--pair-samples", help="clado: measure the pairs' cross terms on the "
-                               "first N calibration samples (the singles use all of them); 0: all samples, the "
-                               "paper's protocol (default 256)")
+    pair_samples: int = option(256, flag="--pair-samples", help="clado: measure the pairs' cross terms on N "
+                               "calibration samples drawn by importance, weighted (the singles use all of them); "
+                               "0: all samples, the paper's protocol (default 256)")
+
+    pair_draw: str = option("importance", choices=("importance", "first"), help="clado: how the --pair-samples "
+                            "are drawn: by importance, weighted (default), or the calibration draw's first N")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -146,20 +152,42 @@ def _walk_trees(engine: ProbeEngine, opts: CladoOptions, base: dict, layers: lis
     return out
 
 
-def pair_engine(ctx: SearchContext, n: int) -> ProbeEngine:
+def importance_draw(fragility: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` sample indices drawn with replacement with probability p_i = ½·u_i/Σu + ½/N (``u``: each
+    sample's fragility, ≥ 0) and their weights 1/(N·p_i), so that the weighted mean over the draw is
+    an unbiased estimate of the mean over all N samples. Half the probability is uniform, so no
+    sample is left out and the variance is at most twice that of a uniform draw."""
+    u = fragility.double().clamp(min=0)
+    big_n = len(u)
+    p = 0.5 / big_n + (0.5 * u / u.sum() if float(u.sum()) > 0 else 0.5 / big_n)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(p, n, replacement=True, generator=gen).sort().values
+    return idx, 1.0 / (big_n * p[idx])
+
+
+def pair_engine(ctx: SearchContext, n: int, base: dict, draw: str = "importance") -> ProbeEngine:
     """The engine the pairs are measured on: the calibration engine itself when ``n`` is 0 or covers
-    the set, else one on the draw's first ``n`` samples (a random subset: the draw is shuffled) with
-    the calibration engine's quantized layers (same ranges, same GPTQ weights)."""
+    the set; else ``n`` samples of the set with the calibration engine's quantized layers (same
+    ranges, same GPTQ weights). ``draw`` "importance": drawn by ``importance_draw``, the fragility
+    of a sample being how much its objective moves when every searched layer goes to the smallest
+    bit-width (on top of ``base``), weighted so that each probe's loss estimates the whole set's;
+    "first": the calibration draw's first ``n`` (a uniform subset: the draw is shuffled), unweighted."""
     if n == 0 or n >= len(ctx.calib_images):
         return ctx.engine
-    return ProbeEngine(ctx.model, ctx.graph, ctx.calib_images[:n], ctx.calib_labels[:n], qconfig=ctx.qconfig,
-                       seed=ctx.seed, layers_from=ctx.engine, **ctx.engine_kwargs)
+    if draw == "first":
+        idx, weights = torch.arange(n), None
+    else:
+        lowest = {**base, **{f: (min(ctx.w_bits), base.get(f, (None, None))[1]) for f in ctx.searched}}
+        moved = (ctx.engine.sample_losses(lowest) - ctx.engine.sample_losses(base)).abs()
+        idx, weights = importance_draw(moved, n, ctx.seed)
+    return ProbeEngine(ctx.model, ctx.graph, ctx.calib_images[idx], ctx.calib_labels[idx], qconfig=ctx.qconfig,
+                       seed=ctx.seed, layers_from=ctx.engine, sample_weights=weights, **ctx.engine_kwargs)
 
 
 def subset_pairs(full: dict[str, dict[int, float]], sub: _Walks) -> dict[tuple[str, int, str, int], float]:
     """Pair ΔL whose cross term is the subset's: ΔL(a) + ΔL(b) from the whole set plus
-    [ΔL_S(a,b) − ΔL_S(a) − ΔL_S(b)], all three on the same subset S (paired, so the noise of the
-    singles cancels in the difference). ``build_g`` then reads exactly the subset's cross term."""
+    [ΔL_S(a,b) − ΔL_S(a) − ΔL_S(b)], all three on the same weighted draw S (paired, so the noise of
+    the singles cancels in the difference). ``build_g`` then reads exactly the draw's cross term."""
     return {(f, b, g, c): full[f][b] + full[g][c] + (v - sub.singles[f][b] - sub.singles[g][c])
             for (f, b, g, c), v in sub.pairs.items()}
 
@@ -171,10 +199,11 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     layers, bits = list(ctx.searched), sorted(ctx.w_bits)
     base = {f: (None, opts.act) for f in ctx.graph.names} if opts.act is not None else {}
     engine = ctx.engine
-    pairs_on = pair_engine(ctx, opts.pair_samples) if with_pairs else engine
     every = (lambda f, b: [(g, c) for g in layers[layers.index(f) + 1:] for c in bits])
     selection: dict[str, Any] = {}
-    if with_pairs and opts.pair_tol == 0 and pairs_on is engine:  # every pair, in the same walks as the singles
+    pairs_on = engine
+    if with_pairs and opts.pair_tol == 0 and not 0 < opts.pair_samples < len(ctx.calib_images):
+        # every pair on every sample, in the same walks as the singles
         walks = _walk_trees(engine, opts, base, layers, bits, every, "clado probes")
         pairs = walks.pairs
     else:
@@ -183,6 +212,9 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
         if with_pairs:
             chosen, selection = select_pairs(walks.singles, layers, bits, opts.pair_tol) \
                 if opts.pair_tol else ({(f, b): every(f, b) for f in layers for b in bits}, {"pair_tol": 0})
+            pairs_on = pair_engine(ctx, opts.pair_samples, base, opts.pair_draw)
+            if pairs_on is not engine:
+                engine.release_snapshots()  # the pairs walk the subset engine's tensors, not these
             sub = _walk_trees(pairs_on, opts, base, layers, bits, lambda f, b: chosen[(f, b)], "clado pairs")
             pairs = sub.pairs if pairs_on is engine else subset_pairs(walks.singles, sub)
     if with_pairs:
@@ -195,8 +227,9 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
         "sens_samples": ref.n, "stat_chunks": len(ref.batch_losses),
         "median_chunk_std_of_single_delta": float(np.median(walks.chunk_std)) if walks.chunk_std else 0.0,
         "note": "chunk std: spread of ΔL(ℓ,b) over chunks of 128 samples; the standard error of ΔL is "
-                "about std/sqrt(chunks)" + ("; pairs: singles of the whole set + cross terms measured on the "
-                                            "first pair_samples samples" if pairs_on is not engine else ""),
+                "about std/sqrt(chunks)" + (f"; pairs: singles of the whole set + cross terms measured on "
+                                            f"pair_samples samples ({opts.pair_draw})"
+                                            if pairs_on is not engine else ""),
     })
 
 
