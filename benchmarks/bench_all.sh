@@ -253,6 +253,8 @@ FTA="--src $R/draws_resnet20_gptq --out $FT --methods auto,uniform --budgets avg
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --lr 3e-4 --steps linear --methods uniform --budgets avg-bits=3
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --steps linear  # lr 1e-4
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1,2 --methods auto --budgets avg-bits=3 --epochs 10 --lr 3e-4
+.venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0,1,2 --methods auto --budgets avg-bits=3 --epochs 10 --lr 3e-4 \
+    --train-norm  # the norm layers' scale and shift trained too
 .venv/bin/python benchmarks/finetune_plans.py $FTA --draws 0 --methods auto --budgets avg-bits=3 --epochs 1 --epochs-list 2,5 \
     --lr 3e-4
 .venv/bin/python benchmarks/finetune_plans.py --src $R/bench_convmixer_gptq --out $R/finetune_convmixer --model convmixer \
@@ -265,7 +267,9 @@ L=lsq-3ep-lr0.0003-20000img
     --claim "fine-tuned > PTQ only (uniform);$FT;uniform@$L;$FT;uniform" \
     --claim "auto > uniform after fine-tuning (equal size);$FT;auto@$L;$FT;uniform@$L;avg-bits=3" \
     --claim "log steps > linear steps (auto);$FT;auto@$L;$FT;auto@$L-linsteps" \
-    --claim "log steps > linear steps (uniform);$FT;uniform@$L;$FT;uniform@$L-linsteps"
+    --claim "log steps > linear steps (uniform);$FT;uniform@$L;$FT;uniform@$L-linsteps" \
+    --claim "10 epochs > 3 epochs (auto);$FT;auto@lsq-10ep-lr0.0003-20000img;$FT;auto@$L;avg-bits=3" \
+    --claim "norm affine trained > frozen (auto, 10 epochs);$FT;auto@lsq-10ep-lr0.0003-20000img-norm;$FT;auto@lsq-10ep-lr0.0003-20000img;avg-bits=3"
 # issue 28: what a cold search costs (seconds, peak resident memory), one process per method, the 2 cores otherwise idle
 C="PYTHONPATH=src .venv/bin/python benchmarks/search_cost.py"
 eval $C --model resnet20 --methods auto --budgets avg-bits=3 --draws 5 --out $R/cost_resnet20
