@@ -285,17 +285,17 @@ eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 12
 # (cost_resnet20_clado: the pairs on all 1,024 samples, as before --pair-samples; draw 2 ran in a second process)
 eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 --out $R/cost_resnet20_clado \
     -- --pair-samples 0
-# the cross terms on 256 samples: the draw's first 256 (a uniform subset), then 256 drawn by importance (the default)
+# the cross terms on 256 samples: the draw's first 256 (a uniform subset), then 256 drawn by importance
 eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 \
-    --out $R/cost_resnet20_clado_first256 -- --pair-draw first
+    --out $R/cost_resnet20_clado_first256 -- --pair-samples 256 --pair-draw first
 .venv/bin/python benchmarks/paired_dirs.py --base $R/cost_resnet20_clado --other $R/cost_resnet20_clado_first256 \
     --name pair_samples --base-label "pairs on 1,024" --other-label "pairs on the first 256" \
     --title "CLADO: cross terms on the first 256 of the 1,024 calibration samples vs on all (issue 28)"
 eval $C --model resnet20 --methods clado --budgets avg-bits=3 --draws 3 --timeout 1800 \
-    --out $R/cost_resnet20_clado_pairs256
+    --out $R/cost_resnet20_clado_pairs256 -- --pair-samples 256
 .venv/bin/python benchmarks/paired_dirs.py --base $R/cost_resnet20_clado --other $R/cost_resnet20_clado_pairs256 \
     --name pair_samples --base-label "pairs on 1,024" --other-label "pairs on 256 by importance" \
-    --title "CLADO: cross terms on 256 samples drawn by importance (default) vs on all 1,024 (issue 28)"
+    --title "CLADO: cross terms on 256 samples drawn by importance vs on all 1,024 (issue 28)"
 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 3 --timeout 2400 \
     --out $R/cost_mobilenetv2_auto
 # the same after e66d0cd (search collects its probe engines before returning), 2 draws: the later draw's peak

@@ -177,7 +177,7 @@ def test_pair_samples_measure_cross_terms_on_an_importance_draw(digits_clado, tm
     on N samples drawn by importance (fragility: how much the objective moves with every searched layer at the
     smallest bits), weighted, pair and singles on the same draw with the whole set's quantized
     layers; the tables agree with the all-samples ones up to that draw's noise."""
-    res, _ = digits_clado  # pair_samples ≥ calib_size: every pair on all 256 samples
+    res, _ = digits_clado  # the default pair_samples 0: every pair on all 256 samples
     sub = mpqkit.search("digits-cnn", "digits", "avg-bits=4", "clado", w_candidates=BITS, calib_size=256,
                         progress=False, cache_dir=str(tmp_path), options={"psd": "none", "pair_tol": 0,
                                                                          "pair_samples": 64}, time_limit=10)

@@ -17,12 +17,12 @@ reaches ``pair_tol`` × the median single ΔL at the smallest bit-width. Pairs o
 choices (5-8 bits) are skipped with a zero cross term; ``--pair-tol 0`` measures every pair (the
 paper's exact all-pairs mode).
 
-On how many samples (``--pair-samples``, default 256): the singles, G's diagonal, use the whole
+On how many samples (``--pair-samples``, default 0: all): the singles, G's diagonal, use the whole
 calibration set; each kept pair's cross term ΔL_S(ℓ,b;m,c) − ΔL_S(ℓ,b) − ΔL_S(m,c) is measured on N
 samples S drawn from the set by importance (``importance_draw``: half in proportion to how much the
 all-lowest-bits model moves a sample's objective, half uniformly; weighted, so the estimate is
-unbiased), singles and pair on the same S, so most of their sampling noise cancels in the
-difference. The pair walks, most of CLADO's time, then cost N / n of a walk over all n samples.
+unbiased; ``--pair-draw first``: the draw's first N), singles and pair on the same S, so most of
+their sampling noise cancels in the difference. The pair walks, most of CLADO's time, then cost N / n of a walk over all n samples.
 ``--pair-samples 0`` measures the pairs on every sample (the paper's protocol).
 """
 from __future__ import annotations
@@ -56,9 +56,10 @@ class CladoOptions(RunnerOptions):
                              "cross term can reach this fraction of the median 2-bit-like single ΔL (bound "
                              "2·sqrt(ΔL(ℓ,b)·ΔL(m,c))); 0 measures all pairs (default 0.05)")
 
-    pair_samples: int = option(256, flag="--pair-samples", help="clado: measure the pairs' cross terms on N "
-                               "calibration samples drawn by importance, weighted (the singles use all of them); "
-                               "0: all samples, the paper's protocol (default 256)")
+    pair_samples: int = option(0, flag="--pair-samples", help="clado: measure the pairs' cross terms on N "
+                               "calibration samples drawn by --pair-draw (the singles use all of them): 3-4x "
+                               "faster, plans not shown as good (docs/METHODS.md); 0: all samples, the paper's "
+                               "protocol (default)")
 
     pair_draw: str = option("importance", choices=("importance", "first"), help="clado: how the --pair-samples "
                             "are drawn: by importance, weighted (default), or the calibration draw's first N")
