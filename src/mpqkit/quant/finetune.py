@@ -1,8 +1,9 @@
 """Quantization-aware fine-tuning of a quantized model (LSQ), resumable epoch by epoch.
 
 The model is the output of ``quant.apply.apply_plan``. A conv's weight is quantized before its
-BatchNorm (the packed export folds BN into the per-channel scale afterwards), so BatchNorm stays as it
-is — frozen in eval mode, statistics and affine — and what is trained is what is exported.
+BatchNorm (the packed export folds BN into the per-channel scale afterwards), so BatchNorm stays in
+eval mode with its statistics frozen — and its affine frozen too unless ``train_norm`` — and what is
+trained is what is exported.
 Every quantized layer gets LSQ quantizers (:mod:`.lsq`) initialised from its PTQ step sizes — per
 output channel for weights, per tensor for inputs — and trains its latent weights, biases and step
 sizes with straight-through rounding. Bits, grids (symmetric or not, zero points) and therefore the
