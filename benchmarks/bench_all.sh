@@ -316,6 +316,11 @@ PYTHONPATH=src .venv/bin/python benchmarks/clado_pair_replay.py --dir $R/cost_re
 # issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 1,200 s)
 eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta --budgets avg-bits=4 --calib-size 128 --draws 1 \
     --timeout 1200 --out $R/memory_mobilenetv2 -- --max-memory 4000
+# the same for four more methods (later processes, timeouts 900 / 720 s)
+eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta,uniform,mixquant,mixquant-ilp --budgets avg-bits=4 \
+    --calib-size 128 --draws 1 --timeout 900 --out $R/memory_mobilenetv2 -- --max-memory 4000
+eval $C --model mobilenetv2 --methods clado-diag --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 720 \
+    --out $R/memory_mobilenetv2 -- --max-memory 4000
 # where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none,
 # with mpqkit's chunk (27 images at 224 x 224) and with all 128 images in one forward (before the chunk was sized by the input)
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
