@@ -57,9 +57,9 @@ class CladoOptions(RunnerOptions):
                              "2·sqrt(ΔL(ℓ,b)·ΔL(m,c))); 0 measures all pairs (default 0.05)")
 
     pair_samples: int = option(0, flag="--pair-samples", help="clado: measure the pairs' cross terms on N "
-                               "calibration samples drawn by --pair-draw (the singles use all of them): 3-4x "
-                               "faster, plans not shown as good (docs/METHODS.md); 0: all samples, the paper's "
-                               "protocol (default)")
+                               "calibration samples drawn by --pair-draw (the singles use all of them): faster, "
+                               "plans not shown as good (docs/METHODS.md); 0: all samples, the paper's protocol "
+                               "(default)")
 
     pair_draw: str = option("importance", choices=("importance", "first"), help="clado: how the --pair-samples "
                             "are drawn: by importance, weighted (default), or the calibration draw's first N")
@@ -166,6 +166,11 @@ def importance_draw(fragility: torch.Tensor, n: int, seed: int) -> tuple[torch.T
     return idx, 1.0 / (big_n * p[idx])
 
 
+def on_subset(ctx: SearchContext, n: int) -> bool:
+    """Whether ``--pair-samples n`` measures the pairs on fewer samples than the calibration set."""
+    return 0 < n < len(ctx.calib_images)
+
+
 def pair_engine(ctx: SearchContext, n: int, base: dict, draw: str = "importance") -> ProbeEngine:
     """The engine the pairs are measured on: the calibration engine itself when ``n`` is 0 or covers
     the set; else ``n`` samples of the set with the calibration engine's quantized layers (same
@@ -173,7 +178,7 @@ def pair_engine(ctx: SearchContext, n: int, base: dict, draw: str = "importance"
     of a sample being how much its objective moves when every searched layer goes to the smallest
     bit-width (on top of ``base``), weighted so that each probe's loss estimates the whole set's;
     "first": the calibration draw's first ``n`` (a uniform subset: the draw is shuffled), unweighted."""
-    if n == 0 or n >= len(ctx.calib_images):
+    if not on_subset(ctx, n):
         return ctx.engine
     if draw == "first":
         idx, weights = torch.arange(n), None
@@ -203,7 +208,7 @@ def _measure(ctx: SearchContext, with_pairs: bool) -> SensitivityTable:
     every = (lambda f, b: [(g, c) for g in layers[layers.index(f) + 1:] for c in bits])
     selection: dict[str, Any] = {}
     pairs_on = engine
-    if with_pairs and opts.pair_tol == 0 and not 0 < opts.pair_samples < len(ctx.calib_images):
+    if with_pairs and opts.pair_tol == 0 and not on_subset(ctx, opts.pair_samples):
         # every pair on every sample, in the same walks as the singles
         walks = _walk_trees(engine, opts, base, layers, bits, every, "clado probes")
         pairs = walks.pairs
