@@ -235,3 +235,39 @@ def test_prefix_cache_setting_reaches_the_engine_kwargs():
         api.RunSettings(prefix_cache_mb=-1)
     s = api.RunSettings(prefix_cache_mb=3.0, progress=False, use_cache=False, calib_size=64)
     assert s.engine_kwargs()["prefix_cache_mb"] == 3.0
+
+
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_stacked_probes_give_the_single_probes_losses(objective):
+    """``stack``: probes that start at the same layer and differ only in it run as one forward of the
+    stacked batch (the fused conv → BN included); each loss, top-1 and chunk loss equals the probe's
+    own forward to float tolerance, on the fp model and on top of a base, and the on-disk cache
+    holds the same values."""
+    model = make_tiny()
+    data = tiny_data(model)
+    base = {f: (None, 8) for f in ["conv1", "conv2", "conv3", "conv4", "fc"]}
+    probes = [{f: (b, a)} for f in ["conv1", "conv2", "conv4", "fc"] for b in (2, 3, 4, 8) for a in (8, 4)]
+    probes += [{"conv3": (2, None), "fc": (3, None)}, {"conv3": (4, None), "fc": (3, None)}]
+    for b in (None, base):
+        single = _engine(model, data, use_cache=False, objective=objective).run(probes, base=b)
+        stacked_engine = _engine(model, data, use_cache=False, objective=objective, stack=4)
+        stacked = stacked_engine.run(probes, base=b)
+        assert stacked_engine.stats["probes_stacked"] >= len(probes) - 4  # nearly all ran stacked
+        for x, y in zip(single, stacked):
+            _close(x, y)
+            assert x.batch_losses == pytest.approx(y.batch_losses, rel=1e-5, abs=1e-6)
+
+
+def test_stacked_probes_fill_the_cache_and_refuse_a_bad_stack(tmp_path):
+    from mpqkit.errors import DataError
+
+    model = make_tiny()
+    data = tiny_data(model)
+    probes = [{"conv2": (b, None)} for b in (2, 3, 4, 5, 6)]
+    first = _engine(model, data, cache_dir=str(tmp_path), stack=3).run(probes)
+    again = _engine(model, data, cache_dir=str(tmp_path))
+    for x, y in zip(first, again.run(probes)):
+        _close(x, y)
+    assert again.stats["probes_run"] == 0 and again.stats["cache_hits"] == len(probes) + 1
+    with pytest.raises(DataError, match="stack"):
+        _engine(model, data, stack=0)

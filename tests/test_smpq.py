@@ -356,9 +356,8 @@ def test_prefix_values_fall_back_to_full_forwards_beyond_the_memory_limit(monkey
         m.freeze(True)
     with torch.no_grad():
         assert sh._PrefixValue(sup, val, "soft").full_value > 0
-        monkeypatch.setattr(sh, "PREFIX_LIMIT_BYTES", 1000)
         with pytest.raises(ValueError, match="MiB"):
-            sh._PrefixValue(sup, val, "soft")
+            sh._PrefixValue(sup, val, "soft", limit=1000)
 
 
 def test_shapley_on_pretrained_weights_plays_on_the_model_the_plan_is_applied_to(tmp_path, monkeypatch):
@@ -369,9 +368,9 @@ def test_shapley_on_pretrained_weights_plays_on_the_model_the_plan_is_applied_to
     seen = []
     real = sh._shapley
 
-    def spy(net, val, cfg, seed):
+    def spy(net, val, cfg, seed, **kw):
         seen.append(({k: v.clone() for k, v in net.net.state_dict().items()}, net.alpha.detach().clone()))
-        return real(net, val, cfg, seed)
+        return real(net, val, cfg, seed, **kw)
 
     monkeypatch.setattr(sh, "_shapley", spy)
     opts = {"train_size": 600, "epochs": 2, "warmup": 1, "game": "layer"}
@@ -385,3 +384,54 @@ def test_shapley_on_pretrained_weights_plays_on_the_model_the_plan_is_applied_to
     mpqkit.search("digits-cnn", "digits", "avg-bits=3", "smpq", options=opts, **kw)  # the default: supernet weights
     weights, _ = seen[-1]
     assert not all(torch.equal(weights[k], pre[k]) for k in pre)
+
+
+def test_a_chunked_training_step_gives_the_whole_batch_gradients():
+    """``step_backward`` in chunks (how a 224 x 224 step fits in memory): every parameter's gradient,
+    α's with the penalty included, equals one pass over the whole batch (no train-mode BatchNorm here)."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 3, (12,))
+    alpha, grads = torch.randn(2, 3), []
+    for chunk in (12, 5, 1):
+        sup = sh.Supernet(net, ["0", "3"], [2, 4, 8])
+        with torch.no_grad():
+            sup.alpha.copy_(alpha)
+        penalty = 0.5 * sup.expected_bits(torch.tensor([108.0, 432.0])) / 8
+        sh.step_backward(sup, x, y, chunk, penalty)
+        grads.append({n: p.grad.clone() for n, p in sup.named_parameters()})
+    assert set(grads[0]) >= {"alpha", "net.0.weight", "net.0.bias", "net.3.weight"}
+    for other in grads[1:]:
+        for n, g in grads[0].items():
+            assert torch.allclose(other[n], g, rtol=1e-4, atol=1e-6), n
+
+
+def test_supernet_memory_counts_one_training_chunk_and_the_train_images():
+    """smpq/dmpq declare their memory (``--max-memory`` refuses them before training when it is too
+    small): one chunk's backward pass plus the train images; 224 x 224 steps run 8 images at a time."""
+    import dataclasses
+
+    import torch
+
+    from mpqkit.graph import discover
+    from mpqkit.loading import load_model
+    from mpqkit.sensitivity.base import SearchContext
+    from mpqkit.sensitivity.gradients import grad_pass_mb
+    from mpqkit.sensitivity.registry import METHODS
+    from mpqkit.settings import RunSettings
+    from mpqkit.zoo.data import LabeledData
+
+    assert sh.train_chunk(torch.zeros(2, 3, 32, 32), 128) == 128
+    assert sh.train_chunk(torch.zeros(2, 3, 224, 224), 128) == 8
+    bundle = load_model("digits-cnn", RunSettings())
+    graph = discover(bundle.model, bundle.input_shape)
+    train = lambda n, seed: LabeledData(torch.zeros(n, 1, 8, 8), torch.zeros(n).long(), "t", "train", 10)  # noqa: E731
+    ctx = SearchContext(model=bundle.model, graph=graph, calib_images=torch.zeros(8, 1, 8, 8),
+                        calib_labels=torch.zeros(8).long(), searched=graph.names, w_bits=[2, 8], a_bits=[8],
+                        load_train=train)
+    for name in ("smpq", "dmpq"):
+        m = METHODS.get(name)
+        mb = m.memory(dataclasses.replace(ctx, options=m.make_options({"train_size": 1000, "preset": "quick"})))
+        assert mb == pytest.approx(grad_pass_mb(graph, 128) + 1000 * 64 * 4 / 2 ** 20)

@@ -101,7 +101,8 @@ def _search(model: str | nn.Module | ModelBundle, data: str | LabeledData, budge
                         calib_labels=calib.labels, searched=problem.layers, w_bits=problem.w_bits,
                         a_bits=problem.a_bits, search_w="w" in s.search, search_a="a" in s.search, qconfig=s.qconfig,
                         seed=s.seed, options=opts, engine_kwargs={**s.engine_kwargs(), "device": dev}, device=dev,
-                        load_train=lambda n, seed: train_subset(data, n, seed, s.data_root),
+                        load_train=functools.lru_cache(maxsize=1)(  # read once: the memory estimate counts it
+                            lambda n, seed: train_subset(data, n, seed, s.data_root)),
                         load_heldout=functools.lru_cache(maxsize=1)(  # read once: the memory estimate counts it
                             lambda n: heldout_set(data, s.calib_size, n, s.seed, s.data_root)),
                         problem=problem, settings=s)

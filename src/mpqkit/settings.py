@@ -64,6 +64,12 @@ class RunSettings:
     batch_size: int | None = field(default=None, metadata=flag(
         "--batch-size", group=SOLVER, kind="int", dest="probe_batch_size",
         help="probe batch size (default: ~16 MB for the largest layer input)"))
+    #: probes that start at the same layer and differ only in it, run as one forward of the batch stacked
+    #: this many times (the same losses to float tolerance)
+    stack_probes: int = field(default=1, metadata=flag(
+        "--stack-probes", group=SOLVER, kind="positive_int",
+        help="run up to N probes that differ only in their first layer as one forward of N stacked batches "
+             "(the same losses; more memory; default 1: one forward per probe, the faster on a CPU)"))
     eval_batch_size: int | None = field(default=None, metadata=flag(
         "--eval-batch-size", group=OUTPUT, kind="positive_int",
         help="images per evaluation batch (default: sized by the input, 32 MB of it: 500 CIFAR images, 55 at "
@@ -185,7 +191,8 @@ class RunSettings:
     def engine_kwargs(self) -> dict[str, Any]:
         """Probe-engine keyword arguments these settings imply."""
         return {"cache_dir": self.cache_dir, "use_cache": self.use_cache, "batch_size": self.batch_size,
-                "progress": self.progress, "objective": self.objective, "prefix_cache_mb": self.prefix_cache_mb}
+                "progress": self.progress, "objective": self.objective, "prefix_cache_mb": self.prefix_cache_mb,
+                "stack": self.stack_probes}
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "models_dir": self.models_dir, "random_init": self.random_init,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,25 @@ def trace_model(model: nn.Module) -> fx.GraphModule | None:
         log.warning("model takes %d inputs; the probe engine supports one: full forward per probe", len(placeholders))
         return None
     return gm
+
+
+class Stacked(nn.Module):
+    """K variants of one layer applied to a batch stacked K times along dim 0: variant k gets the
+    k-th of K equal slices (``Program.run`` does the same inside a fused conv → BN). Lets K probes that
+    differ only in that layer run as one forward of K × the batch."""
+
+    def __init__(self, variants: Sequence[nn.Module]):
+        super().__init__()
+        self.variants = list(variants)  # not registered: the stack holds no parameters of its own
+
+    def split(self, x: Tensor) -> tuple[Tensor, ...]:
+        k = len(self.variants)
+        if x.shape[0] % k:
+            raise ValueError(f"a stack of {k} variants needs a batch divisible by {k}, got {x.shape[0]}")
+        return x.split(x.shape[0] // k)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return torch.cat([m(part, *args, **kwargs) for m, part in zip(self.variants, self.split(x))])
 
 
 class Program:
@@ -130,7 +149,8 @@ class Program:
                 bn = self.bn_after.get(node)
                 tapped = bool(taps) and node.target in taps
                 if bn is not None and not kwargs and len(args) == 1:
-                    env[node] = self._conv_bn(mod, bn, args[0])
+                    env[node] = (torch.cat([self._conv_bn(m, bn, x) for m, x in zip(mod.variants, mod.split(args[0]))])
+                                 if isinstance(mod, Stacked) else self._conv_bn(mod, bn, args[0]))
                     fused.add(next(iter(node.users)))
                     if tapped:  # the tap sees the conv's own output; the network goes on with the fused one
                         taps[node.target](mod(*args))

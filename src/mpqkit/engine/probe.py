@@ -39,7 +39,7 @@ from ..quant.config import QuantConfig
 from ..quant.layerwise import LOCAL_GPTQ, LocalLayerBuilder, install, layer_ptq_context
 from ..quant.modules import quantize_module
 from ..quant.observers import OBSERVER_VERSION, weight_qparams
-from ..tracing import Program, trace_model
+from ..tracing import Program, Stacked, trace_model
 from .cache import ProbeCache, default_cache_dir, module_sha256, tensor_sha256
 
 log = logging.getLogger("mpqkit")
@@ -89,13 +89,19 @@ class ProbeEngine:
                  use_cache: bool = True, prefix: bool = True, device: str | torch.device | None = None,
                  progress: bool = True, seed: int = 0, prefix_cache_mb: float | None = None, fold_bn: bool = True,
                  channels_last: bool = True, objective: str = "ce", layers_from: "ProbeEngine | None" = None,
-                 sample_weights: Tensor | None = None):
+                 sample_weights: Tensor | None = None, stack: int = 1):
         """``layers_from``: another engine (same model and quantizer) whose quantized layers this one
         uses — e.g. plans measured on held-out images with the layers built, activation ranges
         calibrated and GPTQ fitted on the calibration set, as the shipped plan is.
         ``sample_weights``: one non-negative multiplier per image; a probe's loss is then the mean of
-        weight × objective (an importance-sampled estimate of a larger set's mean; None: all 1)."""
+        weight × objective (an importance-sampled estimate of a larger set's mean; None: all 1).
+        ``stack``: up to this many probes that start at the same layer and differ only in it run as one
+        forward of the batch stacked that many times (``--stack-probes``; the same losses to float
+        tolerance; 1: one forward per probe)."""
         _check_inputs(images, labels, objective)
+        if not (isinstance(stack, int) and stack >= 1):
+            raise DataError(f"stack must be a whole number ≥ 1 of probes per forward, got {stack!r}")
+        self.stack = stack
         if sample_weights is not None and (sample_weights.shape != (len(images),) or bool((sample_weights < 0).any())):
             raise DataError(f"sample_weights must be {len(images)} non-negative numbers, one per image")
         self.sample_weights = None if sample_weights is None else sample_weights.detach().double().cpu()
@@ -106,7 +112,7 @@ class ProbeEngine:
                                          channels_last=channels_last, objective=objective,
                                          cache_dir=str(cache_dir or default_cache_dir()),
                                          layers_from=None if layers_from is None else layers_from.spec,
-                                         sample_weights=sample_weights)
+                                         sample_weights=sample_weights, stack=stack)
         self._place(model, graph, images, labels, qconfig, batch_size, device, fold_bn, channels_last)
         self.progress = progress
         self.prefix = prefix
@@ -432,9 +438,9 @@ class ProbeEngine:
         base_swaps = self._swaps(base)
         with torch.inference_mode(), stage(stage_name):
             envs, cut = None, -1
-            for i in todo:
+            for group in self._stack_groups(configs, todo, starts, record):
                 t_probe = time.perf_counter()
-                start = starts[i]
+                start = starts[group[0]]
                 if self.program is not None:
                     if envs is None:
                         envs, cut = self._base_envs(base, start, remember), start
@@ -443,9 +449,15 @@ class ProbeEngine:
                         cut = start
                         if remember:
                             self._keep(self._prefix_key(base, cut), envs)
-                results[i] = self._probe(configs[i], start, envs, record, keys[i])
-                bar.update(1)
-                probe_done(self._start_name(start), time.perf_counter() - t_probe)
+                if len(group) == 1:
+                    results[group[0]] = self._probe(configs[group[0]], start, envs, record, keys[group[0]])
+                else:
+                    for i, r in zip(group, self._probe_stacked([configs[i] for i in group], start, envs,
+                                                               [keys[i] for i in group])):
+                        results[i] = r
+                bar.update(len(group))
+                for _ in group:
+                    probe_done(self._start_name(start), (time.perf_counter() - t_probe) / len(group))
         bar.close()
         self.stats["probes_run"] += len(todo)
         self.stats["probe_seconds"] += time.perf_counter() - t0
@@ -467,6 +479,54 @@ class ProbeEngine:
                     continue
             todo.append(i)
         return results, keys, todo
+
+    def _stack_groups(self, configs: list[dict], todo: list[int], starts: dict[int, int],
+                      record: Sequence[str]) -> list[list[int]]:
+        """``todo`` (sorted by start) cut into runs of probes that can share one stacked forward: the
+        same start layer, the same configuration elsewhere, at most ``self.stack`` of them. Singletons
+        when stacking is off, features are recorded, or the model runs as full forwards."""
+        if self.stack == 1 or record or self.program is None:
+            return [[i] for i in todo]
+        groups: list[list[int]] = []
+        prev = None
+        for i in todo:
+            node = self.program.nodes[starts[i]]
+            layer = node.target if node.op == "call_module" else None
+            rest = (starts[i], layer, tuple(sorted((f, _norm(ov)) for f, ov in configs[i].items() if f != layer)))
+            if layer is not None and rest == prev and len(groups[-1]) < self.stack:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+            prev = rest if layer is not None else None
+        return groups
+
+    def _probe_stacked(self, configs: list[dict], start: int, envs: list[dict] | None,
+                       keys: list[str | None]) -> list[ProbeResult]:
+        """Probes that differ only in the layer at ``start``, as one forward per batch: the live
+        tensors there stacked ``len(configs)`` times along the batch, each copy through its own
+        variant of the layer (``tracing.Stacked``), the rest of the network shared; each probe's
+        result from its slice of the logits, and cached like a single probe's."""
+        assert self.program is not None
+        layer = str(self.program.nodes[start].target)
+        k = len(configs)
+        swaps = self._swaps({f: ov for f, ov in configs[0].items() if f != layer})
+        swaps[layer] = Stacked([self.quant_layer(layer, *configs[j][layer]) if layer in configs[j]
+                                else self.program.modules[layer] for j in range(k)])
+        if envs is None:
+            envs = [self.program.initial_env(x) for x, _ in self.batches]
+        per_probe: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(k)]
+        for env, (_, y) in zip(envs, self.batches):
+            n = len(y)
+            tiled = {node: torch.cat([v] * k) if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+                     for node, v in env.items()}
+            for j, logits in enumerate(self.program.run(tiled, start, None, swaps).split(n)):
+                per_probe[j].append((logits, y))
+        results = [self._evaluate(out) for out in per_probe]
+        self.stats["probes_stacked"] = self.stats.get("probes_stacked", 0) + k
+        if self.cache is not None:
+            for key, res in zip(keys, results):
+                self.cache.put(key, res.to_dict())
+        return results
 
     def _probe(self, config: dict, start: int, envs: list[dict] | None, record: list[str],
                key: str | None) -> ProbeResult:

@@ -65,7 +65,7 @@ from torch.func import functional_call
 
 from ..engine.cache import ProbeCache
 from ..errors import MpqkitError
-from ..evaluation import evaluate_model
+from ..evaluation import eval_batch_size, evaluate_model
 from ..profile import stage
 from ..quant.config import QuantConfig
 from ..quant.observers import QuantSpec, weight_qparams
@@ -75,7 +75,7 @@ from ..solve.ilp import MilpModel
 from ..tracing import Program, trace_model
 from ..zoo.data import LabeledData
 from .base import Decision, SearchContext, SensitivityTable, SolveRequest
-from .gradients import require_weight_search
+from .gradients import chunk_size, grad_pass_mb, require_weight_search
 from .options import MethodOptions, option, positive
 from .registry import METHODS
 from .solvers import need_decision
@@ -84,6 +84,9 @@ log = logging.getLogger("mpqkit")
 SUPERNET_VERSION = 5  # bump when a change alters supernet results (part of the records' key)
 PENALTIES = ("budget", "bits")
 PREFIX_LIMIT_BYTES = 2 * 2**30  # Shapley prefix runs keep at most this much; beyond, full forwards
+#: input elements per backward pass of a training step: a larger step is split into chunks whose
+#: gradients add up (all 128 CIFAR images in one pass; 8 images at 224 x 224)
+TRAIN_CHUNK_ELEMENTS = 8 * 3 * 224 * 224
 VALUES = ("soft", "top1")
 GAMES = ("global", "layer")
 SHAPLEY_WEIGHTS = ("supernet", "pretrained")
@@ -299,9 +302,12 @@ class Supernet(nn.Module):
         self.mixers = [_MixedWeight(self.net.get_submodule(f), [qconfig.w_spec(b) for b in bits])
                        for f in self.layers]
 
-    def forward(self, x: Tensor) -> Tensor:
-        mixed = {f"{f}.weight": m(self.alpha[i]) for i, (f, m) in enumerate(zip(self.layers, self.mixers))}
-        return functional_call(self.net, mixed, (x,), strict=False)
+    def mixed(self) -> dict[str, Tensor]:
+        """Each searched layer's α-mixed weight, by parameter name."""
+        return {f"{f}.weight": m(self.alpha[i]) for i, (f, m) in enumerate(zip(self.layers, self.mixers))}
+
+    def forward(self, x: Tensor, mixed: dict[str, Tensor] | None = None) -> Tensor:
+        return functional_call(self.net, self.mixed() if mixed is None else mixed, (x,), strict=False)
 
     def weight_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n != "alpha"]
@@ -317,7 +323,41 @@ class Supernet(nn.Module):
 
 
 def _top1(net: nn.Module, data: LabeledData) -> float:
-    return float(evaluate_model(net, data, batch_size=max(1, len(data)))["top1"])
+    return float(evaluate_model(net, data)["top1"])  # batches sized by the input: all 250 CIFAR images at once
+
+
+def train_chunk(images: Tensor, batch_size: int) -> int:
+    """Images per backward pass of a ``batch_size``-image training step (``TRAIN_CHUNK_ELEMENTS``)."""
+    return chunk_size(images, TRAIN_CHUNK_ELEMENTS, batch_size)
+
+
+def step_backward(sup: Supernet, x: Tensor, y: Tensor, chunk: int, extra: Tensor | None = None) -> None:
+    """Backpropagate the mean cross-entropy of the batch (plus ``extra``, e.g. the α penalty) into the
+    supernet's parameters, ``chunk`` images per pass: the mixed weights are computed once and their
+    gradients summed over the chunks, so a chunked step gives the whole batch's gradients (up to float
+    rounding), except that train-mode BatchNorm normalises each chunk by its own statistics. A batch
+    within one chunk runs as a single pass."""
+    if len(x) <= chunk:
+        loss = F.cross_entropy(sup(x), y)
+        (loss if extra is None else loss + extra).backward()
+        return
+    mixed = sup.mixed()
+    leaves = {k: v.detach().requires_grad_() for k, v in mixed.items()}
+    for s in range(0, len(x), chunk):
+        (F.cross_entropy(sup(x[s:s + chunk], leaves), y[s:s + chunk], reduction="sum") / len(x)).backward()
+    tensors = list(mixed.values()) + ([extra] if extra is not None else [])
+    grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(v) for k, v in mixed.items()]
+    torch.autograd.backward(tensors, grads + ([torch.ones_like(extra)] if extra is not None else []))
+
+
+def supernet_memory(ctx: SearchContext) -> float:
+    """MB smpq / dmpq hold beside the probe engine (``Method.memory``): the backward pass of one
+    training chunk, and the train images (loaded here; the search reads the same cached set)."""
+    cfg = ctx.options.config(ctx.seed)  # type: ignore[attr-defined]
+    assert ctx.load_train is not None
+    data = ctx.load_train(cfg.train_size, cfg.seed)
+    return grad_pass_mb(ctx.graph, train_chunk(data.images, cfg.batch_size)) + \
+        data.images.numel() * data.images.element_size() / 2 ** 20
 
 
 # ------------------------------------------------------------------ records in the probe cache
@@ -503,6 +543,8 @@ class _SupernetRun:
         self.ctx, self.cfg, self.dev, self.budget = ctx, cfg, dev, budget
         self.numel = torch.tensor([float(ctx.model.get_submodule(f).weight.numel()) for f in ctx.searched], device=dev)
         self._pretrained: Supernet | None = None
+        # the Shapley game's kept tensors share the memory the search gave the probe engine's prefix cache
+        self.limit = min(PREFIX_LIMIT_BYTES, ctx.engine.prefix_cache_bytes)
         self.fresh()
 
     def fresh(self) -> None:
@@ -544,10 +586,11 @@ class _SupernetRun:
         sup.fix_ranges(cfg.ranges == "epoch")
         perm_w = torch.randperm(len(xw), generator=self.gen)
         perm_a = torch.randperm(len(xa), generator=self.gen)
+        chunk = train_chunk(xw, cfg.batch_size)
         for s in range(len(xw) // cfg.batch_size):
             iw = perm_w[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             self.opt_w.zero_grad(set_to_none=True)
-            F.cross_entropy(sup(xw[iw].to(dev)), yw[iw].to(dev)).backward()
+            step_backward(sup, xw[iw].to(dev), yw[iw].to(dev), chunk)
             sup.alpha.grad = None
             self.opt_w.step()
             if epoch >= cfg.warmup:
@@ -555,10 +598,9 @@ class _SupernetRun:
                 self.opt_a.zero_grad(set_to_none=True)
                 for p in sup.weight_params():
                     p.grad = None
-                loss = F.cross_entropy(sup(xa[ia].to(dev)), ya[ia].to(dev))
                 penalty = self.budget(sup.alpha) if self.budget is not None else \
                     sup.expected_bits(self.numel) / max(self.ctx.w_bits)
-                (loss + cfg.lam * penalty).backward()
+                step_backward(sup, xa[ia].to(dev), ya[ia].to(dev), chunk, cfg.lam * penalty)
                 self.opt_a.step()
         sup.fix_ranges(False)
         sup.eval()
@@ -586,7 +628,7 @@ class _SupernetRun:
         cfg = self.cfg
         t1 = time.perf_counter()
         with stage("shapley"):
-            est, mean_, std_ = _shapley(self.game_net(), val, cfg, seed=cfg.seed * 1000 + epoch)
+            est, mean_, std_ = _shapley(self.game_net(), val, cfg, seed=cfg.seed * 1000 + epoch, limit=self.limit)
         self.shap = _grid(est, len(self.sup.layers), len(self.sup.bits))
         v = torch.tensor(self.shap, device=self.dev)
         vhat = v / (v.abs().sum(1, keepdim=True) + 1e-12)
@@ -616,7 +658,7 @@ class _SupernetRun:
         shap = self.shap
         if shap is None:  # no post-warm-up epoch: one estimate now so SMPQ has values to rank
             with stage("shapley"):
-                est, _, _ = _shapley(self.game_net(), val, cfg, seed=cfg.seed * 1000 + cfg.epochs)
+                est, _, _ = _shapley(self.game_net(), val, cfg, seed=cfg.seed * 1000 + cfg.epochs, limit=self.limit)
             shap = _grid(est, len(sup.layers), len(sup.bits))
         grids = [r["shapley_grid"] for r in self.history if "shapley_grid" in r] or [shap]
         return {"alpha": alpha.tolist(), "alpha_s": (alpha + self.alpha_s.cpu()).tolist(), "shapley": shap,
@@ -639,7 +681,7 @@ class _PrefixValue:
     copy of the supernet's network whose searched weights are set to the coalition's mixtures. A
     Shapley permutation removes one player at a time, so each value runs from that layer on."""
 
-    def __init__(self, sup: Supernet, val: LabeledData, kind: str) -> None:
+    def __init__(self, sup: Supernet, val: LabeledData, kind: str, limit: int = PREFIX_LIMIT_BYTES) -> None:
         self.sup, self.kind = sup, kind
         self.y = val.labels
         net = copy.deepcopy(sup.net).eval()
@@ -660,7 +702,7 @@ class _PrefixValue:
         one, _ = self._run(self.full_masks, [None] * len(self.order), 0)
         per_image = sum({id(t): t.numel() * t.element_size() for env in one for t in env.values()
                          if isinstance(t, Tensor)}.values())
-        if 2 * per_image * len(val) > PREFIX_LIMIT_BYTES:
+        if 2 * per_image * len(val) > limit:
             raise ValueError(f"kept tensors would take {2 * per_image * len(val) / 2**20:.0f} MiB")
         self.x = val.images
         self.full_env, self.full_value = self._run(self.full_masks, [None] * len(self.order), 0)
@@ -704,14 +746,18 @@ class _PrefixValue:
         return self.cur_value
 
 
-def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
+def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int, limit: int = PREFIX_LIMIT_BYTES):
+    """Shapley estimates of every (layer, bits) player; ``limit``: bytes the prefix runs may keep
+    (beyond it, a full forward per coalition, in batches sized by the input)."""
     players = [(i, j) for i in range(len(sup.layers)) for j in range(len(sup.bits))]
+    batch = eval_batch_size(val)
 
     def full_forward(present: frozenset) -> float:
         for i, m in enumerate(sup.mixers):
             m.mask = torch.tensor([1.0 if (i, j) in present else 0.0 for j in range(len(sup.bits))])
         try:
-            return _coalition_value(sup(val.images), val.labels, cfg.value)
+            logits = torch.cat([sup(val.images[s:s + batch]) for s in range(0, len(val), batch)])
+            return _coalition_value(logits, val.labels, cfg.value)
         finally:
             for m in sup.mixers:
                 m.mask = torch.ones(len(sup.bits))
@@ -723,7 +769,7 @@ def _shapley(sup: Supernet, val: LabeledData, cfg: SupernetConfig, seed: int):
     try:
         with torch.no_grad():  # not inference_mode: the masks set here are used in training later
             try:
-                value: Callable[[frozenset], float] = _PrefixValue(sup, val, cfg.value)
+                value: Callable[[frozenset], float] = _PrefixValue(sup, val, cfg.value, limit)
             except ValueError as e:  # untraceable, or too large to keep: a full forward per coalition (same values)
                 log.info("smpq: Shapley values by full forwards (%s)", e)
                 value = full_forward
@@ -784,12 +830,13 @@ def supernet_solver(req: SolveRequest) -> Solution:
 
 
 @METHODS.register("smpq", "supernet + Monte-Carlo Shapley value of each (layer, bits); argmax of Shapley-updated α "
-                  "(ILP on −Shapley when over budget)", solver=supernet_solver, options=SupernetOptions, decides=True)
+                  "(ILP on −Shapley when over budget)", solver=supernet_solver, options=SupernetOptions,
+                  memory=supernet_memory, decides=True)
 def smpq(ctx: SearchContext) -> SensitivityTable:
     return _table(ctx, _run(ctx), "smpq")
 
 
 @METHODS.register("dmpq", "the same supernet, argmax of the trained α (the baseline SMPQ improves on)",
-                  solver=supernet_solver, options=SupernetOptions, decides=True)
+                  solver=supernet_solver, options=SupernetOptions, memory=supernet_memory, decides=True)
 def dmpq(ctx: SearchContext) -> SensitivityTable:
     return _table(ctx, _run(ctx), "dmpq")
