@@ -307,9 +307,13 @@ eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128
     --out $R/cost_minilm_sst2_auto
 PYTHONPATH=src .venv/bin/python benchmarks/clado_pair_replay.py --dir $R/cost_resnet20_clado --model resnet20 \
     --tols 0.1,0.2,0.5 --budgets 3
+# eval-delta on MobileNetV2 at today's code (bench_mobilenetv2_gptq's rows predate 953c1d6's calibration chunks), cold
+eval $C --model mobilenetv2 --methods eval-delta --budgets avg-bits=4 --calib-size 128 --draws 3 --timeout 3600 \
+    --out $R/cost_mobilenetv2_evaldelta
 .venv/bin/python benchmarks/claims.py --out $R/cost_mobilenetv2_auto/paired_claims.md \
     --title "auto cold on the larger models vs the rows before it (issue 28)" \
-    --claim "MobileNetV2: auto (cold) vs eval-delta + GPTQ;$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;eval-delta" \
+    --claim "MobileNetV2: auto (cold) vs eval-delta + GPTQ (rows before 953c1d6);$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;eval-delta" \
+    --claim "MobileNetV2: auto (cold) vs eval-delta + GPTQ, both at today's code;$R/cost_mobilenetv2_auto;auto;$R/cost_mobilenetv2_evaldelta;eval-delta" \
     --claim "MobileNetV2: auto (cold) vs uniform + GPTQ;$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;uniform" \
     --claim "EfficientNet-Lite0: auto (cold) vs eval-delta + GPTQ;$R/cost_efficientnet_lite0_auto;auto;$R/bench_efficientnet_lite0_gptq;eval-delta" \
     --claim "MiniLM-SST2: auto (cold) vs uniform + GPTQ;$R/cost_minilm_sst2_auto;auto;$R/bench_minilm_sst2_gptq;uniform"
@@ -321,10 +325,19 @@ eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta,uniform,mixqua
     --calib-size 128 --draws 1 --timeout 900 --out $R/memory_mobilenetv2 -- --max-memory 4000
 eval $C --model mobilenetv2 --methods clado-diag --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 720 \
     --out $R/memory_mobilenetv2 -- --max-memory 4000
+eval $C --model mobilenetv2 --methods greedy --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1500 \
+    --out $R/memory_mobilenetv2 -- --max-memory 4000
+# smpq / dmpq with chunked training steps (7c350e4); a short supernet (3 epochs, 1 permutation): the memory of the
+# default's steps, not its hours of Shapley forwards on 2 cores
+eval $C --model mobilenetv2 --methods smpq,dmpq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
+    --out $R/memory_mobilenetv2 -- --max-memory 4000 --epochs 3 --warmup 2 --permutations 1
 # where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none,
 # with mpqkit's chunk (27 images at 224 x 224) and with all 128 images in one forward (before the chunk was sized by the input)
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
     --chunks 0,128 --out $R/memory_mobilenetv2/calib_memory.jsonl
+# stacked probes (--stack-probes 6) against one forward per probe, the same probes, one process
+OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/stack_speed.py --model resnet20 --stack 6 --calib 1024 \
+    --out $R/stack_speed_resnet20.json
 # what HAWQ's Hessian-vector products cost against a forward + backward (why hawq measures Fisher traces there)
 PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 --images 8 --repeats 1 \
     --out $R/hawq_mobilenetv2/hvp_cost.json
@@ -332,7 +345,7 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
     $R/cost_resnet20_clado $R/cost_resnet20_clado_first256 $R/cost_resnet20_clado_pairs256 \
     $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_efficientnet_lite0_auto \
-    $R/cost_minilm_sst2_auto \
+    $R/cost_minilm_sst2_auto $R/cost_mobilenetv2_evaldelta \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
     $R/draws_resnet20_clado_allpairs $R/draws_resnet20_smpq $R/draws_resnet20_smpq_fill $R/draws_resnet20_smpq_layer $R/draws_resnet20_smpq_layer_pretrained \

@@ -240,6 +240,16 @@ def test_engine_speedup_gives_the_same_losses_in_both_modes(tmp_path):
     assert s["speedup_batched"] > 0 and all(v > 0 for v in s["per_probe_median_s"].values())
 
 
+def test_stack_speed_times_both_engines_on_the_same_probes(tmp_path):
+    out = tmp_path / "stack.json"
+    _script("stack_speed").main([*DIGITS, "--stack", "3", "--calib", "128", "--out", str(out)])
+    s = json.loads(out.read_text())
+    assert (s["model"], s["calib"], s["stack"]) == ("digits-cnn", 128, 3)
+    assert s["probes_stacked"] == s["layers"] * s["probes_per_layer"]  # every layer's probes ran stacked
+    assert s["max_abs_loss_diff"] <= 1e-5  # stacking changes the time, not the result
+    assert _finite(s["median_ratio_stacked_over_single"], *s["total_s"].values())
+
+
 @pytest.fixture(scope="module")
 def clado_dir(tmp_path_factory):
     """benchmarks/clado_resnet20.py on digits at avg-bits 3 (its results.json is read by clado_joint.py)."""
