@@ -156,7 +156,8 @@ SETTINGS_ARGV = ["--checkpoint", "w.pt", "--models-dir", "m", "--random-init", "
                  "--w-per-tensor", "--w-symmetric", "--w-range", "minmax", "--a-symmetric", "--a-range", "percentile",
                  "--time-limit", "7", "--alpha", "0.5", "--cache-dir", "c", "--no-cache", "--batch-size", "33",
                  "--refine", "12", "--objective", "ce", "--matmul-a-bits", "6",
-                 "--prefix-cache-mb", "64", "--eval-batch-size", "17", "--no-prune", "--max-memory", "3000"]
+                 "--prefix-cache-mb", "64", "--eval-batch-size", "17", "--no-prune", "--max-memory", "3000",
+                 "--stack-probes", "3"]
 _QC = QuantConfig()  # the quantizer's PTQ flags, each set to what its default is not
 SETTINGS_ARGV += ["--rounding", "nearest" if _QC.rounding == "gptq" else "gptq",
                   "--no-bias-correction" if _QC.bias_correction else "--bias-correction",

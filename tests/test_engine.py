@@ -271,3 +271,10 @@ def test_stacked_probes_fill_the_cache_and_refuse_a_bad_stack(tmp_path):
     assert again.stats["probes_run"] == 0 and again.stats["cache_hits"] == len(probes) + 1
     with pytest.raises(DataError, match="stack"):
         _engine(model, data, stack=0)
+    from mpqkit import api
+    from mpqkit.errors import MpqkitError
+
+    for bad in (0, 2.5, True):
+        with pytest.raises(MpqkitError, match="--stack-probes"):
+            api.RunSettings(stack_probes=bad)
+    assert api.RunSettings(stack_probes=4).engine_kwargs()["stack"] == 4

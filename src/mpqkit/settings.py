@@ -157,6 +157,8 @@ class RunSettings:
             raise MpqkitError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise MpqkitError(f"--batch-size must be ≥ 1, got {self.batch_size}")
+        if isinstance(self.stack_probes, bool) or not isinstance(self.stack_probes, int) or self.stack_probes < 1:
+            raise MpqkitError(f"--stack-probes must be a positive integer, got {self.stack_probes!r}")
         if self.eval_batch_size is not None and (isinstance(self.eval_batch_size, bool) or
                                                  not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1):
             raise MpqkitError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size!r}")
