@@ -331,6 +331,8 @@ eval $C --model mobilenetv2 --methods greedy --budgets avg-bits=4 --calib-size 1
 # default's steps, not its hours of Shapley forwards on 2 cores
 eval $C --model mobilenetv2 --methods smpq,dmpq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/memory_mobilenetv2 -- --max-memory 4000 --epochs 3 --warmup 2 --permutations 1
+eval $C --model mobilenetv2 --methods clado --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1200 \
+    --out $R/memory_mobilenetv2 -- --max-memory 4000
 # where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none,
 # with mpqkit's chunk (27 images at 224 x 224) and with all 128 images in one forward (before the chunk was sized by the input)
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
