@@ -490,15 +490,17 @@ def _budget_penalty(ctx: SearchContext, cfg: SupernetConfig) -> _BudgetPenalty |
 
 
 def _run_spec(ctx: SearchContext, cfg: SupernetConfig, data_sha: str,
-              budget: _BudgetPenalty | None) -> dict[str, Any]:
+              budget: _BudgetPenalty | None, chunk: int) -> dict[str, Any]:
     """What, besides the engine's cache context (model weights, calibration data, quantizer config,
-    seed, engine version), decides the run's result (with a budget-targeted penalty: the budget)."""
+    seed, engine version), decides the run's result (with a budget-targeted penalty: the budget;
+    with steps split into chunks, the chunk: train-mode BatchNorm sees each chunk's statistics)."""
     config = asdict(cfg)
     if cfg.shapley_weights == "supernet":  # the default: runs recorded before the option keep their key
         del config["shapley_weights"]
     return {"version": SUPERNET_VERSION, "layers": list(ctx.searched), "bits": list(ctx.w_bits),
             "config": config, "train_data": data_sha, "qconfig": ctx.qconfig.to_dict(),
-            "device": torch.device(ctx.device).type, "budget_costs": None if budget is None else budget.spec()}
+            "device": torch.device(ctx.device).type, "budget_costs": None if budget is None else budget.spec(),
+            **({"train_chunk": chunk} if chunk < cfg.batch_size else {})}  # whole steps keep their earlier key
 
 
 def _grid(est: dict, n_layers: int, n_bits: int) -> list[list[float]]:
@@ -514,7 +516,8 @@ def train_supernet(ctx: SearchContext, cfg: SupernetConfig) -> dict:
     val = data.subset(torch.arange(half, min(len(data), half + cfg.val_size)))
     val = LabeledData(val.images.to(dev), val.labels.to(dev), val.name, val.split, val.classes)
     budget = _budget_penalty(ctx, cfg)
-    records = _Records(ctx.engine.cache, _run_spec(ctx, cfg, data.sha256(), budget), ctx.engine.stats)
+    chunk = train_chunk(data.images, cfg.batch_size)
+    records = _Records(ctx.engine.cache, _run_spec(ctx, cfg, data.sha256(), budget, chunk), ctx.engine.stats)
     done = records.result()
     if done is not None:
         return done
