@@ -452,6 +452,7 @@ class ProbeEngine:
                 if len(group) == 1:
                     results[group[0]] = self._probe(configs[group[0]], start, envs, record, keys[group[0]])
                 else:
+                    assert envs is not None  # stacking needs the traced program, which walked the base here
                     for i, r in zip(group, self._probe_stacked([configs[i] for i in group], start, envs,
                                                                [keys[i] for i in group])):
                         results[i] = r
@@ -500,7 +501,7 @@ class ProbeEngine:
             prev = rest if layer is not None else None
         return groups
 
-    def _probe_stacked(self, configs: list[dict], start: int, envs: list[dict] | None,
+    def _probe_stacked(self, configs: list[dict], start: int, envs: list[dict],
                        keys: list[str | None]) -> list[ProbeResult]:
         """Probes that differ only in the layer at ``start``, as one forward per batch: the live
         tensors there stacked ``len(configs)`` times along the batch, each copy through its own
@@ -512,8 +513,6 @@ class ProbeEngine:
         swaps = self._swaps({f: ov for f, ov in configs[0].items() if f != layer})
         swaps[layer] = Stacked([self.quant_layer(layer, *configs[j][layer]) if layer in configs[j]
                                 else self.program.modules[layer] for j in range(k)])
-        if envs is None:
-            envs = [self.program.initial_env(x) for x, _ in self.batches]
         per_probe: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(k)]
         for env, (_, y) in zip(envs, self.batches):
             n = len(y)

@@ -22,7 +22,8 @@ calibration set; each kept pair's cross term ΔL_S(ℓ,b;m,c) − ΔL_S(ℓ,b) �
 samples S drawn from the set by importance (``importance_draw``: half in proportion to how much the
 all-lowest-bits model moves a sample's objective, half uniformly; weighted, so the estimate is
 unbiased; ``--pair-draw first``: the draw's first N), singles and pair on the same S, so most of
-their sampling noise cancels in the difference. The pair walks, most of CLADO's time, then cost N / n of a walk over all n samples.
+their sampling noise cancels in the difference. The pair walks, most of CLADO's time, then cost N / n
+of a walk over all n samples.
 ``--pair-samples 0`` measures the pairs on every sample (the paper's protocol).
 """
 from __future__ import annotations
