@@ -94,12 +94,15 @@ def cost_markdown(out: Path) -> str:
     rows = load_rows(out / "rows.jsonl") if (out / "rows.jsonl").exists() else []
     text = ("Per method: median over its draws of the search seconds (`search_s`, the first budget's run: it "
             "measures; later budgets reuse) and of search + PTQ; the peak resident memory of the whole process "
-            "(fp32 and plan evaluation, PTQ included); the stages with the largest median share of a search "
-            "(`mpqkit search --profile`). Written by `benchmarks/search_cost.py`.")
+            "(fp32 and plan evaluation, PTQ included); per draw, the peak sampled during its search alone and "
+            "during its plan's PTQ and evaluation alone (blank in records from before these were sampled); the "
+            "stages with the largest median share of a search (`mpqkit search --profile`). Written by "
+            "`benchmarks/search_cost.py`.")
     lines = [f"#### What the searches cost (`{out.name}`: cold, one process per method)", "",
              *textwrap.wrap(text, 110), "",
-             "| model | method | draws | search s | search + PTQ s | peak resident MB | --max-memory | largest stages |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| model | method | draws | search s | search + PTQ s | peak resident MB | --max-memory | search peaks MB "
+             "| PTQ + eval peaks MB | largest stages |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for rec in records:
         mine = [r for r in rows if r.get("method") == rec["method"] and "search_s" in r and not r.get("error")]
         first = {}
@@ -109,8 +112,12 @@ def cost_markdown(out: Path) -> str:
         sp = [r["search_s"] + (r.get("ptq_s") or 0.0) for r in first.values()]
         med = (lambda v: f"{statistics.median(v):.0f}" if v else "")
         status = " (timed out)" if rec["timed_out"] else (f" (exit {rec['exit']})" if rec["exit"] else "")
+        profiles = _profiles(out, list(first.values()), rec["method"])
+        own = " / ".join(f"{p['search_peak_mb']:.0f}" for p in profiles if p.get("search_peak_mb"))
+        ptq = " / ".join(f"{r['ptq_eval_peak_mb']:.0f}" for r in first.values() if r.get("ptq_eval_peak_mb"))
         lines.append(f"| {rec['model']} | {rec['method']}{status} | {len(first)} | {med(s)} | {med(sp)} | "
-                     f"{rec['peak_rss_mb']:.0f} | {_limit(rec['command'])} | {_top_stages(_profiles(out, mine, rec['method']))} |")
+                     f"{rec['peak_rss_mb']:.0f} | {_limit(rec['command'])} | {own} | {ptq} | "
+                     f"{_top_stages(_profiles(out, mine, rec['method']))} |")
     return "\n".join(lines) + "\n"
 
 

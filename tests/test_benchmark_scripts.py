@@ -85,6 +85,8 @@ def test_search_cost_records_each_method_once_and_writes_its_table(tmp_path, mon
     table = (out / "cost.md").read_text()
     assert "| digits-cnn | uniform | 1 |" in table and "| digits-cnn | mixquant-ilp | 1 |" in table
     assert table.count("| 20000 |") == 2  # the limit each process ran under
+    cells = next(x for x in table.splitlines() if "| mixquant-ilp |" in x).split("|")
+    assert float(cells[8]) > 50 and float(cells[9]) > 50  # the search's own peak, its PTQ + evaluation's peak
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"fp32", "uniform", "mixquant-ilp"}
     mod.main(argv)  # resumes: nothing measured again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +148,8 @@ def test_bench_resume_with_another_ptq_quantizes_the_measured_plan(tmp_path, mon
     assert set(ours) == {"nearest", "gptq"}
     assert ours["gptq"]["plan"] == plan_file and ours["gptq"]["search_s"] == ours["nearest"]["search_s"]
     assert ours["gptq"]["size_mb"] == ours["nearest"]["size_mb"]
+    # each row carries the resident peak of its own PTQ and evaluation (sampled; 0 only without /proc)
+    assert all(r["ptq_eval_peak_mb"] > 50 for r in ours.values()) or not Path("/proc/self/status").exists()
     # a (method, budget, draw) with no rows is still searched
     with pytest.raises(AssertionError, match="searched again"):
         api.bench("digits-cnn", "digits", ["eval-delta"], ["avg-bits=4"], out, ptqs=["nearest"], **kw)

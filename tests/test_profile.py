@@ -48,3 +48,31 @@ def test_prefix_cache_default_is_sized_to_the_machine(monkeypatch):
     assert 0 < mb <= 2048
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert probe.default_prefix_cache_mb() == 2048.0
+
+
+def test_each_stage_gets_the_resident_peak_seen_while_it_ran():
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from mpqkit.profile import RssSampler, resident_mb
+    if not sys.platform.startswith("linux") or resident_mb() == 0:
+        pytest.skip("reads /proc/self/status")
+    with profiling() as prof:
+        with stage("big"):
+            a = np.ones(2 ** 27 // 8 * 3)  # 384 MB, touched
+            time.sleep(0.3)
+            del a
+        with stage("small"):
+            time.sleep(0.3)
+    d = prof.to_dict()
+    big, small = d["stages"]["big"]["peak_mb"], d["stages"]["small"]["peak_mb"]
+    assert big - small > 300  # the buffer is charged to its own stage only, not to the one after it
+    assert d["search_peak_mb"] == big and d["peak_rss_mb"] >= big - 1  # ru_maxrss is the process's, never below
+    assert "peak" in format_profile(d)
+    with RssSampler(interval=0.01) as s:
+        b = np.ones(2 ** 27 // 8 * 2)  # 256 MB
+        time.sleep(0.1)
+        del b
+    assert s.peak - resident_mb() > 200

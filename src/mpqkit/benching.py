@@ -19,6 +19,7 @@ from .fileutil import writer_lock
 from .graph import discover
 from .loading import calibration_set, check_out_dir, load_model, load_split, on_device
 from .plan import Plan
+from .profile import RssSampler
 from .quant.brecq import DEFAULT_ITERS
 from .quant.ptq import parse_ptq
 from .report.bench import append_row, load_rows, plan_dir
@@ -275,17 +276,20 @@ def _bench_plan(plan: Plan, search_s: float, bundle: ModelBundle, data: str, ptq
 
     c = plan.costs
     for p in ptqs:
-        t0 = time.perf_counter()
-        q = apply_plan(bundle, plan, data, settings=settings, ptq=p,
-                       recon_options=recon_options if p is not None and parse_ptq(p).recon else None)
-        ptq_s = time.perf_counter() - t0
-        with torch.inference_mode():
-            ev = {sp: evaluate_model(q, d, settings.eval_batch_size) for sp, d in eval_sets.items()}
+        with RssSampler() as rss:  # the resident peak of this PTQ and evaluation, not the process's so far
+            t0 = time.perf_counter()
+            q = apply_plan(bundle, plan, data, settings=settings, ptq=p,
+                           recon_options=recon_options if p is not None and parse_ptq(p).recon else None)
+            ptq_s = time.perf_counter() - t0
+            with torch.inference_mode():
+                ev = {sp: evaluate_model(q, d, settings.eval_batch_size) for sp, d in eval_sets.items()}
+            del q
         recon = {"recon_iters": recon_iters} if p is not None and parse_ptq(p).recon else {}
         append({"method": plan.method, "budget": plan.budget, "ptq": p, **tag, **recon, "size_mb": c["weight_mb"],
                 "compression": c["compression"], "gbitops": c["bitops"] / 1e9,
                 "avg_w_bits": c["avg_w_bits_searched"], **{f"top1_{sp}": 100 * e["top1"] for sp, e in ev.items()},
-                "search_s": search_s, "ptq_s": ptq_s, "plan": str(pdir / "plan.json")})
+                "search_s": search_s, "ptq_s": ptq_s, "ptq_eval_peak_mb": round(rss.peak, 1),
+                "plan": str(pdir / "plan.json")})
 
 
 def sweep(model: str | nn.Module | ModelBundle, data: str, method: str, budgets: Sequence[str], out: str | Path,

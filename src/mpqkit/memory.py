@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from .errors import MpqkitError
+from .profile import resident_mb
 from .quant.calibration import calib_chunk
 from .quant.observers import UPDATE_PIECE
 
@@ -42,18 +43,6 @@ DEFAULT_TARGET_MB = 3840.0
 
 class MemoryLimitError(MpqkitError):
     """The search would need more than ``--max-memory`` before any cache."""
-
-
-def resident_mb() -> float:
-    """The process's resident memory now (``VmRSS``), in MB; 0 where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
 
 
 def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
