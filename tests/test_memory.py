@@ -9,7 +9,7 @@ import pytest
 import mpqkit
 from mpqkit.engine.probe import ProbeEngine
 from mpqkit.errors import MpqkitError
-from mpqkit.memory import MemoryLimitError, peak_mb, plan_prefix_cache, search_parts
+from mpqkit.memory import HEADROOM_MB, MemoryLimitError, peak_mb, plan_prefix_cache, search_parts
 from mpqkit.sensitivity.registry import METHODS
 
 KW = dict(calib_size=128, progress=False, use_cache=False)
@@ -44,14 +44,17 @@ def test_a_search_over_the_limit_stops_before_any_probe_and_names_the_smallest_l
 def test_plan_prefix_cache_keeps_the_smaller_of_room_and_request():
     parts = {"process": 500.0, "probe working set": 100.0}
     assert plan_prefix_cache(None, parts, 64.0, 2048.0) == 64.0  # no limit: as requested
-    assert plan_prefix_cache(1000, parts, None, 2048.0) == 400.0
+    # the room below the limit, less the headroom for the temporaries the estimate does not model
+    assert plan_prefix_cache(1000, parts, None, 2048.0) == 400.0 - HEADROOM_MB
     assert plan_prefix_cache(1000, parts, 64.0, 2048.0) == 64.0
+    assert plan_prefix_cache(650, parts, None, 2048.0) == 0.0  # fits, but within the headroom: no kept cuts
     with pytest.raises(MemoryLimitError, match="about 600 MB"):
         plan_prefix_cache(599, parts, None, 2048.0)
     # a method's own pass and the probe working set come one after the other: the peak counts the larger
     both = {**parts, "method": 300.0}
     assert plan_prefix_cache(800, both, None, 2048.0) == 0.0  # fits; nothing left for kept cuts
-    assert plan_prefix_cache(1000, both, None, 2048.0) == 200.0  # the cache lives beside the peak, not the sum
+    # the cache lives beside the peak, not the sum
+    assert plan_prefix_cache(1000 + HEADROOM_MB, both, None, 2048.0) == 200.0
     with pytest.raises(MemoryLimitError, match="about 800 MB"):
         plan_prefix_cache(799, both, None, 2048.0)
 

@@ -36,9 +36,11 @@ from .quant.observers import UPDATE_PIECE
 MB = 2 ** 20
 #: parts live one after the other, never together
 TRANSIENT = ("probe working set", "method", "calibration pass")
+#: MB kept free of the prefix cache under a limit or target, for the temporaries the estimate does not model
+HEADROOM_MB = 256.0
 #: without ``--max-memory`` (or ``--prefix-cache-mb``), the prefix cache is sized so that the estimated
-#: peak stays within this many MB: 256 MB under 4 GiB, for the temporaries the estimate does not model
-DEFAULT_TARGET_MB = 3840.0
+#: peak stays within this many MB: 4 GiB less the headroom
+DEFAULT_TARGET_MB = 4096.0 - HEADROOM_MB
 
 
 class MemoryLimitError(MpqkitError):
@@ -67,8 +69,8 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
 
 def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], requested_mb: float | None,
                       default_mb: float) -> float | None:
-    """The prefix cache's size (MB) under ``limit_mb``: what the parts' peak (:func:`peak_mb`) leaves, at
-    most the requested or the default size. Raises ``MemoryLimitError`` (naming the parts and the smallest
+    """The prefix cache's size (MB) under ``limit_mb``: what the parts' peak (:func:`peak_mb`) leaves below
+    the limit less :data:`HEADROOM_MB`, at most the requested or the default size. Raises ``MemoryLimitError`` (naming the parts and the smallest
     feasible limit) when the peak exceeds the limit. Without a limit: ``requested_mb`` when given, else
     the default size within :data:`DEFAULT_TARGET_MB` (a target, never a refusal: a search whose peak
     exceeds it runs with no prefix cache)."""
@@ -83,7 +85,7 @@ def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], reques
             f"--max-memory {limit_mb:,.0f} MB is below what this search holds before any cache: about {need:,.0f} MB "
             f"({detail}); the smallest limit it can run under is about {math.ceil(need):,} MB, or use a smaller "
             f"--calib-size (the calibration copies and the probe working set scale with it)")
-    room = max(0.0, limit_mb - need)
+    room = max(0.0, limit_mb - HEADROOM_MB - need)
     return min(room, requested_mb if requested_mb is not None else default_mb)
 
 
