@@ -171,3 +171,25 @@ def test_a_search_leaves_no_probe_engine_alive():
         assert not [o for o in gc.get_objects() if isinstance(o, (ProbeEngine, LocalLayerBuilder))]
     finally:
         gc.enable()
+
+
+def test_trim_heap_hands_the_freed_heap_back():
+    """Freed tensors stay resident in the C heap until it is trimmed: a search's estimate would count them."""
+    import gc
+    import sys
+
+    import torch
+
+    from mpqkit.memory import trim_heap
+    from mpqkit.profile import resident_mb
+    if not sys.platform.startswith("linux") or not trim_heap():
+        pytest.skip("needs glibc's malloc_trim")
+    kept, freed = [], []
+    for i in range(3000):  # 100 KB each (heap, not mmap); every tenth kept, so the heap cannot shrink from its top
+        (kept if i % 10 == 0 else freed).append(torch.ones(25_000))
+    del freed
+    gc.collect()
+    before = resident_mb()
+    assert trim_heap()
+    assert before - resident_mb() > 150  # of the 270 MB freed
+    assert len(kept) == 300

@@ -1,6 +1,7 @@
 """Many searches: ``bench`` (methods × budgets × PTQ × draws, resumable rows), ``sweep``, ``proxies``."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from .evaluation import evaluate_model
 from .fileutil import writer_lock
 from .graph import discover
 from .loading import calibration_set, check_out_dir, load_model, load_split, on_device
+from .memory import trim_heap
 from .plan import Plan
 from .profile import RssSampler
 from .quant.brecq import DEFAULT_ITERS
@@ -284,6 +286,8 @@ def _bench_plan(plan: Plan, search_s: float, bundle: ModelBundle, data: str, ptq
             with torch.inference_mode():
                 ev = {sp: evaluate_model(q, d, settings.eval_batch_size) for sp, d in eval_sets.items()}
             del q
+            gc.collect()
+            trim_heap()  # the next plan's PTQ or the next draw's search starts from what is held, not kept free
         recon = {"recon_iters": recon_iters} if p is not None and parse_ptq(p).recon else {}
         append({"method": plan.method, "budget": plan.budget, "ptq": p, **tag, **recon, "size_mb": c["weight_mb"],
                 "compression": c["compression"], "gbitops": c["bitops"] / 1e9,

@@ -23,7 +23,10 @@ every short-lived temporary.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 from typing import Any, Callable, Mapping
 
 from torch import Tensor
@@ -47,6 +50,25 @@ class MemoryLimitError(MpqkitError):
     """The search would need more than ``--max-memory`` before any cache."""
 
 
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is
+    no such call. Freed tensors otherwise stay resident in the process's heap, where the next search's
+    estimate counts them as held and its new buffers, not always fitting the free holes, grow the
+    process past its target (measured in docs/RESULTS.md, ``cost_mobilenetv2_auto_peaks``)."""
+    fn = _malloc_trim()
+    return bool(fn is not None and fn(0) is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
                  method_memory: Callable[[], float] | None = None) -> dict[str, float]:
     """The named parts (MB) a search on ``graph`` with ``calib_images`` holds before its prefix cache.
@@ -54,6 +76,7 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
     ``method_memory``: the method's own part (``Method.memory`` bound to the search's context)."""
     weight_bytes = 4 * sum(layer.weight_numel + layer.bias_numel for layer in graph.layers)
     model_bytes = 4 * graph.total_params
+    trim_heap()  # what the process holds, not what its heap keeps free
     parts = {
         "process": resident_mb(),
         "model copies": (2 * model_bytes + n_candidates * weight_bytes) / MB,

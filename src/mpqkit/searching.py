@@ -20,7 +20,7 @@ from .evaluation import check_outputs
 from .fileutil import writer_lock
 from .graph import discover
 from .loading import calibration_set, check_compatible, check_out_dir, heldout_set, load_model, train_subset
-from .memory import plan_prefix_cache, search_parts
+from .memory import plan_prefix_cache, search_parts, trim_heap
 from .plan import LayerQuant, Plan, provenance
 from .profile import profiling, stage
 from .quant.calibration import calib_chunk
@@ -63,8 +63,10 @@ def search(model: str | nn.Module | ModelBundle = "resnet20", data: str | Labele
         raise
     finally:
         # the probe engines (their kept layer cuts, quantized layers, GPTQ statistics) sit in reference
-        # cycles: free them now, not at some later collection while the next search holds its own
+        # cycles: free them now, not at some later collection while the next search holds its own; then
+        # hand the freed heap back, so that what comes next (a PTQ, the next draw's search) starts lean
         gc.collect()
+        trim_heap()
     result.profile = prof.to_dict()
     if out is not None:
         # lazy: matplotlib takes a second to import
