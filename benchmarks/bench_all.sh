@@ -301,10 +301,20 @@ eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128
 # the same after e66d0cd (search collects its probe engines before returning), 2 draws: the later draw's peak
 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 1500 \
     --out $R/cost_mobilenetv2_auto_gc
+# the same 2-draw process with each stage's resident peak sampled (d829067), then with the freed C heap handed back
+# after each search and each plan's PTQ + evaluation (9dd9207)
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 2400 \
+    --out $R/cost_mobilenetv2_auto_peaks
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 2400 \
+    --out $R/cost_mobilenetv2_auto_trim
 eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_efficientnet_lite0_auto
 eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_minilm_sst2_auto
+# two more draws of auto and, beside them, uniform and eval-delta at today's code (9dd9207; eval-delta runs after
+# auto in each draw, so its probes are warm), resuming the directory above
+$M bench -q --model minilm-sst2 --methods auto,uniform,eval-delta --budgets avg-bits=4 --ptq default --splits test \
+    --draws 3 --calib-size 128 --out $R/cost_minilm_sst2_auto
 PYTHONPATH=src .venv/bin/python benchmarks/clado_pair_replay.py --dir $R/cost_resnet20_clado --model resnet20 \
     --tols 0.1,0.2,0.5 --budgets 3
 # eval-delta on MobileNetV2 at today's code (bench_mobilenetv2_gptq's rows predate 953c1d6's calibration chunks), cold
@@ -316,7 +326,9 @@ eval $C --model mobilenetv2 --methods eval-delta --budgets avg-bits=4 --calib-si
     --claim "MobileNetV2: auto (cold) vs eval-delta + GPTQ, both at today's code;$R/cost_mobilenetv2_auto;auto;$R/cost_mobilenetv2_evaldelta;eval-delta" \
     --claim "MobileNetV2: auto (cold) vs uniform + GPTQ;$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;uniform" \
     --claim "EfficientNet-Lite0: auto (cold) vs eval-delta + GPTQ;$R/cost_efficientnet_lite0_auto;auto;$R/bench_efficientnet_lite0_gptq;eval-delta" \
-    --claim "MiniLM-SST2: auto (cold) vs uniform + GPTQ;$R/cost_minilm_sst2_auto;auto;$R/bench_minilm_sst2_gptq;uniform"
+    --claim "MiniLM-SST2: auto (cold) vs uniform + GPTQ;$R/cost_minilm_sst2_auto;auto;$R/bench_minilm_sst2_gptq;uniform" \
+    --claim "MiniLM-SST2: auto vs uniform + GPTQ, both at today's code;$R/cost_minilm_sst2_auto;auto;$R/cost_minilm_sst2_auto;uniform" \
+    --claim "MiniLM-SST2: auto vs eval-delta + GPTQ, both at today's code;$R/cost_minilm_sst2_auto;auto;$R/cost_minilm_sst2_auto;eval-delta"
 # issue 28: peak resident memory under --max-memory 4000 (MobileNetV2, 128 images; timeouts 1,200 s)
 eval $C --model mobilenetv2 --methods mpqco,hawq,infoq,eval-delta --budgets avg-bits=4 --calib-size 128 --draws 1 \
     --timeout 1200 --out $R/memory_mobilenetv2 -- --max-memory 4000
@@ -333,6 +345,11 @@ eval $C --model mobilenetv2 --methods smpq,dmpq --budgets avg-bits=4 --calib-siz
     --out $R/memory_mobilenetv2 -- --max-memory 4000 --epochs 3 --warmup 2 --permutations 1
 eval $C --model mobilenetv2 --methods clado --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1200 \
     --out $R/memory_mobilenetv2 -- --max-memory 4000
+# auto under the limit, one draw, one process (its multi-draw processes: cost_mobilenetv2_auto*); eval-delta's
+# record measured again after e96d055 (the prefix cache leaves 256 MB below the limit) by the first line's command,
+# its record before that (4,038 MB) moved to memory_mobilenetv2_before_headroom
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
+    --out $R/memory_mobilenetv2 -- --max-memory 4000
 # where the plan's PTQ spends its memory: the activation-range calibration pass, as is / whole-batch observer updates / none,
 # with mpqkit's chunk (27 images at 224 x 224) and with all 128 images in one forward (before the chunk was sized by the input)
 PYTHONPATH=src .venv/bin/python benchmarks/calib_memory.py --model mobilenetv2 --data imagenet-subset --calib-size 128 \
@@ -346,7 +363,8 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
 # the multi-draw tables first; the older single-draw directories carry a note.md saying what they are
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
     $R/cost_resnet20_clado $R/cost_resnet20_clado_first256 $R/cost_resnet20_clado_pairs256 \
-    $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_efficientnet_lite0_auto \
+    $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_mobilenetv2_auto_peaks $R/cost_mobilenetv2_auto_trim \
+    $R/memory_mobilenetv2_before_headroom $R/cost_efficientnet_lite0_auto \
     $R/cost_minilm_sst2_auto $R/cost_mobilenetv2_evaldelta \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
     $R/draws_resnet20 $R/objective_resnet20_kl $R/draws_resnet20_refine $R/draws_resnet20_brecq2000 $R/draws_resnet20_brecq5000 $R/draws_resnet20_clado \
