@@ -56,7 +56,10 @@ def trim_heap() -> bool:
     estimate counts them as held and its new buffers, not always fitting the free holes, grow the
     process past its target (measured in docs/RESULTS.md, ``cost_mobilenetv2_auto_peaks``)."""
     fn = _malloc_trim()
-    return bool(fn is not None and fn(0) is not None)
+    if fn is None:
+        return False
+    fn(0)
+    return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,10 +96,11 @@ def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,
 def plan_prefix_cache(limit_mb: float | None, parts: Mapping[str, float], requested_mb: float | None,
                       default_mb: float) -> float | None:
     """The prefix cache's size (MB) under ``limit_mb``: what the parts' peak (:func:`peak_mb`) leaves below
-    the limit less :data:`HEADROOM_MB`, at most the requested or the default size. Raises ``MemoryLimitError`` (naming the parts and the smallest
-    feasible limit) when the peak exceeds the limit. Without a limit: ``requested_mb`` when given, else
-    the default size within :data:`DEFAULT_TARGET_MB` (a target, never a refusal: a search whose peak
-    exceeds it runs with no prefix cache)."""
+    the limit less :data:`HEADROOM_MB`, at most the requested or the default size. Raises
+    ``MemoryLimitError`` (naming the parts and the smallest feasible limit) when the peak exceeds the
+    limit. Without a limit: ``requested_mb`` when given, else the default size within
+    :data:`DEFAULT_TARGET_MB` (a target, never a refusal: a search whose peak exceeds it runs with no
+    prefix cache)."""
     if limit_mb is None:
         if requested_mb is not None:
             return requested_mb

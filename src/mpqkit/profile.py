@@ -98,8 +98,10 @@ class Profile:
     def sample(self, mb: float) -> None:
         """Charge a resident-memory reading to the innermost open stage (``other`` outside any); called
         from the sampler's thread, so it reads the stack without changing it."""
-        stack = self._stack
-        name = stack[-1][0] if stack else "other"
+        try:
+            name = self._stack[-1][0]
+        except IndexError:  # no stage open (or the last one closed meanwhile)
+            name = "other"
         if mb > self.peak_mb.get(name, 0.0):
             self.peak_mb[name] = mb
 
