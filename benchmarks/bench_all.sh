@@ -312,6 +312,9 @@ eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128
     --out $R/cost_mobilenetv2_auto_seed1 -- --seed 1
 eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_efficientnet_lite0_auto
+# two more draws of auto with uniform and eval-delta beside them at today's code (68246fc), resuming the directory
+$M bench -q --model efficientnet-lite0 --methods auto,uniform,eval-delta --budgets avg-bits=4 --ptq default \
+    --splits test --draws 3 --calib-size 128 --out $R/cost_efficientnet_lite0_auto
 eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_minilm_sst2_auto
 # two more draws of auto and, beside them, uniform and eval-delta at today's code (9dd9207; eval-delta runs after
@@ -329,6 +332,8 @@ eval $C --model mobilenetv2 --methods eval-delta --budgets avg-bits=4 --calib-si
     --claim "MobileNetV2: auto (cold) vs eval-delta + GPTQ, both at today's code;$R/cost_mobilenetv2_auto;auto;$R/cost_mobilenetv2_evaldelta;eval-delta" \
     --claim "MobileNetV2: auto (cold) vs uniform + GPTQ;$R/cost_mobilenetv2_auto;auto;$R/bench_mobilenetv2_gptq;uniform" \
     --claim "EfficientNet-Lite0: auto (cold) vs eval-delta + GPTQ;$R/cost_efficientnet_lite0_auto;auto;$R/bench_efficientnet_lite0_gptq;eval-delta" \
+    --claim "EfficientNet-Lite0: auto vs uniform + GPTQ, both at today's code;$R/cost_efficientnet_lite0_auto;auto;$R/cost_efficientnet_lite0_auto;uniform" \
+    --claim "EfficientNet-Lite0: auto vs eval-delta + GPTQ, both at today's code;$R/cost_efficientnet_lite0_auto;auto;$R/cost_efficientnet_lite0_auto;eval-delta" \
     --claim "MiniLM-SST2: auto (cold) vs uniform + GPTQ;$R/cost_minilm_sst2_auto;auto;$R/bench_minilm_sst2_gptq;uniform" \
     --claim "MiniLM-SST2: auto vs uniform + GPTQ, both at today's code;$R/cost_minilm_sst2_auto;auto;$R/cost_minilm_sst2_auto;uniform" \
     --claim "MiniLM-SST2: auto vs eval-delta + GPTQ, both at today's code;$R/cost_minilm_sst2_auto;auto;$R/cost_minilm_sst2_auto;eval-delta"
