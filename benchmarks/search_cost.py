@@ -82,6 +82,11 @@ def _top_stages(profiles: list[dict], n: int = 3) -> str:
     return ", ".join(f"{k} {100 * statistics.median(v):.0f} %" for k, v in top)
 
 
+def _per_draw(values: list[float | None]) -> str:
+    """Per-draw figures in draw order, "–" for a draw recorded before they were measured; blank for none."""
+    return " / ".join(f"{v:.0f}" if v else "–" for v in values) if any(values) else ""
+
+
 def _limit(command: str) -> str:
     """The ``--max-memory`` a record's command passed to mpqkit (blank: none)."""
     words = command.split()
@@ -95,7 +100,7 @@ def cost_markdown(out: Path) -> str:
     text = ("Per method: median over its draws of the search seconds (`search_s`, the first budget's run: it "
             "measures; later budgets reuse) and of search + PTQ; the peak resident memory of the whole process "
             "(fp32 and plan evaluation, PTQ included); per draw, the peak sampled during its search alone and "
-            "during its plan's PTQ and evaluation alone (blank in records from before these were sampled); the "
+            "during its plan's PTQ and evaluation alone (– for a draw measured before these were sampled); the "
             "stages with the largest median share of a search (`mpqkit search --profile`). Written by "
             "`benchmarks/search_cost.py`.")
     lines = [f"#### What the searches cost (`{out.name}`: cold, one process per method)", "",
@@ -112,9 +117,9 @@ def cost_markdown(out: Path) -> str:
         sp = [r["search_s"] + (r.get("ptq_s") or 0.0) for r in first.values()]
         med = (lambda v: f"{statistics.median(v):.0f}" if v else "")
         status = " (timed out)" if rec["timed_out"] else (f" (exit {rec['exit']})" if rec["exit"] else "")
-        profiles = _profiles(out, list(first.values()), rec["method"])
-        own = " / ".join(f"{p['search_peak_mb']:.0f}" for p in profiles if p.get("search_peak_mb"))
-        ptq = " / ".join(f"{r['ptq_eval_peak_mb']:.0f}" for r in first.values() if r.get("ptq_eval_peak_mb"))
+        own = _per_draw([next(iter(_profiles(out, [r], rec["method"])), {}).get("search_peak_mb")
+                         for r in first.values()])
+        ptq = _per_draw([r.get("ptq_eval_peak_mb") for r in first.values()])
         lines.append(f"| {rec['model']} | {rec['method']}{status} | {len(first)} | {med(s)} | {med(sp)} | "
                      f"{rec['peak_rss_mb']:.0f} | {_limit(rec['command'])} | {own} | {ptq} | "
                      f"{_top_stages(_profiles(out, mine, rec['method']))} |")
