@@ -278,3 +278,20 @@ def test_stacked_probes_fill_the_cache_and_refuse_a_bad_stack(tmp_path):
         with pytest.raises(MpqkitError, match="--stack-probes"):
             api.RunSettings(stack_probes=bad)
     assert api.RunSettings(stack_probes=4).engine_kwargs()["stack"] == 4
+
+
+def test_kept_layer_cuts_live_off_the_heap_and_give_the_same_results(monkeypatch):
+    """The prefix cache moves what it keeps into pages of its own (``memory.off_heap``; here every
+    tensor, however small): each kept tensor is its own mapping, and no probe's result changes."""
+    from test_memory import own_mapping
+
+    monkeypatch.setattr("mpqkit.memory.OFF_HEAP_MIN_BYTES", 0)
+    model = make_tiny()
+    data = tiny_data(model)
+    fast = _engine(model, data, use_cache=False)
+    slow = _engine(model, data, use_cache=False, prefix=False)
+    for a, b in zip(fast.run(PROBES), slow.run(PROBES)):
+        _close(a, b)
+    kept = [t for envs in fast._snapshots.values() for env in envs for t in env.values() if isinstance(t, torch.Tensor)]
+    assert kept and all(own_mapping(t) for t in kept if t.numel())
+    _close(fast.run([{"conv4": (2, None)}])[0], slow.run([{"conv4": (2, None)}])[0])

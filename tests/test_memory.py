@@ -3,6 +3,7 @@ smallest limit it fits; under a limit the prefix cache gets what the estimate le
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -193,3 +194,43 @@ def test_trim_heap_hands_the_freed_heap_back():
     assert trim_heap()
     assert before - resident_mb() > 150  # of the 270 MB freed
     assert len(kept) == 300
+
+
+def own_mapping(t) -> bool:
+    """Whether ``t``'s storage starts a page of an anonymous mapping outside the C heap's ``[heap]``
+    (Linux's /proc/self/maps; the kernel may merge neighbouring mappings, so not an exact match)."""
+    ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return ptr % 4096 == 0 and ptr + size <= hi and len(fields) == 5  # no path: anonymous
+    return False
+
+
+def mapped(ptr: int) -> bool:
+    return any(lo <= ptr < hi for lo, hi in ((int(x, 16) for x in line.split()[0].split("-"))
+                                             for line in open("/proc/self/maps")))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_off_heap_keeps_values_and_layout_in_pages_that_go_back_when_freed():
+    import gc
+
+    import torch
+
+    from mpqkit.memory import OFF_HEAP_MIN_BYTES, off_heap
+    x = torch.randn(16, 32, 32, 32).to(memory_format=torch.channels_last)  # 2 MB, the engine's layout
+    y = off_heap(x)
+    assert torch.equal(x, y) and y.stride() == x.stride() and y.dtype == x.dtype
+    assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert own_mapping(y) and not own_mapping(torch.randn(3))
+    ptr = y.untyped_storage().data_ptr()
+    half = torch.randn(OFF_HEAP_MIN_BYTES, dtype=torch.bfloat16)
+    assert own_mapping(off_heap(half)) and torch.equal(off_heap(half), half)
+    del y
+    gc.collect()
+    assert not mapped(ptr)  # unmapped with the tensor
+    small, strided = torch.randn(100), torch.randn(1024, 1024).t()[::2]
+    assert off_heap(small) is small and off_heap(strided) is strided  # small, or not dense: left as is
+    assert off_heap(torch.randn(OFF_HEAP_MIN_BYTES, requires_grad=True)).requires_grad

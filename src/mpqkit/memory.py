@@ -26,9 +26,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import mmap
 import sys
 from typing import Any, Callable, Mapping
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from .errors import MpqkitError
@@ -70,6 +73,35 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
+
+
+#: tensors smaller than this stay where they are (:func:`off_heap`)
+OFF_HEAP_MIN_BYTES = 1 << 20
+
+
+def off_heap(t: Tensor) -> Tensor:
+    """``t``'s values (same shape, strides and dtype) in pages of their own: an anonymous mmap that
+    goes back to the system when the copy is freed, whatever the C heap around it does.
+
+    For tensors kept long (the probe engine's layer-cut snapshots): glibc raises its mmap threshold
+    after the first large frees, so in a process's later searches such tensors come from the heap,
+    and one kept tensor there pins the freed temporaries around it (heap the process holds but does
+    not use). Returns ``t`` itself when it is small (< :data:`OFF_HEAP_MIN_BYTES`), not dense in
+    its own layout (contiguous or channels-last), needs grad, or has a dtype numpy cannot hold."""
+    nbytes = t.numel() * t.element_size()
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    if nbytes == 0 or nbytes < OFF_HEAP_MIN_BYTES or not dense or t.requires_grad or t.device.type != "cpu" or t.is_quantized:
+        return t
+    flat = torch.from_numpy(np.frombuffer(_private_pages(nbytes), dtype=np.uint8)).view(t.dtype)
+    out = flat.as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
+def _private_pages(nbytes: int) -> mmap.mmap:
+    """``nbytes`` of private anonymous memory (not the shared kind Python's ``mmap`` makes by default,
+    which the kernel keeps as shmem), unmapped when the object is freed."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def search_parts(graph: Any, calib_images: Tensor, n_candidates: int,

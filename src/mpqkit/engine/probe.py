@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..errors import DataError
 from ..graph import ModelGraph
+from ..memory import off_heap
 from ..profile import probe_done, stage
 from ..quant.apply import set_submodule
 from ..quant.calibration import calibrate
@@ -336,9 +337,7 @@ class ProbeEngine:
             envs, frm = [self.program.initial_env(x) for x, _ in self.batches], 0
         swaps = self._swaps(base)
         envs = [self.program.run(env, frm, cut, swaps) for env in envs]
-        if remember:
-            self._keep(key, envs)
-        return envs
+        return self._keep(key, envs) if remember else envs
 
     def warm(self, base: Mapping[str, Override], fqn: str) -> None:
         """Make sure the base configuration's live tensors at layer ``fqn`` are kept in memory."""
@@ -370,15 +369,22 @@ class ProbeEngine:
             freed += self._snapshot_bytes.pop(key)
         return freed
 
-    def _keep(self, key: tuple, envs: list[dict]) -> None:
+    def _keep(self, key: tuple, envs: list[dict]) -> list[dict]:
+        """Keep ``envs`` under ``key`` when they fit the prefix cache (evicting the oldest), moved into
+        pages of their own (:func:`~mpqkit.memory.off_heap`); returns the envs to use from now on."""
         size = sum(t.numel() * t.element_size() for env in envs for t in env.values() if isinstance(t, Tensor))
         if size > self.prefix_cache_bytes:
-            return
+            return envs
         while self._snapshots and sum(self._snapshot_bytes.values()) + size > self.prefix_cache_bytes:
             old, _ = self._snapshots.popitem(last=False)
             del self._snapshot_bytes[old]
+        for env in envs:  # one tensor at a time: its heap copy is freed before the next is moved
+            for name, t in env.items():
+                if isinstance(t, Tensor):
+                    env[name] = off_heap(t)
         self._snapshots[key] = envs
         self._snapshot_bytes[key] = size
+        return envs
 
     def _run_fallback(self, swaps: Mapping[str, nn.Module],
                       taps: Mapping[str, Callable[[Tensor], None]]) -> list[tuple[Tensor, Tensor]]:
@@ -448,7 +454,7 @@ class ProbeEngine:
                         envs = [self.program.run(env, cut, start, base_swaps) for env in envs]
                         cut = start
                         if remember:
-                            self._keep(self._prefix_key(base, cut), envs)
+                            envs = self._keep(self._prefix_key(base, cut), envs)
                 if len(group) == 1:
                     results[group[0]] = self._probe(configs[group[0]], start, envs, record, keys[group[0]])
                 else:
