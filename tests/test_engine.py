@@ -280,18 +280,29 @@ def test_stacked_probes_fill_the_cache_and_refuse_a_bad_stack(tmp_path):
     assert api.RunSettings(stack_probes=4).engine_kwargs()["stack"] == 4
 
 
+def _kept_storage_bytes(engine) -> tuple[list, int]:
+    """The kept snapshot tensors, and the bytes of their distinct storages."""
+    kept = [t for envs in engine._snapshots.values() for env in envs for t in env.values() if isinstance(t, torch.Tensor)]
+    return kept, sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.values())
+
+
 def test_kept_layer_cuts_live_off_the_heap_and_give_the_same_results(monkeypatch):
     """The prefix cache moves what it keeps into pages of its own (``memory.off_heap``; here every
-    tensor, however small): each kept tensor is its own mapping, and no probe's result changes."""
+    tensor, however small): each kept tensor is its own mapping, no probe's result changes, and a
+    tensor two snapshots (or two names of one snapshot) share is still stored once."""
     from test_memory import own_mapping
 
-    monkeypatch.setattr("mpqkit.memory.OFF_HEAP_MIN_BYTES", 0)
     model = make_tiny()
     data = tiny_data(model)
+    monkeypatch.setattr("mpqkit.memory.OFF_HEAP_MIN_BYTES", 1 << 62)
+    plain = _engine(model, data, use_cache=False)
+    plain.run(PROBES)
+    monkeypatch.setattr("mpqkit.memory.OFF_HEAP_MIN_BYTES", 0)
     fast = _engine(model, data, use_cache=False)
     slow = _engine(model, data, use_cache=False, prefix=False)
     for a, b in zip(fast.run(PROBES), slow.run(PROBES)):
         _close(a, b)
-    kept = [t for envs in fast._snapshots.values() for env in envs for t in env.values() if isinstance(t, torch.Tensor)]
+    kept, stored = _kept_storage_bytes(fast)
     assert kept and all(own_mapping(t) for t in kept if t.numel())
+    assert stored == _kept_storage_bytes(plain)[1]
     _close(fast.run([{"conv4": (2, None)}])[0], slow.run([{"conv4": (2, None)}])[0])

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..device import resolve_device
 from ..errors import DataError
 from ..graph import ModelGraph
-from ..memory import off_heap
+from ..memory import off_heap, trim_heap
 from ..profile import probe_done, stage
 from ..quant.apply import set_submodule
 from ..quant.calibration import calibrate
@@ -371,17 +371,23 @@ class ProbeEngine:
 
     def _keep(self, key: tuple, envs: list[dict]) -> list[dict]:
         """Keep ``envs`` under ``key`` when they fit the prefix cache (evicting the oldest), moved into
-        pages of their own (:func:`~mpqkit.memory.off_heap`); returns the envs to use from now on."""
+        pages of their own (:func:`~mpqkit.memory.off_heap`, then the heap trimmed); returns the envs
+        to use from now on (the same dicts, their tensors moved; values and aliasing unchanged)."""
         size = sum(t.numel() * t.element_size() for env in envs for t in env.values() if isinstance(t, Tensor))
         if size > self.prefix_cache_bytes:
             return envs
         while self._snapshots and sum(self._snapshot_bytes.values()) + size > self.prefix_cache_bytes:
             old, _ = self._snapshots.popitem(last=False)
             del self._snapshot_bytes[old]
-        for env in envs:  # one tensor at a time: its heap copy is freed before the next is moved
+        kept = {id(t) for old in self._snapshots.values() for env in old for t in env.values()}
+        for env in envs:  # one tensor at a time, its heap original freed once no name holds it
+            moved: dict[int, Tensor] = {}  # names of one tensor (a folded BN's output) stay one tensor
             for name, t in env.items():
-                if isinstance(t, Tensor):
-                    env[name] = off_heap(t)
+                if isinstance(t, Tensor) and id(t) not in kept:  # a tensor kept before is already moved
+                    if id(t) not in moved:
+                        moved[id(t)] = off_heap(t)
+                    env[name] = moved[id(t)]
+        trim_heap()  # the originals' freed heap pages go back too, not kept beside their copies
         self._snapshots[key] = envs
         self._snapshot_bytes[key] = size
         return envs
