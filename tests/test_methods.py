@@ -166,8 +166,9 @@ def test_infoq_keeps_one_layer_cut_at_a_time(monkeypatch):
     keep = ProbeEngine._keep
 
     def counting(self, key, envs):
-        keep(self, key, envs)
+        envs = keep(self, key, envs)
         most["kept"] = max(most["kept"], len(self._snapshots))
+        return envs
 
     monkeypatch.setattr(ProbeEngine, "_keep", counting)
     kw = dict(calib_size=128, progress=False, use_cache=False, options={"projections": 16})
