@@ -310,6 +310,9 @@ eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128
 # the 2-draw process with glibc's mmap threshold fixed at 4 MiB (no dynamic threshold): large tensors never sit in the heap
 MALLOC_MMAP_THRESHOLD_=4194304 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 \
     --draws 2 --timeout 2700 --out $R/cost_mobilenetv2_auto_mmap4m
+# the 2-draw process after bb4106f (the engine keeps its layer cuts in pages of their own, the heap trimmed after a move)
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 3000 \
+    --out $R/cost_mobilenetv2_auto_offheap
 # draw 1 of the above (seed 1) alone in a fresh process
 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 2400 \
     --out $R/cost_mobilenetv2_auto_seed1 -- --seed 1
@@ -378,7 +381,7 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
     $R/cost_resnet20_clado $R/cost_resnet20_clado_first256 $R/cost_resnet20_clado_pairs256 \
     $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_mobilenetv2_auto_peaks $R/cost_mobilenetv2_auto_trim $R/cost_mobilenetv2_auto_seed1 \
-    $R/cost_mobilenetv2_auto_mmap4m \
+    $R/cost_mobilenetv2_auto_mmap4m $R/cost_mobilenetv2_auto_offheap \
     $R/memory_mobilenetv2_before_headroom $R/cost_efficientnet_lite0_auto \
     $R/cost_minilm_sst2_auto $R/cost_mobilenetv2_evaldelta \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
