@@ -87,10 +87,11 @@ def off_heap(t: Tensor) -> Tensor:
     after the first large frees, so in a process's later searches such tensors come from the heap,
     and one kept tensor there pins the freed temporaries around it (heap the process holds but does
     not use). Returns ``t`` itself when it is small (< :data:`OFF_HEAP_MIN_BYTES`), not dense in
-    its own layout (contiguous or channels-last), needs grad, or has a dtype numpy cannot hold."""
+    its own layout (contiguous or channels-last), needs grad, is not on the CPU, or is quantized."""
     nbytes = t.numel() * t.element_size()
     dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-    if nbytes == 0 or nbytes < OFF_HEAP_MIN_BYTES or not dense or t.requires_grad or t.device.type != "cpu" or t.is_quantized:
+    if not nbytes or nbytes < OFF_HEAP_MIN_BYTES or not dense or t.requires_grad or t.device.type != "cpu" \
+            or t.is_quantized:
         return t
     flat = torch.from_numpy(np.frombuffer(_private_pages(nbytes), dtype=np.uint8)).view(t.dtype)
     out = flat.as_strided(t.shape, t.stride())

@@ -380,14 +380,17 @@ class ProbeEngine:
             old, _ = self._snapshots.popitem(last=False)
             del self._snapshot_bytes[old]
         kept = {id(t) for old in self._snapshots.values() for env in old for t in env.values()}
+        any_moved = False
         for env in envs:  # one tensor at a time, its heap original freed once no name holds it
             moved: dict[int, Tensor] = {}  # names of one tensor (a folded BN's output) stay one tensor
             for name, t in env.items():
                 if isinstance(t, Tensor) and id(t) not in kept:  # a tensor kept before is already moved
                     if id(t) not in moved:
                         moved[id(t)] = off_heap(t)
+                        any_moved |= moved[id(t)] is not t
                     env[name] = moved[id(t)]
-        trim_heap()  # the originals' freed heap pages go back too, not kept beside their copies
+        if any_moved:
+            trim_heap()  # the originals' freed heap pages go back too, not kept beside their copies
         self._snapshots[key] = envs
         self._snapshot_bytes[key] = size
         return envs
