@@ -364,6 +364,9 @@ eval $C --model mobilenetv2 --methods clado --budgets avg-bits=4 --calib-size 12
 # its record before that (4,038 MB) moved to memory_mobilenetv2_before_headroom
 eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/memory_mobilenetv2 -- --max-memory 4000
+# auto under the limit, 2 draws in one process, after bb4106f (the kept layer cuts off the heap)
+eval $C --model mobilenetv2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 3000 \
+    --out $R/memory_mobilenetv2_auto_draws -- --max-memory 4000
 # infoq again with a longer limit (its record at the 1,200 s kill removed from cost.jsonl first): it finishes
 eval $C --model mobilenetv2 --methods infoq --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 3600 \
     --out $R/memory_mobilenetv2 -- --max-memory 4000
@@ -381,7 +384,7 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
     $R/cost_resnet20_clado $R/cost_resnet20_clado_first256 $R/cost_resnet20_clado_pairs256 \
     $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_mobilenetv2_auto_peaks $R/cost_mobilenetv2_auto_trim $R/cost_mobilenetv2_auto_seed1 \
-    $R/cost_mobilenetv2_auto_mmap4m $R/cost_mobilenetv2_auto_offheap \
+    $R/cost_mobilenetv2_auto_mmap4m $R/cost_mobilenetv2_auto_offheap $R/memory_mobilenetv2_auto_draws \
     $R/memory_mobilenetv2_before_headroom $R/cost_efficientnet_lite0_auto \
     $R/cost_minilm_sst2_auto $R/cost_mobilenetv2_evaldelta \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
