@@ -321,6 +321,9 @@ eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-s
 # two more draws of auto with uniform and eval-delta beside them at today's code (68246fc), resuming the directory
 $M bench -q --model efficientnet-lite0 --methods auto,uniform,eval-delta --budgets avg-bits=4 --ptq default \
     --splits test --draws 3 --calib-size 128 --out $R/cost_efficientnet_lite0_auto
+# auto, 2 draws in one process, after bb4106f (the kept layer cuts off the heap)
+eval $C --model efficientnet-lite0 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 2 --timeout 3000 \
+    --out $R/cost_efficientnet_lite0_auto_offheap
 eval $C --model minilm-sst2 --methods auto --budgets avg-bits=4 --calib-size 128 --draws 1 --timeout 1800 \
     --out $R/cost_minilm_sst2_auto
 # two more draws of auto and, beside them, uniform and eval-delta at today's code (9dd9207; eval-delta runs after
@@ -384,7 +387,7 @@ PYTHONPATH=src .venv/bin/python benchmarks/hawq_hvp_cost.py --model mobilenetv2 
 $M report $R/draws_resnet20_gptq $R/cost_resnet20 $R/cost_resnet20_nogreedy $R/draws_resnet20_rtnalloc $R/bench_mobilenetv2_gptq $R/bench_mobilenetv2_rtnalloc \
     $R/cost_resnet20_clado $R/cost_resnet20_clado_first256 $R/cost_resnet20_clado_pairs256 \
     $R/cost_mobilenetv2_auto $R/cost_mobilenetv2_auto_gc $R/cost_mobilenetv2_auto_peaks $R/cost_mobilenetv2_auto_trim $R/cost_mobilenetv2_auto_seed1 \
-    $R/cost_mobilenetv2_auto_mmap4m $R/cost_mobilenetv2_auto_offheap $R/memory_mobilenetv2_auto_draws \
+    $R/cost_mobilenetv2_auto_mmap4m $R/cost_mobilenetv2_auto_offheap $R/memory_mobilenetv2_auto_draws $R/cost_efficientnet_lite0_auto_offheap \
     $R/memory_mobilenetv2_before_headroom $R/cost_efficientnet_lite0_auto \
     $R/cost_minilm_sst2_auto $R/cost_mobilenetv2_evaldelta \
     $R/cost_mobilenetv2 $R/memory_mobilenetv2 $R/bench_efficientnet_lite0_gptq $R/bench_convmixer_gptq $R/bench_minilm_sst2_gptq $R/finetune_resnet20 $R/finetune_convmixer $R/finetune_resnet56 \
