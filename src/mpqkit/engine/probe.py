@@ -380,16 +380,7 @@ class ProbeEngine:
             old, _ = self._snapshots.popitem(last=False)
             del self._snapshot_bytes[old]
         kept = {id(t) for old in self._snapshots.values() for env in old for t in env.values()}
-        any_moved = False
-        for env in envs:  # one tensor at a time, its heap original freed once no name holds it
-            moved: dict[int, Tensor] = {}  # names of one tensor (a folded BN's output) stay one tensor
-            for name, t in env.items():
-                if isinstance(t, Tensor) and id(t) not in kept:  # a tensor kept before is already moved
-                    if id(t) not in moved:
-                        moved[id(t)] = off_heap(t)
-                        any_moved |= moved[id(t)] is not t
-                    env[name] = moved[id(t)]
-        if any_moved:
+        if _move_off_heap(envs, kept):
             trim_heap()  # the originals' freed heap pages go back too, not kept beside their copies
         self._snapshots[key] = envs
         self._snapshot_bytes[key] = size
@@ -554,6 +545,23 @@ class ProbeEngine:
         if self.cache is not None:
             self.cache.put(key, res.to_dict())
         return res
+
+
+def _move_off_heap(envs: list[dict], kept: set[int]) -> bool:
+    """Replace, in place, each tensor of ``envs`` by its :func:`~mpqkit.memory.off_heap` copy, one at a
+    time (its original is freed once no name holds it); tensors whose ``id`` is in ``kept`` (moved
+    with an earlier snapshot) stay, and the names of one tensor (a folded BN's output) keep sharing
+    one copy. Returns whether any tensor was copied."""
+    any_moved = False
+    for env in envs:
+        moved: dict[int, Tensor] = {}
+        for name, t in env.items():
+            if isinstance(t, Tensor) and id(t) not in kept:
+                if id(t) not in moved:
+                    moved[id(t)] = off_heap(t)
+                    any_moved |= moved[id(t)] is not t
+                env[name] = moved[id(t)]
+    return any_moved
 
 
 def default_prefix_cache_mb(cap: float = 2048.0, share: float = 0.125) -> float:
